@@ -1,0 +1,806 @@
+"""LeRobot datasets -> training samples, and a small LeRobot dataset writer (SmolVLA paper §4).
+
+SmolVLA is trained on community datasets in the LeRobot format: one row per control step (joint state,
+commanded action, task string) in parquet files, and one video stream per camera in mp4 files. A training
+sample for frame i of an episode is what the policy sees at that step (state and one image per camera)
+plus what it must predict: the next `chunk_size` actions of the same episode ("action chunking"). Near
+the end of an episode fewer than `chunk_size` actions remain; the missing steps repeat the episode's
+last action and are flagged in `action_is_pad`, so the loss can ignore them.
+
+Two on-disk layouts exist in the wild, and both are read here, every path coming from the templates in
+`meta/info.json`:
+  v3.0  many episodes per parquet/mp4 file; `meta/episodes/*.parquet` says where each episode lives
+        (rows `dataset_from_index:dataset_to_index`, and per camera a `from_timestamp` into its mp4).
+  v2.1  one parquet and one mp4 per episode; `meta/episodes.jsonl` lists the episodes in order.
+
+Speed. Decoding video is what starves training: the reference reader opens the mp4, seeks and decodes
+for every sample. Here every frame a dataset needs is decoded once, sequentially (the cheapest way
+to decode), into a uint8 memory-mapped cache on disk; a sample then costs a memory copy. Datasets whose
+decoded frames would not fit `max_cache_gb` are decoded on the fly instead, with the containers kept
+open per worker and sequential reads continuing without a seek.
+
+Video frames are looked up by time (`from_timestamp + timestamp`) and snapped to the nearest frame that
+the mp4 really holds, so that the small drift of summed durations in long concatenated files cannot
+make a lookup fail.
+
+The writer (`write_lerobot_dataset`) makes a v3.0 (or v2.1) dataset from arrays: the tests use it for
+layouts the fixture does not cover, and the demo uses it for its training set.
+"""
+
+import argparse
+import collections
+import hashlib
+import json
+import os
+import time
+from fractions import Fraction
+
+import av
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+# SVT-AV1 prints its configuration to stderr for every stream it opens; keep only its errors.
+os.environ.setdefault("SVT_LOG", "1")
+
+SUPPORTED_VERSIONS = ("v2.1", "v3.0")
+IMAGE_PREFIX = "observation.images."
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "smolvla", "frames")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Locating the dataset: a local directory as it is, or the needed files of a Hugging Face Hub repo
+# ----------------------------------------------------------------------------------------------------
+
+def _looks_like_repo_id(name):
+    """`owner/name` with nothing else: the only form of a hub dataset id."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+
+
+def _hub_download(repo_id, revision, allow_patterns):
+    """Download the files of a hub dataset that match `allow_patterns` (with a tqdm bar), return the folder."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=allow_patterns)
+    except Exception as error:  # not found, private, offline: one message that says which and what to do
+        raise FileNotFoundError(
+            f"'{repo_id}' is not a local directory and could not be fetched as a dataset from the Hugging Face "
+            f"Hub ({type(error).__name__}: {error}). Pass an existing dataset directory or a valid hub dataset id."
+        ) from None
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _require(root, relative):
+    """The path of a metadata file that must exist, or an error naming it."""
+    path = os.path.join(root, relative)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{root} is missing {relative}: not a complete LeRobot dataset.")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Episode tables: one row per episode, the same fields for both layouts
+# ----------------------------------------------------------------------------------------------------
+
+def _episodes_v3(root, info):
+    """meta/episodes/chunk-*/file-*.parquet -> {episode_index: row dict} (data/video file of each episode)."""
+    folder = _require(root, os.path.join("meta", "episodes"))
+    files = sorted(
+        os.path.join(dirpath, name) for dirpath, _, names in os.walk(folder) for name in names if name.endswith(".parquet")
+    )
+    if not files:
+        raise FileNotFoundError(f"{root} has no meta/episodes/*/*.parquet: not a complete LeRobot v3.0 dataset.")
+    wanted = ["episode_index", "tasks", "length", "data/chunk_index", "data/file_index",
+              "dataset_from_index", "dataset_to_index"]
+    for key in _video_keys(info):
+        wanted += [f"videos/{key}/{field}" for field in ("chunk_index", "file_index", "from_timestamp")]
+    rows = []
+    for path in files:
+        rows += pq.read_table(path, columns=wanted).to_pylist()
+    return {row["episode_index"]: row for row in rows}
+
+
+def _episodes_v2(root, info):
+    """meta/episodes.jsonl -> {episode_index: row dict}; rows by cumulative lengths, one file per episode."""
+    rows = _read_jsonl(_require(root, os.path.join("meta", "episodes.jsonl")))
+    episodes, start = {}, 0
+    for row in sorted(rows, key=lambda r: r["episode_index"]):
+        chunk = row["episode_index"] // info["chunks_size"]
+        row.update({"dataset_from_index": start, "dataset_to_index": start + row["length"], "episode_chunk": chunk})
+        episodes[row["episode_index"]] = row
+        start += row["length"]
+    return episodes
+
+
+def _video_keys(info):
+    return [key for key, feature in info["features"].items() if feature["dtype"] == "video"]
+
+
+def _data_path(info, episode):
+    if info["codebase_version"] == "v3.0":
+        return info["data_path"].format(chunk_index=episode["data/chunk_index"], file_index=episode["data/file_index"])
+    return info["data_path"].format(episode_chunk=episode["episode_chunk"], episode_index=episode["episode_index"])
+
+
+def _video_path(info, episode, key):
+    if info["codebase_version"] == "v3.0":
+        return info["video_path"].format(video_key=key, chunk_index=episode[f"videos/{key}/chunk_index"],
+                                         file_index=episode[f"videos/{key}/file_index"])
+    return info["video_path"].format(video_key=key, episode_chunk=episode["episode_chunk"],
+                                     episode_index=episode["episode_index"])
+
+
+def _video_start(info, episode, key):
+    """Time in its mp4 of an episode's first frame: v3.0 concatenates episodes, v2.1 starts each at 0."""
+    return episode[f"videos/{key}/from_timestamp"] if info["codebase_version"] == "v3.0" else 0.0
+
+
+def _read_tasks(root, info):
+    """Task strings ordered by task_index (v3.0: meta/tasks.parquet, v2.1: meta/tasks.jsonl)."""
+    if info["codebase_version"] == "v2.1":
+        rows = _read_jsonl(_require(root, os.path.join("meta", "tasks.jsonl")))
+        return [row["task"] for row in sorted(rows, key=lambda r: r["task_index"])]
+    table = pq.read_table(_require(root, os.path.join("meta", "tasks.parquet")))
+    # lerobot writes the task strings as the pandas index of this table, whatever that column is called
+    text_columns = [name for name in table.column_names if pa.types.is_string(table.schema.field(name).type)
+                    or pa.types.is_large_string(table.schema.field(name).type)]
+    if "task_index" not in table.column_names or len(text_columns) != 1:
+        raise ValueError(f"{root}/meta/tasks.parquet should hold task_index and one text column, has {table.column_names}.")
+    pairs = sorted(zip(table.column("task_index").to_pylist(), table.column(text_columns[0]).to_pylist()))
+    return [task for _, task in pairs]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Normalization statistics
+# ----------------------------------------------------------------------------------------------------
+
+def aggregate_stats(per_episode):
+    """Merge per-episode stats as if computed over all frames at once.
+
+    count-weighted mean; pooled variance  var = sum n_i (std_i^2 + (mean_i - mean)^2) / N;
+    min of mins; max of maxes.
+    """
+    merged = {}
+    for feature in per_episode[0]:
+        parts = [stats[feature] for stats in per_episode]
+        counts = np.array([np.asarray(p["count"], dtype=np.float64).reshape(-1)[0] for p in parts])  # (E,)
+        means = np.stack([np.asarray(p["mean"], dtype=np.float64) for p in parts])  # (E, ...)
+        stds = np.stack([np.asarray(p["std"], dtype=np.float64) for p in parts])
+        weights = (counts / counts.sum()).reshape((-1,) + (1,) * (means.ndim - 1))
+        mean = (weights * means).sum(0)
+        variance = (weights * (stds ** 2 + (means - mean) ** 2)).sum(0)
+        merged[feature] = {
+            "mean": mean, "std": np.sqrt(variance),
+            "min": np.stack([np.asarray(p["min"], dtype=np.float64) for p in parts]).min(0),
+            "max": np.stack([np.asarray(p["max"], dtype=np.float64) for p in parts]).max(0),
+            "count": np.array([counts.sum()]),
+        }
+    return merged
+
+
+def _read_stats(root, info):
+    """{feature: {stat: float32 tensor}} from meta/stats.json (v3.0) or merged episodes stats (v2.1)."""
+    if info["codebase_version"] == "v3.0":
+        raw = _read_json(_require(root, os.path.join("meta", "stats.json")))
+    else:
+        rows = _read_jsonl(_require(root, os.path.join("meta", "episodes_stats.jsonl")))
+        raw = aggregate_stats([row["stats"] for row in rows])
+    return {feature: {name: torch.tensor(np.asarray(value, dtype=np.float32)) for name, value in stats.items()}
+            for feature, stats in raw.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Video: frame times of each mp4, and two ways to get frame k of it as (H, W, 3) uint8
+# ----------------------------------------------------------------------------------------------------
+
+def _open_video(path):
+    """Open an mp4 for decoding; the container picks the decoder (libdav1d for AV1)."""
+    try:
+        container = av.open(path)
+        if not container.streams.video:
+            raise ValueError("no video stream")
+    except Exception as error:
+        raise ValueError(f"cannot read video {path} ({error}): the file is damaged or incomplete; delete it and "
+                         "download or write the dataset again.") from None
+    return container, container.streams.video[0]
+
+
+def _frame_times(path):
+    """Presentation time in seconds of every frame of an mp4, read from the packets (nothing decoded)."""
+    container, stream = _open_video(path)
+    with container:
+        seconds_per_tick = float(stream.time_base)
+        try:
+            pts = sorted(packet.pts for packet in container.demux(stream) if packet.pts is not None)
+        except av.error.FFmpegError as error:
+            raise ValueError(f"cannot read video {path} ({error}): the file is damaged or incomplete.") from None
+    return np.array(pts, dtype=np.float64) * seconds_per_tick
+
+
+def _decode_all(path, out, progress):
+    """Decode every frame of an mp4 in order into `out` (N, H, W, 3) uint8."""
+    container, stream = _open_video(path)
+    stream.thread_type = "AUTO"  # one stream decoded by the main process: let the decoder use threads
+    count = 0
+    with container:
+        try:
+            for frame in container.decode(stream):
+                if count < len(out):
+                    out[count] = frame.to_ndarray(format="rgb24")
+                count += 1
+                progress.update(1)
+        except av.error.FFmpegError as error:
+            raise ValueError(f"cannot decode video {path} ({error}): the file is damaged; delete it and download "
+                             "or write the dataset again.") from None
+    if count != len(out):
+        raise ValueError(f"video {path} decodes to {count} frames but its packets say {len(out)}: the file is damaged.")
+
+
+class _StreamingDecoder:
+    """Frames decoded on demand: containers stay open (a few per worker), reads in order need no seek."""
+
+    def __init__(self, max_open=8):
+        self.max_open = max_open
+        self.open = collections.OrderedDict()  # path -> [container, stream, frame iterator, last position]
+
+    def frame(self, path, times, position):
+        state = self.open.pop(path, None)
+        if state is None:
+            container, stream = _open_video(path)
+            stream.codec_context.thread_count = 1  # parallelism comes from DataLoader workers
+            state = [container, stream, None, None]
+        self.open[path] = state  # most recently used last
+        if len(self.open) > self.max_open:
+            self.open.popitem(last=False)[1][0].close()
+        container, stream, frames, last = state
+        # a short step forward from the last decoded frame: keep decoding; anything else: seek to a keyframe
+        if frames is None or last is None or not last < position <= last + 4:
+            container.seek(int(round(times[position] / float(stream.time_base))), stream=stream, backward=True)
+            frames = container.decode(stream)
+        target = times[position] - 0.5 / float(stream.average_rate or 30)
+        try:
+            for frame in frames:
+                if frame.time is not None and frame.time >= target:
+                    state[2], state[3] = frames, position
+                    return frame.to_ndarray(format="rgb24")
+        except av.error.FFmpegError as error:
+            raise ValueError(f"cannot decode video {path} ({error}): the file is damaged; delete it and download "
+                             "or write the dataset again.") from None
+        raise ValueError(f"video {path} ended before frame {position}: the file is damaged or incomplete.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The dataset
+# ----------------------------------------------------------------------------------------------------
+
+class LeRobotDataset(torch.utils.data.Dataset):
+    """A LeRobot v2.1/v3.0 dataset as training samples with action chunks.
+
+    repo_id_or_path: a local dataset directory, or a Hugging Face Hub dataset id (only the metadata and the
+        files of the chosen episodes are downloaded).
+    chunk_size: actions per sample (SmolVLA: 50).
+    episodes: episode indices to use (default all); items are numbered 0..len-1 over those episodes.
+    rename: camera renames, e.g. {"top": "camera1", "wrist": "camera2"} to match a checkpoint's names.
+    max_cache_gb: pre-decode every video into a uint8 cache when the decoded frames fit in this many GB
+        (0 turns the cache off: frames are then decoded on the fly).
+    cache_dir: where that cache lives (default ~/.cache/smolvla/frames).
+    """
+
+    def __init__(self, repo_id_or_path, chunk_size=50, episodes=None, rename=None, revision=None,
+                 max_cache_gb=16.0, cache_dir=None):
+        self.chunk_size = chunk_size
+        root, download = self._locate(str(repo_id_or_path), revision)
+        self.root = root
+        info = _read_json(_require(root, os.path.join("meta", "info.json")))
+        version = info.get("codebase_version")
+        if version not in SUPPORTED_VERSIONS:
+            raise ValueError(f"{root} is a LeRobot {version} dataset; this reader supports {', '.join(SUPPORTED_VERSIONS)}. "
+                             "Convert it with lerobot's dataset conversion script first.")
+        self.info, self.fps = info, info["fps"]
+        table = _episodes_v3(root, info) if version == "v3.0" else _episodes_v2(root, info)
+        self.episodes = self._choose_episodes(table, episodes)
+        video_keys = _video_keys(info)
+        if download is not None:  # hub: fetch only the parquet and mp4 files of the chosen episodes
+            needed = {_data_path(info, e) for e in self.episodes}
+            needed |= {_video_path(info, e, key) for e in self.episodes for key in video_keys}
+            download(sorted(needed))
+        self.tasks = _read_tasks(root, info)
+        self._load_rows()
+        self._rename = self._camera_renames(video_keys, rename or {})
+        self.camera_keys = [self._rename[key] for key in video_keys]
+        self.stats = {self._rename.get(k, k): v for k, v in _read_stats(root, info).items()}
+        self._locate_frames(video_keys)
+        self._frames = None  # per process: cached frame arrays or a streaming decoder
+        self._cached = self._build_cache(max_cache_gb, cache_dir or DEFAULT_CACHE_DIR)
+
+    # -- construction steps --------------------------------------------------------------------------
+
+    @staticmethod
+    def _locate(name, revision):
+        """(local root, function downloading a list of files or None) for a directory or a hub id."""
+        if os.path.isdir(name):
+            return name, None
+        if not _looks_like_repo_id(name):
+            raise FileNotFoundError(f"no dataset directory {name!r} (and it is not a hub id of the form owner/name).")
+        root = _hub_download(name, revision, ["meta/**"])
+        return root, lambda files: _hub_download(name, revision, ["meta/**"] + files)
+
+    @staticmethod
+    def _choose_episodes(table, episodes):
+        if episodes is None:
+            return [table[i] for i in sorted(table)]
+        unknown = sorted(set(episodes) - set(table))
+        if unknown:
+            raise ValueError(f"episodes {unknown} are not in the dataset (it has episodes {min(table)}..{max(table)}).")
+        return [table[i] for i in sorted(set(episodes))]
+
+    def _load_rows(self):
+        """Read the chosen episodes' rows into flat numpy arrays (one row per item), episode bounds per row."""
+        wanted = {e["episode_index"] for e in self.episodes}
+        columns = ["observation.state", "action", "timestamp", "frame_index", "episode_index", "index", "task_index"]
+        tables = []
+        for path in sorted({_data_path(self.info, e) for e in self.episodes}):
+            full = os.path.join(self.root, path)
+            if not os.path.exists(full):
+                raise FileNotFoundError(f"{self.root} is missing {path}, named by its episodes metadata.")
+            table = pq.read_table(full, columns=columns)
+            mask = np.isin(table.column("episode_index").to_numpy(), list(wanted))
+            tables.append(table.filter(pa.array(mask)))
+        table = pa.concat_tables(tables)
+        table = table.take(pa.array(np.argsort(table.column("index").to_numpy(), kind="stable")))
+
+        def matrix(name):  # list<float> column -> (N, D) float32
+            values = table.column(name).combine_chunks()
+            return values.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(table), -1)
+
+        self.state, self.action = matrix("observation.state"), matrix("action")
+        for name in ("timestamp", "frame_index", "episode_index", "index", "task_index"):
+            setattr(self, "_" + name, table.column(name).to_numpy())
+        lengths = {e["episode_index"]: e["length"] for e in self.episodes}
+        found = collections.Counter(self._episode_index.tolist())
+        short = {e: (found.get(e, 0), n) for e, n in lengths.items() if found.get(e, 0) != n}
+        if short:
+            raise ValueError(f"{self.root}: episodes {sorted(short)} have (rows, expected length) {short} in the data files.")
+        # rows are grouped by episode (sorted by global index): [start, end) of each row's episode
+        change = np.flatnonzero(np.diff(self._episode_index)) + 1
+        starts, ends = np.r_[0, change], np.r_[change, len(table)]
+        self._start = np.repeat(starts, ends - starts)
+        self._end = np.repeat(ends, ends - starts)
+
+    @staticmethod
+    def _camera_renames(video_keys, rename):
+        """{dataset key: our key}; rename names may be short ("top") or full ("observation.images.top")."""
+        full = lambda name: name if name.startswith(IMAGE_PREFIX) else IMAGE_PREFIX + name
+        mapping = {full(old): full(new) for old, new in rename.items()}
+        unknown = sorted(set(mapping) - set(video_keys))
+        if unknown:
+            raise ValueError(f"cannot rename cameras {unknown}: the dataset's cameras are {video_keys}.")
+        return {key: mapping.get(key, key) for key in video_keys}
+
+    def _locate_frames(self, video_keys):
+        """For every (camera, row): which mp4 holds its frame and at which position (nearest frame in time)."""
+        self._video_files, self._frame_times = [], []  # per file id
+        self._file_of, self._position_of = {}, {}  # per camera key: (N,) arrays
+        file_ids = {}
+        episode_row = {e["episode_index"]: e for e in self.episodes}
+        for key in video_keys:
+            files = np.empty(len(self._index), dtype=np.int32)
+            positions = np.empty(len(self._index), dtype=np.int64)
+            for episode_index in episode_row:
+                episode = episode_row[episode_index]
+                path = os.path.join(self.root, _video_path(self.info, episode, key))
+                if path not in file_ids:
+                    if not os.path.exists(path):
+                        raise FileNotFoundError(f"{self.root} is missing {os.path.relpath(path, self.root)}.")
+                    file_ids[path] = len(self._video_files)
+                    self._video_files.append(path)
+                    self._frame_times.append(_frame_times(path))
+                rows = np.flatnonzero(self._episode_index == episode_index)
+                times = self._frame_times[file_ids[path]]
+                wanted = _video_start(self.info, episode, key) + self._timestamp[rows].astype(np.float64)
+                # nearest frame: compare the neighbours on both sides of the insertion point
+                right = np.clip(np.searchsorted(times, wanted), 0, len(times) - 1)
+                left = np.clip(right - 1, 0, len(times) - 1)
+                nearest = np.where(np.abs(times[left] - wanted) <= np.abs(times[right] - wanted), left, right)
+                miss = np.abs(times[nearest] - wanted) > 1.0 / self.fps
+                if miss.any() or len(times) == 0:
+                    raise ValueError(f"video {path} has no frame near t={wanted[miss][0] if miss.any() else 0:.3f}s "
+                                     f"needed by episode {episode_index}: the video is shorter than its episode.")
+                files[rows], positions[rows] = file_ids[path], nearest
+            self._file_of[key], self._position_of[key] = files, positions
+
+    def _build_cache(self, max_cache_gb, cache_dir):
+        """Decode every needed mp4 once into `<cache_dir>/<hash>.npy` (uint8 frames), if they fit the budget."""
+        shapes = [(len(t),) + tuple(self._video_shape(path)) for path, t in zip(self._video_files, self._frame_times)]
+        total_gb = sum(int(np.prod(s)) for s in shapes) / 1e9
+        if not self._video_files or total_gb > max_cache_gb:
+            return False
+        os.makedirs(cache_dir, exist_ok=True)
+        self._cache_files = [os.path.join(cache_dir, self._cache_name(path)) for path in self._video_files]
+        todo = [i for i, path in enumerate(self._cache_files) if not os.path.exists(path)]
+        if todo:
+            total = sum(shapes[i][0] for i in todo)
+            with tqdm(total=total, desc=f"decoding videos into {cache_dir} ({total_gb:.2f} GB)", unit="frame") as bar:
+                for i in todo:
+                    partial = f"{self._cache_files[i]}.{os.getpid()}.partial"
+                    out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shapes[i])
+                    try:
+                        _decode_all(self._video_files[i], out, bar)
+                        out.flush()
+                        del out
+                        os.replace(partial, self._cache_files[i])  # atomic: readers never see half a cache
+                    finally:
+                        if os.path.exists(partial):
+                            os.remove(partial)
+        return True
+
+    def _video_shape(self, path):
+        container, stream = _open_video(path)
+        with container:
+            return stream.codec_context.height, stream.codec_context.width, 3
+
+    @staticmethod
+    def _cache_name(path):
+        stat = os.stat(path)
+        key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+        return hashlib.sha1(key.encode()).hexdigest() + ".npy"
+
+    # -- items ---------------------------------------------------------------------------------------
+
+    def __len__(self):
+        return len(self._index)
+
+    def _image(self, key, i):
+        """(H, W, 3) uint8 frame of camera `key` for row i."""
+        if self._frames is None or self._frames[0] != os.getpid():  # first use in this process (worker)
+            frames = [np.load(path, mmap_mode="r") for path in self._cache_files] if self._cached else _StreamingDecoder()
+            self._frames = (os.getpid(), frames)
+        file_id, position = self._file_of[key][i], self._position_of[key][i]
+        if self._cached:
+            return np.array(self._frames[1][file_id][position])  # a copy out of the mapped file
+        return self._frames[1].frame(self._video_files[file_id], self._frame_times[file_id], position)
+
+    def __getitem__(self, i):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} is out of range for a dataset of {len(self)} samples.")
+        i = int(i) % len(self)
+        start, end = self._start[i], self._end[i]
+        # the next chunk_size actions of this episode; past its end repeat the last one and flag it as padding
+        steps = i + np.arange(self.chunk_size)
+        item = {
+            "observation.state": torch.from_numpy(self.state[i].copy()),  # (S,)
+            "action": torch.from_numpy(self.action[np.clip(steps, start, end - 1)]),  # (chunk, A)
+            "action_is_pad": torch.from_numpy(steps >= end),  # (chunk,)
+        }
+        for key, name in self._rename.items():
+            frame = torch.from_numpy(self._image(key, i))  # (H, W, 3) uint8
+            item[name] = frame.permute(2, 0, 1).float().div_(255.0)  # (3, H, W) in [0, 1]
+        item["task"] = self.tasks[self._task_index[i]]
+        item["timestamp"] = torch.tensor(self._timestamp[i], dtype=torch.float32)
+        for name in ("episode_index", "frame_index", "index", "task_index"):
+            item[name] = torch.tensor(getattr(self, "_" + name)[i], dtype=torch.int64)
+        return item
+
+    def __getstate__(self):  # sent to DataLoader workers: without open containers or mapped files
+        state = self.__dict__.copy()
+        state["_frames"] = None
+        return state
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writer: arrays -> a LeRobot v3.0 (or v2.1) dataset on disk
+# ----------------------------------------------------------------------------------------------------
+
+CODECS = {"libsvtav1": ("libsvtav1", "av1"), "av1": ("libsvtav1", "av1"), "h264": ("libx264", "h264"),
+          "libx264": ("libx264", "h264")}
+SO100_JOINTS = ["shoulder_pan.pos", "shoulder_lift.pos", "elbow_flex.pos", "wrist_flex.pos", "wrist_roll.pos",
+                "gripper.pos"]
+
+
+def _check_episodes(episodes):
+    """Validate the writer's input; returns the camera names and their (H, W)."""
+    if not episodes:
+        raise ValueError("write_lerobot_dataset needs at least one episode.")
+    cameras = {name: np.asarray(image).shape[1:3] for name, image in episodes[0].get("images", {}).items()}
+    for e, episode in enumerate(episodes):
+        state, action = np.asarray(episode["observation.state"]), np.asarray(episode["action"])
+        if state.ndim != 2 or action.ndim != 2 or len(state) != len(action) or len(state) == 0:
+            raise ValueError(f"episode {e}: observation.state (T,S) and action (T,A) must be 2-D with the same T >= 1, "
+                             f"got {state.shape} and {action.shape}.")
+        if not isinstance(episode.get("task"), str):
+            raise ValueError(f"episode {e}: 'task' must be a string.")
+        images = episode.get("images", {})
+        if set(images) != set(cameras):
+            raise ValueError(f"episode {e} has cameras {sorted(images)}, episode 0 has {sorted(cameras)}.")
+        for name, image in images.items():
+            image = np.asarray(image)
+            if image.dtype != np.uint8 or image.shape != (len(state),) + tuple(cameras[name]) + (3,):
+                raise ValueError(f"episode {e} camera {name}: expected uint8 ({len(state)}, H, W, 3) with the "
+                                 f"same H, W in every episode, got {image.dtype} {image.shape}.")
+    for name, (height, width) in cameras.items():
+        if height % 2 or width % 2:
+            raise ValueError(f"camera {name}: yuv420p video needs an even height and width, got {height}x{width}.")
+    return cameras
+
+
+def _encode_video(path, frames, fps, codec):
+    """Encode (T, H, W, 3) uint8 frames into an mp4 (yuv420p, a keyframe every 2 frames like lerobot)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    encoder = CODECS[codec][0]
+    options = {"crf": "30", "g": "2", "preset": "10"} if encoder == "libsvtav1" else {"crf": "23", "g": "2", "preset": "veryfast"}
+    with av.open(path, "w") as container:
+        stream = container.add_stream(encoder, rate=fps, options=options)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for t, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            frame.pts, frame.time_base = t, Fraction(1, fps)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+def _numeric_stats(values):
+    """min/max/mean/std/count over axis 0 of a (T, ...) array."""
+    values = np.asarray(values, dtype=np.float64)
+    return {"min": values.min(0).tolist(), "max": values.max(0).tolist(), "mean": values.mean(0).tolist(),
+            "std": values.std(0).tolist(), "count": [len(values)]}
+
+
+def _image_stats(frames):
+    """Per-channel stats of (T, H, W, 3) uint8 frames in [0, 1], shaped (3, 1, 1) as lerobot stores them."""
+    step = max(1, len(frames) // 100)  # at most ~100 frames per episode: stats, not an exact census
+    pixels = np.asarray(frames[::step]).reshape(-1, 3)  # (P, 3)
+    stats = _numeric_stats(pixels / 255.0)
+    shaped = {name: np.asarray(value).reshape(3, 1, 1).tolist() for name, value in stats.items() if name != "count"}
+    return {**shaped, "count": [len(frames[::step])]}
+
+
+def _episode_columns(episodes, fps):
+    """Flat per-row columns of all episodes (global index continues across episodes)."""
+    tasks = list(dict.fromkeys(e["task"] for e in episodes))
+    lengths = [len(e["action"]) for e in episodes]
+    frame_index = np.concatenate([np.arange(n) for n in lengths])
+    return tasks, lengths, {
+        "observation.state": np.concatenate([np.asarray(e["observation.state"], np.float32) for e in episodes]),
+        "action": np.concatenate([np.asarray(e["action"], np.float32) for e in episodes]),
+        "timestamp": (frame_index / fps).astype(np.float32),
+        "frame_index": frame_index,
+        "episode_index": np.repeat(np.arange(len(episodes)), lengths),
+        "index": np.arange(sum(lengths)),
+        "task_index": np.repeat([tasks.index(e["task"]) for e in episodes], lengths),
+    }
+
+
+def _data_table(columns, rows=slice(None)):
+    arrays = {}
+    for name, values in columns.items():
+        values = values[rows]
+        if values.ndim == 2:  # vectors: fixed-size lists of float32, as lerobot writes them
+            arrays[name] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+        else:
+            arrays[name] = pa.array(values)
+    return pa.table(arrays)
+
+
+def _features(episodes, cameras, fps, codec, joint_names):
+    state_dim, action_dim = np.shape(episodes[0]["observation.state"])[1], np.shape(episodes[0]["action"])[1]
+    names = lambda n: joint_names if joint_names and len(joint_names) == n else (
+        SO100_JOINTS if n == 6 else [f"joint_{j}" for j in range(n)])
+    features = {
+        "action": {"dtype": "float32", "shape": [action_dim], "names": names(action_dim)},
+        "observation.state": {"dtype": "float32", "shape": [state_dim], "names": names(state_dim)},
+    }
+    for name, (height, width) in cameras.items():
+        features[IMAGE_PREFIX + name] = {
+            "dtype": "video", "shape": [int(height), int(width), 3], "names": ["height", "width", "channels"],
+            "info": {"video.height": int(height), "video.width": int(width), "video.codec": CODECS[codec][1],
+                     "video.pix_fmt": "yuv420p", "video.is_depth_map": False, "video.fps": fps,
+                     "video.channels": 3, "has_audio": False},
+        }
+    for name, dtype in (("timestamp", "float32"), ("frame_index", "int64"), ("episode_index", "int64"),
+                        ("index", "int64"), ("task_index", "int64")):
+        features[name] = {"dtype": dtype, "shape": [1], "names": None}
+    return features
+
+
+def _all_stats(columns, episodes, cameras):
+    """The stats block of `episodes` whose rows are `columns`: every feature, images per channel."""
+    stats = {name: _numeric_stats(values) for name, values in columns.items()}
+    for name in cameras:
+        stats[IMAGE_PREFIX + name] = _image_stats(np.concatenate([e["images"][name] for e in episodes]))
+    return stats
+
+
+def _tasks_table(tasks):
+    """meta/tasks.parquet with the task strings as the pandas index, the way lerobot reads them back."""
+    table = pa.table({"task_index": pa.array(range(len(tasks)), pa.int64()), "task": pa.array(tasks, pa.string())})
+    pandas = {"index_columns": ["task"], "column_indexes": [], "pandas_version": "2.2.3",
+              "columns": [{"name": "task_index", "field_name": "task_index", "pandas_type": "int64",
+                           "numpy_type": "int64", "metadata": None},
+                          {"name": "task", "field_name": "task", "pandas_type": "unicode",
+                           "numpy_type": "object", "metadata": None}]}
+    return table.replace_schema_metadata({"pandas": json.dumps(pandas)})
+
+
+def write_lerobot_dataset(root, episodes, fps=30, robot_type="so100", codec="libsvtav1", joint_names=None,
+                          version="v3.0"):
+    """Write episodes as a LeRobot dataset in `root` (must not exist or be empty); returns root.
+
+    episodes: list of {"observation.state": (T,S), "action": (T,A), "task": str,
+                       "images": {"top": (T,H,W,3) uint8, ...}}
+    codec: "libsvtav1" (AV1, as on the hub) or "h264".  version: "v3.0" (default) or "v2.1".
+    """
+    if codec not in CODECS:
+        raise ValueError(f"codec {codec!r} is not one of {sorted(CODECS)}.")
+    if version not in SUPPORTED_VERSIONS:
+        raise ValueError(f"version {version!r} is not one of {SUPPORTED_VERSIONS}.")
+    if os.path.isdir(root) and os.listdir(root):
+        raise FileExistsError(f"{root} exists and is not empty; choose a new directory for the dataset.")
+    cameras = _check_episodes(episodes)
+    tasks, lengths, columns = _episode_columns(episodes, fps)
+    bounds = np.r_[0, np.cumsum(lengths)]
+    info = {
+        "codebase_version": version, "robot_type": robot_type, "total_episodes": len(episodes),
+        "total_frames": int(bounds[-1]), "total_tasks": len(tasks), "chunks_size": 1000, "fps": fps,
+        "splits": {"train": f"0:{len(episodes)}"},
+        "features": _features(episodes, cameras, fps, codec, joint_names),
+    }
+    os.makedirs(os.path.join(root, "meta"), exist_ok=True)
+    if version == "v3.0":
+        _write_v3(root, info, episodes, cameras, tasks, lengths, columns, bounds, fps, codec)
+    else:
+        _write_v2(root, info, episodes, cameras, tasks, lengths, columns, bounds, fps, codec)
+    return root
+
+
+def _write_v3(root, info, episodes, cameras, tasks, lengths, columns, bounds, fps, codec):
+    """All episodes in one parquet file and, per camera, one mp4; meta/episodes says where each one is."""
+    info.update({"data_files_size_in_mb": 100, "video_files_size_in_mb": 200,
+                 "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+                 "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"})
+    data_path = info["data_path"].format(chunk_index=0, file_index=0)
+    os.makedirs(os.path.dirname(os.path.join(root, data_path)), exist_ok=True)
+    pq.write_table(_data_table(columns), os.path.join(root, data_path))
+    rows = {"episode_index": list(range(len(episodes))), "tasks": [[e["task"]] for e in episodes],
+            "length": lengths, "data/chunk_index": [0] * len(episodes), "data/file_index": [0] * len(episodes),
+            "dataset_from_index": bounds[:-1].tolist(), "dataset_to_index": bounds[1:].tolist()}
+    for name in cameras:
+        key = IMAGE_PREFIX + name
+        frames = np.concatenate([e["images"][name] for e in episodes])
+        _encode_video(os.path.join(root, info["video_path"].format(video_key=key, chunk_index=0, file_index=0)),
+                      frames, fps, codec)
+        rows.update({f"videos/{key}/chunk_index": [0] * len(episodes), f"videos/{key}/file_index": [0] * len(episodes),
+                     f"videos/{key}/from_timestamp": (bounds[:-1] / fps).tolist(),
+                     f"videos/{key}/to_timestamp": (bounds[1:] / fps).tolist()})
+    rows.update({"meta/episodes/chunk_index": [0] * len(episodes), "meta/episodes/file_index": [0] * len(episodes)})
+    os.makedirs(os.path.join(root, "meta", "episodes", "chunk-000"))
+    pq.write_table(pa.table(rows), os.path.join(root, "meta", "episodes", "chunk-000", "file-000.parquet"))
+    pq.write_table(_tasks_table(tasks), os.path.join(root, "meta", "tasks.parquet"))
+    with open(os.path.join(root, "meta", "stats.json"), "w") as f:
+        json.dump(_all_stats(columns, episodes, cameras), f, indent=2)
+    info["total_videos"] = len(cameras)
+    with open(os.path.join(root, "meta", "info.json"), "w") as f:
+        json.dump(info, f, indent=4)
+
+
+def _write_v2(root, info, episodes, cameras, tasks, lengths, columns, bounds, fps, codec):
+    """One parquet and one mp4 per episode; episodes, tasks and per-episode stats as JSON lines."""
+    info.update({"total_chunks": 1, "total_videos": len(episodes) * len(cameras),
+                 "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
+                 "video_path": "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"})
+    meta = {"episodes.jsonl": [], "tasks.jsonl": [{"task_index": i, "task": t} for i, t in enumerate(tasks)],
+            "episodes_stats.jsonl": []}
+    for e, episode in enumerate(episodes):
+        rows = slice(bounds[e], bounds[e + 1])
+        path = os.path.join(root, info["data_path"].format(episode_chunk=0, episode_index=e))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        pq.write_table(_data_table(columns, rows), path)
+        for name in cameras:
+            video = info["video_path"].format(episode_chunk=0, video_key=IMAGE_PREFIX + name, episode_index=e)
+            _encode_video(os.path.join(root, video), np.asarray(episode["images"][name]), fps, codec)
+        meta["episodes.jsonl"].append({"episode_index": e, "tasks": [episode["task"]], "length": lengths[e]})
+        episode_columns = {name: values[rows] for name, values in columns.items()}
+        meta["episodes_stats.jsonl"].append({"episode_index": e, "stats": _all_stats(episode_columns, [episode], cameras)})
+    for name, rows in meta.items():
+        with open(os.path.join(root, "meta", name), "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    with open(os.path.join(root, "meta", "info.json"), "w") as f:
+        json.dump(info, f, indent=4)
+
+
+def synthetic_episodes(n_episodes, length, height=96, width=128, cameras=("top", "wrist"), state_dim=6, seed=0,
+                       tasks=("Pick the red cube and place it in the box.", "Stack the red cube on the blue cube.")):
+    """Episodes of smooth random joint motion with images that follow it (a moving square on a gradient).
+
+    For tests and benchmarks: images with structure compress and decode like real footage, noise does not.
+    `length` is an int or one int per episode.
+    """
+    rng = np.random.default_rng(seed)
+    lengths = [length] * n_episodes if np.isscalar(length) else list(length)
+    rows, cols = np.mgrid[0:height, 0:width]
+    episodes = []
+    for e, n in enumerate(lengths):
+        # state: a random walk in degrees; action: the next state (the arm follows its commands)
+        state = np.cumsum(rng.normal(0, 2.0, (n + 1, state_dim)), axis=0).astype(np.float32)
+        images = {}
+        for c, name in enumerate(cameras):
+            centre_y = (height / 2 + state[:n, c % state_dim] * height / 200) % height  # (T,)
+            centre_x = (width / 2 + state[:n, (c + 1) % state_dim] * width / 200) % width
+            square = (np.abs(rows - centre_y[:, None, None]) < height / 8) & (np.abs(cols - centre_x[:, None, None]) < width / 8)
+            frames = np.empty((n, height, width, 3), dtype=np.uint8)
+            frames[..., 0] = (rows * 255 // height).astype(np.uint8)  # background: a gradient per channel
+            frames[..., 1] = (cols * 255 // width).astype(np.uint8)
+            frames[..., 2] = 40 * c + 60
+            frames[square] = (230, 40 + 60 * c, 40)
+            images[name] = frames
+        episodes.append({"observation.state": state[:n], "action": state[1:], "task": tasks[e % len(tasks)],
+                         "images": images})
+    return episodes
+
+
+def benchmark(repo_or_dir, workers=2, batch_size=32, seconds=20.0, chunk_size=50, max_cache_gb=16.0):
+    """Samples per second through a shuffled DataLoader, as training reads them."""
+    start = time.perf_counter()
+    dataset = LeRobotDataset(repo_or_dir, chunk_size=chunk_size, max_cache_gb=max_cache_gb)
+    opened = time.perf_counter() - start
+    mode = "pre-decoded cache" if dataset._cached else "on-the-fly decoding"
+    print(f"{repo_or_dir}: {len(dataset)} samples, cameras {dataset.camera_keys}, opened in {opened:.1f} s ({mode})")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                         persistent_workers=workers > 0, drop_last=True)
+    samples, timed_from = 0, None
+    while timed_from is None or time.perf_counter() - timed_from < seconds:
+        for batch in loader:
+            if timed_from is None:  # the first batch pays for starting the workers: not counted
+                timed_from = time.perf_counter()
+                continue
+            samples += len(batch["index"])
+            if time.perf_counter() - timed_from >= seconds:
+                break
+    rate = samples / (time.perf_counter() - timed_from)
+    print(f"{rate:.1f} samples/s  ({samples} samples, {workers} workers, batch {batch_size}, chunk {chunk_size})")
+    return rate
+
+
+def main():
+    parser = argparse.ArgumentParser(description="LeRobot dataset reader: benchmark, or write a synthetic dataset.")
+    parser.add_argument("--bench", metavar="REPO_OR_DIR", help="print samples/s of a shuffled DataLoader")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--chunk-size", type=int, default=50)
+    parser.add_argument("--max-cache-gb", type=float, default=16.0, help="0 decodes on the fly")
+    parser.add_argument("--write-synthetic", metavar="DIR", help="write a synthetic dataset (for benchmarks)")
+    parser.add_argument("--episodes", type=int, default=20)
+    parser.add_argument("--frames", type=int, default=300)
+    parser.add_argument("--size", default="96x128", help="HEIGHTxWIDTH")
+    parser.add_argument("--cameras", default="top,wrist")
+    parser.add_argument("--codec", default="libsvtav1", choices=sorted(CODECS))
+    parser.add_argument("--version", default="v3.0", choices=SUPPORTED_VERSIONS)
+    args = parser.parse_args()
+    if args.write_synthetic:
+        height, width = (int(v) for v in args.size.split("x"))
+        start = time.perf_counter()
+        episodes = synthetic_episodes(args.episodes, args.frames, height, width, tuple(args.cameras.split(",")))
+        write_lerobot_dataset(args.write_synthetic, episodes, codec=args.codec, version=args.version)
+        print(f"wrote {args.write_synthetic} in {time.perf_counter() - start:.1f} s")
+    if args.bench:
+        benchmark(args.bench, args.workers, args.batch_size, args.seconds, args.chunk_size, args.max_cache_gb)
+    if not (args.bench or args.write_synthetic):
+        parser.error("nothing to do: pass --bench and/or --write-synthetic")
+
+
+if __name__ == "__main__":
+    main()
