@@ -1,0 +1,360 @@
+"""A virtual SO-100: six simulated STS3215 servos answering the Feetech protocol on a pseudo-terminal.
+
+Classes without an arm still need the whole deploy path (SmolVLA paper §3.3 runs the policy against a real
+SO-100). `VirtualArm` opens a pty pair (os.openpty): the driver opens the slave side (`sim.port`, e.g.
+/dev/pts/7) exactly like a USB serial adapter, and a background thread on the master side plays the servos:
+
+- one register memory per servo, laid out as the STS3215 control table (model number 777, limits, PID, …);
+- Present_Position = actual − Homing_Offset (wrapped to one turn unless Phase bit 4 asks for multi-turn);
+- with Torque_Enable = 1 the position moves toward Goal_Position (clamped to the position limits) at a
+  maximum speed; with torque off the joints stay where a "hand" (`move_joint`, `calibration_hand`) puts them;
+- EEPROM registers (addresses below 40) survive `power_cycle()` only if written while Lock = 0;
+- fault injection, for testing the driver's robustness: drop a reply, corrupt its checksum, delay it, send it
+  in fragments, precede it with garbage, report error bits, or remove a servo from the bus.
+
+The physical arm has mechanical stops and a "true" calibration (`sim.calibration`, lerobot's JSON format). The
+servos start with it written to their EEPROM, so `--port sim` works without calibrating first.
+A pty has no baud rate: bytes arrive as fast as the two threads pass them.
+"""
+
+import os
+import select
+import threading
+import time
+import tty
+
+import numpy as np
+
+from so100 import (
+    BROADCAST_ID, CONTROL_TABLE, HEADER, MAX_TICK, MOTOR_IDS, MOTOR_NAMES, PING, READ, RESOLUTION,
+    STS3215_MODEL_NUMBER, SYNC_READ, SYNC_WRITE, WRITE, checksum, decode_value, encode_value, status_packet,
+)
+
+# The virtual arm's physical truth, in lerobot's calibration format: where the middle pose is (homing_offset +
+# 2047 raw ticks) and where the mechanical stops are (range + homing_offset). wrist_roll turns freely.
+TRUE_CALIBRATION = {
+    "shoulder_pan": {"id": 1, "drive_mode": 0, "homing_offset": -710, "range_min": 758, "range_max": 3292},
+    "shoulder_lift": {"id": 2, "drive_mode": 0, "homing_offset": 800, "range_min": 820, "range_max": 3210},
+    "elbow_flex": {"id": 3, "drive_mode": 0, "homing_offset": -700, "range_min": 860, "range_max": 3090},
+    "wrist_flex": {"id": 4, "drive_mode": 0, "homing_offset": 310, "range_min": 870, "range_max": 3240},
+    "wrist_roll": {"id": 5, "drive_mode": 0, "homing_offset": -420, "range_min": 0, "range_max": 4095},
+    "gripper": {"id": 6, "drive_mode": 0, "homing_offset": -1500, "range_min": 2030, "range_max": 3500},
+}
+
+# Factory settings of an STS3215 (what a new servo reads); unlisted registers read 0.
+FACTORY_DEFAULTS = {
+    "Firmware_Major_Version": 3, "Firmware_Minor_Version": 10, "Model_Number": STS3215_MODEL_NUMBER,
+    "Return_Delay_Time": 250, "Response_Status_Level": 1, "Min_Position_Limit": 0,
+    "Max_Position_Limit": MAX_TICK, "Max_Temperature_Limit": 70, "Max_Voltage_Limit": 140,
+    "Min_Voltage_Limit": 40, "Max_Torque_Limit": 1000, "Unloading_Condition": 44, "LED_Alarm_Condition": 47,
+    "P_Coefficient": 32, "D_Coefficient": 32, "Protection_Current": 500, "Angular_Resolution": 1,
+    "Protective_Torque": 20, "Protection_Time": 200, "Overload_Torque": 80, "Torque_Limit": 1000, "Lock": 1,
+    "Present_Voltage": 74, "Present_Temperature": 28,
+}
+EEPROM_END = 40  # addresses below this are EEPROM
+# Bytes the instruction WRITE may not change: read-only registers, and ID / baud rate (not modelled).
+PROTECTED = {r.address + k for r in CONTROL_TABLE.values() if r.read_only or r.name in ("ID", "Baud_Rate")
+             for k in range(r.size)}
+FAULT_KINDS = ("drop", "corrupt", "delay", "fragment", "garbage", "error_bits", "missing")
+
+
+class VirtualServo:
+    """One STS3215: its register memory, its EEPROM copy ("flash"), and its physical position."""
+
+    def __init__(self, servo_id, actual, stops):
+        self.id = servo_id
+        self.regs = bytearray(90)
+        for name, value in FACTORY_DEFAULTS.items():
+            self.set(name, value)
+        self.set("ID", servo_id)
+        self.actual = float(actual)  # raw encoder ticks of the physical joint, 0..4095
+        self.stops = stops  # (lowest, highest) raw tick the joint can physically reach, or None: turns freely
+        self.set("Goal_Position", self.present())
+        self.flash = bytes(self.regs[:EEPROM_END])
+
+    def get(self, name):
+        reg = CONTROL_TABLE[name]
+        return decode_value(reg, self.regs[reg.address: reg.address + reg.size])
+
+    def set(self, name, value):
+        reg = CONTROL_TABLE[name]
+        self.regs[reg.address: reg.address + reg.size] = encode_value(reg, value)
+
+    def present(self):
+        """Present_Position = actual − Homing_Offset, on one turn unless Phase bit 4 (multi-turn) is set."""
+        position = round(self.actual) - self.get("Homing_Offset")
+        return position if self.get("Phase") & 0x10 else position % RESOLUTION
+
+    def _present_exact(self):
+        position = self.actual - self.get("Homing_Offset")
+        return position if self.get("Phase") & 0x10 else position % RESOLUTION
+
+    def write(self, address, data):
+        """The WRITE instruction: EEPROM bytes reach the flash only while Lock = 0."""
+        for k, byte in enumerate(data):
+            if address + k not in PROTECTED and address + k < len(self.regs):
+                self.regs[address + k] = byte
+        if address < EEPROM_END and self.get("Lock") == 0:
+            self.flash = bytes(self.regs[:EEPROM_END])
+
+    def read(self, address, size):
+        self.set("Present_Position", self.present())
+        return bytes(self.regs[address: address + size])
+
+    def move_by_hand(self, actual):
+        """Put the joint somewhere by hand (it can't go past its mechanical stops)."""
+        if self.stops is None:
+            self.actual = float(actual) % RESOLUTION
+        else:
+            self.actual = float(np.clip(actual, *self.stops))
+
+    def step(self, dt, speed):
+        """Advance the motor by `dt` seconds: toward the goal at most `speed` ticks/s, if torque is on."""
+        if not self.get("Torque_Enable"):
+            self.set("Present_Velocity", 0)
+            self.set("Moving", 0)
+            return
+        low, high = self.get("Min_Position_Limit"), self.get("Max_Position_Limit")
+        goal = np.clip(self.get("Goal_Position"), low, high) if high > low else self.get("Goal_Position")
+        error = goal - self._present_exact()
+        move = float(np.clip(error, -speed * dt, speed * dt))
+        self.move_by_hand(self.actual + move)
+        self.set("Present_Velocity", round(move / dt) if dt > 0 else 0)
+        self.set("Moving", int(abs(error) > 1))
+
+    def power_cycle(self):
+        """Power off and on: EEPROM comes back from flash, RAM is reset (torque off, locked)."""
+        self.regs[:EEPROM_END] = self.flash
+        self.set("Torque_Enable", 0)
+        self.set("Lock", 1)
+        self.set("Goal_Position", self.present())
+
+
+class VirtualArm:
+    """Six virtual STS3215 servos (ids 1..6) behind a pty; `sim.port` is the serial port to open.
+
+    calibrated: start with TRUE_CALIBRATION in the servos' EEPROM (else factory settings: offset 0, 0..4095).
+    pose_deg: the starting joint angles (6,), in degrees from the middle pose (default: all 0, the middle).
+    speed: the servos' maximum speed in ticks/s (4096 ticks = one turn).
+    """
+
+    def __init__(self, calibrated=True, pose_deg=None, speed=2400.0, tick=0.002):
+        self.calibration = {name: dict(entry) for name, entry in TRUE_CALIBRATION.items()}
+        self.speed = speed
+        self.tick = tick
+        self.servos = {}
+        for name in MOTOR_NAMES:
+            truth = self.calibration[name]
+            stops = None if name == "wrist_roll" else (truth["range_min"] + truth["homing_offset"],
+                                                       truth["range_max"] + truth["homing_offset"])
+            servo = VirtualServo(truth["id"], self._middle(name), stops)
+            if calibrated:
+                servo.set("Homing_Offset", truth["homing_offset"])
+                servo.set("Min_Position_Limit", truth["range_min"])
+                servo.set("Max_Position_Limit", truth["range_max"])
+                servo.set("Goal_Position", servo.present())
+                servo.flash = bytes(servo.regs[:EEPROM_END])
+            self.servos[truth["id"]] = servo
+        self._faults = []
+        self._outbox = []  # (send time, bytes) of replies waiting to go out
+        self._lock = threading.RLock()
+        self._master, self._slave = os.openpty()
+        # Raw mode: no echo, no line editing, no CR/LF translation; the bytes pass through untouched.
+        tty.setraw(self._slave)
+        self.port = os.ttyname(self._slave)
+        if pose_deg is not None:
+            for name, degrees in zip(MOTOR_NAMES, pose_deg):
+                self.move_joint(name, degrees)
+        self._running = True
+        self._thread = threading.Thread(target=self._serve, name="virtual-arm", daemon=True)
+        self._thread.start()
+
+    # -- the physical arm ------------------------------------------------------------------------------------
+
+    def _middle(self, name):
+        return self.calibration[name]["homing_offset"] + MAX_TICK // 2
+
+    def joint_positions_deg(self):
+        """The six joint angles (6,) in degrees from the middle pose, as a calibrated driver reads them in
+        degrees mode; for the synthetic camera."""
+        with self._lock:
+            angles = []
+            for name in MOTOR_NAMES:
+                truth = self.calibration[name]
+                present = (self.servos[truth["id"]].actual - truth["homing_offset"]) % RESOLUTION
+                angles.append((present - (truth["range_min"] + truth["range_max"]) / 2) * 360 / MAX_TICK)
+            return np.array(angles)
+
+    def move_joint(self, name, degrees):
+        """Move a joint by hand to `degrees` from its middle pose (stopped by its mechanical stops)."""
+        with self._lock:
+            self.servos[MOTOR_IDS[name]].move_by_hand(self._middle(name) + degrees * MAX_TICK / 360)
+
+    def calibration_hand(self):
+        """(prompt, wait) callbacks for `SO100Follower.calibrate` that move the joints like a person would:
+        the prompt puts the arm in its middle pose, then each `wait()` call takes one step of a sweep that
+        pushes every joint but wrist_roll against both of its stops and back; it returns True when done."""
+        sweep = [(name, degrees) for name in MOTOR_NAMES if name != "wrist_roll"
+                 for degrees in (-90, -180, 90, 180, 0)]
+        steps = iter(sweep)
+
+        def prompt(message):
+            for name in MOTOR_NAMES:
+                self.move_joint(name, 0)
+
+        def wait():
+            step = next(steps, None)
+            if step is None:
+                return True
+            self.move_joint(*step)
+            return False
+
+        return prompt, wait
+
+    def power_cycle(self):
+        with self._lock:
+            for servo in self.servos.values():
+                servo.power_cycle()
+
+    # -- faults ----------------------------------------------------------------------------------------------
+
+    def inject(self, kind, servo_id=None, times=1, **params):
+        """Make the next `times` replies of `servo_id` (None: any servo) go wrong; times=None: until cleared.
+
+        kinds: "drop" (no reply), "corrupt" (bad checksum), "delay" (seconds=…), "fragment" (sent in 1-byte
+        pieces, gap=… s apart), "garbage" (data=… bytes before the reply), "error_bits" (bits=…, e.g. 0x20
+        overload), "missing" (the servo is off the bus: it neither answers nor executes anything; lasts until
+        `clear_faults()`, whatever `times` says).
+        """
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault {kind!r}; choose from {FAULT_KINDS}")
+        with self._lock:
+            self._faults.append({"kind": kind, "servo_id": servo_id, "times": times, **params})
+
+    def clear_faults(self):
+        with self._lock:
+            self._faults.clear()
+
+    def _take_fault(self, kind, servo_id):
+        """The parameters of an active fault of this kind for this servo, using up one of its times."""
+        for fault in self._faults:
+            if fault["kind"] == kind and fault["servo_id"] in (None, servo_id):
+                if fault["times"] is not None:
+                    fault["times"] -= 1
+                    if fault["times"] == 0:
+                        self._faults.remove(fault)
+                return fault
+        return None
+
+    def _is_missing(self, servo_id):
+        return any(f["kind"] == "missing" and f["servo_id"] in (None, servo_id) for f in self._faults)
+
+    # -- the bus ---------------------------------------------------------------------------------------------
+
+    def _serve(self):
+        """The servo side of the bus: read instructions, answer them, move the motors, until closed."""
+        received = bytearray()
+        last = time.monotonic()
+        while self._running:
+            ready, _, _ = select.select([self._master], [], [], self.tick)
+            if ready:
+                try:
+                    received += os.read(self._master, 4096)
+                except OSError:  # the pty is being closed
+                    return
+            with self._lock:
+                now = time.monotonic()
+                for servo in self.servos.values():
+                    servo.step(now - last, self.speed)
+                last = now
+                for servo_id, instruction, params in self._instructions(received):
+                    self._execute(servo_id, instruction, params, now)
+                self._send_due(now)
+
+    @staticmethod
+    def _instructions(buffer):
+        """Cut complete instruction packets out of `buffer`; skip noise and packets with bad checksums."""
+        while True:
+            start = buffer.find(HEADER)
+            if start < 0:
+                del buffer[: len(buffer) - (buffer[-1:] == b"\xff")]
+                return
+            del buffer[:start]
+            if len(buffer) >= 3 and buffer[2] == 0xFF:
+                del buffer[0]
+                continue
+            if len(buffer) < 4 or len(buffer) < 4 + buffer[3]:
+                return  # wait for the rest
+            length = buffer[3]
+            packet = bytes(buffer[: 4 + length])
+            if length < 2 or checksum(packet[2:-1]) != packet[-1]:
+                del buffer[:2]  # a real servo ignores a damaged packet
+                continue
+            del buffer[: 4 + length]
+            yield packet[2], packet[4], packet[5:-1]
+
+    def _execute(self, servo_id, instruction, params, now):
+        targets = list(self.servos) if servo_id == BROADCAST_ID else [servo_id]
+        targets = [i for i in targets if i in self.servos and not self._is_missing(i)]
+        if instruction == PING:
+            for i in targets:
+                self._reply(i, b"", now)
+        elif instruction == READ and servo_id != BROADCAST_ID and len(params) == 2:
+            for i in targets:
+                self._reply(i, self.servos[i].read(params[0], params[1]), now)
+        elif instruction == WRITE and len(params) >= 2:
+            for i in targets:
+                self.servos[i].write(params[0], params[1:])
+                if servo_id != BROADCAST_ID:
+                    self._reply(i, b"", now)
+        elif instruction == SYNC_READ and servo_id == BROADCAST_ID and len(params) >= 2:
+            address, size = params[0], params[1]
+            for i in params[2:]:  # in the listed order, each servo its own status packet
+                if i in targets:
+                    self._reply(i, self.servos[i].read(address, size), now)
+        elif instruction == SYNC_WRITE and servo_id == BROADCAST_ID and len(params) >= 2:
+            address, size = params[0], params[1]
+            for k in range(2, len(params) - size, size + 1):
+                if params[k] in targets:
+                    self.servos[params[k]].write(address, params[k + 1: k + 1 + size])
+
+    def _reply(self, servo_id, data, now):
+        """Queue a status packet, bent by whatever faults are active for this servo."""
+        error = self._take_fault("error_bits", servo_id)
+        packet = bytearray(status_packet(servo_id, error["bits"] if error else 0, data))
+        if self._take_fault("drop", servo_id):
+            return
+        if self._take_fault("corrupt", servo_id):
+            packet[-1] ^= 0x5A
+        garbage = self._take_fault("garbage", servo_id)
+        if garbage:
+            packet[:0] = garbage.get("data", b"\x00\xff\x13\xff\xff\x07\x42")
+        delay = self._take_fault("delay", servo_id)
+        at = now + (delay["seconds"] if delay else 0.0)
+        fragment = self._take_fault("fragment", servo_id)
+        if fragment:
+            for k, byte in enumerate(packet):
+                self._outbox.append((at + k * fragment.get("gap", 0.001), bytes([byte])))
+        else:
+            self._outbox.append((at, bytes(packet)))
+
+    def _send_due(self, now):
+        self._outbox.sort(key=lambda item: item[0])
+        while self._outbox and self._outbox[0][0] <= now:
+            os.write(self._master, self._outbox.pop(0)[1])
+
+    # -- lifetime --------------------------------------------------------------------------------------------
+
+    def close(self):
+        if not self._running:
+            return
+        self._running = False
+        self._thread.join()
+        os.close(self._master)
+        os.close(self._slave)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
