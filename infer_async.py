@@ -1,0 +1,831 @@
+"""Asynchronous inference: keep the arm moving while the next action chunk is computed (SmolVLA paper §3.3).
+
+A policy that predicts chunks of n actions can be run in two ways:
+
+* sync: execute all n actions, then read an observation and wait for the next chunk. The arm stands still
+  for the whole inference latency, once per chunk (E[latency] / Δt idle control ticks).
+* async: as soon as the queue of pending actions falls below a fraction g of a chunk (|queue| / n < g),
+  send an observation and keep executing what is left while the policy thinks. If g·n ticks of actions
+  outlast the latency, the queue never runs empty.
+
+Each action carries the timestep it is meant for (how many actions had been executed before it). When a
+chunk computed from the observation at timestep t arrives, its actions for timesteps already executed are
+dropped, those that overlap the queue are fused with the queued ones (`--aggregate`), the rest appended.
+
+The file reads top to bottom:
+  1. the action queue and the scheduler: pure logic, driven by an injectable clock (unit-tested);
+  2. the wire protocol: length-prefixed JSON header + safetensors bytes, never pickle, size-checked;
+  3. policies: a loaded policy behind a lock, a background inference thread, a policy server and its client;
+  4. the control loop at --fps, metrics and the queue plot (the paper's Figure 3);
+  5. the command line.
+
+    python infer_async.py --port sim --policy CKPT --vlm VLM --duration 20 --metrics m.json --plot q.png
+    python infer_async.py --serve --host 127.0.0.1 --port-server 8765 --policy CKPT
+    python infer_async.py --port /dev/ttyACM0 --server 127.0.0.1:8765 --cameras top=/dev/video0
+"""
+
+import argparse
+import json
+import math
+import queue
+import socket
+import socketserver
+import struct
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. The action queue and the scheduler (pure logic: no threads, no I/O, time from an injectable clock)
+# ----------------------------------------------------------------------------------------------------------
+
+AGGREGATES = ("weighted", "latest", "average")
+
+
+def make_fusion(name, weight_new=0.7):
+    """How an action already in the queue (old) and a fresh one for the same timestep (new) are combined.
+
+    weighted: (1 - w)·old + w·new  (w = 0.7 by default, the reference's 0.3·old + 0.7·new)
+    latest:   new                  (trust the newest observation only)
+    average:  (old + new) / 2
+    """
+    if name == "weighted":
+        if not 0.0 <= weight_new <= 1.0:
+            raise ValueError(f"--aggregate-weight must be in [0, 1], got {weight_new}")
+        return lambda old, new: (1.0 - weight_new) * old + weight_new * new
+    if name == "latest":
+        return lambda old, new: new
+    if name == "average":
+        return lambda old, new: 0.5 * (old + new)
+    raise ValueError(f"unknown aggregate {name!r}: choose one of {', '.join(AGGREGATES)}")
+
+
+@dataclass
+class MergeCounts:
+    dropped: int = 0   # actions for timesteps already executed
+    fused: int = 0     # actions for timesteps still in the queue
+    appended: int = 0  # actions for timesteps after the queue's end
+
+
+class ActionQueue:
+    """Pending actions, each meant for one timestep (= number of actions executed before it).
+
+    Invariant: the queue holds the timesteps next_timestep, next_timestep + 1, ... without gaps, so
+    the i-th queued action is for timestep next_timestep + i.
+    """
+
+    def __init__(self, fuse):
+        self.fuse = fuse
+        self.actions = []        # list of (action_dim,) arrays, oldest first
+        self.next_timestep = 0   # timestep of the next action to execute = actions executed so far
+
+    def __len__(self):
+        return len(self.actions)
+
+    def pop(self):
+        # executing an action moves the clock of timesteps on by one
+        self.next_timestep += 1
+        return self.actions.pop(0)
+
+    def merge(self, first_timestep, chunk):
+        """Align a chunk (n, action_dim) whose row k is meant for timestep first_timestep + k."""
+        counts = MergeCounts()
+        for k, action in enumerate(chunk):
+            # position of this action's timestep in the queue; negative = already executed
+            i = first_timestep + k - self.next_timestep
+            if i < 0:
+                counts.dropped += 1
+            elif i < len(self.actions):
+                self.actions[i] = self.fuse(self.actions[i], action)
+                counts.fused += 1
+            else:
+                # contiguous by construction: the chunk starts at or before next_timestep
+                self.actions.append(action)
+                counts.appended += 1
+        return counts
+
+
+@dataclass
+class Request:
+    id: int
+    timestep: int  # timestep of the first action of the chunk to come (next_timestep when observed)
+
+
+@dataclass
+class Result:
+    request_id: int
+    actions: np.ndarray = None  # (n, action_dim) float32 robot units; None when inference failed
+    error: str = None           # what went wrong, for the log and the metrics
+    latency_s: float = 0.0      # observation handed over -> chunk (or error) back, on the inference thread
+
+
+@dataclass
+class Metrics:
+    ticks: int = 0
+    idle_ticks: int = 0                   # empty queue after the first chunk arrived: the arm stood still
+    startup_ticks: int = 0                # empty queue before the first chunk (model warm-up)
+    chunks_received: int = 0
+    inference_failures: int = 0
+    observations_sent: int = 0
+    observations_skipped_similar: int = 0
+    actions_dropped_stale: int = 0
+    actions_fused: int = 0
+    actions_appended: int = 0
+    inference_latency_s: list = field(default_factory=list)
+    queue_sizes: list = field(default_factory=list)   # queue length at the start of each tick, before the pop
+    send_ticks: list = field(default_factory=list)    # tick index of every observation sent
+    arrival_ticks: list = field(default_factory=list) # tick index at which every chunk was merged
+    failure_messages: list = field(default_factory=list)  # the first 50, for the report
+    config: dict = field(default_factory=dict)        # the run's settings, filled in by the caller
+
+
+class AsyncScheduler:
+    """Decides tick by tick when to ask for a chunk, and merges the chunks that come back.
+
+    Use per control tick:  for r in results: receive(r);  action = next_action();
+                           if wants_observation(): request = observe(state)
+    Guarantees: at most one request in flight; an empty queue always asks (once nothing is in flight);
+    a failure clears the in-flight request and re-arms after a backoff, so no sequence of failures can
+    leave the loop waiting forever.
+    """
+
+    def __init__(self, chunk_size, threshold=0.7, similarity_eps=0.0, fuse=None, retry_backoff_s=0.1,
+                 max_backoff_s=2.0, clock=time.monotonic):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"--threshold g must be in [0, 1] (0 = sync), got {threshold}")
+        if similarity_eps < 0:
+            raise ValueError(f"--similarity-eps must be >= 0 (0 disables the filter), got {similarity_eps}")
+        self.chunk_size = chunk_size
+        self.threshold = threshold
+        self.similarity_eps = similarity_eps
+        self.queue = ActionQueue(fuse or make_fusion("weighted"))
+        self.retry_backoff_s = retry_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.clock = clock
+        self.metrics = Metrics()
+        self.in_flight = None           # the Request being computed, if any
+        self.last_sent_state = None     # joint state of the last observation sent (similarity filter)
+        self.consecutive_failures = 0
+        self.retry_at = -math.inf       # clock time before which no new request is sent (backoff)
+        self._next_request_id = 0
+
+    def next_action(self):
+        """Pop the action for this tick, or None when the queue is empty (the arm holds its position)."""
+        m = self.metrics
+        m.ticks += 1
+        m.queue_sizes.append(len(self.queue))
+        if len(self.queue) == 0:
+            if m.chunks_received:
+                m.idle_ticks += 1
+            else:
+                m.startup_ticks += 1
+            return None
+        return self.queue.pop()
+
+    def wants_observation(self):
+        """Nothing in flight, not backing off, and the queue is empty or below g of a chunk."""
+        if self.in_flight is not None or self.clock() < self.retry_at:
+            return False
+        return len(self.queue) == 0 or len(self.queue) / self.chunk_size < self.threshold
+
+    def observe(self, state):
+        """Offer the current joint state; returns the Request to send, or None when filtered out.
+
+        Similarity filter: a state within similarity_eps (max abs difference per joint, robot units) of
+        the last one sent adds little, so it is skipped -- unless the queue is empty, which always asks.
+        """
+        if not self.wants_observation():
+            raise RuntimeError("observe() called while no observation is wanted: check wants_observation()")
+        state = np.asarray(state, dtype=np.float32)
+        similar = (self.similarity_eps > 0 and self.last_sent_state is not None
+                   and float(np.max(np.abs(state - self.last_sent_state))) <= self.similarity_eps)
+        if similar and len(self.queue) > 0:
+            self.metrics.observations_skipped_similar += 1
+            return None
+        self.in_flight = Request(self._next_request_id, self.queue.next_timestep)
+        self._next_request_id += 1
+        self.last_sent_state = state
+        self.metrics.observations_sent += 1
+        self.metrics.send_ticks.append(self.metrics.ticks - 1)
+        return self.in_flight
+
+    def receive(self, result):
+        """Merge a finished chunk, or record a failure and re-arm after an exponential backoff."""
+        if self.in_flight is None or result.request_id != self.in_flight.id:
+            raise ValueError(f"result for request {result.request_id} but in flight is {self.in_flight}")
+        request, self.in_flight = self.in_flight, None
+        m = self.metrics
+        m.inference_latency_s.append(result.latency_s)
+        if result.error is not None:
+            self.consecutive_failures += 1
+            m.inference_failures += 1
+            if len(m.failure_messages) < 50:
+                m.failure_messages.append(result.error)
+            # the failed observation was never used: do not let the similarity filter hold back the retry
+            self.last_sent_state = None
+            self.retry_at = self.clock() + self.backoff_s()
+            return
+        self.consecutive_failures = 0
+        self.retry_at = -math.inf
+        counts = self.queue.merge(request.timestep, result.actions)
+        m.chunks_received += 1
+        m.arrival_ticks.append(m.ticks)
+        m.actions_dropped_stale += counts.dropped
+        m.actions_fused += counts.fused
+        m.actions_appended += counts.appended
+
+    def backoff_s(self):
+        """Wait before the next request after consecutive_failures failures: 0.1, 0.2, 0.4, ... up to 2 s."""
+        if self.consecutive_failures == 0:
+            return 0.0
+        return min(self.max_backoff_s, self.retry_backoff_s * 2 ** (self.consecutive_failures - 1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Wire protocol: one message = prefix + JSON header + safetensors bytes. Plain data only, never pickle.
+# ----------------------------------------------------------------------------------------------------------
+# prefix: magic b"SVLA", header length (uint32), tensor-bytes length (uint64), big-endian. Both lengths are
+# checked against the limits before a single byte of the message body is allocated or read.
+
+MAGIC = b"SVLA"
+PREFIX = struct.Struct(">4sIQ")
+MAX_HEADER_BYTES = 1 << 20
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the wire format (bad magic, too large, bad JSON or tensor bytes)."""
+
+
+class RemoteError(RuntimeError):
+    """The policy server answered with an error message."""
+
+
+def encode_message(header, tensors=None):
+    """header: JSON-serializable dict with a "type"; tensors: {name: numpy array} -> bytes."""
+    header_bytes = json.dumps(header).encode()
+    tensor_bytes = save_tensors(tensors) if tensors else b""
+    return PREFIX.pack(MAGIC, len(header_bytes), len(tensor_bytes)) + header_bytes + tensor_bytes
+
+
+def parse_prefix(prefix, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES):
+    """Validate the 16-byte prefix -> (header length, tensor-bytes length)."""
+    magic, header_len, tensor_len = PREFIX.unpack(prefix)
+    if magic != MAGIC:
+        raise ProtocolError(f"not a smolvla message (magic {magic!r}, expected {MAGIC!r})")
+    if header_len > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {header_len} bytes announced, limit {MAX_HEADER_BYTES}")
+    if header_len + tensor_len > max_message_bytes:
+        raise ProtocolError(f"message of {header_len + tensor_len} bytes announced, limit {max_message_bytes} "
+                            f"(raise --max-message-mb on both sides if this is intended)")
+    return header_len, tensor_len
+
+
+def decode_body(header_bytes, tensor_bytes):
+    """JSON header bytes + safetensors bytes -> (header dict, {name: numpy array})."""
+    try:
+        header = json.loads(header_bytes.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"message header is not valid JSON: {e}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("type"), str):
+        raise ProtocolError(f"message header must be a JSON object with a string 'type', got {header!r:.200}")
+    try:
+        tensors = load_tensors(bytes(tensor_bytes)) if tensor_bytes else {}
+    except (SafetensorError, ValueError) as e:
+        raise ProtocolError(f"message tensors are not valid safetensors bytes: {e}") from None
+    return header, tensors
+
+
+def _recv_exact(sock, n, deadline):
+    """Read exactly n bytes before the clock passes deadline (socket.timeout otherwise)."""
+    buffer = bytearray(n)
+    view = memoryview(buffer)
+    got = 0
+    while got < n:
+        sock.settimeout(max(1e-3, deadline - time.monotonic()))
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise ConnectionError(f"connection closed after {got} of {n} bytes")
+        got += k
+    return buffer
+
+
+def send_message(sock, header, tensors=None, timeout_s=10.0):
+    sock.settimeout(timeout_s)
+    sock.sendall(encode_message(header, tensors))
+
+
+def recv_message(sock, timeout_s=10.0, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES):
+    """Read one message -> (header, tensors). Raises ProtocolError, ConnectionError or socket.timeout."""
+    deadline = time.monotonic() + timeout_s
+    header_len, tensor_len = parse_prefix(_recv_exact(sock, PREFIX.size, deadline), max_message_bytes)
+    header_bytes = _recv_exact(sock, header_len, deadline)
+    tensor_bytes = _recv_exact(sock, tensor_len, deadline)
+    return decode_body(header_bytes, tensor_bytes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Policies: in-process runner, background inference thread, policy server and client
+# ----------------------------------------------------------------------------------------------------------
+# An observation travels as plain numpy: {"task": str, "observation.state": (S,) float32,
+# "observation.images.<cam>": (H, W, 3) uint8 camera frame}. Only the policy side turns frames into
+# (3, H, W) floats in [0, 1] -- 4x fewer bytes on the wire.
+
+
+def load_policy(path, vlm=None, device="cpu", dtype="float32"):
+    """A SmolVLA checkpoint (directory or hub id) ready for predict_chunk."""
+    import torch
+
+    from smolvla import SmolVLA
+
+    policy = SmolVLA.from_pretrained(path, vlm=vlm)
+    return policy.to(device=torch.device(device), dtype=getattr(torch, dtype))
+
+
+class PolicyRunner:
+    """A loaded policy behind a lock: raw observation in, (chunk, action_dim) float32 robot units out."""
+
+    def __init__(self, policy, device="cpu"):
+        self.policy = policy
+        self.device = device
+        self.lock = threading.Lock()
+        # what a client needs to know to drive this policy
+        self.info = {"chunk_size": int(policy.config.chunk_size), "cameras": list(policy.config.camera_keys)}
+
+    def __call__(self, observation):
+        import torch
+
+        missing = [key for key in self.info["cameras"] if key not in observation]
+        if missing or "observation.state" not in observation:
+            raise ValueError(f"observation lacks {missing or ['observation.state']}; the policy needs "
+                             f"observation.state and cameras {self.info['cameras']} (see --rename)")
+        inputs = {"task": str(observation.get("task", "")),
+                  "observation.state": torch.as_tensor(observation["observation.state"], dtype=torch.float32)}
+        for key in self.info["cameras"]:
+            frame = observation[key]
+            if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+                raise ValueError(f"{key}: expected an (H, W, 3) uint8 frame, got {frame.dtype} {frame.shape}")
+            # (H, W, 3) uint8 -> (3, H, W) float in [0, 1]
+            inputs[key] = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).float() / 255.0
+        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        with self.lock, torch.inference_mode():
+            chunk = self.policy.predict_chunk(inputs)  # (1, chunk, action_dim)
+        return chunk[0].float().cpu().numpy()
+
+
+class InferenceWorker:
+    """Runs compute(observation) -> (n, action_dim) on a background thread, so the control loop never waits.
+
+    compute is a PolicyRunner (in-process, the default) or a PolicyClient (remote). Every exception it
+    raises becomes a failed Result; extra_latency_s adds an artificial delay to study g (paper §3.3).
+    """
+
+    def __init__(self, compute, extra_latency_s=0.0):
+        self.compute = compute
+        self.extra_latency_s = extra_latency_s
+        self.requests = queue.Queue()
+        self.results = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self.thread.start()
+
+    def submit(self, request, observation):
+        self.requests.put((request, observation))
+
+    def poll(self):
+        """Results finished since the last poll (never blocks)."""
+        done = []
+        while True:
+            try:
+                done.append(self.results.get_nowait())
+            except queue.Empty:
+                return done
+
+    def close(self, timeout_s=2.0):
+        self.requests.put(None)
+        self.thread.join(timeout_s)
+
+    def _run(self):
+        while (item := self.requests.get()) is not None:
+            request, observation = item
+            start = time.monotonic()
+            try:
+                actions = np.asarray(self.compute(observation), dtype=np.float32)
+                time.sleep(self.extra_latency_s)
+                result = Result(request.id, actions=actions)
+            # any failure of the policy or the network must reach the scheduler as a failed Result,
+            # otherwise the request would stay in flight and the loop would wait for it forever
+            except Exception as e:  # noqa: BLE001
+                result = Result(request.id, error=f"{type(e).__name__}: {e}")
+            result.latency_s = time.monotonic() - start
+            self.results.put(result)
+
+
+class PolicyServer(socketserver.ThreadingTCPServer):
+    """Serves the policies named on its own command line; a client can only pick one of them by name.
+
+    Requests: {"type": "hello"} -> {"type": "hello", "policies": {name: info}};
+              {"type": "observation", "id", "policy", "task"} + tensors -> {"type": "actions", "id"} +
+              {"actions": (n, action_dim) float32}. Anything wrong -> {"type": "error", "message"}.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address, runners, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES, idle_timeout_s=300.0):
+        if not runners:
+            raise ValueError("a policy server needs at least one --policy")
+        self.runners = runners
+        self.max_message_bytes = max_message_bytes
+        self.idle_timeout_s = idle_timeout_s
+        self.connections = set()
+        super().__init__(address, _PolicyConnection)
+
+    def answer(self, header, tensors):
+        """One request -> (reply header, reply tensors). Raises ValueError on a bad request."""
+        if header["type"] == "hello":
+            return {"type": "hello", "policies": {name: r.info for name, r in self.runners.items()}}, None
+        if header["type"] != "observation":
+            raise ValueError(f"unknown request type {header['type']!r} (expected 'hello' or 'observation')")
+        name = header.get("policy") or next(iter(self.runners))
+        if name not in self.runners:
+            raise ValueError(f"policy {name!r} is not served here; this server has {list(self.runners)}")
+        actions = self.runners[name]({"task": header.get("task", ""), **tensors})
+        return {"type": "actions", "id": header.get("id")}, {"actions": actions}
+
+    def close_all(self):
+        """Stop serving and drop every open connection (clients see a disconnect and reconnect later)."""
+        self.shutdown()
+        self.server_close()
+        for connection in list(self.connections):
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            connection.close()
+
+
+class _PolicyConnection(socketserver.BaseRequestHandler):
+    """One client connection: read a request, answer it, repeat until the client goes away."""
+
+    def handle(self):
+        server, sock = self.server, self.request
+        server.connections.add(sock)
+        try:
+            while True:
+                try:
+                    header, tensors = recv_message(sock, server.idle_timeout_s, server.max_message_bytes)
+                except ProtocolError as e:
+                    # the byte stream can no longer be trusted: say why, then drop the connection
+                    print(f"[server] malformed message from {self.client_address}: {e}", file=sys.stderr)
+                    self._reply({"type": "error", "message": f"malformed message: {e}"}, None)
+                    return
+                except (OSError, ConnectionError):
+                    return  # client left or stayed silent past idle_timeout_s
+                try:
+                    reply = server.answer(header, tensors)
+                # a bad request or a failing policy is answered as an error; the server keeps serving
+                except Exception as e:  # noqa: BLE001
+                    print(f"[server] request failed: {type(e).__name__}: {e}", file=sys.stderr)
+                    reply = {"type": "error", "id": header.get("id"), "message": f"{type(e).__name__}: {e}"}, None
+                if not self._reply(*reply):
+                    return
+        finally:
+            server.connections.discard(sock)
+
+    def _reply(self, header, tensors):
+        try:
+            send_message(self.request, header, tensors)
+            return True
+        except OSError:
+            return False
+
+
+class PolicyClient:
+    """Talks to a PolicyServer; callable like a PolicyRunner. Connects lazily, reconnects after any error."""
+
+    def __init__(self, address, policy=None, timeout_s=10.0, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES):
+        self.address = address
+        self.policy = policy
+        self.timeout_s = timeout_s
+        self.max_message_bytes = max_message_bytes
+        self.sock = None
+        self._next_id = 0
+
+    def hello(self):
+        """The info of the chosen policy ({"chunk_size", "cameras"}), from the server."""
+        header, _ = self._exchange({"type": "hello"}, None)
+        policies = header.get("policies")
+        if header["type"] != "hello" or not isinstance(policies, dict) or not policies:
+            raise ProtocolError(f"server answered hello with {header!r:.200}")
+        self.policy = self.policy or next(iter(policies))
+        if self.policy not in policies:
+            raise ValueError(f"server {self.address} does not serve {self.policy!r}; it has {list(policies)}")
+        return policies[self.policy]
+
+    def __call__(self, observation):
+        self._next_id += 1
+        request = {"type": "observation", "id": self._next_id, "policy": self.policy,
+                   "task": observation.get("task", "")}
+        tensors = {k: np.ascontiguousarray(v) for k, v in observation.items() if isinstance(v, np.ndarray)}
+        header, reply = self._exchange(request, tensors)
+        actions = reply.get("actions")
+        if header.get("id") != self._next_id or actions is None or actions.ndim != 2:
+            raise ProtocolError(f"unexpected answer to request {self._next_id}: {header!r:.200}, "
+                                f"tensors {[(k, v.shape) for k, v in reply.items()]}")
+        if not np.all(np.isfinite(actions)):
+            raise ProtocolError("server sent non-finite actions")
+        return actions
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def _exchange(self, header, tensors):
+        """Send one request, read one reply; on any failure drop the connection so the next call reconnects."""
+        try:
+            if self.sock is None:
+                self.sock = socket.create_connection(self.address, timeout=self.timeout_s)
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            send_message(self.sock, header, tensors, self.timeout_s)
+            reply_header, reply_tensors = recv_message(self.sock, self.timeout_s, self.max_message_bytes)
+        except (OSError, ProtocolError):
+            self.close()
+            raise
+        if reply_header["type"] == "error":
+            raise RemoteError(str(reply_header.get("message")))
+        return reply_header, reply_tensors
+
+
+def parse_address(text):
+    """'HOST:PORT' -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"--server expects HOST:PORT (e.g. 127.0.0.1:8765), got {text!r}")
+    return host, int(port)
+
+
+def connect_to_server(client, wait_s=10.0):
+    """hello() with retries for up to wait_s seconds, so the client may start before the server."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.1
+    while True:
+        try:
+            return client.hello()
+        except (OSError, ProtocolError) as e:
+            if time.monotonic() + delay > deadline:
+                raise ConnectionError(f"no policy server answered at {client.address[0]}:{client.address[1]} "
+                                      f"within {wait_s} s ({e}); start one with "
+                                      f"`python infer_async.py --serve --policy ...`") from None
+            time.sleep(delay)
+            delay = min(2 * delay, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. The control loop, metrics and the queue plot
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_control_loop(arm, capture, worker, scheduler, fps, ticks, clock=time.monotonic, sleep=time.sleep,
+                     log=print):
+    """Run `ticks` control ticks at `fps`: merge arrived chunks, execute one action, maybe send an observation.
+
+    arm: get_state() -> (S,) and send_action((A,)); capture(state) -> observation dict (cameras read now);
+    worker: submit(request, observation) / poll() -> [Result]. Returns scheduler.metrics.
+    """
+    period = 1.0 / fps
+    next_tick = clock()
+    for _ in range(ticks):
+        for result in worker.poll():
+            scheduler.receive(result)
+            if result.error is not None:
+                log(f"inference failed ({scheduler.consecutive_failures} in a row): {result.error}; "
+                    f"retrying in {scheduler.backoff_s():.1f} s, executing the queue meanwhile")
+        action = scheduler.next_action()
+        # an empty queue sends nothing: the servos keep holding their last goal position
+        if action is not None:
+            arm.send_action(action)
+        if scheduler.wants_observation():
+            state = arm.get_state()
+            request = scheduler.observe(state)
+            if request is not None:
+                worker.submit(request, capture(state))
+        # sleep to the next tick; after an overrun start counting again from now instead of rushing
+        next_tick += period
+        delay = next_tick - clock()
+        if delay > 0:
+            sleep(delay)
+        else:
+            next_tick = clock()
+    return scheduler.metrics
+
+
+def write_metrics(metrics, path):
+    with open(path, "w") as f:
+        json.dump(asdict(metrics), f, indent=1)
+
+
+def plot_queue(metrics, path):
+    """Queue size per tick, empty ticks included (the paper's Figure 3), with the trigger level g·n."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fps = metrics.config.get("fps", 30)
+    t = np.arange(len(metrics.queue_sizes)) / fps
+    sizes = np.asarray(metrics.queue_sizes)
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    ax.step(t, sizes, where="post", color="tab:blue", label="actions in queue")
+    if "threshold" in metrics.config and "chunk_size" in metrics.config:
+        ax.axhline(metrics.config["threshold"] * metrics.config["chunk_size"], color="gray", ls="--",
+                   label=f"trigger g·n (g = {metrics.config['threshold']})")
+    idle = (sizes == 0) & (np.arange(len(sizes)) >= (metrics.arrival_ticks[0] if metrics.arrival_ticks else 0))
+    ax.scatter(t[idle], sizes[idle], color="tab:red", s=8, zorder=3, label=f"idle ticks ({int(idle.sum())})")
+    ax.scatter(np.asarray(metrics.send_ticks) / fps, np.full(len(metrics.send_ticks), -2), marker="^",
+               color="tab:green", s=12, label="observation sent")
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("queue size")
+    ax.set_title(metrics.config.get("title", "action queue"))
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Command line
+# ----------------------------------------------------------------------------------------------------------
+
+
+def parse_mapping(text, flag):
+    """'a=x,b=y' -> {"a": "x", "b": "y"}."""
+    mapping = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"{flag} expects name=value pairs separated by commas, got {item!r}")
+        mapping[key.strip()] = value.strip()
+    return mapping
+
+
+def open_cameras(args, policy_cameras, virtual_arm):
+    """{policy camera key: object with read() -> (H, W, 3) uint8}, checked against what the policy needs."""
+    rename = parse_mapping(args.rename, "--rename")
+    sources = parse_mapping(args.cameras, "--cameras")
+    cameras = {}
+    if sources:
+        from so100 import OpenCVCamera
+
+        for name, source in sources.items():
+            key = "observation.images." + rename.get(name, name)
+            cameras[key] = OpenCVCamera(int(source) if source.isdigit() else source)
+    elif virtual_arm is not None:
+        # --port sim without --cameras: every camera the policy wants renders the toy scene
+        from sim import ReachScene, SyntheticCamera
+
+        scene = ReachScene(seed=0)
+        for key in policy_cameras:
+            cameras[key] = SyntheticCamera(scene, virtual_arm.joint_positions_deg, name=key.split(".")[-1])
+    missing = [key for key in policy_cameras if key not in cameras]
+    extra = [key for key in cameras if key not in policy_cameras]
+    if missing or extra:
+        raise ValueError(f"cameras {sorted(cameras)} do not match the policy's {policy_cameras}: missing "
+                         f"{missing}, unknown {extra}. Pass --cameras name=/dev/videoN,... and --rename "
+                         f"name=policy_name,...")
+    return cameras
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--port", default="sim", help="serial port of the SO-100 follower, or `sim` (virtual arm)")
+    p.add_argument("--policy", action="append",
+                   help="checkpoint dir or hub id; with --serve repeatable; with --server the name of one "
+                        "of the server's policies (default: its first)")
+    p.add_argument("--vlm", help="VLM dir or hub id (default: <checkpoint>/vlm or the config's)")
+    p.add_argument("--task", default="", help="language instruction")
+    p.add_argument("--cameras", help="name=/dev/video0,name2=1 (default with --port sim: synthetic cameras)")
+    p.add_argument("--rename", help="camera name=policy camera name, e.g. top=camera1,wrist=camera2")
+    p.add_argument("--fps", type=float, default=30.0)
+    p.add_argument("--threshold", type=float, default=0.7, help="g: ask for a chunk when |queue|/n < g")
+    p.add_argument("--sync", action="store_true", help="g = 0: ask only when the queue is empty")
+    p.add_argument("--similarity-eps", type=float, default=0.0,
+                   help="skip observations whose joints all moved less than this (robot units); 0 disables")
+    p.add_argument("--aggregate", choices=AGGREGATES, default="weighted", help="fusion of overlapping actions")
+    p.add_argument("--aggregate-weight", type=float, default=0.7, help="weight of the new action (weighted)")
+    p.add_argument("--extra-latency", type=float, default=0.0, help="seconds added to every inference")
+    p.add_argument("--norm-mode", default="degrees", help="joint units of the policy's data (so100.py)")
+    p.add_argument("--server", help="HOST:PORT of a policy server (default: infer in-process)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per request to the server")
+    p.add_argument("--serve", action="store_true", help="run a policy server instead of an arm")
+    p.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on")
+    p.add_argument("--port-server", type=int, default=8765, help="--serve: TCP port to listen on")
+    p.add_argument("--max-message-mb", type=float, default=64.0, help="largest message accepted")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
+    p.add_argument("--metrics", help="write run metrics to this JSON file")
+    p.add_argument("--plot", help="draw the queue size over time to this PNG")
+    return p
+
+
+def serve(args):
+    names = args.policy or []
+    if not names:
+        raise ValueError("--serve needs at least one --policy")
+    runners = {name: PolicyRunner(load_policy(name, args.vlm, args.device, args.dtype), args.device)
+               for name in names}
+    server = PolicyServer((args.host, args.port_server), runners, int(args.max_message_mb * 2**20))
+    print(f"serving {list(runners)} on {args.host}:{args.port_server} (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("server stopped")
+    finally:
+        server.server_close()
+
+
+def run_arm(args):
+    from so100 import open_arm
+
+    if args.server:
+        if args.policy and len(args.policy) > 1:
+            raise ValueError("with --server, --policy names one of the server's policies")
+        compute = PolicyClient(parse_address(args.server), (args.policy or [None])[0], args.timeout,
+                               int(args.max_message_mb * 2**20))
+        info = connect_to_server(compute)
+    else:
+        if not args.policy or len(args.policy) != 1:
+            raise ValueError("give exactly one --policy (a checkpoint dir or hub id), or --server HOST:PORT")
+        compute = PolicyRunner(load_policy(args.policy[0], args.vlm, args.device, args.dtype), args.device)
+        info = compute.info
+    threshold = 0.0 if args.sync else args.threshold
+    scheduler = AsyncScheduler(info["chunk_size"], threshold, args.similarity_eps,
+                               make_fusion(args.aggregate, args.aggregate_weight))
+    scheduler.metrics.config = {
+        "fps": args.fps, "chunk_size": info["chunk_size"], "threshold": threshold, "aggregate": args.aggregate,
+        "similarity_eps": args.similarity_eps, "extra_latency_s": args.extra_latency, "port": args.port,
+        "server": args.server, "title": f"{'sync' if threshold == 0 else f'async g={threshold}'}, "
+                                        f"extra latency {args.extra_latency} s, {args.fps:g} fps"}
+    arm, virtual_arm = open_arm(args.port, norm_mode=args.norm_mode)
+    worker = None
+    try:
+        cameras = open_cameras(args, info["cameras"], virtual_arm)
+        print(f"state at start ({args.norm_mode}): {np.round(arm.get_state(), 1).tolist()}")
+
+        def capture(state):
+            observation = {"task": args.task, "observation.state": np.asarray(state, dtype=np.float32)}
+            observation.update({key: camera.read() for key, camera in cameras.items()})
+            return observation
+
+        worker = InferenceWorker(compute, args.extra_latency)
+        ticks = math.inf if args.duration is None else round(args.duration * args.fps)
+        print(f"running {'until Ctrl-C' if ticks == math.inf else f'{ticks} ticks'} at {args.fps:g} fps, "
+              f"g = {threshold}, chunk {info['chunk_size']}")
+        start = time.monotonic()
+        try:
+            run_control_loop(arm, capture, worker, scheduler, args.fps,
+                             ticks if ticks != math.inf else sys.maxsize)
+        except KeyboardInterrupt:
+            print("stopped by Ctrl-C")
+        scheduler.metrics.config["wall_s"] = time.monotonic() - start
+    finally:
+        if worker is not None:
+            worker.close()
+        arm.disconnect()  # torque off
+        if virtual_arm is not None:
+            virtual_arm.close()
+        if isinstance(compute, PolicyClient):
+            compute.close()
+    m = scheduler.metrics
+    print(f"ticks {m.ticks}, idle ticks {m.idle_ticks} (+{m.startup_ticks} at startup), chunks {m.chunks_received}, "
+          f"observations sent {m.observations_sent}, skipped as similar {m.observations_skipped_similar}, "
+          f"failures {m.inference_failures}, mean latency "
+          f"{np.mean(m.inference_latency_s) if m.inference_latency_s else float('nan'):.3f} s")
+    if args.metrics:
+        write_metrics(m, args.metrics)
+    if args.plot:
+        plot_queue(m, args.plot)
+    return m
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.fps <= 0:
+        raise ValueError(f"--fps must be positive, got {args.fps}")
+    if args.extra_latency < 0:
+        raise ValueError(f"--extra-latency must be >= 0, got {args.extra_latency}")
+    return serve(args) if args.serve else run_arm(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,449 @@
+"""Tests of infer_async.py: the queue logic on a fake clock, the wire protocol, the policy server and client
+over loopback (a deterministic in-test policy, a failing server, a killed server, garbage answers), and a
+short end-to-end run of the tiny checkpoint on the virtual arm."""
+
+import json
+import socket
+import socketserver
+import struct
+import threading
+import time
+import tracemalloc
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import infer_async as ia
+
+# ------------------------------------------------------------------ helpers
+
+
+class FakeClock:
+    """Time that moves only when told to (or when the control loop 'sleeps')."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+def chunk(first_value, n, dim=2):
+    """(n, dim) actions whose row k is first_value + k in every joint."""
+    return np.repeat((first_value + np.arange(n, dtype=np.float32))[:, None], dim, axis=1)
+
+
+def ask(scheduler, state=(0.0, 0.0)):
+    assert scheduler.wants_observation()
+    return scheduler.observe(np.asarray(state, dtype=np.float32))
+
+
+# ------------------------------------------------------------------ queue and scheduler
+
+
+def test_trigger_threshold_and_one_request_in_flight():
+    clock = FakeClock()
+    s = ia.AsyncScheduler(chunk_size=10, threshold=0.5, clock=clock)
+    # empty queue: ask at once, and only once while that request is in flight
+    request = ask(s)
+    assert request.timestep == 0 and not s.wants_observation()
+    s.receive(ia.Result(request.id, actions=chunk(0, 10)))
+    # 10/10, ..., 5/10 are not below g = 0.5; 4/10 is
+    for remaining in (10, 9, 8, 7, 6):
+        assert not s.wants_observation()
+        s.next_action()
+    assert len(s.queue) == 5 and not s.wants_observation()
+    s.next_action()
+    assert len(s.queue) == 4 and s.wants_observation()
+
+
+def test_sync_asks_only_when_empty():
+    s = ia.AsyncScheduler(chunk_size=4, threshold=0.0, clock=FakeClock())
+    s.receive(ia.Result(ask(s).id, actions=chunk(0, 4)))
+    for _ in range(4):
+        assert not s.wants_observation()
+        s.next_action()
+    assert len(s.queue) == 0 and s.wants_observation()
+
+
+def test_alignment_drops_stale_fuses_overlap_appends_rest():
+    s = ia.AsyncScheduler(chunk_size=6, threshold=1.0, clock=FakeClock())
+    s.receive(ia.Result(ask(s).id, actions=chunk(0, 6)))          # timesteps 0..5 hold 0..5
+    assert s.next_action()[0] == 0
+    request = ask(s)                                                # observed after 1 action: timestep 1
+    assert request.timestep == 1
+    for expected in (1, 2):                                         # two more executed while it computes
+        assert s.next_action()[0] == expected
+    s.receive(ia.Result(request.id, actions=chunk(100, 6)))        # timesteps 1..6 hold 100..105
+    m = s.metrics
+    # timesteps 1, 2 already executed; 3, 4, 5 overlap; 6 is new (the first chunk appended 6)
+    assert (m.actions_dropped_stale, m.actions_fused, m.actions_appended) == (2, 3, 6 + 1)
+    expected = [0.3 * old + 0.7 * new for old, new in ((3, 102), (4, 103), (5, 104))] + [105]
+    np.testing.assert_allclose([a[0] for a in s.queue.actions], expected, rtol=1e-6)
+    assert s.queue.next_timestep == 3
+
+
+@pytest.mark.parametrize("name, weight, expected", [("latest", 0.7, 10.0), ("average", 0.7, 6.0),
+                                                    ("weighted", 0.25, 4.0)])
+def test_fusion_rules(name, weight, expected):
+    assert ia.make_fusion(name, weight)(np.float32(2.0), np.float32(10.0)) == pytest.approx(expected)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="aggregate"):
+        ia.make_fusion("median")
+    with pytest.raises(ValueError, match="threshold"):
+        ia.AsyncScheduler(chunk_size=10, threshold=1.5)
+    with pytest.raises(ValueError, match="similarity"):
+        ia.AsyncScheduler(chunk_size=10, similarity_eps=-1)
+
+
+def test_chunk_entirely_stale_leaves_queue_consistent():
+    s = ia.AsyncScheduler(chunk_size=3, threshold=1.0, clock=FakeClock())
+    s.receive(ia.Result(ask(s).id, actions=chunk(0, 3)))
+    s.next_action()
+    request = ask(s)                                          # timestep 1
+    s.next_action(), s.next_action()
+    s.next_action()                                           # empty: idle
+    s.receive(ia.Result(request.id, actions=chunk(50, 2)))  # timesteps 1..2, both executed already
+    assert len(s.queue) == 0 and s.metrics.actions_dropped_stale == 2 and s.metrics.idle_ticks == 1
+    assert s.wants_observation()  # asks again straight away
+
+
+def test_similarity_filter_and_empty_queue_override():
+    s = ia.AsyncScheduler(chunk_size=10, threshold=0.9, similarity_eps=1.0, clock=FakeClock())
+    s.receive(ia.Result(ask(s, (0.0, 0.0)).id, actions=chunk(0, 10)))
+    s.next_action(), s.next_action()             # 8/10 < 0.9: wants an observation
+    assert ask(s, (0.5, -1.0)) is None           # every joint within 1.0 of the last one sent: skipped
+    assert s.metrics.observations_skipped_similar == 1
+    request = ask(s, (0.5, 1.5))                 # one joint moved 1.5 > eps: sent
+    assert request is not None and s.metrics.observations_sent == 2
+    s.receive(ia.Result(request.id, actions=chunk(0, 1)))
+    while len(s.queue):
+        s.next_action()
+    # queue empty: the same state again is sent anyway, or the arm would wait forever
+    assert ask(s, (0.5, 1.5)) is not None
+
+
+def test_similarity_eps_zero_disables_the_filter():
+    s = ia.AsyncScheduler(chunk_size=10, threshold=1.0, similarity_eps=0.0, clock=FakeClock())
+    s.receive(ia.Result(ask(s).id, actions=chunk(0, 10)))
+    s.next_action()
+    assert ask(s) is not None and s.metrics.observations_skipped_similar == 0  # identical state, still sent
+
+
+def test_failures_rearm_with_backoff_and_never_stall():
+    clock = FakeClock()
+    s = ia.AsyncScheduler(chunk_size=10, threshold=0.5, similarity_eps=1.0, clock=clock,
+                          retry_backoff_s=0.1, max_backoff_s=0.3)
+    s.receive(ia.Result(ask(s).id, actions=chunk(0, 10)))
+    for _ in range(6):
+        s.next_action()
+    waits = []
+    for _ in range(4):                            # four failures in a row
+        request = ask(s, (5.0, 5.0))              # same state every time: the filter must not block retries
+        assert request is not None
+        s.receive(ia.Result(request.id, error="ConnectionRefusedError: refused"))
+        assert not s.wants_observation()          # backing off ...
+        start = clock.now
+        while not s.wants_observation():
+            clock.sleep(0.01)
+        waits.append(clock.now - start)           # ... then re-armed
+    assert waits == pytest.approx([0.1, 0.2, 0.3, 0.3], abs=0.011)
+    assert s.metrics.inference_failures == 4 and s.metrics.failure_messages[0].startswith("Connection")
+    s.receive(ia.Result(ask(s).id, actions=chunk(0, 10)))
+    assert s.consecutive_failures == 0 and s.backoff_s() == 0.0
+
+
+class FakeArm:
+    def __init__(self):
+        self.sent = []
+
+    def get_state(self):
+        return np.zeros(2, dtype=np.float32)
+
+    def send_action(self, action):
+        self.sent.append(np.asarray(action).copy())
+
+
+class DelayedWorker:
+    """Answers every request with a chunk after a fixed number of control ticks (polls)."""
+
+    def __init__(self, n, latency_ticks):
+        self.n, self.latency_ticks, self.pending = n, latency_ticks, []
+
+    def submit(self, request, observation):
+        self.pending.append([self.latency_ticks, request])
+
+    def poll(self):
+        for item in self.pending:
+            item[0] -= 1
+        done = [ia.Result(r.id, actions=chunk(r.timestep, self.n), latency_s=0.1) for t, r in self.pending
+                if t <= 0]
+        self.pending = [item for item in self.pending if item[0] > 0]
+        return done
+
+
+@pytest.mark.parametrize("threshold, expected_idle", [(0.0, 90), (0.5, 0)])
+def test_control_loop_matches_the_papers_analysis(threshold, expected_idle):
+    """A chunk arrives 10 ticks after its observation, n = 30. Sync asks on the tick that executes the last
+    action, then idles 9 ticks (≈ latency/Δt) per chunk: 10 startup ticks + 10 cycles of 30 + 9 = 400 ticks.
+    Async with g·n = 15 > 10 never idles. Either way every action executes once, in timestep order."""
+    clock, arm = FakeClock(), FakeArm()
+    s = ia.AsyncScheduler(chunk_size=30, threshold=threshold, fuse=ia.make_fusion("latest"), clock=clock)
+    m = ia.run_control_loop(arm, lambda state: {}, DelayedWorker(30, 10), s, fps=30, ticks=400,
+                            clock=clock, sleep=clock.sleep, log=lambda msg: None)
+    assert m.ticks == 400 and len(m.queue_sizes) == 400 and clock.now == pytest.approx(400 / 30)
+    assert m.startup_ticks == 10 and m.idle_ticks == expected_idle
+    if threshold == 0:
+        assert m.chunks_received == 10 and m.actions_dropped_stale == 0
+    else:
+        assert m.chunks_received > 10 and m.actions_dropped_stale == 9 * (m.chunks_received - 1)
+    # the action for timestep k is k in every joint: executed in order, none skipped or repeated
+    np.testing.assert_array_equal([a[0] for a in arm.sent], np.arange(400 - m.startup_ticks - m.idle_ticks))
+
+
+# ------------------------------------------------------------------ wire protocol
+
+
+def test_message_round_trip_over_a_socket():
+    a, b = socket.socketpair()
+    with a, b:
+        tensors = {"observation.state": np.arange(6, dtype=np.float32),
+                   "observation.images.top": np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8)}
+        ia.send_message(a, {"type": "observation", "task": "pick the cube ✓", "id": 3}, tensors)
+        ia.send_message(a, {"type": "hello"})
+        header, got = ia.recv_message(b, timeout_s=2)
+        assert header == {"type": "observation", "task": "pick the cube ✓", "id": 3}
+        assert got.keys() == tensors.keys()
+        for key in tensors:
+            assert got[key].dtype == tensors[key].dtype
+            np.testing.assert_array_equal(got[key], tensors[key])
+        assert ia.recv_message(b, timeout_s=2) == ({"type": "hello"}, {})
+
+
+def test_one_gigabyte_announcement_is_refused_without_allocating():
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(ia.PREFIX.pack(ia.MAGIC, 10, 1 << 30))
+        tracemalloc.start()
+        try:
+            with pytest.raises(ia.ProtocolError, match="limit"):
+                ia.recv_message(b, timeout_s=2)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1 << 20
+
+
+@pytest.mark.parametrize("raw, match", [
+    (b"GET / HTTP/1.1\r\n\r\n", "magic"),
+    (ia.PREFIX.pack(ia.MAGIC, 5, 0) + b"{nope", "JSON"),
+    (ia.PREFIX.pack(ia.MAGIC, 4, 0) + b"[1] ", "JSON object"),
+    (ia.PREFIX.pack(ia.MAGIC, 2 << 20, 0), "header"),
+    (ia.PREFIX.pack(ia.MAGIC, 13, 8) + b'{"type": "x"}' + b"\xff" * 8, "safetensors"),
+], ids=["http", "bad-json", "not-an-object", "huge-header", "bad-tensors"])
+def test_malformed_messages_give_clear_errors(raw, match):
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(raw)
+        with pytest.raises(ia.ProtocolError, match=match):
+            ia.recv_message(b, timeout_s=2)
+
+
+def test_truncated_and_silent_peers_end_in_bounded_time():
+    a, b = socket.socketpair()
+    with b:
+        a.sendall(ia.encode_message({"type": "hello"})[:-3])
+        a.close()
+        with pytest.raises(ConnectionError):
+            ia.recv_message(b, timeout_s=2)
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(ia.encode_message({"type": "hello"})[:10])
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            ia.recv_message(b, timeout_s=0.3)
+        assert time.monotonic() - start < 1.0
+
+
+# ------------------------------------------------------------------ server and client over loopback
+
+
+class AffinePolicy(torch.nn.Module):
+    """A deterministic stand-in for SmolVLA: action k = state + k + mean brightness of the top camera."""
+
+    def __init__(self, chunk_size=8, fail=False):
+        super().__init__()
+        self.config = SimpleNamespace(chunk_size=chunk_size, camera_keys=["observation.images.top"])
+        self.fail = fail
+
+    def predict_chunk(self, observation):
+        if self.fail:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        image = observation["observation.images.top"]
+        assert image.shape[0] == 3 and image.dtype == torch.float32 and image.max() <= 1.0
+        steps = torch.arange(self.config.chunk_size, dtype=torch.float32)[:, None]
+        return (observation["observation.state"][None] + steps + image.mean())[None]  # (1, chunk, S)
+
+
+def affine_expected(observation, chunk_size=8):
+    state = observation["observation.state"]
+    return state[None] + np.arange(chunk_size, dtype=np.float32)[:, None] + observation[
+        "observation.images.top"].astype(np.float32).mean() / 255
+
+
+def observation(value=1.0):
+    return {"task": "reach", "observation.state": np.full(3, value, dtype=np.float32),
+            "observation.images.top": np.full((4, 5, 3), 51, dtype=np.uint8)}
+
+
+def start_server(runners, port=0):
+    server = ia.PolicyServer(("127.0.0.1", port), runners, idle_timeout_s=5)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server
+
+
+@pytest.fixture
+def server():
+    server = start_server({"affine": ia.PolicyRunner(AffinePolicy()),
+                           "broken": ia.PolicyRunner(AffinePolicy(fail=True))})
+    yield server
+    server.close_all()
+
+
+def test_server_answers_hello_and_observations(server):
+    client = ia.PolicyClient(server.server_address, timeout_s=2)
+    assert client.hello() == {"chunk_size": 8, "cameras": ["observation.images.top"]}
+    assert client.policy == "affine"  # the first one the server names
+    for value in (1.0, -2.5):
+        np.testing.assert_allclose(client(observation(value)), affine_expected(observation(value)), rtol=1e-6)
+    client.close()
+
+
+def test_server_reports_errors_and_keeps_serving(server):
+    client = ia.PolicyClient(server.server_address, policy="/etc/passwd", timeout_s=2)
+    with pytest.raises(ValueError, match="does not serve"):
+        client.hello()
+    for policy, request, match in [("/etc/passwd", observation(), "not served here"),
+                                   ("broken", observation(), "out of memory"),
+                                   ("affine", {"task": "x", "observation.state": np.zeros(3, np.float32)},
+                                    "observation.images.top")]:
+        client.policy = policy
+        with pytest.raises(ia.RemoteError, match=match):
+            client(request)
+    client.policy = "affine"
+    np.testing.assert_allclose(client(observation()), affine_expected(observation()), rtol=1e-6)
+
+
+def test_server_survives_a_one_gigabyte_announcement(server):
+    with socket.create_connection(server.server_address, timeout=2) as sock:
+        tracemalloc.start()
+        try:
+            sock.sendall(ia.PREFIX.pack(ia.MAGIC, 2, 1 << 30) + b"{}")
+            header, _ = ia.recv_message(sock, timeout_s=2)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert header["type"] == "error" and "limit" in header["message"] and peak < 1 << 20
+        assert sock.recv(1) == b""  # the server dropped that connection ...
+    client = ia.PolicyClient(server.server_address, timeout_s=2)
+    assert client.hello()["chunk_size"] == 8  # ... and serves the next one
+
+
+def run_remote_loop(address, ticks, fps=100, worker_timeout=0.5, on_tick=None, policy=None):
+    """The real control loop against a server, with a fake arm; returns (metrics, seconds taken)."""
+    client = ia.PolicyClient(address, policy=policy, timeout_s=worker_timeout)
+    worker = ia.InferenceWorker(client)
+    scheduler = ia.AsyncScheduler(chunk_size=8, threshold=0.5, retry_backoff_s=0.02, max_backoff_s=0.1)
+    arm = FakeArm()
+    sleep = time.sleep
+    if on_tick is not None:
+        def sleep(seconds):
+            on_tick(scheduler.metrics.ticks)
+            time.sleep(seconds)
+    start = time.monotonic()
+    try:
+        metrics = ia.run_control_loop(arm, lambda state: observation(float(state[0])), worker, scheduler, fps,
+                                      ticks, sleep=sleep, log=lambda msg: None)
+    finally:
+        worker.close()
+        client.close()
+    return metrics, time.monotonic() - start
+
+
+def test_failing_server_never_stalls_the_loop(server):
+    metrics, seconds = run_remote_loop(server.server_address, ticks=50, policy="broken")
+    assert metrics.ticks == 50 and seconds < 1.5
+    assert metrics.chunks_received == 0 and metrics.inference_failures >= 3
+    assert "out of memory" in metrics.failure_messages[0]
+
+
+def test_killed_server_then_restarted(server):
+    address = server.server_address
+    state = {"server": server}
+
+    def on_tick(tick):
+        if tick == 40:
+            state["server"].close_all()          # killed mid-run
+        if tick == 100:
+            state["server"] = start_server({"affine": ia.PolicyRunner(AffinePolicy())}, port=address[1])
+
+    metrics, seconds = run_remote_loop(address, ticks=160, on_tick=on_tick)
+    state["server"].close_all()
+    assert metrics.ticks == 160 and seconds < 4
+    arrivals = np.asarray(metrics.arrival_ticks)
+    assert (arrivals < 40).any() and (arrivals > 100).any()   # chunks before the kill and after the restart
+    assert metrics.inference_failures >= 1 and metrics.idle_ticks > 0
+    # while the server was down the loop kept ticking: the queue ran out, then the arm held position
+    assert metrics.queue_sizes[95] == 0
+
+
+class GarbageServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\n\r\nnot a policy server",
+    ia.encode_message({"type": "actions", "id": 1}, {"actions": np.full((8, 3), np.nan, np.float32)}),
+    ia.encode_message({"type": "actions", "id": 1}, {"oops": np.zeros(3, np.float32)}),
+    ia.encode_message({"type": "error", "message": "I am a teapot"}),
+], ids=["not-the-protocol", "nan-actions", "no-actions", "error-reply"])
+def test_garbage_answers_never_crash_the_client(answer):
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self):
+            try:
+                while self.request.recv(65536):
+                    self.request.sendall(answer)
+            except OSError:
+                pass
+
+    garbage = GarbageServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=garbage.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        client = ia.PolicyClient(garbage.server_address, timeout_s=0.5)
+        with pytest.raises((ia.ProtocolError, ia.RemoteError)):
+            client(observation())
+        metrics, seconds = run_remote_loop(garbage.server_address, ticks=30)
+        assert metrics.ticks == 30 and metrics.chunks_received == 0 and metrics.inference_failures >= 1
+        assert seconds < 2
+    finally:
+        garbage.shutdown()
+        garbage.server_close()
+
+
+# ------------------------------------------------------------------ command line and end to end
+
+
+def test_argument_errors_are_clear():
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        ia.parse_address("localhost")
+    with pytest.raises(ValueError, match="name=value"):
+        ia.parse_mapping("top", "--cameras")
+    assert ia.parse_mapping("top=/dev/video0, wrist=2", "--cameras") == {"top": "/dev/video0", "wrist": "2"}
