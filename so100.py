@@ -877,11 +877,13 @@ class OpenCVCamera:
         self._capture.release()
 
 
-def open_arm(port, calibration=None, norm_mode="degrees", max_relative_target=None, verbose=True, **sim_options):
+def open_arm(port, calibration=None, norm_mode="degrees", max_relative_target=None, arm_id="my_so100",
+             verbose=True, **sim_options):
     """Connect to a real arm ("/dev/ttyACM0") or a fresh virtual one ("sim").
 
-    Returns (connected SO100Follower, VirtualArm or None). The virtual arm comes calibrated, so `calibration`
-    may be omitted for it; close it with `.close()` after disconnecting the arm.
+    Returns (connected SO100Follower, VirtualArm or None). A real arm's calibration defaults to the file
+    `<CALIBRATION_DIR>/<arm_id>.json`; the virtual arm comes calibrated. `sim_options` go to VirtualArm. Close
+    the virtual arm with `.close()` after disconnecting the arm.
     """
     virtual = None
     if port == "sim":
@@ -892,9 +894,11 @@ def open_arm(port, calibration=None, norm_mode="degrees", max_relative_target=No
         calibration = virtual.calibration if calibration is None else calibration
     elif sim_options:
         raise ValueError(f"options {sorted(sim_options)} only apply to --port sim")
-    arm = SO100Follower(port, calibration, norm_mode=norm_mode, max_relative_target=max_relative_target,
-                        verbose=verbose)
+    elif calibration is None:
+        calibration = CALIBRATION_DIR / f"{arm_id}.json"
     try:
+        arm = SO100Follower(port, calibration, norm_mode=norm_mode, max_relative_target=max_relative_target,
+                            verbose=verbose)
         arm.connect()
     except BaseException:
         if virtual is not None:

@@ -27,7 +27,8 @@ import numpy as np
 
 from so100 import (
     BROADCAST_ID, CONTROL_TABLE, HEADER, MAX_TICK, MOTOR_IDS, MOTOR_NAMES, PING, READ, RESOLUTION,
-    STS3215_MODEL_NUMBER, SYNC_READ, SYNC_WRITE, WRITE, checksum, decode_value, encode_value, status_packet,
+    STS3215_MODEL_NUMBER, SYNC_READ, SYNC_WRITE, WRITE, checksum, decode_value, encode_value, normalize,
+    status_packet, unnormalize,
 )
 
 # The virtual arm's physical truth, in lerobot's calibration format: where the middle pose is (homing_offset +
@@ -134,11 +135,12 @@ class VirtualArm:
     """Six virtual STS3215 servos (ids 1..6) behind a pty; `sim.port` is the serial port to open.
 
     calibrated: start with TRUE_CALIBRATION in the servos' EEPROM (else factory settings: offset 0, 0..4095).
-    pose_deg: the starting joint angles (6,), in degrees from the middle pose (default: all 0, the middle).
+    pose: the starting pose (6,) in the units of `joint_positions_deg` (default: joints centred, gripper half
+        open, the HOME pose of sim.py).
     speed: the servos' maximum speed in ticks/s (4096 ticks = one turn).
     """
 
-    def __init__(self, calibrated=True, pose_deg=None, speed=2400.0, tick=0.002):
+    def __init__(self, calibrated=True, pose=(0, 0, 0, 0, 0, 50), speed=2400.0, tick=0.002):
         self.calibration = {name: dict(entry) for name, entry in TRUE_CALIBRATION.items()}
         self.speed = speed
         self.tick = tick
@@ -147,7 +149,7 @@ class VirtualArm:
             truth = self.calibration[name]
             stops = None if name == "wrist_roll" else (truth["range_min"] + truth["homing_offset"],
                                                        truth["range_max"] + truth["homing_offset"])
-            servo = VirtualServo(truth["id"], self._middle(name), stops)
+            servo = VirtualServo(truth["id"], truth["homing_offset"] + MAX_TICK // 2, stops)
             if calibrated:
                 servo.set("Homing_Offset", truth["homing_offset"])
                 servo.set("Min_Position_Limit", truth["range_min"])
@@ -162,33 +164,39 @@ class VirtualArm:
         # Raw mode: no echo, no line editing, no CR/LF translation; the bytes pass through untouched.
         tty.setraw(self._slave)
         self.port = os.ttyname(self._slave)
-        if pose_deg is not None:
-            for name, degrees in zip(MOTOR_NAMES, pose_deg):
-                self.move_joint(name, degrees)
+        for name, value in zip(MOTOR_NAMES, pose):
+            self.move_joint(name, value)
+        for servo in self.servos.values():
+            servo.set("Goal_Position", servo.present())
         self._running = True
         self._thread = threading.Thread(target=self._serve, name="virtual-arm", daemon=True)
         self._thread.start()
 
     # -- the physical arm ------------------------------------------------------------------------------------
 
-    def _middle(self, name):
-        return self.calibration[name]["homing_offset"] + MAX_TICK // 2
-
     def joint_positions_deg(self):
-        """The six joint angles (6,) in degrees from the middle pose, as a calibrated driver reads them in
-        degrees mode; for the synthetic camera."""
+        """The true pose (6,) as a calibrated driver reads it in degrees mode: the five joints in degrees from
+        the middle of their range, the gripper 0..100 (closed..open); for the synthetic camera."""
         with self._lock:
-            angles = []
-            for name in MOTOR_NAMES:
-                truth = self.calibration[name]
-                present = (self.servos[truth["id"]].actual - truth["homing_offset"]) % RESOLUTION
-                angles.append((present - (truth["range_min"] + truth["range_max"]) / 2) * 360 / MAX_TICK)
-            return np.array(angles)
+            ticks = [self._true_present(name) for name in MOTOR_NAMES]
+        return normalize(ticks, self.calibration, "degrees").astype(np.float64)
 
-    def move_joint(self, name, degrees):
-        """Move a joint by hand to `degrees` from its middle pose (stopped by its mechanical stops)."""
+    def _true_present(self, name):
+        # What Present_Position reads with the true calibration, whatever the registers hold now.
+        truth = self.calibration[name]
+        return (self.servos[truth["id"]].actual - truth["homing_offset"]) % RESOLUTION
+
+    def move_joint(self, name, value):
+        """Move a joint by hand to `value` (units of joint_positions_deg); mechanical stops hold it back."""
+        k = MOTOR_NAMES.index(name)
+        pose = self.joint_positions_deg()
+        pose[k] = value
+        self._move_to_present(name, unnormalize(pose, self.calibration, "degrees")[k])
+
+    def _move_to_present(self, name, present):
+        """Move a joint by hand so that it reads `present` ticks under the true calibration."""
         with self._lock:
-            self.servos[MOTOR_IDS[name]].move_by_hand(self._middle(name) + degrees * MAX_TICK / 360)
+            self.servos[MOTOR_IDS[name]].move_by_hand(present + self.calibration[name]["homing_offset"])
 
     def calibration_hand(self):
         """(prompt, wait) callbacks for `SO100Follower.calibrate` that move the joints like a person would:
@@ -200,7 +208,7 @@ class VirtualArm:
 
         def prompt(message):
             for name in MOTOR_NAMES:
-                self.move_joint(name, 0)
+                self._move_to_present(name, MAX_TICK // 2)  # the middle pose reads 2047
 
         def wait():
             step = next(steps, None)

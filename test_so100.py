@@ -1,0 +1,390 @@
+"""Tests of the Feetech protocol, the SO-100 driver and the virtual arm (so100.py, virtual_arm.py).
+
+Packets are checked byte for byte against hand-computed ones; the driver is checked against a scripted peer
+that is not the virtual arm (to catch reliance on the simulator's quirks) and against the virtual arm with
+every kind of injected fault.
+"""
+
+import json
+import os
+import threading
+import time
+import tty
+
+import numpy as np
+import pytest
+
+import so100
+from so100 import (
+    CONTROL_TABLE, FeetechBus, FeetechError, MOTOR_NAMES, SO100Follower, decode_sign_magnitude, encode_sign_magnitude,
+    load_calibration, normalize, open_arm, parse_status, unnormalize,
+)
+from virtual_arm import TRUE_CALIBRATION, VirtualArm
+
+hexbytes = bytes.fromhex
+
+
+# -- packets, byte for byte -------------------------------------------------------------------------------------
+
+
+def test_instruction_packets_are_byte_exact():
+    assert so100.ping_packet(1) == hexbytes("FF FF 01 02 01 FB")
+    position = CONTROL_TABLE["Present_Position"]
+    assert so100.read_packet(1, position.address, position.size) == hexbytes("FF FF 01 04 02 38 02 BE")
+    assert so100.sync_read_packet(position.address, position.size, [1, 2, 3, 4, 5, 6]) == \
+        hexbytes("FF FF FE 0A 82 38 02 01 02 03 04 05 06 26")
+    # WRITE Goal_Position = 2048 to id 1: ~(01+05+03+2A+00+08) = C4
+    goal = CONTROL_TABLE["Goal_Position"]
+    assert so100.write_packet(1, goal.address, so100.encode_value(goal, 2048)) == \
+        hexbytes("FF FF 01 05 03 2A 00 08 C4")
+    # WRITE Torque_Enable = 1 to id 1: ~(01+04+03+28+01) = CE
+    assert so100.write_packet(1, 40, b"\x01") == hexbytes("FF FF 01 04 03 28 01 CE")
+    # SYNC_WRITE Goal_Position {1: 2048, 2: 1024}: len = 2 * 3 + 4 = 0A
+    assert so100.sync_write_packet(42, 2, {1: b"\x00\x08", 2: b"\x00\x04"}) == \
+        hexbytes("FF FF FE 0A 83 2A 02 01 00 08 02 00 04 39")
+
+
+def test_status_packets_parse_with_error_bits():
+    ok = parse_status(hexbytes("FF FF 01 04 00 00 08 F2"))  # id 1 answers a 2-byte read: 0x0800
+    assert (ok.servo_id, ok.error, so100.decode_value(CONTROL_TABLE["Present_Position"], ok.data)) == (1, 0, 2048)
+    assert so100.status_packet(1, 0, b"\x00\x08") == hexbytes("FF FF 01 04 00 00 08 F2")
+    overload = parse_status(hexbytes("FF FF 01 02 20 DC"))
+    assert overload.error == 0x20 and so100.describe_error_bits(overload.error) == "overload"
+    assert so100.describe_error_bits(0x05) == "input voltage out of range, overheat"
+    with pytest.raises(ValueError, match="checksum"):
+        parse_status(hexbytes("FF FF 01 02 20 DD"))
+    with pytest.raises(ValueError, match="length"):
+        parse_status(hexbytes("FF FF 01 03 20 DC"))
+
+
+def test_sign_magnitude_fields():
+    assert encode_sign_magnitude(-5, 11) == 0x805
+    assert so100.encode_value(CONTROL_TABLE["Homing_Offset"], -710) == hexbytes("C6 0A")  # 0x800 | 710
+    assert so100.decode_value(CONTROL_TABLE["Present_Load"], hexbytes("64 04")) == -100  # bit 10 is the sign
+    assert so100.decode_value(CONTROL_TABLE["Present_Position"], hexbytes("01 80")) == -1  # bit 15
+    for bit in (10, 11, 15):
+        for value in (0, 1, -1, 1000, -1000, (1 << bit) - 1, -((1 << bit) - 1)):
+            assert decode_sign_magnitude(encode_sign_magnitude(value, bit), bit) == value
+    with pytest.raises(ValueError):
+        encode_sign_magnitude(2048, 11)
+    with pytest.raises(ValueError):
+        so100.encode_value(CONTROL_TABLE["Lock"], 256)
+
+
+# -- the driver against a scripted peer (not the virtual arm) ----------------------------------------------------
+
+
+class ScriptedPeer:
+    """The other end of a pty that records each request and answers with given bytes, in pieces."""
+
+    def __init__(self, answers):
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)
+        self.port = os.ttyname(self.slave)
+        self.requests = []
+        self.thread = threading.Thread(target=self._run, args=(answers,), daemon=True)
+        self.thread.start()
+
+    def _run(self, answers):
+        for request_size, pieces in answers:
+            request = b""
+            while len(request) < request_size:
+                request += os.read(self.master, 256)
+            self.requests.append(request)
+            for piece in pieces:
+                os.write(self.master, piece)
+                time.sleep(0.003)
+
+    def close(self):
+        self.thread.join(timeout=2)
+        os.close(self.master)
+        os.close(self.slave)
+
+
+def test_driver_reassembles_split_replies_and_skips_garbage():
+    reply = hexbytes("FF FF 01 04 00 00 08 F2")
+    peer = ScriptedPeer([(8, [b"\x13\xff", b"\x00\xff\xff\x09", reply[:3], reply[3:5], reply[5:]])])
+    with FeetechBus(peer.port) as bus:
+        assert bus.read(1, "Present_Position") == 2048
+    peer.close()
+    assert peer.requests == [hexbytes("FF FF 01 04 02 38 02 BE")]
+
+
+def test_sync_read_assigns_by_id_and_asks_again_only_for_the_missing():
+    def position(i, value):
+        return so100.status_packet(i, 0, value.to_bytes(2, "little"))
+
+    # Servo 3 answers first, servo 2 stays silent, servo 1 answers last; the retry asks servo 2 alone.
+    peer = ScriptedPeer([(11, [position(3, 3000), position(1, 1000)]), (9, [position(2, 2000)])])
+    with FeetechBus(peer.port, timeout=0.03) as bus:
+        assert bus.sync_read("Present_Position", [1, 2, 3]) == {1: 1000, 2: 2000, 3: 3000}
+    peer.close()
+    assert peer.requests == [hexbytes("FF FF FE 07 82 38 02 01 02 03 38"), hexbytes("FF FF FE 05 82 38 02 02 3E")]
+
+
+def test_sync_write_sends_one_packet():
+    peer = ScriptedPeer([(14, [])])
+    with FeetechBus(peer.port) as bus:
+        bus.sync_write("Goal_Position", {1: 2048, 2: 1024})
+        time.sleep(0.05)
+    peer.close()
+    assert peer.requests == [hexbytes("FF FF FE 0A 83 2A 02 01 00 08 02 00 04 39")]
+
+
+# -- the bus against the virtual arm, with faults ---------------------------------------------------------------
+
+
+@pytest.fixture
+def sim():
+    arm = VirtualArm()
+    yield arm
+    arm.close()
+
+
+@pytest.fixture
+def bus(sim):
+    with FeetechBus(sim.port, names={i + 1: n for i, n in enumerate(MOTOR_NAMES)}) as b:
+        yield b
+
+
+def test_bus_contract(sim, bus):
+    assert bus.ping(1) == 777
+    assert bus.broadcast_ping() == [1, 2, 3, 4, 5, 6]
+    assert bus.read(1, "Homing_Offset") == TRUE_CALIBRATION["shoulder_pan"]["homing_offset"]  # negative
+    bus.write(2, "Goal_Position", 1234)
+    assert bus.read(2, "Goal_Position") == 1234
+    bus.sync_write("Goal_Position", {1: 2100, 3: 1900})
+    assert bus.sync_read("Goal_Position", [1, 2, 3]) == {1: 2100, 2: 1234, 3: 1900}
+    with pytest.raises(ValueError, match="read-only"):
+        bus.write(1, "Present_Position", 0)
+
+
+@pytest.mark.parametrize("kind, params", [
+    ("drop", {}), ("corrupt", {}), ("delay", {"seconds": 0.12}), ("fragment", {"gap": 0.002}),
+    ("garbage", {}), ("garbage", {"data": b"\xff\xff\x02\x04\x00"}),
+])
+def test_transient_faults_are_retried(sim, bus, kind, params):
+    expected = bus.read(2, "Present_Position")
+    sim.inject(kind, servo_id=2, **params)
+    assert bus.read(2, "Present_Position") == expected
+    sim.inject(kind, servo_id=4, **params)
+    assert bus.sync_read("Present_Position", [1, 2, 3, 4, 5, 6])[2] == expected
+    time.sleep(0.15)  # a late reply of the delay fault arrives; the next transaction must not take it
+    assert bus.read(2, "Model_Number") == 777
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("drop", "no reply after 4 tries"), ("corrupt", r"corrupt reply \(bad checksum\) after 4 tries"),
+])
+def test_persistent_faults_name_the_servo(sim, bus, kind, message):
+    sim.inject(kind, servo_id=3, times=None)
+    with pytest.raises(FeetechError, match=rf"READ Present_Position .*servo 3 \(elbow_flex\): {message}") as e:
+        bus.read(3, "Present_Position")
+    assert e.value.servo_id == 3
+
+
+def test_error_bits_are_reported_not_retried(sim, bus):
+    sim.inject("error_bits", servo_id=6, bits=0x20)
+    with pytest.raises(FeetechError, match=r"servo 6 \(gripper\): reports overload"):
+        bus.read(6, "Present_Position")
+    assert bus.read(6, "Model_Number") == 777  # one fault, one error: no retry consumed it
+
+
+def test_missing_servo_does_not_corrupt_the_others(sim, bus):
+    ids = [1, 2, 3, 4, 5, 6]
+    sim.move_joint("wrist_flex", 30.0)
+    truth = bus.sync_read("Present_Position", ids)
+    sim.inject("missing", servo_id=3)
+    with pytest.raises(FeetechError, match=r"servo 3 \(elbow_flex\): no reply") as e:
+        bus.sync_read("Present_Position", ids)
+    assert e.value.servo_id == 3 and list(e.value.failures) == [3]
+    assert e.value.partial == {i: v for i, v in truth.items() if i != 3}
+    with pytest.raises(FeetechError, match="no reply"):
+        bus.ping(3)
+    sim.clear_faults()
+    assert bus.sync_read("Present_Position", ids) == truth
+
+
+def test_eeprom_survives_power_cycle_only_when_unlocked(sim, bus):
+    bus.write(1, "Lock", 1)
+    bus.write(1, "Homing_Offset", 5)
+    assert bus.read(1, "Homing_Offset") == 5
+    sim.power_cycle()
+    assert bus.read(1, "Homing_Offset") == TRUE_CALIBRATION["shoulder_pan"]["homing_offset"]
+    bus.write(1, "Lock", 0)
+    bus.write(1, "Homing_Offset", 5)
+    sim.power_cycle()
+    assert bus.read(1, "Homing_Offset") == 5
+
+
+# -- normalization and calibration files -------------------------------------------------------------------------
+
+
+def flat_calibration(range_min=1000, range_max=3000):
+    return {name: {"id": i + 1, "drive_mode": 0, "homing_offset": 0, "range_min": range_min,
+                   "range_max": range_max} for i, name in enumerate(MOTOR_NAMES)}
+
+
+def test_normalization_formulas():
+    cal = flat_calibration(1000, 3000)  # mid 2000, span 2000
+    raw = [2500, 1000, 3000, 4000, 0, 1500]
+    # degrees: (v - 2000) * 360 / 4095, not clamped; gripper: (1500 - 1000) / 2000 * 100 = 25
+    np.testing.assert_allclose(normalize(raw, cal, "degrees"),
+                               [500 * 360 / 4095, -1000 * 360 / 4095, 1000 * 360 / 4095, 2000 * 360 / 4095,
+                                -2000 * 360 / 4095, 25.0], rtol=1e-6)
+    # -100..100 clamps to the range: 4000 -> 100, 0 -> -100
+    np.testing.assert_allclose(normalize(raw, cal, "range_m100_100"), [50, -100, 100, 100, -100, 25], rtol=1e-6)
+    # inverses truncate: 10° -> 2000 + 113.75 -> 2113; -10° -> 1886.25 -> 1886; gripper 33.3 -> 1666.6 -> 1666
+    assert unnormalize([10, -10, 0, 180, -180, 33.33], cal, "degrees") == [2113, 1886, 2000, 4047, -47, 1666]
+    assert unnormalize([50, -100, 150, 0, 12.5, 120], cal, "range_m100_100") == [2500, 1000, 3000, 2000, 2125, 3000]
+    with pytest.raises(ValueError, match="norm_mode"):
+        normalize(raw, cal, "radians")
+
+
+def test_loads_a_lerobot_calibration_file(tmp_path):
+    # As lerobot writes it (draccus, indent 4).
+    path = tmp_path / "my_arm.json"
+    path.write_text(json.dumps(TRUE_CALIBRATION, indent=4))
+    assert load_calibration(path) == TRUE_CALIBRATION
+    with pytest.raises(FileNotFoundError, match="calibrate"):
+        load_calibration(tmp_path / "absent.json")
+    old_format = {"homing_offset": [0] * 6, "drive_mode": [0] * 6, "motor_names": MOTOR_NAMES}
+    with pytest.raises(ValueError, match="no entry for 'shoulder_pan'"):
+        load_calibration(old_format)
+    wrong_id = json.loads(json.dumps(TRUE_CALIBRATION))
+    wrong_id["gripper"]["id"] = 7
+    with pytest.raises(ValueError, match="gripper has id 7"):
+        load_calibration(wrong_id)
+
+
+# -- the arm -----------------------------------------------------------------------------------------------------
+
+
+def servo_register(sim, name, register):
+    return sim.servos[MOTOR_NAMES.index(name) + 1].get(register)
+
+
+def test_connect_configures_and_reads_state(capsys):
+    arm, sim = open_arm("sim")
+    try:
+        out = capsys.readouterr().out
+        assert "degrees for the joints, 0..100 for the gripper" in out and "gripper.pos=+50.0" in out
+        np.testing.assert_allclose(arm.get_state(), sim.joint_positions_deg(), atol=0.1)
+        for name in MOTOR_NAMES:
+            assert servo_register(sim, name, "Torque_Enable") == 1
+            assert servo_register(sim, name, "P_Coefficient") == 16
+            assert servo_register(sim, name, "D_Coefficient") == 32
+            assert servo_register(sim, name, "Return_Delay_Time") == 0
+            assert servo_register(sim, name, "Acceleration") == 254
+        assert servo_register(sim, "gripper", "Max_Torque_Limit") == 500
+        assert servo_register(sim, "gripper", "Protection_Current") == 250
+        assert servo_register(sim, "gripper", "Overload_Torque") == 25
+        assert servo_register(sim, "elbow_flex", "Max_Torque_Limit") == 1000
+    finally:
+        arm.disconnect()
+        sim.close()
+    assert all(servo.get("Torque_Enable") == 0 for servo in sim.servos.values())
+
+
+def test_actions_move_the_arm_and_the_clamp_caps_steps():
+    arm, sim = open_arm("sim", verbose=False, speed=4000)
+    try:
+        target = np.array([20.0, -30.0, 40.0, 10.0, 90.0, 80.0])
+        sent = arm.send_action(target)
+        np.testing.assert_allclose(sent, target)
+        deadline = time.monotonic() + 3
+        while np.abs(sim.joint_positions_deg() - target).max() > 0.2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        np.testing.assert_allclose(arm.get_state(), target, atol=0.2)
+        # A step of at most 5 units from where each joint is.
+        arm.max_relative_target = 5.0
+        present = arm.get_state()
+        sent = arm.send_action(target + [30, -30, 2, 0, -100, -100])
+        # joints 2 and 3 are asked to move less than 5 from where they are: they get their targets
+        expected = [present[0] + 5, present[1] - 5, 42.0, 10.0, present[4] - 5, present[5] - 5]
+        np.testing.assert_allclose(sent, expected, atol=1e-4)
+        with pytest.raises(ValueError, match="6 finite numbers"):
+            arm.send_action([0, 0, 0, 0, 0, float("nan")])
+    finally:
+        arm.disconnect()
+        sim.close()
+
+
+def test_scripted_calibration_recovers_the_true_one(tmp_path):
+    with VirtualArm(calibrated=False) as sim:
+        arm = SO100Follower(sim.port, calibration=None, verbose=False)
+        arm.connect()
+        with pytest.raises(RuntimeError, match="no calibration"):
+            arm.get_state()
+        prompt, wait = sim.calibration_hand()
+        calibration = arm.calibrate(prompt=prompt, wait=wait, save_to=tmp_path / "arm.json")
+        assert calibration == TRUE_CALIBRATION
+        assert json.loads((tmp_path / "arm.json").read_text()) == TRUE_CALIBRATION
+        np.testing.assert_allclose(arm.get_state(), sim.joint_positions_deg(), atol=0.1)
+        arm.disconnect()
+        # Written with the Lock dance: the servos keep it across a power cycle, and a new session finds it.
+        sim.power_cycle()
+        for name, entry in TRUE_CALIBRATION.items():
+            assert servo_register(sim, name, "Homing_Offset") == entry["homing_offset"]
+            assert servo_register(sim, name, "Min_Position_Limit") == entry["range_min"]
+            assert servo_register(sim, name, "Max_Position_Limit") == entry["range_max"]
+        with SO100Follower(sim.port, calibration=tmp_path / "arm.json", verbose=False) as again:
+            np.testing.assert_allclose(again.get_state(), sim.joint_positions_deg(), atol=0.1)
+
+
+def test_connect_writes_the_file_calibration_and_clears_multi_turn(sim):
+    sim.servos[4].set("Phase", 0x1C)
+    sim.servos[2].set("Homing_Offset", 0)
+    with SO100Follower(sim.port, calibration=TRUE_CALIBRATION, verbose=False) as arm:
+        assert sim.servos[4].get("Phase") == 0x0C
+        assert sim.servos[2].get("Homing_Offset") == TRUE_CALIBRATION["shoulder_lift"]["homing_offset"]
+        np.testing.assert_allclose(arm.get_state(), sim.joint_positions_deg(), atol=0.1)
+
+
+def test_connect_checks_model_numbers(sim):
+    sim.servos[5].regs[3:5] = (2825).to_bytes(2, "little")  # an STS3250
+    arm = SO100Follower(sim.port, calibration=TRUE_CALIBRATION, verbose=False)
+    with pytest.raises(FeetechError, match=r"wrist_roll \(id 5\) .* model 2825"):
+        arm.connect()
+    assert arm.bus is None
+
+
+def test_torque_off_after_an_exception(sim):
+    with pytest.raises(ZeroDivisionError):
+        with SO100Follower(sim.port, calibration=TRUE_CALIBRATION, verbose=False) as arm:
+            arm.send_action(arm.get_state())
+            assert all(servo.get("Torque_Enable") == 1 for servo in sim.servos.values())
+            1 / 0
+    assert all(servo.get("Torque_Enable") == 0 for servo in sim.servos.values())
+
+
+def test_torque_off_on_the_others_when_a_servo_disappears(sim, capsys):
+    with pytest.raises(FeetechError, match="servo 3"):
+        with SO100Follower(sim.port, calibration=TRUE_CALIBRATION, verbose=False) as arm:
+            sim.inject("missing", servo_id=3)
+            arm.get_state()
+    assert [servo.get("Torque_Enable") for servo in sim.servos.values()] == [0, 0, 1, 0, 0, 0]
+    assert "could not switch torque off" in capsys.readouterr().err
+
+
+def test_cli_on_the_virtual_arm(tmp_path, capsys):
+    so100.main(["--port", "sim", "--calibration", str(tmp_path / "cal.json"), "calibrate"])
+    assert json.loads((tmp_path / "cal.json").read_text()) == TRUE_CALIBRATION
+    so100.main(["--port", "sim", "move", "10", "0", "0", "0", "0", "50", "--max-step", "5"])
+    assert "shoulder_pan.pos=+9.9" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_opencv_camera_reads_rgb(tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    path = str(tmp_path / "red.avi")
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for _ in range(3):
+        writer.write(np.full((48, 64, 3), (0, 0, 255), np.uint8))  # BGR red
+    writer.release()
+    camera = so100.OpenCVCamera(path, width=64, height=48)
+    frame = camera.read()
+    camera.close()
+    assert frame.shape == (48, 64, 3) and frame.dtype == np.uint8
+    assert frame[..., 0].mean() > 200 and frame[..., 2].mean() < 50  # red comes out in channel 0
+    with pytest.raises(ValueError, match="delivers 64x48"):
+        so100.OpenCVCamera(path, width=640, height=480)
