@@ -1,0 +1,270 @@
+"""The action expert: a small transformer that runs layer by layer beside the VLM (SmolVLA paper §3.2).
+
+SmolVLA's VLM (SmolVLM2's language model, SmolLM2) reads the *prefix*: image tokens, the task's words
+and one state token. The action expert reads the *suffix*: the noisy action chunk fused with the flow
+time. It has as many layers as the (cut) VLM and the same layer recipe — a SmolLM2/Llama decoder layer —
+but is narrower (0.75 × the VLM's width: 720 instead of 960 for smolvla_base). Layer i of the expert
+talks to layer i of the VLM in one of two ways, alternating (`self_attn_every_n_layers` = 2):
+
+- even layers, *joint self-attention*: the expert's action tokens attend to the VLM's prefix keys/values
+  and to each other (causally, see the block masks in smolvla.py), each stream with its own projections;
+- odd layers, *cross-attention*: the expert's queries attend only to the prefix; its keys/values are the
+  VLM layer's keys (after RoPE) and values, passed through the expert's own k/v projections
+  (320 -> 320 for smolvla_base). Here the expert's positions restart at 0.
+
+The prefix never attends to the suffix (it is an earlier attention block), so the VLM's computation
+does not depend on the actions at all. That is what makes SmolVLA cheap: the VLM runs once per chunk and
+leaves behind, for each layer, the keys/values the expert will attend to (a KV cache); each of the 10
+flow steps then runs only the expert (`ActionExpert.forward`). Training uses the very same two calls.
+
+Pieces defined here and reused by the VLM's text model in smolvla.py: RMSNorm, rotary position
+embeddings (RoPE), grouped-query attention with a float32 softmax, the SiLU-gated MLP, the decoder layer.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# SmolVLA's RoPE uses base 10000. Note: SmolVLM2's text config says rope_theta = 100000, but the reference
+# SmolVLA computes RoPE itself with 10000 — the checkpoints were trained that way, so we match the reference.
+ROPE_BASE = 10_000.0
+
+
+@dataclass
+class DecoderConfig:
+    """Shape of a SmolLM2 (Llama-style) decoder stack."""
+
+    hidden_size: int  # d: 960 for SmolLM2-360M, 720 for the smolvla_base expert
+    intermediate_size: int  # MLP width: 2560 / 2048
+    num_layers: int
+    num_heads: int  # query heads: 15
+    num_kv_heads: int  # key/value heads (grouped-query attention): 5
+    head_dim: int  # 64
+    rms_norm_eps: float = 1e-5
+
+    @property
+    def kv_width(self) -> int:  # width of the k/v projections' output: 5 × 64 = 320
+        return self.num_kv_heads * self.head_dim
+
+
+def expert_mlp_width(hidden_size: int, multiplier: int = 4, multiple_of: int = 256) -> int:
+    """The expert's MLP width, Llama's recipe: 2/3 · 4 · d rounded up to a multiple of 256 (720 -> 2048)."""
+    width = int(multiplier * int(2 * hidden_size / 3))
+    return multiple_of * ((width + multiple_of - 1) // multiple_of)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) · weight, computed in float32 whatever the activations' dtype."""
+
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding, "rotate-half" convention, computed in float32.
+
+    x: (B, L, H, hd), positions: (B, L) integer -> (B, L, H, hd) in x's dtype.
+    Dimension pairs (i, i + hd/2) are rotated by the angle position / 10000^(2i/hd): the dot product of a
+    rotated query and a rotated key then depends only on the distance between their positions.
+    """
+    half = x.shape[-1] // 2
+    x32 = x.float()
+    exponents = (2.0 / x.shape[-1]) * torch.arange(half, dtype=torch.float32, device=x.device)  # (hd/2,)
+    wavelengths = ROPE_BASE**exponents  # (hd/2,) from 1 to ~10000
+    angles = positions[..., None].float() / wavelengths  # (B, L, hd/2)
+    sin, cos = torch.sin(angles)[:, :, None, :], torch.cos(angles)[:, :, None, :]  # (B, L, 1, hd/2)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return rotated.to(x.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention with grouped-query heads; scores and softmax in float32.
+
+    q: (B, Lq, H, hd); k, v: (B, Lk, Hkv, hd) with H a multiple of Hkv (query head h reads kv head
+    h // (H/Hkv)); mask: (B, Lq, Lk) bool, True = may attend, or None -> (B, Lq, H·hd) in v's dtype.
+    Masked scores are set to the most negative float32 rather than -inf, so a fully masked row (a padding
+    token's query) gives a harmless uniform average instead of NaNs.
+    """
+    batch, q_len, num_heads, head_dim = q.shape
+    groups = num_heads // k.shape[2]
+    # share each kv head with its group of query heads: (B, Lk, Hkv, hd) -> (B, H, Lk, hd)
+    k = k.repeat_interleave(groups, dim=2).transpose(1, 2)
+    v = v.repeat_interleave(groups, dim=2).transpose(1, 2)
+    scores = torch.matmul(q.transpose(1, 2).float(), k.float().transpose(2, 3))  # (B, H, Lq, Lk)
+    scores = scores * head_dim**-0.5
+    if mask is not None:
+        scores = torch.where(mask[:, None], scores, torch.finfo(torch.float32).min)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v)  # (B, H, Lq, hd)
+    return out.transpose(1, 2).reshape(batch, q_len, num_heads * head_dim)
+
+
+class SelfAttentionProjections(nn.Module):
+    """The q/k/v/o projections of a decoder layer (no biases). Attention itself happens across streams."""
+
+    def __init__(self, cfg: DecoderConfig, kv_input_width: int | None = None):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        # k/v normally read the layer's own hidden states; the expert's cross-attention layers read the
+        # VLM's keys/values instead, so their input width is the VLM's kv width (320 for smolvla_base)
+        kv_in = cfg.hidden_size if kv_input_width is None else kv_input_width
+        self.k_proj = nn.Linear(kv_in, cfg.kv_width, bias=False)
+        self.v_proj = nn.Linear(kv_in, cfg.kv_width, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, n·hd) -> (B, L, n, hd)
+        return x.view(*x.shape[:-1], -1, self.head_dim)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) · up(x))."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(width, hidden, bias=False)
+        self.up_proj = nn.Linear(width, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """A pre-norm SmolLM2 layer. Its attention is driven from outside (the two streams meet there):
+    `qkv` gives the layer's RoPE'd queries/keys and values, `finish` adds the attention output back and
+    applies the MLP."""
+
+    def __init__(self, cfg: DecoderConfig, kv_input_width: int | None = None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = SelfAttentionProjections(cfg, kv_input_width)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor):
+        """x: (B, L, d) -> q (B, L, H, hd), k and v (B, L, Hkv, hd); q and k rotated by RoPE."""
+        a = self.self_attn
+        h = self.input_layernorm(x)
+        q = apply_rope(a.split_heads(a.q_proj(h)), positions)
+        k = apply_rope(a.split_heads(a.k_proj(h)), positions)
+        v = a.split_heads(a.v_proj(h))
+        return q, k, v
+
+    def finish(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Residual around attention (attn_out: (B, L, H·hd)), then residual around the MLP."""
+        x = x + self.self_attn.o_proj(attn_out)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class ActionExpert(nn.Module):
+    """The expert's layers and final norm, plus the plan of how they meet the VLM's layers.
+
+    Checkpoint names: `model.vlm_with_expert.lm_expert.{layers.N.…, norm.weight}`.
+    """
+
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        vlm_cfg: DecoderConfig,
+        num_vlm_layers: int,
+        attention_mode: str = "cross_attn",
+        self_attn_every_n_layers: int = 2,
+    ):
+        super().__init__()
+        if cfg.num_heads != vlm_cfg.num_heads or cfg.num_kv_heads != vlm_cfg.num_kv_heads:
+            raise ValueError("the expert must have the VLM's numbers of heads (they share attention)")
+        if num_vlm_layers % cfg.num_layers != 0:
+            raise ValueError(
+                f"the VLM's {num_vlm_layers} layers must be a multiple of the expert's {cfg.num_layers} layers"
+            )
+        use_cross = "cross" in attention_mode
+
+        def cross_layer(i: int) -> bool:  # layer i cross-attends; every n-th layer (from 0) is joint
+            return use_cross and not (self_attn_every_n_layers > 0 and i % self_attn_every_n_layers == 0)
+
+        # With fewer expert layers than VLM layers, expert layer j sits beside VLM layer j·stride and the
+        # other VLM layers have no expert partner (the suffix passes them unchanged).
+        stride = num_vlm_layers // cfg.num_layers
+        # plan[i] = (index of the expert layer beside VLM layer i or None, does it cross-attend?)
+        self.plan = [(i // stride, cross_layer(i)) if i % stride == 0 else (None, False) for i in range(num_vlm_layers)]
+        # The reference shapes expert layer j's k/v by j's own parity, but uses it by its VLM layer's; the
+        # two agree whenever stride is 1. Refuse configurations where they would not (the reference crashes).
+        for i, (j, cross) in enumerate(self.plan):
+            if j is not None and cross != cross_layer(j):
+                raise ValueError(
+                    f"expert layer {j} beside VLM layer {i}: num_expert_layers={cfg.num_layers} and "
+                    f"self_attn_every_n_layers={self_attn_every_n_layers} do not fit together"
+                )
+        # layer_cross[j]: expert layer j cross-attends, so its k/v read the VLM's keys/values (320 wide)
+        self.layer_cross = [cross_layer(j) for j in range(cfg.num_layers)]
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, kv_input_width=vlm_cfg.kv_width if cross else None) for cross in self.layer_cross
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def cache_prefix(
+        self, vlm_layers: nn.ModuleList, prefix: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+    ) -> list:
+        """Run the VLM over the prefix once; return per VLM layer the keys/values the expert attends to.
+
+        prefix: (B, P, D) embeddings; mask: (B, P, P) bool; positions: (B, P).
+        Returns cache[i] = (k, v), each (B, P, Hkv, hd): for a joint layer the VLM layer's own keys (after
+        RoPE) and values; for a cross layer those passed through the expert's k/v projections — done here,
+        once per chunk, instead of in each of the flow steps. None where no expert layer sits beside.
+        """
+        cache = []
+        x = prefix  # (B, P, D)
+        for i, (vlm_layer, (j, cross)) in enumerate(zip(vlm_layers, self.plan)):
+            q, k, v = vlm_layer.qkv(x, positions)  # (B, P, H, hd), (B, P, Hkv, hd) ×2
+            if j is None:
+                cache.append(None)
+            elif cross:
+                proj = self.layers[j].self_attn
+                flat_k, flat_v = k.flatten(2).to(proj.k_proj.weight.dtype), v.flatten(2).to(proj.v_proj.weight.dtype)
+                cache.append((proj.split_heads(proj.k_proj(flat_k)), proj.split_heads(proj.v_proj(flat_v))))
+            else:
+                cache.append((k, v))
+            # the last layer's output is never used: only its keys/values are
+            if i < len(vlm_layers) - 1:
+                x = vlm_layer.finish(x, attention(q, k, v, mask))
+        return cache
+
+    def forward(self, suffix: torch.Tensor, cache: list, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One pass of the expert over the suffix, attending to the cached prefix.
+
+        suffix: (B, S, d_e) embedded noisy actions; mask: (B, S, P + S) bool (prefix columns, then
+        suffix columns); positions: (B, S), continuing after the prefix's positions.
+        Returns the final-normed hidden states (B, S, d_e).
+        """
+        prefix_len = mask.shape[2] - suffix.shape[1]
+        # cross-attention layers count the expert's positions from 0
+        restarted = positions - positions.min(dim=1, keepdim=True).values
+        x = suffix
+        for (j, cross), kv in zip(self.plan, cache):
+            if j is None:
+                continue
+            layer = self.layers[j]
+            if cross:
+                h = layer.input_layernorm(x)
+                q = apply_rope(layer.self_attn.split_heads(layer.self_attn.q_proj(h)), restarted)
+                k, v = kv  # expert-projected prefix keys/values (B, P, Hkv, hd)
+                out = attention(q, k, v, mask[:, :, :prefix_len])
+            else:
+                q, k, v = layer.qkv(x, positions)
+                # the action tokens see the prefix and the suffix: concatenate along the sequence
+                k = torch.cat([kv[0], k], dim=1)  # (B, P + S, Hkv, hd)
+                v = torch.cat([kv[1], v], dim=1)
+                out = attention(q, k, v, mask)
+            x = layer.finish(x, out)
+        return self.norm(x)
