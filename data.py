@@ -418,7 +418,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
                 miss = np.abs(times[nearest] - wanted) > 1.0 / self.fps
                 if miss.any() or len(times) == 0:
                     raise ValueError(f"video {path} has no frame near t={wanted[miss][0] if miss.any() else 0:.3f}s "
-                                     f"needed by episode {episode_index}: the video is shorter than its episode.")
+                                     f"needed by episode {episode_index}: the file is damaged or shorter than its episode; "
+                                     "delete it and download or write the dataset again.")
                 files[rows], positions[rows] = file_ids[path], nearest
             self._file_of[key], self._position_of[key] = files, positions
 
@@ -554,7 +555,7 @@ def _encode_video(path, frames, fps, codec):
 
 def _numeric_stats(values):
     """min/max/mean/std/count over axis 0 of a (T, ...) array."""
-    values = np.asarray(values, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64).reshape(len(values), -1)  # scalars as (T, 1), stats as [x]
     return {"min": values.min(0).tolist(), "max": values.max(0).tolist(), "mean": values.mean(0).tolist(),
             "std": values.std(0).tolist(), "count": [len(values)]}
 
