@@ -317,7 +317,7 @@ class FeetechBus:
         return decode_value(reg, data)
 
     def write(self, servo_id, name, value):
-        """WRITE one register and wait for the servo's acknowledgement (none for the broadcast id)."""
+        """WRITE one register and wait for the servo's acknowledgement (a status packet without data)."""
         reg = register(name)
         if reg.read_only:
             raise ValueError(f"{name} is read-only")
@@ -731,6 +731,8 @@ class SO100Follower:
                       end="\r", flush=True)
             if wait():
                 break
+        if show:
+            print()
         roll = MOTOR_NAMES.index(FULL_TURN_MOTOR)
         lo[roll], hi[roll] = 0, MAX_TICK
         calibration = {
@@ -979,15 +981,17 @@ def main(argv=None):
         elif args.command == "move":
             arm.max_relative_target = args.max_step
             target = np.array(args.target)
-            # Step toward the target, each step capped relative to where the arm is, until it stops moving.
-            end, previous = time.monotonic() + args.seconds, None
-            while time.monotonic() < end:
-                state = arm.get_state()
-                if previous is not None and np.abs(state - previous).max() < 0.1:
-                    break  # arrived, or held by a joint limit
+            # Step toward the target, each step capped relative to where the arm is, until the arm has not
+            # moved for half a second (arrived, or held by a joint limit or a load).
+            now = time.monotonic()
+            end, moved_at, previous = now + args.seconds, now, arm.get_state()
+            while now < end and now - moved_at < 0.5:
                 arm.send_action(target)
-                previous = state
                 time.sleep(1 / args.hz)
+                state, now = arm.get_state(), time.monotonic()
+                if np.abs(state - previous).max() > 0.05:
+                    moved_at = now
+                previous = state
             print(arm.describe(arm.get_state()))
     except KeyboardInterrupt:
         print("\ninterrupted: torque off")
