@@ -267,13 +267,13 @@ class _StreamingDecoder:
             self.open.popitem(last=False)[1][0].close()
         container, stream, frames, last = state
         # a short step forward from the last decoded frame: keep decoding; anything else: seek to a keyframe
+        target = int(round(times[position] / float(stream.time_base)))  # pts of the wanted frame
         if frames is None or last is None or not last < position <= last + 4:
-            container.seek(int(round(times[position] / float(stream.time_base))), stream=stream, backward=True)
+            container.seek(target, stream=stream, backward=True)  # lands on the keyframe at or before it
             frames = container.decode(stream)
-        target = times[position] - 0.5 / float(stream.average_rate or 30)
         try:
             for frame in frames:
-                if frame.time is not None and frame.time >= target:
+                if frame.pts is not None and frame.pts >= target:
                     state[2], state[3] = frames, position
                     return frame.to_ndarray(format="rgb24")
         except av.error.FFmpegError as error:
@@ -309,6 +309,9 @@ class LeRobotDataset(torch.utils.data.Dataset):
         if version not in SUPPORTED_VERSIONS:
             raise ValueError(f"{root} is a LeRobot {version} dataset; this reader supports {', '.join(SUPPORTED_VERSIONS)}. "
                              "Convert it with lerobot's dataset conversion script first.")
+        missing = [name for name in ("observation.state", "action") if name not in info["features"]]
+        if missing:
+            raise ValueError(f"{root} has no {' or '.join(missing)} feature: SmolVLA trains on state and action.")
         self.info, self.fps = info, info["fps"]
         table = _episodes_v3(root, info) if version == "v3.0" else _episodes_v2(root, info)
         self.episodes = self._choose_episodes(table, episodes)
@@ -428,6 +431,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
         shapes = [(len(t),) + tuple(self._video_shape(path)) for path, t in zip(self._video_files, self._frame_times)]
         total_gb = sum(int(np.prod(s)) for s in shapes) / 1e9
         if not self._video_files or total_gb > max_cache_gb:
+            if self._video_files:
+                print(f"{self.root}: decoding frames on the fly ({total_gb:.1f} GB decoded > max_cache_gb={max_cache_gb})")
             return False
         os.makedirs(cache_dir, exist_ok=True)
         self._cache_files = [os.path.join(cache_dir, self._cache_name(path)) for path in self._video_files]
@@ -560,13 +565,25 @@ def _numeric_stats(values):
             "std": values.std(0).tolist(), "count": [len(values)]}
 
 
-def _image_stats(frames):
-    """Per-channel stats of (T, H, W, 3) uint8 frames in [0, 1], shaped (3, 1, 1) as lerobot stores them."""
-    step = max(1, len(frames) // 100)  # at most ~100 frames per episode: stats, not an exact census
-    pixels = np.asarray(frames[::step]).reshape(-1, 3)  # (P, 3)
-    stats = _numeric_stats(pixels / 255.0)
-    shaped = {name: np.asarray(value).reshape(3, 1, 1).tolist() for name, value in stats.items() if name != "count"}
-    return {**shaped, "count": [len(frames[::step])]}
+def _image_stats(videos, max_frames=300):
+    """Per-channel stats in [0, 1] of a camera's (T, H, W, 3) uint8 videos, shaped (3, 1, 1) as lerobot stores them.
+
+    Computed from at most ~max_frames evenly spaced frames, one frame at a time (images are big).
+    """
+    step = max(1, sum(len(video) for video in videos) // max_frames)
+    frames = [frame for video in videos for frame in video[::step]]
+    total, squares = np.zeros(3), np.zeros(3)
+    low, high = np.full(3, np.inf), np.full(3, -np.inf)
+    for frame in frames:
+        pixels = frame.reshape(-1, 3).astype(np.float64) / 255.0  # (H*W, 3)
+        total += pixels.sum(0)
+        squares += (pixels ** 2).sum(0)
+        low, high = np.minimum(low, pixels.min(0)), np.maximum(high, pixels.max(0))
+    count = len(frames) * frames[0].shape[0] * frames[0].shape[1]
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
+    stats = {"min": low, "max": high, "mean": mean, "std": std}
+    return {**{name: value.reshape(3, 1, 1).tolist() for name, value in stats.items()}, "count": [len(frames)]}
 
 
 def _episode_columns(episodes, fps):
@@ -596,13 +613,20 @@ def _data_table(columns, rows=slice(None)):
     return pa.table(arrays)
 
 
+def _joint_names(dim, joint_names):
+    """Names of a state/action vector's entries: given, else SO-100's for 6 entries, else joint_<j>."""
+    if joint_names is not None:
+        if len(joint_names) != dim:
+            raise ValueError(f"joint_names has {len(joint_names)} names for vectors of {dim} entries.")
+        return list(joint_names)
+    return SO100_JOINTS if dim == 6 else [f"joint_{j}" for j in range(dim)]
+
+
 def _features(episodes, cameras, fps, codec, joint_names):
     state_dim, action_dim = np.shape(episodes[0]["observation.state"])[1], np.shape(episodes[0]["action"])[1]
-    names = lambda n: joint_names if joint_names and len(joint_names) == n else (
-        SO100_JOINTS if n == 6 else [f"joint_{j}" for j in range(n)])
     features = {
-        "action": {"dtype": "float32", "shape": [action_dim], "names": names(action_dim)},
-        "observation.state": {"dtype": "float32", "shape": [state_dim], "names": names(state_dim)},
+        "action": {"dtype": "float32", "shape": [action_dim], "names": _joint_names(action_dim, joint_names)},
+        "observation.state": {"dtype": "float32", "shape": [state_dim], "names": _joint_names(state_dim, joint_names)},
     }
     for name, (height, width) in cameras.items():
         features[IMAGE_PREFIX + name] = {
@@ -621,7 +645,7 @@ def _all_stats(columns, episodes, cameras):
     """The stats block of `episodes` whose rows are `columns`: every feature, images per channel."""
     stats = {name: _numeric_stats(values) for name, values in columns.items()}
     for name in cameras:
-        stats[IMAGE_PREFIX + name] = _image_stats(np.concatenate([e["images"][name] for e in episodes]))
+        stats[IMAGE_PREFIX + name] = _image_stats([np.asarray(e["images"][name]) for e in episodes])
     return stats
 
 

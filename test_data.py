@@ -138,10 +138,11 @@ def test_v21_stats_aggregate_to_the_v30_stats(written):
     """v2.1 keeps stats per episode; merged they must equal the stats over all frames (v3.0 stats.json)."""
     _, v3, v2, cache = written
     whole, merged = LeRobotDataset(v3, cache_dir=cache).stats, LeRobotDataset(v2, cache_dir=cache).stats
-    for feature in ("observation.state", "action", "timestamp", "index"):
+    for feature in ("observation.state", "action", "timestamp", "index", "observation.images.side"):
         for name in ("mean", "std", "min", "max", "count"):
             torch.testing.assert_close(merged[feature][name], whole[feature][name], rtol=1e-5, atol=1e-4)
     assert merged["observation.images.top"]["mean"].shape == (3, 1, 1)
+    assert ((whole["observation.images.top"]["mean"] > 0) & (whole["observation.images.top"]["max"] <= 1)).all()
 
 
 def test_on_the_fly_decoding_equals_the_cache(written):
@@ -181,6 +182,8 @@ def test_writer_rejects_bad_episodes(tmp_path):
         write_lerobot_dataset(str(tmp_path / "a"), [{**good[0], "action": good[0]["action"][:2]}])
     with pytest.raises(ValueError, match="even height and width"):
         write_lerobot_dataset(str(tmp_path / "b"), synthetic_episodes(1, 3, 15, 16, ("top",)))
+    with pytest.raises(ValueError, match="joint_names has 2 names for vectors of 6 entries"):
+        write_lerobot_dataset(str(tmp_path / "d"), good, joint_names=["a", "b"])
     with pytest.raises(ValueError, match="codec"):
         write_lerobot_dataset(str(tmp_path / "c"), good, codec="mpeg2")
 
