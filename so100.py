@@ -130,6 +130,14 @@ def describe_error_bits(error):
     return ", ".join(names)
 
 
+def servo_error_message(error):
+    """What to tell the user about a status packet's error byte."""
+    message = f"reports {describe_error_bits(error)}"
+    if error & 0x20:
+        message += " (the servo cut its torque: remove the load; if it persists, power-cycle the arm)"
+    return message
+
+
 # ------------------------------------------------------------------------------------------------------------
 # 2. The STS3215 control table
 # ------------------------------------------------------------------------------------------------------------
@@ -287,6 +295,7 @@ class FeetechBus:
         except (OSError, ValueError, AttributeError):
             pass
         self._rx = bytearray()  # bytes received but not yet consumed, for the current transaction
+        self._echo = None  # the instruction just sent, in case the adapter echoes it back
 
     # -- public operations (the contract) --------------------------------------------------------------------
 
@@ -299,6 +308,7 @@ class FeetechBus:
         """PING every servo at once; returns the sorted ids that answered."""
         self._clear_input()
         self._serial.write(ping_packet(BROADCAST_ID))
+        self._echo = ping_packet(BROADCAST_ID)
         found = set()
         deadline = time.monotonic() + self.timeout + self._wire_time(6 * 253)
         # Servos answer one after the other; keep collecting until the line stays quiet for one timeout.
@@ -334,12 +344,12 @@ class FeetechBus:
         servo_ids = list(servo_ids)
         values, failures = {}, {}
         pending = servo_ids
-        for attempt in range(1 + self.retries):
+        for _ in range(1 + self.retries):
             packet = sync_read_packet(reg.address, reg.size, pending)
             statuses, problems = self._exchange(packet, {i: reg.size for i in pending})
             for servo_id, status in statuses.items():
                 if status.error:
-                    failures[servo_id] = f"reports {describe_error_bits(status.error)}"
+                    failures[servo_id] = servo_error_message(status.error)
                 values[servo_id] = decode_value(reg, status.data)
             pending = [i for i in pending if i not in statuses]
             if not pending:
@@ -376,7 +386,7 @@ class FeetechBus:
         if not 0 <= servo_id < BROADCAST_ID:
             raise ValueError(f"servo id must be 0..253, got {servo_id} (use sync_write to address several)")
         packet = instruction_packet(servo_id, instruction, params)
-        for attempt in range(1 + self.retries):
+        for _ in range(1 + self.retries):
             statuses, problems = self._exchange(packet, {servo_id: reply_size})
             if servo_id in statuses:
                 break
@@ -384,7 +394,7 @@ class FeetechBus:
             raise self._error(what, {servo_id: f"{problems[servo_id]} after {1 + self.retries} tries"})
         status = statuses[servo_id]
         if status.error:
-            raise self._error(what, {servo_id: f"reports {describe_error_bits(status.error)}"})
+            raise self._error(what, {servo_id: servo_error_message(status.error)})
         return status.data
 
     def _exchange(self, packet, expected):
@@ -395,6 +405,7 @@ class FeetechBus:
         """
         self._clear_input()
         self._serial.write(packet)
+        self._echo = packet
         reply_bytes = sum(6 + size for size in expected.values())
         deadline = time.monotonic() + self.timeout + self._wire_time(len(packet) + reply_bytes)
         statuses, problems = {}, dict.fromkeys(expected, "no reply")
@@ -427,10 +438,10 @@ class FeetechBus:
         when the deadline passed. Garbage before a header is dropped: we resynchronize on the next `FF FF`.
         """
         while True:
-            # Find the header; keep a lone trailing FF, it may be the first half of one.
+            # Find the header; without one, drop everything but a trailing FF (maybe the first half of one).
             start = self._rx.find(HEADER)
             if start < 0:
-                del self._rx[: len(self._rx) - (self._rx[-1:] == b"\xff")]
+                del self._rx[: -1 if self._rx.endswith(b"\xff") else len(self._rx)]
                 if not self._fill(2, deadline):
                     return None, None
                 continue
@@ -454,6 +465,10 @@ class FeetechBus:
                 del self._rx[:2]
                 return None, (servo_id, "corrupt reply (bad checksum)")
             del self._rx[: 4 + length]
+            if packet == self._echo:
+                # Some half-duplex adapters hear their own transmission: that is not a servo's answer.
+                self._echo = None
+                continue
             return parse_status(packet), None
 
     def _fill(self, n, deadline):
@@ -709,8 +724,7 @@ class SO100Follower:
         self._connected()
         show = wait is None
         wait = wait or (lambda: _enter_pressed(0.05))
-        self._disable_torque()
-        self._write_all("Operating_Mode", 0)
+        self._disable_torque()  # connect() already put every servo in position mode
 
         prompt(f"Move {self} to the middle of its range of motion and press ENTER...")
         # Forget the old calibration so Present_Position reads the raw encoder, then centre each joint on 2047.

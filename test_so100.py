@@ -110,6 +110,16 @@ def test_driver_reassembles_split_replies_and_skips_garbage():
     assert peer.requests == [hexbytes("FF FF 01 04 02 38 02 BE")]
 
 
+def test_driver_ignores_an_adapter_echo():
+    # An echoing adapter returns "FF FF 01 04 02 38 02 BE" first: it parses as a status packet of servo 1
+    # (error 0x02, data 38 02), so the driver must recognise it as its own request.
+    request = hexbytes("FF FF 01 04 02 38 02 BE")
+    peer = ScriptedPeer([(8, [request, hexbytes("FF FF 01 04 00 00 08 F2")])])
+    with FeetechBus(peer.port, timeout=0.5) as bus:
+        assert bus.read(1, "Present_Position") == 2048
+    peer.close()
+
+
 def test_sync_read_assigns_by_id_and_asks_again_only_for_the_missing():
     def position(i, value):
         return so100.status_packet(i, 0, value.to_bytes(2, "little"))
@@ -185,7 +195,7 @@ def test_persistent_faults_name_the_servo(sim, bus, kind, message):
 
 def test_error_bits_are_reported_not_retried(sim, bus):
     sim.inject("error_bits", servo_id=6, bits=0x20)
-    with pytest.raises(FeetechError, match=r"servo 6 \(gripper\): reports overload"):
+    with pytest.raises(FeetechError, match=r"servo 6 \(gripper\): reports overload \(.*power-cycle"):
         bus.read(6, "Present_Position")
     assert bus.read(6, "Model_Number") == 777  # one fault, one error: no retry consumed it
 

@@ -285,7 +285,7 @@ class VirtualArm:
         while True:
             start = buffer.find(HEADER)
             if start < 0:
-                del buffer[: len(buffer) - (buffer[-1:] == b"\xff")]
+                del buffer[: -1 if buffer.endswith(b"\xff") else len(buffer)]
                 return
             del buffer[:start]
             if len(buffer) >= 3 and buffer[2] == 0xFF:
