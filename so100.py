@@ -928,10 +928,6 @@ def open_arm(port, calibration=None, norm_mode="degrees", max_relative_target=No
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="SO-100/SO-101 follower arm over the Feetech bus.")
     parser.add_argument("--port", required=True, help="serial port (/dev/ttyACM0) or 'sim' for the virtual arm")
@@ -952,68 +948,77 @@ def main(argv=None):
     sub.add_parser("scan", help="list the servos that answer a broadcast PING, with their model numbers")
     args = parser.parse_args(argv)
 
-    # `kill` (SIGTERM) unwinds like Ctrl-C, so the finally below switches the torque off either way.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     calibration_path = Path(args.calibration or CALIBRATION_DIR / f"{args.id}.json").expanduser()
     virtual = None
     if args.port == "sim":
         from virtual_arm import VirtualArm
 
         virtual = VirtualArm()
-        port = virtual.port
-    else:
-        port = args.port
-    if args.command == "calibrate":
-        calibration = None  # made below
-    elif virtual is not None and not args.calibration:
-        calibration = virtual.calibration  # the virtual arm's servos come calibrated
-    else:
-        calibration = calibration_path
-    if args.command == "scan":
-        # No arm needed: whatever answers on the bus, at 1 Mbps.
-        with FeetechBus(port) as bus:
-            for servo_id in bus.broadcast_ping():
-                print(f"id {servo_id}: model {bus.read(servo_id, 'Model_Number')}")
-        if virtual is not None:
-            virtual.close()
-        return
-    arm = SO100Follower(port, calibration, norm_mode=args.norm_mode)
     try:
-        arm.connect()
+        port = virtual.port if virtual is not None else args.port
+        if args.command == "scan":
+            scan(port)
+            return
         if args.command == "calibrate":
-            # On the virtual arm a scripted "hand" moves the joints; on a real one, you do.
-            prompt, wait = virtual.calibration_hand() if virtual is not None else (input, None)
-            arm.calibrate(prompt=prompt, wait=wait, save_to=calibration_path)
-            print(json.dumps(arm.calibration, indent=4))
-        elif args.command == "read":
-            end = time.monotonic() + args.seconds
-            while True:
-                print(arm.describe(arm.get_state()), flush=True)
-                if time.monotonic() >= end:
-                    break
-                time.sleep(1 / args.hz)
-        elif args.command == "move":
-            arm.max_relative_target = args.max_step
-            target = np.array(args.target)
-            # Step toward the target, each step capped relative to where the arm is, until the arm has not
-            # moved for half a second (arrived, or held by a joint limit or a load).
-            now = time.monotonic()
-            end, moved_at, previous = now + args.seconds, now, arm.get_state()
-            while now < end and now - moved_at < 0.5:
-                arm.send_action(target)
-                time.sleep(1 / args.hz)
-                state, now = arm.get_state(), time.monotonic()
-                if np.abs(state - previous).max() > 0.05:
-                    moved_at = now
-                previous = state
-            print(arm.describe(arm.get_state()))
+            calibration = None  # made by the command
+        elif virtual is not None and not args.calibration:
+            calibration = virtual.calibration  # the virtual arm's servos come calibrated
+        else:
+            calibration = calibration_path
+        with SO100Follower(port, calibration, norm_mode=args.norm_mode) as arm:
+            if args.command == "calibrate":
+                # On the virtual arm a scripted "hand" moves the joints; on a real one, you do.
+                prompt, wait = virtual.calibration_hand() if virtual is not None else (input, None)
+                arm.calibrate(prompt=prompt, wait=wait, save_to=calibration_path)
+                print(json.dumps(arm.calibration, indent=4))
+            elif args.command == "read":
+                print_state(arm, args.seconds, args.hz)
+            elif args.command == "move":
+                move_to(arm, np.array(args.target), args.max_step, args.hz, args.seconds)
     except KeyboardInterrupt:
         print("\ninterrupted: torque off")
     finally:
-        arm.disconnect()
         if virtual is not None:
             virtual.close()
 
 
+def scan(port):
+    """Whatever answers on the bus at 1 Mbps: id and model number."""
+    with FeetechBus(port) as bus:
+        for servo_id in bus.broadcast_ping():
+            print(f"id {servo_id}: model {bus.read(servo_id, 'Model_Number')}")
+
+
+def print_state(arm, seconds, hz):
+    end = time.monotonic() + seconds
+    while True:
+        print(arm.describe(arm.get_state()), flush=True)
+        if time.monotonic() >= end:
+            return
+        time.sleep(1 / hz)
+
+
+def move_to(arm, target, max_step, hz, seconds):
+    """Step toward `target`, each step capped to `max_step` from where the arm is, until the arm has not
+    moved for half a second (arrived, or held by a joint limit or a load) or `seconds` passed."""
+    arm.max_relative_target = max_step
+    now = time.monotonic()
+    end, moved_at, previous = now + seconds, now, arm.get_state()
+    while now < end and now - moved_at < 0.5:
+        arm.send_action(target)
+        time.sleep(1 / hz)
+        state, now = arm.get_state(), time.monotonic()
+        if np.abs(state - previous).max() > 0.05:
+            moved_at = now
+        previous = state
+    print(arm.describe(arm.get_state()))
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 if __name__ == "__main__":
+    # `kill` (SIGTERM) unwinds like Ctrl-C: the `with` block switches the torque off either way.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     main()

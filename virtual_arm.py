@@ -83,7 +83,7 @@ class VirtualServo:
 
     def present(self):
         """Present_Position = actual − Homing_Offset, on one turn unless Phase bit 4 (multi-turn) is set."""
-        position = round(self.actual) - self.get("Homing_Offset")
+        position = round(self._present_exact())
         return position if self.get("Phase") & 0x10 else position % RESOLUTION
 
     def _present_exact(self):
