@@ -430,6 +430,7 @@ class SmolVLA(nn.Module):
         self.action_out_proj = nn.Linear(expert_width, config.max_action_dim)  # expert output -> velocity
         self.stats = {}  # normalization statistics, see set_normalization
         self._init_like_reference()
+        self.set_requires_grad()
 
     def _init_like_reference(self, std: float = 0.02):
         """Transformer weights ~ N(0, 0.02) as Hugging Face initializes SmolVLM/SmolLM2 (they are replaced
@@ -445,6 +446,19 @@ class SmolVLA(nn.Module):
             if cross:
                 layer.self_attn.k_proj.reset_parameters()
                 layer.self_attn.v_proj.reset_parameters()
+
+    def set_requires_grad(self):
+        """What training updates, from the config (SmolVLA trains the expert and the projections and keeps
+        the pretrained VLM frozen by default: 99.9M of smolvla_base's 450M parameters)."""
+        cfg = self.config
+        frozen = [self.lm_head]  # the language-model head is never used
+        if cfg.train_expert_only:
+            frozen += [self.vision, self.connector, self.text]
+        elif cfg.freeze_vision_encoder:
+            frozen += [self.vision]
+        for module in self.children():
+            module.requires_grad_(all(module is not f for f in frozen))
+        self.state_proj.requires_grad_(cfg.train_state_proj)
 
     # --- prefix: images, words, state ----------------------------------------------------------------
 
@@ -862,18 +876,20 @@ def load_weights(model: nn.Module, tensors: dict, column: int, skip=lambda name:
     skip(our_name): tensors deliberately left out (the VLM's text layers beyond the first N).
     """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if checkpoint_name(k, column) is not None}
-    found, unexpected, misshaped = {}, [], []
+    found, seen, unexpected, misshaped = {}, set(), [], []
     for name, tensor in tensors.items():
         mine = our_name(name, column)
         if mine is not None and skip(mine):
             continue
         if mine not in expected:
             unexpected.append(name)
-        elif tuple(tensor.shape) != expected[mine]:
+            continue
+        seen.add(mine)
+        if tuple(tensor.shape) != expected[mine]:
             misshaped.append(f"{name}: checkpoint {tuple(tensor.shape)}, model {expected[mine]}")
         else:
             found[mine] = tensor
-    missing = [checkpoint_name(k, column) for k in expected if k not in found]
+    missing = [checkpoint_name(k, column) for k in expected if k not in seen]
     if missing or unexpected or misshaped:
         lines = [f"checkpoint does not fit the model built from its config ({len(found)} tensors matched):"]
         for title, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):

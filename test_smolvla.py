@@ -2,12 +2,13 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from smolvla import SmolVLA
+from smolvla import LEROBOT, SMOLVLM2_500M_VIDEO_INSTRUCT, SmolVLA, SmolVLAConfig, checkpoint_name, load_weights
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = os.path.join(HERE, "testdata", "smolvla_tiny")
@@ -59,3 +60,159 @@ def test_predict_chunk_matches_reference(tiny, io):
     chunk = tiny.predict_chunk(observation, noise=io["sample_noise"][:1])
     assert chunk.shape == (1, 50, 6)
     torch.testing.assert_close(chunk, io["policy_expected_chunk"], atol=TOL, rtol=TOL)
+
+
+# --- the full-size architecture ------------------------------------------------------------------------
+
+
+def base_keys():
+    rows = open(os.path.join(HERE, "testdata", "smolvla_base_keys.tsv")).read().splitlines()[1:]
+    return {k: tuple(json.loads(shape)) for k, shape in (row.split("\t") for row in rows)}
+
+
+@pytest.fixture(scope="module")
+def base_meta():
+    with torch.device("meta"):  # shapes only: instant, no memory
+        return SmolVLA(SmolVLAConfig(), SMOLVLM2_500M_VIDEO_INSTRUCT)
+
+
+def test_base_architecture_has_the_checkpoint_names_and_shapes(base_meta):
+    ours = {checkpoint_name(k, LEROBOT): tuple(v.shape) for k, v in base_meta.state_dict().items()}
+    assert ours == base_keys()
+    assert sum(p.numel() for p in base_meta.parameters()) == 450_046_176
+    assert sum(p.numel() for p in base_meta.parameters() if p.requires_grad) == 99_880_992  # expert + projections
+
+
+def test_base_checkpoint_in_bf16_fp32_mix_loads_strictly(base_meta):
+    # as published: the five projections and the cross-attention layers' k/v in float32, the rest bfloat16
+    fp32 = lambda k: k.startswith("model.") and "vlm_with_expert" not in k or (
+        "lm_expert" in k and any(f"layers.{i}.self_attn.{p}_proj" in k for i in range(1, 16, 2) for p in "kv")
+    )
+    tensors = {
+        k.replace("model.vlm_with_expert.", "model._orig_mod.vlm_with_expert.", 1 if i % 7 == 0 else 0): torch.empty(
+            shape, dtype=torch.float32 if fp32(k) else torch.bfloat16, device="meta"
+        )
+        for i, (k, shape) in enumerate(base_keys().items())
+    }
+    assert sum(t.dtype == torch.float32 for t in tensors.values()) == 26
+    load_weights(base_meta, {k: t.float() for k, t in tensors.items()}, LEROBOT, assign=True)
+    assert all(p.dtype == torch.float32 for p in base_meta.parameters())
+    assert sum(p.numel() for p in base_meta.parameters() if p.requires_grad) == 99_880_992
+
+
+def test_mismatched_checkpoint_lists_every_problem(base_meta):
+    tensors = {k: torch.empty(shape, device="meta") for k, shape in base_keys().items()}
+    del tensors["model.state_proj.bias"]
+    tensors["model.vlm_with_expert.lm_expert.layers.0.self_attn.k_proj.weight"] = torch.empty(3, 3, device="meta")
+    tensors["model.something_new.weight"] = torch.empty(1, device="meta")
+    with pytest.raises(ValueError) as e:
+        load_weights(base_meta, tensors, LEROBOT, assign=True)
+    msg = str(e.value)
+    assert "1 missing: model.state_proj.bias" in msg
+    assert "1 unexpected: model.something_new.weight" in msg
+    assert "wrong shape: model.vlm_with_expert.lm_expert.layers.0.self_attn.k_proj.weight: checkpoint (3, 3)" in msg
+
+
+# --- loading and saving real files ---------------------------------------------------------------------
+
+
+def copy_checkpoint(dst, tensors=None, config=None, processors=True):
+    """A copy of the tiny checkpoint directory, with optional replaced weights/config, without processors."""
+    src = os.path.join(TINY, "checkpoint")
+    os.makedirs(dst, exist_ok=True)
+    for name in os.listdir(src):
+        if name.startswith("policy_") and not processors:
+            continue
+        if name not in ("model.safetensors", "config.json"):
+            shutil.copy(os.path.join(src, name), dst)
+    save_file(load_file(os.path.join(src, "model.safetensors")) if tensors is None else tensors, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config or json.load(open(os.path.join(src, "config.json"))), f)
+    return dst
+
+
+def policy_observation(io):
+    meta = json.load(open(os.path.join(TINY, "io.json")))
+    return {
+        "observation.state": io["policy_state_raw"],
+        "observation.images.top": io["image0"][0],
+        "observation.images.wrist": io["image1"][0],
+        "task": meta["policy_task"],
+    }
+
+
+def test_bf16_fp32_mixed_weights_load_into_float32(tmp_path, io):
+    tensors = load_file(os.path.join(TINY, "checkpoint", "model.safetensors"))
+    mixed = {k: t.bfloat16() if "vlm_with_expert" in k else t for k, t in tensors.items()}
+    model = SmolVLA.from_pretrained(copy_checkpoint(tmp_path / "ckpt", mixed), vlm=os.path.join(TINY, "vlm"))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    w = model.state_dict()["text.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(w, mixed["model.vlm_with_expert.vlm.model.text_model.layers.0.self_attn.q_proj.weight"].float())
+    assert not model.training
+
+
+def test_save_pretrained_round_trip(tmp_path, tiny, io):
+    tiny.save_pretrained(tmp_path / "saved")
+    files = set(os.listdir(tmp_path / "saved"))
+    assert {"config.json", "model.safetensors", "policy_preprocessor.json", "policy_postprocessor.json", "vlm"} <= files
+    assert load_file(tmp_path / "saved" / "model.safetensors").keys() == load_file(
+        os.path.join(TINY, "checkpoint", "model.safetensors")
+    ).keys()
+    assert json.load(open(tmp_path / "saved" / "config.json")) == json.load(open(os.path.join(TINY, "checkpoint", "config.json")))
+    reloaded = SmolVLA.from_pretrained(tmp_path / "saved")  # VLM description from saved/vlm/
+    chunk = reloaded.predict_chunk(policy_observation(io), noise=io["sample_noise"][:1])
+    torch.testing.assert_close(chunk, io["policy_expected_chunk"], atol=TOL, rtol=TOL)
+
+
+def test_old_format_stats_buffers_with_dataset_prefix(tmp_path, io):
+    stats = load_file(os.path.join(TINY, "checkpoint", "policy_preprocessor_step_5_normalizer_processor.safetensors"))
+    tensors = load_file(os.path.join(TINY, "checkpoint", "model.safetensors"))
+    for stat in ("mean", "std"):
+        tensors[f"normalize_inputs.so100-red_buffer_observation_state.{stat}"] = stats[f"observation.state.{stat}"]
+        tensors[f"normalize_targets.so100-red_buffer_action.{stat}"] = stats[f"action.{stat}"].clone()
+        tensors[f"unnormalize_outputs.so100-red_buffer_action.{stat}"] = stats[f"action.{stat}"].clone()
+        tensors[f"normalize_inputs.so100-red_buffer_observation_images_top.{stat}"] = torch.full((3, 1, 1), torch.inf)
+    model = SmolVLA.from_pretrained(copy_checkpoint(tmp_path / "old", tensors, processors=False), vlm=os.path.join(TINY, "vlm"))
+    assert sorted(model.stats) == ["action", "observation.state"]
+    chunk = model.predict_chunk(policy_observation(io), noise=io["sample_noise"][:1])
+    torch.testing.assert_close(chunk, io["policy_expected_chunk"], atol=TOL, rtol=TOL)
+
+
+def test_missing_stats_are_an_error_until_set(tmp_path, io, capsys):
+    tensors = load_file(os.path.join(TINY, "checkpoint", "model.safetensors"))
+    tensors["normalize_inputs.buffer_observation_state.mean"] = torch.full((6,), torch.inf)  # unset buffer
+    model = SmolVLA.from_pretrained(copy_checkpoint(tmp_path / "none", tensors, processors=False), vlm=os.path.join(TINY, "vlm"))
+    assert "no normalization stats found" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="set_normalization"):
+        model.predict_chunk(policy_observation(io))
+    stats = load_file(os.path.join(TINY, "checkpoint", "policy_preprocessor_step_5_normalizer_processor.safetensors"))
+    model.set_normalization({f: {s: stats[f"{f}.{s}"] for s in ("mean", "std")} for f in ("observation.state", "action")})
+    chunk = model.predict_chunk(policy_observation(io), noise=io["sample_noise"][:1])
+    torch.testing.assert_close(chunk, io["policy_expected_chunk"], atol=TOL, rtol=TOL)
+
+
+def test_bad_checkpoints_get_clear_errors(tmp_path):
+    vlm = os.path.join(TINY, "vlm")
+    with pytest.raises(FileNotFoundError, match="checkpoint directory not found"):
+        SmolVLA.from_pretrained(tmp_path / "nowhere", vlm=vlm)
+    config = json.load(open(os.path.join(TINY, "checkpoint", "config.json")))
+    with pytest.raises(ValueError, match="'act' policy checkpoint"):
+        SmolVLA.from_pretrained(copy_checkpoint(tmp_path / "act", config={**config, "type": "act"}), vlm=vlm)
+    os.remove(copy_checkpoint(tmp_path / "noweights") / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        SmolVLA.from_pretrained(tmp_path / "noweights", vlm=vlm)
+    with pytest.raises(ValueError, match="wrong shape"):  # a checkpoint made for another VLM width
+        SmolVLA.from_pretrained(copy_checkpoint(tmp_path / "wide", config={**config, "max_state_dim": 16}), vlm=vlm)
+    os.makedirs(tmp_path / "novlm")
+    with pytest.raises(FileNotFoundError, match="VLM config.json not found"):
+        SmolVLA.from_pretrained(os.path.join(TINY, "checkpoint"), vlm=tmp_path / "novlm")
+
+
+def test_bad_observations_get_clear_errors(tiny, io):
+    obs = policy_observation(io)
+    with pytest.raises(ValueError, match=r"lacks camera\(s\) \['observation.images.wrist'\]"):
+        tiny.predict_chunk({k: v for k, v in obs.items() if k != "observation.images.wrist"})
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        tiny.predict_chunk({**obs, "observation.images.top": obs["observation.images.top"] * 255})
+    with pytest.raises(ValueError, match="must have shape"):
+        tiny.predict_chunk({**obs, "observation.state": torch.zeros(7)})
