@@ -46,7 +46,6 @@ READ = 0x02
 WRITE = 0x03
 SYNC_READ = 0x82  # read the same register from many servos: each answers with its own status packet
 SYNC_WRITE = 0x83  # write the same register on many servos at once: nobody answers
-INSTRUCTION_NAMES = {PING: "PING", READ: "READ", WRITE: "WRITE", SYNC_READ: "SYNC_READ", SYNC_WRITE: "SYNC_WRITE"}
 
 # The error byte of a status packet: one bit per condition the servo reports.
 ERROR_BITS = {
@@ -65,6 +64,8 @@ def checksum(body):
 
 def instruction_packet(servo_id, instruction, params=b""):
     """`FF FF id len inst params… chk`; len counts the instruction, the params and the checksum."""
+    if not 0 <= servo_id <= BROADCAST_ID:
+        raise ValueError(f"servo ids are 0..253 (254 = broadcast), got {servo_id}")
     body = bytes([servo_id, len(params) + 2, instruction]) + bytes(params)
     return HEADER + body + bytes([checksum(body)])
 
@@ -301,7 +302,7 @@ class FeetechBus:
 
     def ping(self, servo_id):
         """PING a servo, then READ its model number (777 for the STS3215)."""
-        self._transact(servo_id, PING, b"", 0, "PING")
+        self._transact(servo_id, ping_packet(servo_id), 0, "PING")
         return self.read(servo_id, "Model_Number")
 
     def broadcast_ping(self):
@@ -323,7 +324,7 @@ class FeetechBus:
     def read(self, servo_id, name):
         """READ one register; returns its value decoded (signed where the register is signed)."""
         reg = register(name)
-        data = self._transact(servo_id, READ, bytes([reg.address, reg.size]), reg.size, f"READ {name}")
+        data = self._transact(servo_id, read_packet(servo_id, reg.address, reg.size), reg.size, f"READ {name}")
         return decode_value(reg, data)
 
     def write(self, servo_id, name, value):
@@ -331,8 +332,8 @@ class FeetechBus:
         reg = register(name)
         if reg.read_only:
             raise ValueError(f"{name} is read-only")
-        params = bytes([reg.address]) + encode_value(reg, value)
-        self._transact(servo_id, WRITE, params, 0, f"WRITE {name}={value}")
+        packet = write_packet(servo_id, reg.address, encode_value(reg, value))
+        self._transact(servo_id, packet, 0, f"WRITE {name}={value}")
 
     def sync_read(self, name, servo_ids):
         """SYNC_READ one register from several servos: {id: value}.
@@ -381,11 +382,10 @@ class FeetechBus:
 
     # -- transactions -------------------------------------------------------------------------------------------
 
-    def _transact(self, servo_id, instruction, params, reply_size, what):
-        """Send one instruction to one servo and return the data of its status packet, retrying on faults."""
-        if not 0 <= servo_id < BROADCAST_ID:
-            raise ValueError(f"servo id must be 0..253, got {servo_id} (use sync_write to address several)")
-        packet = instruction_packet(servo_id, instruction, params)
+    def _transact(self, servo_id, packet, reply_size, what):
+        """Send one instruction packet to one servo and return the data of its status packet, retrying faults."""
+        if servo_id == BROADCAST_ID:
+            raise ValueError("the broadcast id gets no reply: use sync_read / sync_write / broadcast_ping")
         for _ in range(1 + self.retries):
             statuses, problems = self._exchange(packet, {servo_id: reply_size})
             if servo_id in statuses:
@@ -524,14 +524,14 @@ def load_calibration(path_or_dict):
         if not path.is_file():
             raise FileNotFoundError(f"no calibration file at {path}: run `python so100.py --port PORT calibrate`")
         source = json.loads(path.read_text())
+    if not isinstance(source, dict):
+        raise ValueError(f"a calibration is a dict of motors, got {type(source).__name__}")
     calibration = {}
     for name in MOTOR_NAMES:
-        entry = source.get(name) if isinstance(source, dict) else None
+        entry = source.get(name)
         if not isinstance(entry, dict):
-            raise ValueError(
-                f"calibration has no entry for {name!r} (found {list(source) if isinstance(source, dict) else source!r});"
-                " expected lerobot's format {motor: {id, drive_mode, homing_offset, range_min, range_max}}"
-            )
+            raise ValueError(f"calibration has no entry for {name!r} (it has {list(source)}); expected lerobot's "
+                             "format {motor: {id, drive_mode, homing_offset, range_min, range_max}}")
         try:
             entry = {k: int(entry[k]) for k in ("id", "drive_mode", "homing_offset", "range_min", "range_max")}
         except (KeyError, TypeError, ValueError) as e:

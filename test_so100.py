@@ -167,6 +167,10 @@ def test_bus_contract(sim, bus):
     assert bus.sync_read("Goal_Position", [1, 2, 3]) == {1: 2100, 2: 1234, 3: 1900}
     with pytest.raises(ValueError, match="read-only"):
         bus.write(1, "Present_Position", 0)
+    with pytest.raises(ValueError, match="broadcast"):
+        bus.read(0xFE, "Present_Position")
+    with pytest.raises(KeyError, match="Goal_Posiiton"):
+        bus.read(1, "Goal_Posiiton")
 
 
 @pytest.mark.parametrize("kind, params", [
