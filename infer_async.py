@@ -21,13 +21,20 @@ The file reads top to bottom:
 
     python infer_async.py --port sim --policy CKPT --vlm VLM --duration 20 --metrics m.json --plot q.png
     python infer_async.py --serve --host 127.0.0.1 --port-server 8765 --policy CKPT
-    python infer_async.py --port /dev/ttyACM0 --server 127.0.0.1:8765 --cameras top=/dev/video0
+    python infer_async.py --port /dev/ttyACM0 --server 127.0.0.1:8765 --task "pick the cube" \
+        --cameras top=/dev/video0,wrist=/dev/video2 --rename top=camera1,wrist=camera2
+
+Failures never stop the arm: inference runs on a background thread (or a server), at most one request is
+in flight, a failed or lost request is re-armed after an exponential backoff, and meanwhile the loop keeps
+executing the queue and then holds position. The wire carries JSON and raw tensors only (no pickle).
 """
 
 import argparse
+import contextlib
 import json
 import math
 import queue
+import signal
 import socket
 import socketserver
 import struct
@@ -40,6 +47,8 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
+
+from so100 import NORM_MODES, OpenCVCamera, open_arm
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. The action queue and the scheduler (pure logic: no threads, no I/O, time from an injectable clock)
@@ -143,6 +152,16 @@ class Metrics:
     arrival_ticks: list = field(default_factory=list) # tick index at which every chunk was merged
     failure_messages: list = field(default_factory=list)  # the first 50, for the report
     config: dict = field(default_factory=dict)        # the run's settings, filled in by the caller
+
+    def summary(self):
+        """Derived numbers to compare with the paper's analysis (idle ≈ latency / Δt per chunk in sync)."""
+        latency = np.asarray(self.inference_latency_s or [math.nan])
+        # idle stretches: runs of empty-queue ticks after the first chunk (in sync, one per chunk awaited)
+        idle = np.asarray(self.queue_sizes[self.arrival_ticks[0]:] if self.arrival_ticks else []) == 0
+        stretches = int(np.sum(idle[1:] & ~idle[:-1]) + (idle[:1].sum()))
+        return {"mean_inference_latency_s": float(latency.mean()), "max_inference_latency_s": float(latency.max()),
+                "mean_latency_in_ticks": float(latency.mean() * self.config.get("fps", math.nan)),
+                "idle_stretches": stretches, "mean_idle_stretch_ticks": self.idle_ticks / max(1, stretches)}
 
 
 class AsyncScheduler:
@@ -374,7 +393,7 @@ class PolicyRunner:
             if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
                 raise ValueError(f"{key}: expected an (H, W, 3) uint8 frame, got {frame.dtype} {frame.shape}")
             # (H, W, 3) uint8 -> (3, H, W) float in [0, 1]
-            inputs[key] = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).float() / 255.0
+            inputs[key] = torch.tensor(frame).permute(2, 0, 1).float() / 255.0
         inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         with self.lock, torch.inference_mode():
             chunk = self.policy.predict_chunk(inputs)  # (1, chunk, action_dim)
@@ -630,7 +649,7 @@ def run_control_loop(arm, capture, worker, scheduler, fps, ticks, clock=time.mon
 
 def write_metrics(metrics, path):
     with open(path, "w") as f:
-        json.dump(asdict(metrics), f, indent=1)
+        json.dump({**asdict(metrics), "summary": metrics.summary()}, f, indent=1)
 
 
 def plot_queue(metrics, path):
@@ -645,7 +664,7 @@ def plot_queue(metrics, path):
     sizes = np.asarray(metrics.queue_sizes)
     fig, ax = plt.subplots(figsize=(10, 3.5))
     ax.step(t, sizes, where="post", color="tab:blue", label="actions in queue")
-    if "threshold" in metrics.config and "chunk_size" in metrics.config:
+    if metrics.config.get("threshold", 0) > 0 and "chunk_size" in metrics.config:
         ax.axhline(metrics.config["threshold"] * metrics.config["chunk_size"], color="gray", ls="--",
                    label=f"trigger g·n (g = {metrics.config['threshold']})")
     idle = (sizes == 0) & (np.arange(len(sizes)) >= (metrics.arrival_ticks[0] if metrics.arrival_ticks else 0))
@@ -655,7 +674,7 @@ def plot_queue(metrics, path):
     ax.set_xlabel("time (s)")
     ax.set_ylabel("queue size")
     ax.set_title(metrics.config.get("title", "action queue"))
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -683,8 +702,6 @@ def open_cameras(args, policy_cameras, virtual_arm):
     sources = parse_mapping(args.cameras, "--cameras")
     cameras = {}
     if sources:
-        from so100 import OpenCVCamera
-
         for name, source in sources.items():
             key = "observation.images." + rename.get(name, name)
             cameras[key] = OpenCVCamera(int(source) if source.isdigit() else source)
@@ -723,7 +740,8 @@ def build_parser():
     p.add_argument("--aggregate", choices=AGGREGATES, default="weighted", help="fusion of overlapping actions")
     p.add_argument("--aggregate-weight", type=float, default=0.7, help="weight of the new action (weighted)")
     p.add_argument("--extra-latency", type=float, default=0.0, help="seconds added to every inference")
-    p.add_argument("--norm-mode", default="degrees", help="joint units of the policy's data (so100.py)")
+    p.add_argument("--norm-mode", default="degrees", choices=NORM_MODES,
+                   help="joint units the policy was trained in (see so100.py); printed when the arm connects")
     p.add_argument("--server", help="HOST:PORT of a policy server (default: infer in-process)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per request to the server")
     p.add_argument("--serve", action="store_true", help="run a policy server instead of an arm")
@@ -754,20 +772,23 @@ def serve(args):
         server.server_close()
 
 
-def run_arm(args):
-    from so100 import open_arm
-
+def open_policy(args):
+    """-> (callable observation -> actions, {"chunk_size", "cameras"}): in-process, or a policy server."""
     if args.server:
         if args.policy and len(args.policy) > 1:
             raise ValueError("with --server, --policy names one of the server's policies")
-        compute = PolicyClient(parse_address(args.server), (args.policy or [None])[0], args.timeout,
-                               int(args.max_message_mb * 2**20))
-        info = connect_to_server(compute)
-    else:
-        if not args.policy or len(args.policy) != 1:
-            raise ValueError("give exactly one --policy (a checkpoint dir or hub id), or --server HOST:PORT")
-        compute = PolicyRunner(load_policy(args.policy[0], args.vlm, args.device, args.dtype), args.device)
-        info = compute.info
+        client = PolicyClient(parse_address(args.server), (args.policy or [None])[0], args.timeout,
+                              int(args.max_message_mb * 2**20))
+        return client, connect_to_server(client)
+    if not args.policy or len(args.policy) != 1:
+        raise ValueError("give exactly one --policy (a checkpoint dir or hub id), or --server HOST:PORT")
+    runner = PolicyRunner(load_policy(args.policy[0], args.vlm, args.device, args.dtype), args.device)
+    return runner, runner.info
+
+
+def run_arm(args):
+    """Drive the arm with the policy until --duration or Ctrl-C; torque goes off whatever happens."""
+    compute, info = open_policy(args)
     threshold = 0.0 if args.sync else args.threshold
     scheduler = AsyncScheduler(info["chunk_size"], threshold, args.similarity_eps,
                                make_fusion(args.aggregate, args.aggregate_weight))
@@ -776,41 +797,44 @@ def run_arm(args):
         "similarity_eps": args.similarity_eps, "extra_latency_s": args.extra_latency, "port": args.port,
         "server": args.server, "title": f"{'sync' if threshold == 0 else f'async g={threshold}'}, "
                                         f"extra latency {args.extra_latency} s, {args.fps:g} fps"}
-    arm, virtual_arm = open_arm(args.port, norm_mode=args.norm_mode)
-    worker = None
-    try:
+    ticks = sys.maxsize if args.duration is None else round(args.duration * args.fps)
+    # closed in reverse order: inference thread, cameras, arm (torque off), virtual arm, server connection
+    with contextlib.ExitStack() as cleanup:
+        if isinstance(compute, PolicyClient):
+            cleanup.callback(compute.close)
+        arm, virtual_arm = open_arm(args.port, norm_mode=args.norm_mode)
+        if virtual_arm is not None:
+            cleanup.callback(virtual_arm.close)
+        cleanup.callback(arm.disconnect)
         cameras = open_cameras(args, info["cameras"], virtual_arm)
-        print(f"state at start ({args.norm_mode}): {np.round(arm.get_state(), 1).tolist()}")
+        cleanup.callback(lambda: [camera.close() for camera in cameras.values() if hasattr(camera, "close")])
 
         def capture(state):
             observation = {"task": args.task, "observation.state": np.asarray(state, dtype=np.float32)}
             observation.update({key: camera.read() for key, camera in cameras.items()})
             return observation
 
+        # warm-up: the first inference allocates and initializes a lot; do it before the clock starts, and
+        # let a policy that cannot run at all fail here, loudly, rather than as failures in the loop
+        start = time.monotonic()
+        compute(capture(arm.get_state()))
+        print(f"warm-up inference took {time.monotonic() - start:.2f} s")
         worker = InferenceWorker(compute, args.extra_latency)
-        ticks = math.inf if args.duration is None else round(args.duration * args.fps)
-        print(f"running {'until Ctrl-C' if ticks == math.inf else f'{ticks} ticks'} at {args.fps:g} fps, "
+        cleanup.callback(worker.close)
+        print(f"running {'until Ctrl-C' if args.duration is None else f'{ticks} ticks'} at {args.fps:g} fps, "
               f"g = {threshold}, chunk {info['chunk_size']}")
         start = time.monotonic()
         try:
-            run_control_loop(arm, capture, worker, scheduler, args.fps,
-                             ticks if ticks != math.inf else sys.maxsize)
+            run_control_loop(arm, capture, worker, scheduler, args.fps, ticks)
         except KeyboardInterrupt:
             print("stopped by Ctrl-C")
         scheduler.metrics.config["wall_s"] = time.monotonic() - start
-    finally:
-        if worker is not None:
-            worker.close()
-        arm.disconnect()  # torque off
-        if virtual_arm is not None:
-            virtual_arm.close()
-        if isinstance(compute, PolicyClient):
-            compute.close()
-    m = scheduler.metrics
-    print(f"ticks {m.ticks}, idle ticks {m.idle_ticks} (+{m.startup_ticks} at startup), chunks {m.chunks_received}, "
-          f"observations sent {m.observations_sent}, skipped as similar {m.observations_skipped_similar}, "
-          f"failures {m.inference_failures}, mean latency "
-          f"{np.mean(m.inference_latency_s) if m.inference_latency_s else float('nan'):.3f} s")
+    m, summary = scheduler.metrics, scheduler.metrics.summary()
+    print(f"ticks {m.ticks}, idle ticks {m.idle_ticks} (+{m.startup_ticks} before the first chunk), "
+          f"chunks {m.chunks_received}, observations sent {m.observations_sent}, skipped as similar "
+          f"{m.observations_skipped_similar}, failures {m.inference_failures}; mean latency "
+          f"{summary['mean_inference_latency_s']:.3f} s = {summary['mean_latency_in_ticks']:.1f} ticks, "
+          f"{summary['idle_stretches']} idle stretches of {summary['mean_idle_stretch_ticks']:.1f} ticks on average")
     if args.metrics:
         write_metrics(m, args.metrics)
     if args.plot:
@@ -824,8 +848,12 @@ def main(argv=None):
         raise ValueError(f"--fps must be positive, got {args.fps}")
     if args.extra_latency < 0:
         raise ValueError(f"--extra-latency must be >= 0, got {args.extra_latency}")
+    if args.serve and args.extra_latency:
+        raise ValueError("--extra-latency is added on the client's inference thread: pass it to the client")
     return serve(args) if args.serve else run_arm(args)
 
 
 if __name__ == "__main__":
+    # `kill` stops like Ctrl-C: the cleanup above turns the torque off
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     main()

@@ -200,6 +200,8 @@ def test_control_loop_matches_the_papers_analysis(threshold, expected_idle):
                             clock=clock, sleep=clock.sleep, log=lambda msg: None)
     assert m.ticks == 400 and len(m.queue_sizes) == 400 and clock.now == pytest.approx(400 / 30)
     assert m.startup_ticks == 10 and m.idle_ticks == expected_idle
+    assert m.summary()["idle_stretches"] == expected_idle // 9
+    assert m.summary()["mean_idle_stretch_ticks"] == (9 if expected_idle else 0)
     if threshold == 0:
         assert m.chunks_received == 10 and m.actions_dropped_stale == 0
     else:
@@ -447,3 +449,37 @@ def test_argument_errors_are_clear():
     with pytest.raises(ValueError, match="name=value"):
         ia.parse_mapping("top", "--cameras")
     assert ia.parse_mapping("top=/dev/video0, wrist=2", "--cameras") == {"top": "/dev/video0", "wrist": "2"}
+
+
+TINY = "testdata/smolvla_tiny/checkpoint"
+TINY_VLM = "testdata/smolvla_tiny/vlm"
+
+
+def check_run(metrics, path_json, path_png, ticks):
+    saved = json.loads(path_json.read_text())
+    assert saved["ticks"] == ticks == metrics.ticks and len(saved["queue_sizes"]) == ticks
+    assert saved["chunks_received"] >= 1 and saved["observations_sent"] >= saved["chunks_received"]
+    assert saved["inference_failures"] == 0 and len(saved["inference_latency_s"]) >= 1
+    assert saved["config"]["chunk_size"] == 50
+    assert max(saved["queue_sizes"]) <= 50 + 50 * 0.7  # never more than what is left plus one fresh chunk
+    assert path_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_end_to_end_tiny_checkpoint_on_the_virtual_arm(tmp_path):
+    metrics = ia.main(["--port", "sim", "--policy", TINY, "--vlm", TINY_VLM, "--task", "reach the target",
+                       "--duration", "2", "--metrics", str(tmp_path / "m.json"), "--plot", str(tmp_path / "q.png")])
+    check_run(metrics, tmp_path / "m.json", tmp_path / "q.png", ticks=60)
+
+
+def test_end_to_end_through_a_policy_server(tmp_path):
+    policy = ia.load_policy(TINY, TINY_VLM)
+    server = start_server({TINY: ia.PolicyRunner(policy)})
+    try:
+        address = "%s:%d" % server.server_address
+        metrics = ia.main(["--port", "sim", "--server", address, "--task", "reach the target", "--sync",
+                           "--duration", "2", "--metrics", str(tmp_path / "m.json"),
+                           "--plot", str(tmp_path / "q.png")])
+    finally:
+        server.close_all()
+    check_run(metrics, tmp_path / "m.json", tmp_path / "q.png", ticks=60)
+    assert metrics.config["threshold"] == 0.0 and metrics.actions_fused == 0  # sync: chunks never overlap
