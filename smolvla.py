@@ -22,10 +22,12 @@ Reading order: SmolVLAConfig, the SigLIP tower, pixel shuffle, the prefix/suffix
 attention masks, SmolVLA.compute_loss / sample_actions, then the policy level and checkpoint I/O.
 """
 
+import fnmatch
 import json
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -429,6 +431,7 @@ class SmolVLA(nn.Module):
         self.action_time_mlp_out = nn.Linear(expert_width, expert_width)
         self.action_out_proj = nn.Linear(expert_width, config.max_action_dim)  # expert output -> velocity
         self.stats = {}  # normalization statistics, see set_normalization
+        self.vlm_dir = None  # where the VLM description came from (copied into saved checkpoints' vlm/)
         self._init_like_reference()
         self.set_requires_grad()
 
@@ -752,9 +755,11 @@ class SmolVLA(nn.Module):
         if vlm is None:
             local_vlm = os.path.join(ckpt_dir, "vlm")
             vlm = local_vlm if os.path.isdir(local_vlm) else config.vlm_model_name
-        vlm_config, tokenizer = load_vlm_description(vlm)
+        vlm_dir = resolve_dir(vlm, "VLM", VLM_DESCRIPTION_FILES)
+        vlm_config, tokenizer = load_vlm_description(vlm_dir)
         with torch.device("meta"):  # no memory, no random init: every tensor comes from the checkpoint
             model = cls(config, vlm_config, tokenizer)
+        model.vlm_dir = vlm_dir
         tensors = load_file(weights_path)
         buffer_stats = {k: tensors.pop(k) for k in list(tensors) if OLD_STATS_NAME.match(k)}
         dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
@@ -773,9 +778,10 @@ class SmolVLA(nn.Module):
         N text layers (Hugging Face format: model.vision_model.*, model.connector.*, model.text_model.*,
         lm_head.*) and a newly initialized action expert and projections."""
         config = config or SmolVLAConfig()
-        vlm_dir = resolve_dir(vlm, "VLM", ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+        vlm_dir = resolve_dir(vlm, "VLM", VLM_DESCRIPTION_FILES + ["*.safetensors"])
         vlm_config, tokenizer = load_vlm_description(vlm_dir)
         model = cls(config, vlm_config, tokenizer)
+        model.vlm_dir = vlm_dir
         kept = len(model.text.layers)
 
         def cut_layer(name: str) -> bool:  # text layers beyond the first N are dropped on purpose
@@ -808,12 +814,18 @@ class SmolVLA(nn.Module):
                 save_file(flat_stats, os.path.join(directory, step["state_file"]))
             with open(os.path.join(directory, f"{name}.json"), "w") as f:
                 json.dump({"name": name, "steps": steps}, f, indent=4)
+        # vlm/: the VLM's description files as they came (config, tokenizer, processor configs), else the
+        # in-memory config and tokenizer
         vlm_dir = os.path.join(directory, "vlm")
         os.makedirs(vlm_dir, exist_ok=True)
+        if self.vlm_dir is not None:
+            for name in os.listdir(self.vlm_dir):
+                if any(fnmatch.fnmatch(name, p) for p in VLM_DESCRIPTION_FILES) and name != "model.safetensors.index.json":
+                    shutil.copyfile(os.path.join(self.vlm_dir, name), os.path.join(vlm_dir, name))
+        elif self.tokenizer is not None:
+            self.tokenizer.save_pretrained(vlm_dir)
         with open(os.path.join(vlm_dir, "config.json"), "w") as f:
             json.dump(self.vlm_config, f, indent=2)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(vlm_dir)
 
     def report_normalization(self, source: str):
         """Say which statistics the policy will use (silently acting in normalized units would be a bug)."""
@@ -847,6 +859,8 @@ NAME_PREFIXES = (
     ("expert.", "model.vlm_with_expert.lm_expert.", None),
     ("", "model.", None),  # state_proj, action_in_proj, action_time_mlp_in/out, action_out_proj
 )
+# the files that describe a VLM (architecture, tokenizer, processor), without its weights
+VLM_DESCRIPTION_FILES = ["*.json", "*.txt", "*.model", "*.jinja"]
 # old-format normalization buffers, e.g. normalize_inputs.so100-red_buffer_observation_state.mean
 OLD_STATS_NAME = re.compile(r"^(normalize_inputs|normalize_targets|unnormalize_outputs)\.(?:(.+)_)?buffer_(.+)\.(mean|std|min|max)$")
 
@@ -930,7 +944,7 @@ def load_vlm_description(source: str) -> tuple[dict, object]:
     """The VLM's config.json (its architecture) and its tokenizer, from a directory or Hub id."""
     from transformers import AutoTokenizer
 
-    vlm_dir = resolve_dir(source, "VLM", ["*.json", "*.txt", "*.model", "*.jinja"])
+    vlm_dir = resolve_dir(source, "VLM", VLM_DESCRIPTION_FILES)
     vlm_config = read_json(os.path.join(vlm_dir, "config.json"), "VLM config.json")
     parse_vlm_config(vlm_config)  # fail early on a config that is not SmolVLM's
     try:

@@ -1,5 +1,6 @@
 """Tests of the model against the reference implementation's outputs (testdata/, see its README)."""
 
+import copy
 import json
 import os
 import shutil
@@ -216,3 +217,66 @@ def test_bad_observations_get_clear_errors(tiny, io):
         tiny.predict_chunk({**obs, "observation.images.top": obs["observation.images.top"] * 255})
     with pytest.raises(ValueError, match="must have shape"):
         tiny.predict_chunk({**obs, "observation.state": torch.zeros(7)})
+
+
+# --- training ------------------------------------------------------------------------------------------
+
+
+def test_training_loss_on_a_raw_batch_matches_reference(tiny, io):
+    meta = json.load(open(os.path.join(TINY, "io.json")))
+    s = tiny.stats
+    raw = lambda x, f: x * (s[f]["std"] + 1e-8) + s[f]["mean"]  # back to robot units
+    batch = {
+        "observation.state": raw(io["state"], "observation.state"),
+        "action": raw(io["actions"], "action"),
+        "action_is_pad": io["action_is_pad"],
+        "observation.images.top": io["image0"],
+        "observation.images.wrist": io["image1"],
+        "task": [t.rstrip("\n") for t in meta["tasks"]],
+    }
+    loss = tiny.training_loss(batch, noise=io["noise"], time=io["time"])
+    torch.testing.assert_close(loss.reshape(1), io["expected_loss"], atol=TOL, rtol=0)
+    # with sampled noise and time it is a differentiable scalar that reaches only the trainable weights
+    loss = tiny.training_loss(batch)
+    loss.backward()
+    assert tiny.expert.layers[0].mlp.up_proj.weight.grad is not None
+    assert tiny.state_proj.weight.grad is not None
+    assert tiny.text.layers[0].mlp.up_proj.weight.grad is None  # VLM frozen (train_expert_only)
+    tiny.zero_grad(set_to_none=True)
+
+
+def test_from_vlm_takes_the_vlm_weights_and_a_fresh_expert(tmp_path, io):
+    # a SmolVLM2-format VLM (Hugging Face names, all 6 text layers) built from the tiny checkpoint's VLM part
+    tensors = load_file(os.path.join(TINY, "checkpoint", "model.safetensors"))
+    prefix = "model.vlm_with_expert.vlm."
+    hf = {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
+    for name in [k for k in hf if ".layers.3." in k and "text_model" in k]:
+        for extra in (4, 5):  # the layers a policy with num_vlm_layers=4 must drop
+            hf[name.replace(".layers.3.", f".layers.{extra}.")] = torch.randn_like(hf[name])
+    shutil.copytree(os.path.join(TINY, "vlm"), tmp_path / "vlm")
+    save_file(hf, tmp_path / "vlm" / "model.safetensors")
+    config = SmolVLAConfig.from_json_dict(json.load(open(os.path.join(TINY, "checkpoint", "config.json"))))
+    model = SmolVLA.from_vlm(tmp_path / "vlm", config)
+    ours = model.state_dict()
+    assert len(model.text.layers) == 4
+    for name, t in ours.items():
+        ckpt = tensors[checkpoint_name(name, LEROBOT)]
+        if name.startswith(("vision.", "connector.", "text.", "lm_head.")):
+            assert torch.equal(t, ckpt), name
+        else:  # the expert and the projections are new
+            assert not torch.equal(t, ckpt), name
+    chunk = model.sample_actions(*tensor_inputs(io), noise=io["sample_noise"])
+    assert chunk.shape == (2, 50, 8) and torch.isfinite(chunk).all()
+    del hf["model.connector.modality_projection.proj.weight"]
+    save_file(hf, tmp_path / "vlm" / "model.safetensors")
+    with pytest.raises(ValueError, match="1 missing: model.connector.modality_projection.proj.weight"):
+        SmolVLA.from_vlm(tmp_path / "vlm", config)
+
+
+def test_bfloat16_model_stays_close_to_the_reference(tiny, io):
+    model = copy.deepcopy(tiny).to(torch.bfloat16)
+    chunk = model.sample_actions(*tensor_inputs(io), noise=io["sample_noise"])
+    assert chunk.dtype == torch.float32  # the flow integrates in float32
+    assert (chunk - io["expected_sampled"]).abs().max() < 0.05
+    losses = model.compute_loss(*tensor_inputs(io), io["actions"], noise=io["noise"], time=io["time"])
+    torch.testing.assert_close(losses, io["expected_losses"], atol=0.05, rtol=0.05)  # squared errors up to ~4
