@@ -255,6 +255,15 @@ def test_normalization_formulas():
         normalize(raw, cal, "radians")
 
 
+def test_goal_ticks_match_lerobot():
+    # Goal_Position ticks that lerobot 0.4.4's SOFollower.send_action wrote to the virtual arm (calibrated with
+    # TRUE_CALIBRATION) for these actions, in its use_degrees=True and use_degrees=False modes.
+    assert unnormalize([20, -30, 50, 0, 90, 60], TRUE_CALIBRATION, "degrees") == \
+        [2252, 1673, 2543, 2055, 3071, 2912]
+    assert unnormalize([10, -20, 30, 0, 40, 60], TRUE_CALIBRATION, "range_m100_100") == \
+        [2151, 1776, 2309, 2055, 2866, 2912]
+
+
 def test_loads_a_lerobot_calibration_file(tmp_path):
     # As lerobot writes it (draccus, indent 4).
     path = tmp_path / "my_arm.json"
