@@ -152,16 +152,11 @@ class Register:
     sign_bit: int | None = None  # sign-magnitude numbers: this bit is the sign, the lower bits the magnitude
     read_only: bool = False
 
-    @property
-    def eeprom(self):
-        # Addresses below 40 live in EEPROM: they survive a power cycle if written while Lock = 0.
-        return self.address < 40
-
 
 CONTROL_TABLE = {
     r.name: r
     for r in [
-        # EEPROM: identity, limits, tuning
+        # EEPROM (addresses below 40): identity, limits, tuning; kept at power-off if written while Lock = 0
         Register("Firmware_Major_Version", 0, 1, read_only=True),
         Register("Firmware_Minor_Version", 1, 1, read_only=True),
         Register("Model_Number", 3, 2, read_only=True),
