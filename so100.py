@@ -606,8 +606,8 @@ class SO100Follower:
 
     `calibration` is a path or dict in lerobot's format (None: only `calibrate()` is possible). States and
     actions are (6,) arrays in `norm_mode` units for the five joints and 0..100 for the gripper.
-    `max_relative_target` (a number, or one per joint) caps how far one action may move a joint from where it
-    is, in the same units. Torque goes off on `disconnect()`, when leaving a `with` block for any reason, and
+    `max_relative_target` (a number, 6 numbers, or {motor: number}) caps how far one action may move a joint
+    from where it is, in the same units. Torque goes off on `disconnect()`, when leaving a `with` block for any reason, and
     at interpreter exit.
     """
 
@@ -689,7 +689,10 @@ class SO100Follower:
         if self.max_relative_target is not None:
             # Cap each joint's step from where it is now, so one bad prediction can't slam the arm.
             present = self.get_state().astype(np.float64)
-            cap = np.broadcast_to(np.asarray(self.max_relative_target, dtype=np.float64), action.shape)
+            cap = self.max_relative_target
+            if isinstance(cap, dict):  # lerobot's per-motor form: {"shoulder_pan": 5.0, …}
+                cap = [cap[name] for name in MOTOR_NAMES]
+            cap = np.broadcast_to(np.asarray(cap, dtype=np.float64), action.shape)
             action = present + np.clip(action - present, -cap, cap)
         goal = np.clip(unnormalize(action, calibration, self.norm_mode), *_limits(calibration)).astype(int)
         self.bus.sync_write("Goal_Position", dict(zip(self.ids, goal.tolist())))
