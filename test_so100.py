@@ -327,6 +327,8 @@ def test_actions_move_the_arm_and_the_clamp_caps_steps():
         expected = [present[0] + 5, present[1] - 5, 42.0, 10.0, present[4] - 5, present[5] - 5]
         np.testing.assert_allclose(sent, expected, atol=1e-4)
         arm.max_relative_target = dict(zip(MOTOR_NAMES, [1, 2, 3, 4, 5, 6]))
+        arm.send_action(arm.get_state())  # stop where it is
+        time.sleep(0.1)
         present = arm.get_state()
         sent = arm.send_action(present + 10)
         np.testing.assert_allclose(sent, present + [1, 2, 3, 4, 5, 6], atol=1e-4)
