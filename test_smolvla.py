@@ -16,6 +16,15 @@ TINY = os.path.join(HERE, "testdata", "smolvla_tiny")
 TOL = 1e-5  # fp32 on CPU: a faithful reimplementation agrees to this
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # the test models are tiny: on a busy 2-core machine, thread hand-offs cost 10-50x the arithmetic
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return SmolVLA.from_pretrained(os.path.join(TINY, "checkpoint"), vlm=os.path.join(TINY, "vlm"))
