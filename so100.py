@@ -511,7 +511,8 @@ CALIBRATION_DIR = Path(
 
 def load_calibration(path_or_dict):
     """Read and check a calibration in lerobot's JSON format:
-    `{"shoulder_pan": {"id": 1, "drive_mode": 0, "homing_offset": -710, "range_min": 758, "range_max": 3292}, …}`.
+    `{"shoulder_pan": {"id": 1, "drive_mode": 0, "homing_offset": -710, "range_min": 758, "range_max": 3292},
+    …}` (all six motors).
     """
     source = path_or_dict
     if isinstance(path_or_dict, (str, Path)):
@@ -536,7 +537,7 @@ def load_calibration(path_or_dict):
         if entry["drive_mode"] != 0:
             raise ValueError(f"{name}: drive_mode {entry['drive_mode']} (inverted) is not used by the SO-100")
         if not 0 <= entry["range_min"] <= entry["range_max"] <= MAX_TICK:
-            raise ValueError(f"{name}: range {entry['range_min']}..{entry['range_max']} is not within 0..{MAX_TICK}")
+            raise ValueError(f"{name}: range {entry['range_min']}..{entry['range_max']} is outside 0..{MAX_TICK}")
         if entry["range_min"] == entry["range_max"]:
             raise ValueError(f"{name}: empty range {entry['range_min']}..{entry['range_max']} (was the joint "
                              "moved through its range during calibration?)")
@@ -607,8 +608,8 @@ class SO100Follower:
     `calibration` is a path or dict in lerobot's format (None: only `calibrate()` is possible). States and
     actions are (6,) arrays in `norm_mode` units for the five joints and 0..100 for the gripper.
     `max_relative_target` (a number, 6 numbers, or {motor: number}) caps how far one action may move a joint
-    from where it is, in the same units. Torque goes off on `disconnect()`, when leaving a `with` block for any reason, and
-    at interpreter exit.
+    from where it is, in the same units. Torque goes off on `disconnect()`, when leaving a `with` block for any
+    reason (an exception, Ctrl-C), and at interpreter exit.
     """
 
     def __init__(self, port, calibration=None, norm_mode="degrees", max_relative_target=None,

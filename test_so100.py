@@ -16,8 +16,8 @@ import pytest
 
 import so100
 from so100 import (
-    CONTROL_TABLE, FeetechBus, FeetechError, MOTOR_NAMES, SO100Follower, decode_sign_magnitude, encode_sign_magnitude,
-    load_calibration, normalize, open_arm, parse_status, unnormalize,
+    CONTROL_TABLE, FeetechBus, FeetechError, MOTOR_NAMES, SO100Follower, decode_sign_magnitude,
+    encode_sign_magnitude, load_calibration, normalize, open_arm, parse_status, unnormalize,
 )
 from virtual_arm import TRUE_CALIBRATION, VirtualArm
 
@@ -197,6 +197,13 @@ def test_persistent_faults_name_the_servo(sim, bus, kind, message):
     assert e.value.servo_id == 3
 
 
+def test_fault_parameters_are_checked(sim):
+    with pytest.raises(ValueError, match="missing \\['seconds'\\]"):
+        sim.inject("delay", servo_id=1)
+    with pytest.raises(ValueError, match="unknown fault"):
+        sim.inject("explode")
+
+
 def test_error_bits_are_reported_not_retried(sim, bus):
     sim.inject("error_bits", servo_id=6, bits=0x20)
     with pytest.raises(FeetechError, match=r"servo 6 \(gripper\): reports overload \(.*power-cycle"):
@@ -250,7 +257,8 @@ def test_normalization_formulas():
     np.testing.assert_allclose(normalize(raw, cal, "range_m100_100"), [50, -100, 100, 100, -100, 25], rtol=1e-6)
     # inverses truncate: 10° -> 2000 + 113.75 -> 2113; -10° -> 1886.25 -> 1886; gripper 33.3 -> 1666.6 -> 1666
     assert unnormalize([10, -10, 0, 180, -180, 33.33], cal, "degrees") == [2113, 1886, 2000, 4047, -47, 1666]
-    assert unnormalize([50, -100, 150, 0, 12.5, 120], cal, "range_m100_100") == [2500, 1000, 3000, 2000, 2125, 3000]
+    assert unnormalize([50, -100, 150, 0, 12.5, 120], cal, "range_m100_100") == \
+        [2500, 1000, 3000, 2000, 2125, 3000]
     with pytest.raises(ValueError, match="norm_mode"):
         normalize(raw, cal, "radians")
 

@@ -56,7 +56,12 @@ EEPROM_END = 40  # addresses below this are EEPROM
 # Bytes the instruction WRITE may not change: read-only registers, and ID / baud rate (not modelled).
 PROTECTED = {r.address + k for r in CONTROL_TABLE.values() if r.read_only or r.name in ("ID", "Baud_Rate")
              for k in range(r.size)}
-FAULT_KINDS = ("drop", "corrupt", "delay", "fragment", "garbage", "error_bits", "missing")
+# Each kind of fault, with its parameters (a default of None means the parameter is required). The default
+# garbage hides a false header (FF FF 07 42: "servo 7, 66 bytes follow") that a driver must not trust.
+FAULT_KINDS = {
+    "drop": {}, "corrupt": {}, "delay": {"seconds": None}, "fragment": {"gap": 0.001},
+    "garbage": {"data": b"\x00\xff\x13\xff\xff\x07\x42"}, "error_bits": {"bits": None}, "missing": {},
+}
 
 
 class VirtualServo:
@@ -154,7 +159,6 @@ class VirtualArm:
                 servo.set("Homing_Offset", truth["homing_offset"])
                 servo.set("Min_Position_Limit", truth["range_min"])
                 servo.set("Max_Position_Limit", truth["range_max"])
-                servo.set("Goal_Position", servo.present())
                 servo.flash = bytes(servo.regs[:EEPROM_END])
             self.servos[truth["id"]] = servo
         self._faults = []
@@ -235,9 +239,15 @@ class VirtualArm:
         `clear_faults()`, whatever `times` says).
         """
         if kind not in FAULT_KINDS:
-            raise ValueError(f"unknown fault {kind!r}; choose from {FAULT_KINDS}")
+            raise ValueError(f"unknown fault {kind!r}; choose from {list(FAULT_KINDS)}")
+        allowed = FAULT_KINDS[kind]
+        unknown = set(params) - set(allowed)
+        missing = [p for p, default in allowed.items() if default is None and p not in params]
+        if unknown or missing:
+            raise ValueError(f"fault {kind!r} takes {list(allowed) or 'no parameters'}; "
+                             f"unknown {sorted(unknown)}, missing {missing}")
         with self._lock:
-            self._faults.append({"kind": kind, "servo_id": servo_id, "times": times, **params})
+            self._faults.append({"kind": kind, "servo_id": servo_id, "times": times, **allowed, **params})
 
     def clear_faults(self):
         with self._lock:
@@ -336,13 +346,13 @@ class VirtualArm:
             packet[-1] ^= 0x5A
         garbage = self._take_fault("garbage", servo_id)
         if garbage:
-            packet[:0] = garbage.get("data", b"\x00\xff\x13\xff\xff\x07\x42")
+            packet[:0] = garbage["data"]
         delay = self._take_fault("delay", servo_id)
         at = now + (delay["seconds"] if delay else 0.0)
         fragment = self._take_fault("fragment", servo_id)
         if fragment:
             for k, byte in enumerate(packet):
-                self._outbox.append((at + k * fragment.get("gap", 0.001), bytes([byte])))
+                self._outbox.append((at + k * fragment["gap"], bytes([byte])))
         else:
             self._outbox.append((at, bytes(packet)))
 
