@@ -1020,4 +1020,7 @@ def _raise_keyboard_interrupt(signum, frame):
 if __name__ == "__main__":
     # `kill` (SIGTERM) unwinds like Ctrl-C: the `with` block switches the torque off either way.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    main()
+    try:
+        main()
+    except (FeetechError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")  # the message says what is wrong and what to do; the torque is already off
