@@ -332,7 +332,7 @@ def _recv_exact(sock, n, deadline):
         sock.settimeout(max(1e-3, deadline - time.monotonic()))
         k = sock.recv_into(view[got:])
         if k == 0:
-            raise ConnectionError(f"connection closed after {got} of {n} bytes")
+            raise ConnectionError(f"peer closed the connection ({got} of {n} bytes received)")
         got += k
     return buffer
 
@@ -455,8 +455,8 @@ class PolicyServer(socketserver.ThreadingTCPServer):
               {"actions": (n, action_dim) float32}. Anything wrong -> {"type": "error", "message"}.
     """
 
-    daemon_threads = True
     allow_reuse_address = True
+    daemon_threads = False  # so that server_close() waits for the connection threads (none dies inside torch)
 
     def __init__(self, address, runners, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES, idle_timeout_s=300.0):
         if not runners:
@@ -479,16 +479,23 @@ class PolicyServer(socketserver.ThreadingTCPServer):
         actions = self.runners[name]({"task": header.get("task", ""), **tensors})
         return {"type": "actions", "id": header.get("id")}, {"actions": actions}
 
+    def start(self):
+        """Accept connections on a background thread; returns self."""
+        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, name="server")
+        self.thread.start()
+        return self
+
     def close_all(self):
-        """Stop serving and drop every open connection (clients see a disconnect and reconnect later)."""
+        """Stop accepting, drop every open connection (clients see a disconnect and reconnect later) and wait
+        for the connection threads to finish the request they are computing."""
         self.shutdown()
-        self.server_close()
         for connection in list(self.connections):
             try:
                 connection.shutdown(socket.SHUT_RDWR)
             except OSError:
-                pass
-            connection.close()
+                pass  # already closed by the client
+        self.server_close()
+        self.thread.join()
 
 
 class _PolicyConnection(socketserver.BaseRequestHandler):
@@ -626,8 +633,8 @@ def run_control_loop(arm, capture, worker, scheduler, fps, ticks, clock=time.mon
         for result in worker.poll():
             scheduler.receive(result)
             if result.error is not None:
-                log(f"inference failed ({scheduler.consecutive_failures} in a row): {result.error}; "
-                    f"retrying in {scheduler.backoff_s():.1f} s, executing the queue meanwhile")
+                log(f"inference failed ({scheduler.consecutive_failures} in a row): {result.error}; retrying in "
+                    f"{scheduler.backoff_s():.1f} s; {len(scheduler.queue)} actions left, then the arm holds still")
         action = scheduler.next_action()
         # an empty queue sends nothing: the servos keep holding their last goal position
         if action is not None:
@@ -763,13 +770,15 @@ def serve(args):
     runners = {name: PolicyRunner(load_policy(name, args.vlm, args.device, args.dtype), args.device)
                for name in names}
     server = PolicyServer((args.host, args.port_server), runners, int(args.max_message_mb * 2**20))
+    server.start()
     print(f"serving {list(runners)} on {args.host}:{args.port_server} (Ctrl-C stops)")
     try:
-        server.serve_forever()
+        while server.thread.is_alive():
+            server.thread.join(0.5)
     except KeyboardInterrupt:
-        print("server stopped")
+        print("server stopping")
     finally:
-        server.server_close()
+        server.close_all()
 
 
 def open_policy(args):

@@ -306,9 +306,7 @@ def observation(value=1.0):
 
 
 def start_server(runners, port=0):
-    server = ia.PolicyServer(("127.0.0.1", port), runners, idle_timeout_s=5)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    return server
+    return ia.PolicyServer(("127.0.0.1", port), runners, idle_timeout_s=5).start()
 
 
 @pytest.fixture
@@ -449,6 +447,38 @@ def test_argument_errors_are_clear():
     with pytest.raises(ValueError, match="name=value"):
         ia.parse_mapping("top", "--cameras")
     assert ia.parse_mapping("top=/dev/video0, wrist=2", "--cameras") == {"top": "/dev/video0", "wrist": "2"}
+
+
+def test_ctrl_c_stops_cleanly_with_torque_off(server, monkeypatch, tmp_path):
+    """Ctrl-C in the middle of a run: the loop stops, metrics are written, every servo's torque is off."""
+    import so100
+
+    opened, sent = [], []
+
+    def open_arm_then_interrupt(port, **options):
+        arm, virtual = so100.open_arm(port, **options)
+        opened.append((arm, virtual))
+        send_action = arm.send_action
+
+        def send_or_interrupt(action):
+            if len(sent) == 15:
+                raise KeyboardInterrupt
+            sent.append(action)
+            return send_action(action)
+
+        arm.send_action = send_or_interrupt
+        return arm, virtual
+
+    monkeypatch.setattr(ia, "open_arm", open_arm_then_interrupt)
+    address = "%s:%d" % server.server_address
+    start = time.monotonic()
+    metrics = ia.main(["--port", "sim", "--server", address, "--fps", "50", "--duration", "60",
+                       "--metrics", str(tmp_path / "m.json")])
+    assert time.monotonic() - start < 20 and len(sent) == 15 and metrics.chunks_received >= 2
+    assert json.loads((tmp_path / "m.json").read_text())["ticks"] == metrics.ticks
+    (arm, virtual), = opened
+    assert arm.bus is None  # disconnected
+    assert all(servo.get("Torque_Enable") == 0 for servo in virtual.servos.values())
 
 
 TINY = "testdata/smolvla_tiny/checkpoint"
