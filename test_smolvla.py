@@ -289,3 +289,42 @@ def test_bfloat16_model_stays_close_to_the_reference(tiny, io):
     assert (chunk - io["expected_sampled"]).abs().max() < 0.05
     losses = model.compute_loss(*tensor_inputs(io), io["actions"], noise=io["noise"], time=io["time"])
     torch.testing.assert_close(losses, io["expected_losses"], atol=0.05, rtol=0.05)  # squared errors up to ~4
+
+
+# --- other configurations: vectors the reference computed for them (testdata/smolvla_variants/) ---------
+
+VARIANTS = os.path.join(HERE, "testdata", "smolvla_variants")
+
+
+def check_variant(directory):
+    """Tensor level, masked loss and policy level of one variant against the reference's outputs."""
+    io = load_file(os.path.join(directory, "io.safetensors"))
+    meta = json.load(open(os.path.join(directory, "io.json")))
+    model = SmolVLA.from_pretrained(os.path.join(directory, "checkpoint"), vlm=os.path.join(directory, "vlm"))
+    cams = meta["camera_keys_present"]
+    assert model.config.camera_keys == cams
+    batch = io["state"].shape[0]
+    images = [io[f"image{i}"] for i in range(len(cams))]
+    inputs = (images, [torch.ones(batch, dtype=torch.bool)] * len(cams), io["lang_tokens"], io["lang_masks"], io["state"])
+    tokens, masks = model.tokenize(meta["tasks"])
+    assert torch.equal(tokens, io["lang_tokens"]) and torch.equal(masks, io["lang_masks"])
+    with torch.no_grad():
+        losses = model.compute_loss(*inputs, io["actions"], noise=io["noise"], time=io["time"])
+    torch.testing.assert_close(losses, io["expected_losses"], atol=TOL, rtol=0)
+    valid = ~io["action_is_pad"]
+    loss = (losses[:, :, : meta["action_dim"]] * valid[..., None]).sum() / (valid.sum() * meta["action_dim"])
+    torch.testing.assert_close(loss.reshape(1), io["expected_loss"], atol=TOL, rtol=0)
+    sampled = model.sample_actions(*inputs, noise=io["sample_noise"])
+    torch.testing.assert_close(sampled, io["expected_sampled"], atol=TOL, rtol=0)
+    observation = {"observation.state": io["policy_state_raw"], "task": meta["policy_task"]}
+    observation.update({key: io[f"image{i}"][0] for i, key in enumerate(cams)})
+    assert torch.equal(model.tokenize(meta["policy_task"])[0], io["policy_lang_tokens"])
+    chunk = model.predict_chunk(observation, noise=io["sample_noise"][:1])
+    torch.testing.assert_close(chunk, io["policy_expected_chunk"], atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize(
+    "variant", sorted(os.listdir(VARIANTS)) if os.path.isdir(VARIANTS) else [], ids=str
+)
+def test_variant_matches_reference(variant):
+    check_variant(os.path.join(VARIANTS, variant))
