@@ -323,8 +323,12 @@ def check_variant(directory):
     torch.testing.assert_close(chunk, io["policy_expected_chunk"], atol=TOL, rtol=TOL)
 
 
-@pytest.mark.parametrize(
-    "variant", sorted(os.listdir(VARIANTS)) if os.path.isdir(VARIANTS) else [], ids=str
-)
+def variant_names():
+    if not os.path.isdir(VARIANTS):
+        return []
+    return sorted(d for d in os.listdir(VARIANTS) if os.path.isfile(os.path.join(VARIANTS, d, "io.safetensors")))
+
+
+@pytest.mark.parametrize("variant", variant_names())
 def test_variant_matches_reference(variant):
     check_variant(os.path.join(VARIANTS, variant))
