@@ -174,8 +174,8 @@ class AsyncScheduler:
     leave the loop waiting forever.
     """
 
-    def __init__(self, chunk_size, threshold=0.7, similarity_eps=0.0, fuse=None, retry_backoff_s=0.1,
-                 max_backoff_s=2.0, clock=time.monotonic):
+    def __init__(self, chunk_size, threshold=0.7, similarity_eps=0.0, fuse=None, action_dim=None,
+                 retry_backoff_s=0.1, max_backoff_s=2.0, clock=time.monotonic):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if not 0.0 <= threshold <= 1.0:
@@ -186,6 +186,7 @@ class AsyncScheduler:
         self.threshold = threshold
         self.similarity_eps = similarity_eps
         self.queue = ActionQueue(fuse or make_fusion("weighted"))
+        self.action_dim = action_dim    # when given, a chunk of another width counts as a failed inference
         self.retry_backoff_s = retry_backoff_s
         self.max_backoff_s = max_backoff_s
         self.clock = clock
@@ -237,21 +238,24 @@ class AsyncScheduler:
         return self.in_flight
 
     def receive(self, result):
-        """Merge a finished chunk, or record a failure and re-arm after an exponential backoff."""
+        """Merge a finished chunk, or record a failure and re-arm after an exponential backoff.
+
+        Returns None, or what went wrong (the inference's error, or why its chunk cannot be executed)."""
         if self.in_flight is None or result.request_id != self.in_flight.id:
             raise ValueError(f"result for request {result.request_id} but in flight is {self.in_flight}")
         request, self.in_flight = self.in_flight, None
         m = self.metrics
         m.inference_latency_s.append(result.latency_s)
-        if result.error is not None:
+        error = result.error or self.chunk_problem(result.actions)
+        if error is not None:
             self.consecutive_failures += 1
             m.inference_failures += 1
             if len(m.failure_messages) < 50:
-                m.failure_messages.append(result.error)
+                m.failure_messages.append(error)
             # the failed observation was never used: do not let the similarity filter hold back the retry
             self.last_sent_state = None
             self.retry_at = self.clock() + self.backoff_s()
-            return
+            return error
         self.consecutive_failures = 0
         self.retry_at = -math.inf
         counts = self.queue.merge(request.timestep, result.actions)
@@ -260,6 +264,15 @@ class AsyncScheduler:
         m.actions_dropped_stale += counts.dropped
         m.actions_fused += counts.fused
         m.actions_appended += counts.appended
+        return None
+
+    def chunk_problem(self, actions):
+        """Why a chunk cannot be executed (wrong shape, NaN), or None when it is fine."""
+        if actions.ndim != 2 or (self.action_dim is not None and actions.shape[1] != self.action_dim):
+            return f"chunk of shape {actions.shape}, expected (steps, {self.action_dim or 'action_dim'})"
+        if not np.all(np.isfinite(actions)):
+            return "chunk contains NaN or infinite actions"
+        return None
 
     def backoff_s(self):
         """Wait before the next request after consecutive_failures failures: 0.1, 0.2, 0.4, ... up to 2 s."""
@@ -562,13 +575,10 @@ class PolicyClient:
                    "task": observation.get("task", "")}
         tensors = {k: np.ascontiguousarray(v) for k, v in observation.items() if isinstance(v, np.ndarray)}
         header, reply = self._exchange(request, tensors)
-        actions = reply.get("actions")
-        if header.get("id") != self._next_id or actions is None or actions.ndim != 2:
+        if header["type"] != "actions" or header.get("id") != self._next_id or "actions" not in reply:
             raise ProtocolError(f"unexpected answer to request {self._next_id}: {header!r:.200}, "
                                 f"tensors {[(k, v.shape) for k, v in reply.items()]}")
-        if not np.all(np.isfinite(actions)):
-            raise ProtocolError("server sent non-finite actions")
-        return actions
+        return reply["actions"]  # its shape and values are checked by the scheduler
 
     def close(self):
         if self.sock is not None:
@@ -631,9 +641,9 @@ def run_control_loop(arm, capture, worker, scheduler, fps, ticks, clock=time.mon
     next_tick = clock()
     for _ in range(ticks):
         for result in worker.poll():
-            scheduler.receive(result)
-            if result.error is not None:
-                log(f"inference failed ({scheduler.consecutive_failures} in a row): {result.error}; retrying in "
+            error = scheduler.receive(result)
+            if error is not None:
+                log(f"inference failed ({scheduler.consecutive_failures} in a row): {error}; retrying in "
                     f"{scheduler.backoff_s():.1f} s; {len(scheduler.queue)} actions left, then the arm holds still")
         action = scheduler.next_action()
         # an empty queue sends nothing: the servos keep holding their last goal position
@@ -795,17 +805,22 @@ def open_policy(args):
     return runner, runner.info
 
 
+def make_scheduler(args, chunk_size, action_dim):
+    threshold = 0.0 if args.sync else args.threshold
+    scheduler = AsyncScheduler(chunk_size, threshold, args.similarity_eps,
+                               make_fusion(args.aggregate, args.aggregate_weight), action_dim)
+    scheduler.metrics.config = {
+        "fps": args.fps, "chunk_size": chunk_size, "threshold": threshold, "aggregate": args.aggregate,
+        "aggregate_weight": args.aggregate_weight, "similarity_eps": args.similarity_eps,
+        "extra_latency_s": args.extra_latency, "port": args.port, "server": args.server, "policy": args.policy,
+        "title": f"{'sync' if threshold == 0 else f'async g={threshold}'}, "
+                 f"extra latency {args.extra_latency} s, {args.fps:g} fps"}
+    return scheduler
+
+
 def run_arm(args):
     """Drive the arm with the policy until --duration or Ctrl-C; torque goes off whatever happens."""
     compute, info = open_policy(args)
-    threshold = 0.0 if args.sync else args.threshold
-    scheduler = AsyncScheduler(info["chunk_size"], threshold, args.similarity_eps,
-                               make_fusion(args.aggregate, args.aggregate_weight))
-    scheduler.metrics.config = {
-        "fps": args.fps, "chunk_size": info["chunk_size"], "threshold": threshold, "aggregate": args.aggregate,
-        "similarity_eps": args.similarity_eps, "extra_latency_s": args.extra_latency, "port": args.port,
-        "server": args.server, "title": f"{'sync' if threshold == 0 else f'async g={threshold}'}, "
-                                        f"extra latency {args.extra_latency} s, {args.fps:g} fps"}
     ticks = sys.maxsize if args.duration is None else round(args.duration * args.fps)
     # closed in reverse order: inference thread, cameras, arm (torque off), virtual arm, server connection
     with contextlib.ExitStack() as cleanup:
@@ -824,14 +839,19 @@ def run_arm(args):
             return observation
 
         # warm-up: the first inference allocates and initializes a lot; do it before the clock starts, and
-        # let a policy that cannot run at all fail here, loudly, rather than as failures in the loop
+        # let a policy that cannot drive this arm fail here, loudly, rather than as failures in the loop
         start = time.monotonic()
-        compute(capture(arm.get_state()))
+        state = arm.get_state()
+        warm_up = np.asarray(compute(capture(state)))
         print(f"warm-up inference took {time.monotonic() - start:.2f} s")
+        if warm_up.ndim != 2 or warm_up.shape[1] != len(state):
+            raise ValueError(f"the policy predicts chunks of shape {warm_up.shape} but the arm takes "
+                             f"{len(state)} joint targets per action")
+        scheduler = make_scheduler(args, info["chunk_size"], len(state))
         worker = InferenceWorker(compute, args.extra_latency)
         cleanup.callback(worker.close)
         print(f"running {'until Ctrl-C' if args.duration is None else f'{ticks} ticks'} at {args.fps:g} fps, "
-              f"g = {threshold}, chunk {info['chunk_size']}")
+              f"g = {scheduler.threshold}, chunk {info['chunk_size']}")
         start = time.monotonic()
         try:
             run_control_loop(arm, capture, worker, scheduler, args.fps, ticks)
