@@ -1,4 +1,4 @@
-"""Asynchronous inference: keep the arm moving while the next action chunk is computed (SmolVLA paper §3.3).
+r"""Asynchronous inference: keep the arm moving while the next action chunk is computed (SmolVLA paper §3.3).
 
 A policy that predicts chunks of n actions can be run in two ways:
 
@@ -48,7 +48,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
-from so100 import NORM_MODES, OpenCVCamera, open_arm
+from so100 import NORM_MODES, FeetechError, OpenCVCamera, open_arm
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. The action queue and the scheduler (pure logic: no threads, no I/O, time from an injectable clock)
@@ -374,6 +374,7 @@ def recv_message(sock, timeout_s=10.0, max_message_bytes=DEFAULT_MAX_MESSAGE_BYT
 
 def load_policy(path, vlm=None, device="cpu", dtype="float32"):
     """A SmolVLA checkpoint (directory or hub id) ready for predict_chunk."""
+    # torch is imported only where a policy runs: the client of a policy server does not need it
     import torch
 
     from smolvla import SmolVLA
@@ -739,7 +740,8 @@ def open_cameras(args, policy_cameras, virtual_arm):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    examples = __doc__[__doc__.index("    python infer_async.py"):__doc__.index("\nFailures never")]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="examples:\n" + examples,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--port", default="sim", help="serial port of the SO-100 follower, or `sim` (virtual arm)")
     p.add_argument("--policy", action="append",
@@ -749,7 +751,7 @@ def build_parser():
     p.add_argument("--task", default="", help="language instruction")
     p.add_argument("--cameras", help="name=/dev/video0,name2=1 (default with --port sim: synthetic cameras)")
     p.add_argument("--rename", help="camera name=policy camera name, e.g. top=camera1,wrist=camera2")
-    p.add_argument("--fps", type=float, default=30.0)
+    p.add_argument("--fps", type=float, default=30.0, help="control ticks per second (one action each)")
     p.add_argument("--threshold", type=float, default=0.7, help="g: ask for a chunk when |queue|/n < g")
     p.add_argument("--sync", action="store_true", help="g = 0: ask only when the queue is empty")
     p.add_argument("--similarity-eps", type=float, default=0.0,
@@ -885,4 +887,7 @@ def main(argv=None):
 if __name__ == "__main__":
     # `kill` stops like Ctrl-C: the cleanup above turns the torque off
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    main()
+    try:
+        main()
+    except (FeetechError, FileNotFoundError, ConnectionError, ValueError) as e:
+        sys.exit(f"error: {e}")  # the message says what is wrong and what to do; the torque is already off
