@@ -212,36 +212,40 @@ class VisionConfig:
 
 
 def parse_vlm_config(vlm_config: dict) -> tuple[VisionConfig, DecoderConfig, int, int]:
-    """SmolVLM config.json -> (vision tower shape, text model shape, pixel-shuffle factor, vocabulary size)."""
-    try:
-        v, t = vlm_config["vision_config"], vlm_config["text_config"]
-        vision = VisionConfig(
-            hidden_size=v["hidden_size"],
-            intermediate_size=v["intermediate_size"],
-            num_layers=v["num_hidden_layers"],
-            num_heads=v["num_attention_heads"],
-            image_size=v["image_size"],
-            patch_size=v["patch_size"],
-            layer_norm_eps=v.get("layer_norm_eps", 1e-6),
-            num_channels=v.get("num_channels", 3),
-        )
-        text = DecoderConfig(
-            hidden_size=t["hidden_size"],
-            intermediate_size=t["intermediate_size"],
-            num_layers=t["num_hidden_layers"],
-            num_heads=t["num_attention_heads"],
-            num_kv_heads=t.get("num_key_value_heads", t["num_attention_heads"]),
-            head_dim=t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"],
-            rms_norm_eps=t.get("rms_norm_eps", 1e-5),
-        )
-        scale_factor, vocab_size = vlm_config.get("scale_factor", 2), t["vocab_size"]
-    except KeyError as e:
-        raise ValueError(f"the VLM config.json is not a SmolVLM config: it lacks {e}") from None
-    if v.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh" or t.get("hidden_act", "silu") != "silu":
+    """SmolVLM config.json -> (vision tower shape, text model shape, pixel-shuffle factor, vocabulary size).
+
+    Hugging Face may leave out of config.json the fields that equal their defaults; transformers' own
+    SmolVLMConfig fills them in exactly as the reference's model constructor sees them."""
+    from transformers import SmolVLMConfig
+
+    if vlm_config.get("model_type", "smolvlm") != "smolvlm":
+        raise ValueError(f"the VLM must be a SmolVLM (model_type 'smolvlm'), got {vlm_config.get('model_type')!r}")
+    full = SmolVLMConfig.from_dict(vlm_config)
+    v, t = full.vision_config, full.text_config
+    if v.hidden_act != "gelu_pytorch_tanh" or t.hidden_act != "silu":
         raise ValueError("only SmolVLM's activations are supported (gelu_pytorch_tanh vision, silu text)")
-    if t.get("attention_bias") or t.get("mlp_bias"):
+    if getattr(t, "attention_bias", False) or getattr(t, "mlp_bias", False):
         raise ValueError("only SmolLM2-style text models without biases are supported")
-    return vision, text, scale_factor, vocab_size
+    vision = VisionConfig(
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_layers=v.num_hidden_layers,
+        num_heads=v.num_attention_heads,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        layer_norm_eps=v.layer_norm_eps,
+        num_channels=v.num_channels,
+    )
+    text = DecoderConfig(
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_layers=t.num_hidden_layers,
+        num_heads=t.num_attention_heads,
+        num_kv_heads=t.num_key_value_heads or t.num_attention_heads,
+        head_dim=getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads,
+        rms_norm_eps=t.rms_norm_eps,
+    )
+    return vision, text, full.scale_factor, t.vocab_size
 
 
 # ----------------------------------------------------------------------------------------------------
