@@ -230,6 +230,13 @@ def _frame_times(path):
     return np.array(pts, dtype=np.float64) * seconds_per_tick
 
 
+def _video_size(path):
+    """(height, width) of an mp4's frames."""
+    container, stream = _open_video(path)
+    with container:
+        return stream.codec_context.height, stream.codec_context.width
+
+
 def _decode_all(path, out, progress):
     """Decode every frame of an mp4 in order into `out` (N, H, W, 3) uint8."""
     container, stream = _open_video(path)
@@ -296,7 +303,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
     rename: camera renames, e.g. {"top": "camera1", "wrist": "camera2"} to match a checkpoint's names.
     max_cache_gb: pre-decode every video into a uint8 cache when the decoded frames fit in this many GB
         (0 turns the cache off: frames are then decoded on the fly).
-    cache_dir: where that cache lives (default ~/.cache/smolvla/frames).
+    cache_dir: where that cache lives (default ~/.cache/smolvla/frames). Cache files are named by the video's
+        path, size and modification time, so an edited video is decoded again; delete the folder to free space.
     """
 
     def __init__(self, repo_id_or_path, chunk_size=50, episodes=None, rename=None, revision=None,
@@ -382,6 +390,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         starts, ends = np.r_[0, change], np.r_[change, len(table)]
         self._start = np.repeat(starts, ends - starts)
         self._end = np.repeat(ends, ends - starts)
+        self._rows_of = {int(self._episode_index[a]): slice(a, b) for a, b in zip(starts, ends)}
 
     @staticmethod
     def _camera_renames(video_keys, rename):
@@ -411,7 +420,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
                     file_ids[path] = len(self._video_files)
                     self._video_files.append(path)
                     self._frame_times.append(_frame_times(path))
-                rows = np.flatnonzero(self._episode_index == episode_index)
+                rows = self._rows_of[episode_index]
                 times = self._frame_times[file_ids[path]]
                 wanted = _video_start(self.info, episode, key) + self._timestamp[rows].astype(np.float64)
                 # nearest frame: compare the neighbours on both sides of the insertion point
@@ -428,7 +437,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
 
     def _build_cache(self, max_cache_gb, cache_dir):
         """Decode every needed mp4 once into `<cache_dir>/<hash>.npy` (uint8 frames), if they fit the budget."""
-        shapes = [(len(t),) + tuple(self._video_shape(path)) for path, t in zip(self._video_files, self._frame_times)]
+        shapes = [(len(t),) + _video_size(path) + (3,) for path, t in zip(self._video_files, self._frame_times)]
         total_gb = sum(int(np.prod(s)) for s in shapes) / 1e9
         if not self._video_files or total_gb > max_cache_gb:
             if self._video_files:
@@ -452,11 +461,6 @@ class LeRobotDataset(torch.utils.data.Dataset):
                         if os.path.exists(partial):
                             os.remove(partial)
         return True
-
-    def _video_shape(self, path):
-        container, stream = _open_video(path)
-        with container:
-            return stream.codec_context.height, stream.codec_context.width, 3
 
     @staticmethod
     def _cache_name(path):
