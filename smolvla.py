@@ -22,6 +22,7 @@ Reading order: SmolVLAConfig, the SigLIP tower, pixel shuffle, the prefix/suffix
 attention masks, SmolVLA.compute_loss / sample_actions, then the policy level and checkpoint I/O.
 """
 
+import copy
 import fnmatch
 import json
 import math
@@ -36,7 +37,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from expert import ActionExpert, DecoderConfig, DecoderLayer, RMSNorm, attention, expert_mlp_width
-from flow import euler_sample, flow_matching_loss, noisy_actions_and_target, sample_noise, sample_time, time_embedding
+from flow import (
+    euler_sample,
+    flow_matching_loss,
+    noisy_actions_and_target,
+    sample_noise,
+    sample_time,
+    time_embedding,
+)
 
 # The VLM smolvla_base was built from, HuggingFaceTB/SmolVLM2-500M-Video-Instruct, in its config.json
 # format (only the fields this file reads). It lets the full architecture be built without a download.
@@ -94,8 +102,8 @@ class SmolVLAConfig:
     Unknown fields from newer lerobot versions are kept in `extra` and written back unchanged."""
 
     n_obs_steps: int = 1
-    input_features: dict = field(default_factory=lambda: json.loads(json.dumps(SMOLVLA_BASE_FEATURES["input_features"])))
-    output_features: dict = field(default_factory=lambda: json.loads(json.dumps(SMOLVLA_BASE_FEATURES["output_features"])))
+    input_features: dict = field(default_factory=lambda: copy.deepcopy(SMOLVLA_BASE_FEATURES["input_features"]))
+    output_features: dict = field(default_factory=lambda: copy.deepcopy(SMOLVLA_BASE_FEATURES["output_features"]))
     device: str | None = "cpu"
     use_amp: bool = False
     use_peft: bool = False
@@ -133,7 +141,7 @@ class SmolVLAConfig:
     scheduler_decay_lr: float = 2.5e-6
     vlm_model_name: str = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
     load_vlm_weights: bool = False
-    add_image_special_tokens: bool = False  # wrap each camera's tokens in <fake_token_around_image><global-img> … <fake_token_around_image>
+    add_image_special_tokens: bool = False  # wrap each camera's tokens in SmolVLM's image marker tokens
     attention_mode: str = "cross_attn"
     prefix_length: int = -1  # > 0: pad the prefix to this many tokens
     pad_language_to: str = "longest"  # or "max_length"
@@ -295,8 +303,9 @@ class VisionEmbeddings(nn.Module):
         super().__init__()
         self.patches_per_side = cfg.image_size // cfg.patch_size  # 32
         # a stride-16 16×16 convolution = a linear map of each non-overlapping 16×16×3 patch
-        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
-        self.position_embedding = nn.Embedding(self.patches_per_side**2, cfg.hidden_size)  # 1024 learned positions
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size)
+        # 1024 learned positions
+        self.position_embedding = nn.Embedding(self.patches_per_side**2, cfg.hidden_size)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embedding(pixels)  # (B, D, h, w) with h = w = 32 for a 512×512 frame
@@ -315,11 +324,12 @@ class VisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.embeddings = VisionEmbeddings(cfg)
-        self.encoder = nn.ModuleDict({"layers": nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_layers))})
+        layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_layers))
+        self.encoder = nn.ModuleDict({"layers": layers})
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, 3, 512, 512) in [-1, 1] -> (B, 1024, 768)
-        x = self.embeddings(pixels)
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.embeddings(pixels)  # (B, 3, 512, 512) in [-1, 1] -> (B, 1024, 768)
         for layer in self.encoder["layers"]:
             x = layer(x)
         return self.post_layernorm(x)
@@ -336,7 +346,7 @@ def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
     batch, num_tokens, dim = x.shape
     side = math.isqrt(num_tokens)
     if side * side != num_tokens or side % factor != 0:
-        raise ValueError(f"pixel shuffle needs a square grid of patches divisible by {factor}, got {num_tokens}")
+        raise ValueError(f"pixel shuffle needs a square grid of patches, a multiple of {factor} wide: {num_tokens}")
     blocks = side // factor
     x = x.view(batch, blocks, factor, blocks, factor, dim)  # (B, I, row in block, J, column in block, D)
     x = x.permute(0, 1, 3, 2, 4, 5)  # (B, I, J, row in block, column in block, D)
@@ -425,7 +435,7 @@ class SmolVLA(nn.Module):
         self.vision = VisionTower(vision_cfg)
         self.connector = nn.Linear(vision_cfg.hidden_size * self.scale_factor**2, width, bias=False)
         self.text = TextModel(text_cfg, vocab_size)
-        self.lm_head = nn.Linear(width, vocab_size, bias=False)  # in every checkpoint, never used by the policy
+        self.lm_head = nn.Linear(width, vocab_size, bias=False)  # in the checkpoints, unused by the policy
         self.expert = ActionExpert(
             expert_cfg, text_cfg, text_cfg.num_layers, config.attention_mode, config.self_attn_every_n_layers
         )
@@ -480,17 +490,17 @@ class SmolVLA(nn.Module):
             raise ValueError("at least one camera image is needed")
         if len(images) > n_real or len(images) < n_real - cfg.empty_cameras:
             raise ValueError(
-                f"got {len(images)} cameras; this policy reads {n_real} ({', '.join(cfg.camera_keys)}) of which "
-                f"at most empty_cameras={cfg.empty_cameras} may be missing"
+                f"got {len(images)} cameras; this policy reads {n_real} ({', '.join(cfg.camera_keys)}) "
+                f"of which at most empty_cameras={cfg.empty_cameras} may be missing"
             )
         prepared = []
         for img in images:
             if img.ndim != 4 or img.shape[1] != 3 or not img.is_floating_point():
-                raise ValueError(f"images must be float tensors (B, 3, H, W), got {tuple(img.shape)} {img.dtype}")
+                raise ValueError(f"images must be float (B, 3, H, W), got {tuple(img.shape)} {img.dtype}")
             lo, hi = img.min().item(), img.max().item()
             if lo < 0 or hi > 1:
                 raise ValueError(
-                    f"images must be in [0, 1] (got values in [{lo:.3g}, {hi:.3g}]): divide uint8 frames by 255"
+                    f"images must be in [0, 1] (got values in [{lo:.3g}, {hi:.3g}]): divide uint8 by 255"
                 )
             if cfg.resize_imgs_with_padding is not None:
                 img = resize_with_pad(img, *cfg.resize_imgs_with_padding)
@@ -524,21 +534,22 @@ class SmolVLA(nn.Module):
             pad.append(mask)
             blocks.extend([block_start] + [0] * (emb.shape[1] - 1))
 
+        def add_marker(*tokens):  # SmolVLM's image marker tokens, all real, in the images' block
+            add(self.embed_marker_tokens(tokens, batch), ones(len(tokens)), 0)
+
+        ones = lambda n: torch.ones(batch, n, dtype=torch.bool, device=state.device)  # noqa: E731
         for img, img_mask in zip(images, img_masks):
-            if self.config.add_image_special_tokens:  # "<fake_token_around_image><global-img>" before the frame
-                start = self.embed_tokens(self._image_token_ids(["<fake_token_around_image>", "<global-img>"]))
-                add(start[None].expand(batch, -1, -1), torch.ones(batch, 2, dtype=torch.bool, device=state.device), 0)
+            if self.config.add_image_special_tokens:
+                add_marker("<fake_token_around_image>", "<global-img>")
             img_emb = self.embed_image(img)  # (B, 64, D)
             # SmolVLA scales image and word embeddings by √D (as Gemma-style models do)
             img_emb = img_emb * torch.tensor(width**0.5, dtype=img_emb.dtype, device=img_emb.device)
             add(img_emb, img_mask[:, None].expand(batch, img_emb.shape[1]), 0)
-            if self.config.add_image_special_tokens:  # "<fake_token_around_image>" after it
-                end = self.embed_tokens(self._image_token_ids(["<fake_token_around_image>"]))
-                add(end[None].expand(batch, -1, -1), torch.ones(batch, 1, dtype=torch.bool, device=state.device), 0)
+            if self.config.add_image_special_tokens:
+                add_marker("<fake_token_around_image>")
         add(self.embed_tokens(lang_tokens) * math.sqrt(width), lang_masks.bool(), 0)  # (B, L, D)
         # the state: one token, a block of its own (images and words do not attend to it)
-        state_emb = self.state_proj(state.to(self.state_proj.weight.dtype))[:, None, :]  # (B, 1, D)
-        add(state_emb, torch.ones(batch, 1, dtype=torch.bool, device=state.device), 1)
+        add(self.state_proj(state.to(self.state_proj.weight.dtype))[:, None, :], ones(1), 1)  # (B, 1, D)
 
         embs, pad = torch.cat(embs, dim=1), torch.cat(pad, dim=1)  # (B, P, D), (B, P)
         blocks = torch.tensor(blocks, dtype=torch.long, device=pad.device)[None].expand(batch, -1)  # (B, P)
@@ -548,11 +559,13 @@ class SmolVLA(nn.Module):
             pad, blocks = F.pad(pad, (0, extra), value=False), F.pad(blocks, (0, extra), value=0)
         return embs, pad, blocks
 
-    def _image_token_ids(self, tokens: list[str]) -> torch.Tensor:
+    def embed_marker_tokens(self, tokens, batch: int) -> torch.Tensor:
+        """Embeddings of special tokens given by their text, repeated over the batch: (B, n, D)."""
         if self.tokenizer is None:
             raise ValueError("add_image_special_tokens needs the VLM's tokenizer")
-        ids = self.tokenizer.convert_tokens_to_ids(tokens)
-        return torch.tensor(ids, dtype=torch.long, device=self.text.embed_tokens.weight.device)
+        ids = self.tokenizer.convert_tokens_to_ids(list(tokens))
+        ids = torch.tensor(ids, device=self.text.embed_tokens.weight.device)
+        return self.embed_tokens(ids)[None].expand(batch, -1, -1)
 
     def encode_observation(self, images, img_masks, lang_tokens, lang_masks, state) -> PrefixContext:
         """Run the VLM once over the prefix; everything the flow steps need from the observation."""
@@ -647,7 +660,7 @@ class SmolVLA(nn.Module):
                     continue
                 value = torch.as_tensor(value, dtype=torch.float32).flatten()
                 if value.shape != (dim,):
-                    raise ValueError(f"{feature} {name} has shape {tuple(value.shape)}, the policy's {feature} has {dim} dims")
+                    raise ValueError(f"{feature} {name} has shape {tuple(value.shape)}, the policy's has {dim} dims")
                 self.stats[feature][name] = value
 
     def _norm_stats(self, feature: str, feature_type: str):
@@ -690,7 +703,7 @@ class SmolVLA(nn.Module):
         missing = [k for k in self.config.camera_keys if k not in observation]
         if len(missing) > self.config.empty_cameras:
             raise ValueError(
-                f"the observation lacks camera(s) {missing} (it has {[k for k in observation if k.startswith(IMAGES)]}); "
+                f"the observation lacks camera(s) {missing} (has {[k for k in observation if k.startswith(IMAGES)]}); "
                 f"this policy reads {self.config.camera_keys} and allows {self.config.empty_cameras} missing "
                 f"(empty_cameras). Rename your cameras to the policy's names or provide them."
             )
@@ -765,10 +778,9 @@ class SmolVLA(nn.Module):
             model = cls(config, vlm_config, tokenizer)
         model.vlm_dir = vlm_dir
         tensors = load_file(weights_path)
-        buffer_stats = {k: tensors.pop(k) for k in list(tensors) if OLD_STATS_NAME.match(k)}
         dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
-        load_weights(model, {k: t.float() for k, t in tensors.items()}, LEROBOT, assign=True)
-        print(f"smolvla: loaded {len(tensors)} tensors ({'/'.join(dtypes)} -> float32) from {weights_path}; VLM from {vlm}")
+        buffer_stats = load_policy_tensors(model, tensors)
+        print(f"smolvla: {len(tensors)} tensors ({'/'.join(dtypes)} -> float32) from {weights_path}; VLM from {vlm}")
         stats, source = read_processor_stats(ckpt_dir)
         if not stats:
             stats, source = read_buffer_stats(buffer_stats, config)
@@ -824,7 +836,8 @@ class SmolVLA(nn.Module):
         os.makedirs(vlm_dir, exist_ok=True)
         if self.vlm_dir is not None:
             for name in os.listdir(self.vlm_dir):
-                if any(fnmatch.fnmatch(name, p) for p in VLM_DESCRIPTION_FILES) and name != "model.safetensors.index.json":
+                is_description = any(fnmatch.fnmatch(name, p) for p in VLM_DESCRIPTION_FILES)
+                if is_description and name != "model.safetensors.index.json":
                     shutil.copyfile(os.path.join(self.vlm_dir, name), os.path.join(vlm_dir, name))
         elif self.tokenizer is not None:
             self.tokenizer.save_pretrained(vlm_dir)
@@ -857,7 +870,11 @@ def pad_last_dim(x: torch.Tensor, width: int) -> torch.Tensor:
 LEROBOT, HF_VLM = 1, 2
 NAME_PREFIXES = (
     ("vision.", "model.vlm_with_expert.vlm.model.vision_model.", "model.vision_model."),
-    ("connector.", "model.vlm_with_expert.vlm.model.connector.modality_projection.proj.", "model.connector.modality_projection.proj."),
+    (
+        "connector.",
+        "model.vlm_with_expert.vlm.model.connector.modality_projection.proj.",
+        "model.connector.modality_projection.proj.",
+    ),
     ("text.", "model.vlm_with_expert.vlm.model.text_model.", "model.text_model."),
     ("lm_head.", "model.vlm_with_expert.vlm.lm_head.", "lm_head."),
     ("expert.", "model.vlm_with_expert.lm_expert.", None),
@@ -866,7 +883,9 @@ NAME_PREFIXES = (
 # the files that describe a VLM (architecture, tokenizer, processor), without its weights
 VLM_DESCRIPTION_FILES = ["*.json", "*.txt", "*.model", "*.jinja"]
 # old-format normalization buffers, e.g. normalize_inputs.so100-red_buffer_observation_state.mean
-OLD_STATS_NAME = re.compile(r"^(normalize_inputs|normalize_targets|unnormalize_outputs)\.(?:(.+)_)?buffer_(.+)\.(mean|std|min|max)$")
+OLD_STATS_NAME = re.compile(
+    r"^(normalize_inputs|normalize_targets|unnormalize_outputs)\.(?:(.+)_)?buffer_(.+)\.(mean|std|min|max)$"
+)
 
 
 def checkpoint_name(name: str, column: int) -> str | None:
@@ -917,6 +936,14 @@ def load_weights(model: nn.Module, tensors: dict, column: int, skip=lambda name:
     model.load_state_dict(found, strict=False, assign=assign)
 
 
+def load_policy_tensors(model: nn.Module, tensors: dict) -> dict:
+    """Load a lerobot checkpoint's tensors into the model as float32 (the published weights mix bfloat16
+    and float32); return the old-format normalization buffers found among them."""
+    buffers = {k: t for k, t in tensors.items() if OLD_STATS_NAME.match(k)}
+    load_weights(model, {k: t.float() for k, t in tensors.items() if k not in buffers}, LEROBOT, assign=True)
+    return buffers
+
+
 def resolve_dir(source: str, what: str, allow_patterns: list[str]) -> str:
     """A local directory as is; otherwise a Hugging Face Hub repo id, downloaded (the files matching the
     patterns) into the local cache."""
@@ -960,7 +987,8 @@ def load_vlm_description(source: str) -> tuple[dict, object]:
 
 def read_safetensors_dir(directory: str) -> dict:
     """All tensors of a Hugging Face model directory: model.safetensors or shards listed in its index."""
-    single, index = os.path.join(directory, "model.safetensors"), os.path.join(directory, "model.safetensors.index.json")
+    single = os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(single):
         return load_file(single)
     if os.path.isfile(index):
@@ -1029,13 +1057,19 @@ def preprocessor_steps(cfg: dict) -> list:
             },
         },
         {"registry_name": "device_processor", "config": {"device": cfg["device"] or "cpu", "float_dtype": None}},
-        {"registry_name": "normalizer_processor", "config": {"eps": NORM_EPS, "norm_map": cfg["normalization_mapping"]}},
+        {
+            "registry_name": "normalizer_processor",
+            "config": {"eps": NORM_EPS, "norm_map": cfg["normalization_mapping"]},
+        },
     ]
 
 
 def postprocessor_steps(cfg: dict) -> list:
     """lerobot's SmolVLA output pipeline, as its policy_postprocessor.json describes it."""
     return [
-        {"registry_name": "unnormalizer_processor", "config": {"eps": NORM_EPS, "norm_map": cfg["normalization_mapping"]}},
+        {
+            "registry_name": "unnormalizer_processor",
+            "config": {"eps": NORM_EPS, "norm_map": cfg["normalization_mapping"]},
+        },
         {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}},
     ]
