@@ -166,6 +166,39 @@ def test_episode_subset_keeps_original_indices(written):
         LeRobotDataset(v3, episodes=[0, 7], cache_dir=cache)
 
 
+def test_hub_id_downloads_only_the_chosen_episodes(written, tmp_path, monkeypatch):
+    """A hub id goes through huggingface_hub.snapshot_download: metadata first, then only the needed files.
+
+    The hub is out of reach here, so snapshot_download is replaced by a copy from a local folder that
+    filters paths the way the hub client does (fnmatch on allow_patterns).
+    """
+    import fnmatch
+
+    import huggingface_hub
+
+    episodes, _, v2, cache = written
+    remote, local, requests = v2, tmp_path / "snapshot", []
+
+    def snapshot_download(repo_id, repo_type, revision, allow_patterns):
+        requests.append((repo_id, repo_type, list(allow_patterns)))
+        for folder, _, names in os.walk(remote):
+            for name in names:
+                relative = os.path.relpath(os.path.join(folder, name), remote)
+                if any(fnmatch.fnmatch(relative, pattern) for pattern in allow_patterns):
+                    os.makedirs(local / os.path.dirname(relative), exist_ok=True)
+                    shutil.copy(os.path.join(folder, name), local / relative)
+        return str(local)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    ds = LeRobotDataset("someone/so100-test", chunk_size=4, episodes=[2], cache_dir=cache)
+    assert [r[:2] for r in requests] == [("someone/so100-test", "dataset")] * 2 and requests[0][2] == ["meta/**"]
+    fetched = sorted(p for p in requests[1][2] if not p.startswith("meta/"))
+    assert fetched == ["data/chunk-000/episode_000002.parquet"] + [
+        f"videos/chunk-000/observation.images.{c}/episode_000002.mp4" for c in sorted(CAMERAS)]
+    assert not os.path.exists(local / "data" / "chunk-000" / "episode_000000.parquet")
+    check_against_episodes(ds, episodes, chunk_size=4)
+
+
 def test_rename_cameras(written):
     _, v3, _, cache = written
     ds = LeRobotDataset(v3, rename={"top": "camera1", "observation.images.wrist": "camera2"}, cache_dir=cache)
