@@ -151,6 +151,9 @@ class Metrics:
     send_ticks: list = field(default_factory=list)    # tick index of every observation sent
     arrival_ticks: list = field(default_factory=list) # tick index at which every chunk was merged
     failure_messages: list = field(default_factory=list)  # the first 50, for the report
+    late_ticks: int = 0                   # ticks whose work overran the tick period (the loop fell behind)
+    max_lateness_s: float = 0.0
+    wall_s: float = 0.0                   # wall time of the loop (ticks / fps when it kept up)
     config: dict = field(default_factory=dict)        # the run's settings, filled in by the caller
 
     def summary(self):
@@ -633,36 +636,47 @@ def connect_to_server(client, wait_s=10.0):
 
 def run_control_loop(arm, capture, worker, scheduler, fps, ticks, clock=time.monotonic, sleep=time.sleep,
                      log=print):
-    """Run `ticks` control ticks at `fps`: merge arrived chunks, execute one action, maybe send an observation.
+    """Run `ticks` control ticks at `fps` (see control_tick); returns scheduler.metrics.
 
     arm: get_state() -> (S,) and send_action((A,)); capture(state) -> observation dict (cameras read now);
-    worker: submit(request, observation) / poll() -> [Result]. Returns scheduler.metrics.
+    worker: submit(request, observation) / poll() -> [Result].
     """
     period = 1.0 / fps
-    next_tick = clock()
-    for _ in range(ticks):
-        for result in worker.poll():
-            error = scheduler.receive(result)
-            if error is not None:
-                log(f"inference failed ({scheduler.consecutive_failures} in a row): {error}; retrying in "
-                    f"{scheduler.backoff_s():.1f} s; {len(scheduler.queue)} actions left, then the arm holds still")
-        action = scheduler.next_action()
-        # an empty queue sends nothing: the servos keep holding their last goal position
-        if action is not None:
-            arm.send_action(action)
-        if scheduler.wants_observation():
-            state = arm.get_state()
-            request = scheduler.observe(state)
-            if request is not None:
-                worker.submit(request, capture(state))
-        # sleep to the next tick; after an overrun start counting again from now instead of rushing
-        next_tick += period
-        delay = next_tick - clock()
-        if delay > 0:
-            sleep(delay)
-        else:
-            next_tick = clock()
-    return scheduler.metrics
+    m = scheduler.metrics
+    start = next_tick = clock()
+    try:
+        for _ in range(ticks):
+            control_tick(arm, capture, worker, scheduler, log)
+            # sleep to the next tick; after an overrun start counting again from now instead of rushing
+            next_tick += period
+            delay = next_tick - clock()
+            if delay > 0:
+                sleep(delay)
+            else:
+                m.late_ticks += 1
+                m.max_lateness_s = max(m.max_lateness_s, -delay)
+                next_tick = clock()
+    finally:
+        m.wall_s = clock() - start
+    return m
+
+
+def control_tick(arm, capture, worker, scheduler, log):
+    """One tick: merge arrived chunks, execute one action (or hold still), maybe send an observation."""
+    for result in worker.poll():
+        error = scheduler.receive(result)
+        if error is not None:
+            log(f"inference failed ({scheduler.consecutive_failures} in a row): {error}; retrying in "
+                f"{scheduler.backoff_s():.1f} s; {len(scheduler.queue)} actions left, then the arm holds still")
+    action = scheduler.next_action()
+    # an empty queue sends nothing: the servos keep holding their last goal position
+    if action is not None:
+        arm.send_action(action)
+    if scheduler.wants_observation():
+        state = arm.get_state()
+        request = scheduler.observe(state)
+        if request is not None:
+            worker.submit(request, capture(state))
 
 
 def write_metrics(metrics, path):
@@ -854,18 +868,17 @@ def run_arm(args):
         cleanup.callback(worker.close)
         print(f"running {'until Ctrl-C' if args.duration is None else f'{ticks} ticks'} at {args.fps:g} fps, "
               f"g = {scheduler.threshold}, chunk {info['chunk_size']}")
-        start = time.monotonic()
         try:
             run_control_loop(arm, capture, worker, scheduler, args.fps, ticks)
         except KeyboardInterrupt:
             print("stopped by Ctrl-C")
-        scheduler.metrics.config["wall_s"] = time.monotonic() - start
     m, summary = scheduler.metrics, scheduler.metrics.summary()
     print(f"ticks {m.ticks}, idle ticks {m.idle_ticks} (+{m.startup_ticks} before the first chunk), "
           f"chunks {m.chunks_received}, observations sent {m.observations_sent}, skipped as similar "
           f"{m.observations_skipped_similar}, failures {m.inference_failures}; mean latency "
           f"{summary['mean_inference_latency_s']:.3f} s = {summary['mean_latency_in_ticks']:.1f} ticks, "
-          f"{summary['idle_stretches']} idle stretches of {summary['mean_idle_stretch_ticks']:.1f} ticks on average")
+          f"{summary['idle_stretches']} idle stretches of {summary['mean_idle_stretch_ticks']:.1f} ticks on average; "
+          f"{m.wall_s:.1f} s wall, {m.late_ticks} late ticks (max {m.max_lateness_s * 1000:.0f} ms)")
     if args.metrics:
         write_metrics(m, args.metrics)
     if args.plot:

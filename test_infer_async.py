@@ -5,7 +5,6 @@ short end-to-end run of the tiny checkpoint on the virtual arm."""
 import json
 import socket
 import socketserver
-import struct
 import threading
 import time
 import tracemalloc
@@ -199,6 +198,7 @@ def test_control_loop_matches_the_papers_analysis(threshold, expected_idle):
     m = ia.run_control_loop(arm, lambda state: {}, DelayedWorker(30, 10), s, fps=30, ticks=400,
                             clock=clock, sleep=clock.sleep, log=lambda msg: None)
     assert m.ticks == 400 and len(m.queue_sizes) == 400 and clock.now == pytest.approx(400 / 30)
+    assert m.wall_s == pytest.approx(400 / 30) and m.late_ticks == 0
     assert m.startup_ticks == 10 and m.idle_ticks == expected_idle
     assert m.summary()["idle_stretches"] == expected_idle // 9
     assert m.summary()["mean_idle_stretch_ticks"] == (9 if expected_idle else 0)
@@ -208,6 +208,24 @@ def test_control_loop_matches_the_papers_analysis(threshold, expected_idle):
         assert m.chunks_received > 10 and m.actions_dropped_stale == 9 * (m.chunks_received - 1)
     # the action for timestep k is k in every joint: executed in order, none skipped or repeated
     np.testing.assert_array_equal([a[0] for a in arm.sent], np.arange(400 - m.startup_ticks - m.idle_ticks))
+
+
+def test_an_overrun_tick_is_counted_and_not_caught_up():
+    clock = FakeClock()
+    tick_times = []
+
+    class SlowArm(FakeArm):
+        def send_action(self, action):
+            tick_times.append(clock.now)
+            if len(tick_times) == 5:
+                clock.sleep(0.25)  # a bus hiccup: this tick takes 2.5 periods
+
+    s = ia.AsyncScheduler(chunk_size=20, threshold=0.5, clock=clock)
+    m = ia.run_control_loop(SlowArm(), lambda state: {}, DelayedWorker(20, 1), s, fps=10, ticks=12,
+                            clock=clock, sleep=clock.sleep, log=lambda msg: None)
+    assert m.late_ticks == 1 and m.max_lateness_s == pytest.approx(0.15)
+    # after the hiccup the ticks keep their period instead of bunching up to make up for lost time
+    np.testing.assert_allclose(np.diff(tick_times), [0.1] * 4 + [0.25] + [0.1] * 5)
 
 
 # ------------------------------------------------------------------ wire protocol
