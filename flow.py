@@ -67,15 +67,17 @@ def euler_sample(velocity, noise: torch.Tensor, num_steps: int = 10) -> torch.Te
 
 
 def time_embedding(time: torch.Tensor, dim: int, min_period: float, max_period: float) -> torch.Tensor:
-    """Sine-cosine embedding of the flow time τ ∈ [0, 1]: (B,) -> (B, dim) float64.
+    """Sine-cosine embedding of the flow time τ ∈ [0, 1]: (B,) -> (B, dim).
 
     dim/2 frequencies whose periods are spaced geometrically from min_period to max_period (4e-3..4.0 for
     SmolVLA): short periods resolve small differences of τ, long ones say roughly where in [0, 1] τ is.
-    Computed in float64 like the reference; the caller casts it to the model's dtype.
+    Computed in float64 like the reference (float32 on Apple's MPS, which has no float64); the caller casts
+    it to the model's dtype.
     """
     if dim % 2 != 0:
         raise ValueError(f"time embedding width must be even, got {dim}")
-    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float64, device=time.device)  # (dim/2,)
+    dtype = torch.float32 if time.device.type == "mps" else torch.float64
+    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=dtype, device=time.device)  # (dim/2,)
     period = min_period * (max_period / min_period) ** fraction  # (dim/2,) geometric series
     angle = (1.0 / period * 2 * math.pi)[None, :] * time[:, None]  # (B, dim/2) radians
     return torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)  # (B, dim)

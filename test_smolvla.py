@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from flow import euler_sample, noisy_actions_and_target, sample_time
 from smolvla import (
     LEROBOT,
     SMOLVLM2_500M_VIDEO_INSTRUCT,
@@ -326,3 +327,30 @@ def test_from_vlm_takes_the_vlm_weights_and_a_fresh_expert(tmp_path, io):
     save_file(hf, tmp_path / "vlm" / "model.safetensors")
     with pytest.raises(ValueError, match="1 missing: model.connector.modality_projection.proj.weight"):
         SmolVLA.from_vlm(tmp_path / "vlm", config)
+
+
+# --- flow matching on its own -------------------------------------------------------------------------
+
+
+def test_flow_time_distribution_and_straight_path():
+    torch.manual_seed(0)
+    tau = sample_time(200_000)
+    assert tau.min() >= 0.001 and tau.max() <= 1.0
+    # Beta(1.5, 1) has mean 0.6 and P(x < 0.5) = 0.5^1.5; mapped by x·0.999 + 0.001
+    assert abs(tau.mean().item() - (0.6 * 0.999 + 0.001)) < 0.003
+    assert abs((tau < 0.5 * 0.999 + 0.001).float().mean().item() - 0.5**1.5) < 0.003
+    actions, noise = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    x_t, u_t = noisy_actions_and_target(actions, noise, torch.tensor([0.0, 1.0]))
+    assert torch.equal(x_t[0], actions[0]) and torch.equal(x_t[1], noise[1]) and torch.equal(u_t, noise - actions)
+
+
+def test_euler_follows_a_constant_velocity_from_noise_to_actions():
+    actions, noise = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    seen = []
+
+    def velocity(x, tau):
+        seen.append(tau[0].item())
+        return noise - actions  # the straight path's velocity: one exact Euler step would do
+
+    torch.testing.assert_close(euler_sample(velocity, noise, num_steps=10), actions)
+    torch.testing.assert_close(torch.tensor(seen), torch.linspace(1.0, 0.1, 10))  # τ = 1, 0.9, …, 0.1
