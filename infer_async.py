@@ -328,7 +328,7 @@ def decode_body(header_bytes, tensor_bytes):
     """JSON header bytes + safetensors bytes -> (header dict, {name: numpy array})."""
     try:
         header = json.loads(header_bytes.decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: [[[[...]]]]
         raise ProtocolError(f"message header is not valid JSON: {e}") from None
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
         raise ProtocolError(f"message header must be a JSON object with a string 'type', got {header!r:.200}")

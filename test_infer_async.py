@@ -265,9 +265,10 @@ def test_one_gigabyte_announcement_is_refused_without_allocating():
     (b"GET / HTTP/1.1\r\n\r\n", "magic"),
     (ia.PREFIX.pack(ia.MAGIC, 5, 0) + b"{nope", "JSON"),
     (ia.PREFIX.pack(ia.MAGIC, 4, 0) + b"[1] ", "JSON object"),
+    (ia.PREFIX.pack(ia.MAGIC, 20_000, 0) + b"[" * 10_000 + b"]" * 10_000, "JSON"),
     (ia.PREFIX.pack(ia.MAGIC, 2 << 20, 0), "header"),
     (ia.PREFIX.pack(ia.MAGIC, 13, 8) + b'{"type": "x"}' + b"\xff" * 8, "safetensors"),
-], ids=["http", "bad-json", "not-an-object", "huge-header", "bad-tensors"])
+], ids=["http", "bad-json", "not-an-object", "deep-json", "huge-header", "bad-tensors"])
 def test_malformed_messages_give_clear_errors(raw, match):
     a, b = socket.socketpair()
     with a, b:
