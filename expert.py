@@ -182,8 +182,6 @@ class ActionExpert(nn.Module):
         self_attn_every_n_layers: int = 2,
     ):
         super().__init__()
-        if cfg.num_heads != vlm_cfg.num_heads or cfg.num_kv_heads != vlm_cfg.num_kv_heads:
-            raise ValueError("the expert must have the VLM's numbers of heads (they share attention)")
         if num_vlm_layers % cfg.num_layers != 0:
             raise ValueError(
                 f"the VLM's {num_vlm_layers} layers must be a multiple of the expert's {cfg.num_layers} layers"
@@ -197,7 +195,9 @@ class ActionExpert(nn.Module):
         # other VLM layers have no expert partner (the suffix passes them unchanged).
         stride = num_vlm_layers // cfg.num_layers
         # plan[i] = (index of the expert layer beside VLM layer i or None, does it cross-attend?)
-        self.plan = [(i // stride, cross_layer(i)) if i % stride == 0 else (None, False) for i in range(num_vlm_layers)]
+        self.plan = [
+            (i // stride, cross_layer(i)) if i % stride == 0 else (None, False) for i in range(num_vlm_layers)
+        ]
         # The reference shapes expert layer j's k/v by j's own parity, but uses it by its VLM layer's; the
         # two agree whenever stride is 1. Refuse configurations where they would not (the reference crashes).
         for i, (j, cross) in enumerate(self.plan):
@@ -231,7 +231,7 @@ class ActionExpert(nn.Module):
                 cache.append(None)
             elif cross:
                 proj = self.layers[j].self_attn
-                flat_k, flat_v = k.flatten(2).to(proj.k_proj.weight.dtype), v.flatten(2).to(proj.v_proj.weight.dtype)
+                flat_k, flat_v = k.flatten(2), v.flatten(2)  # (B, P, Hkv·hd) = (B, P, 320)
                 cache.append((proj.split_heads(proj.k_proj(flat_k)), proj.split_heads(proj.v_proj(flat_v))))
             else:
                 cache.append((k, v))
@@ -240,7 +240,9 @@ class ActionExpert(nn.Module):
                 x = vlm_layer.finish(x, attention(q, k, v, mask))
         return cache
 
-    def forward(self, suffix: torch.Tensor, cache: list, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, suffix: torch.Tensor, cache: list, mask: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
         """One pass of the expert over the suffix, attending to the cached prefix.
 
         suffix: (B, S, d_e) embedded noisy actions; mask: (B, S, P + S) bool (prefix columns, then
