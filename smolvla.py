@@ -784,8 +784,9 @@ class SmolVLA(nn.Module):
         stats, source = read_processor_stats(ckpt_dir)
         if not stats:
             stats, source = read_buffer_stats(buffer_stats, config)
+        stats, ignored = usable_stats(stats, config)
         model.set_normalization(stats)
-        model.report_normalization(source)
+        model.report_normalization(source + (f"; ignored: {', '.join(ignored)}" if ignored else ""))
         return model.eval()
 
     @classmethod
@@ -854,6 +855,7 @@ class SmolVLA(nn.Module):
                 f"smolvla: no normalization stats found ({source}); call set_normalization(dataset.stats) "
                 "before predict_chunk or training_loss"
             )
+
 
 def pad_last_dim(x: torch.Tensor, width: int) -> torch.Tensor:
     """Zero-pad the last dimension to `width` (state 6 -> 32, actions 6 -> 32)."""
@@ -1024,19 +1026,32 @@ def read_buffer_stats(buffers: dict, config: SmolVLAConfig) -> tuple[dict, str]:
     """Old-format stats: buffers inside model.safetensors such as normalize_inputs.buffer_observation_state.mean,
     possibly with a dataset prefix (normalize_inputs.so100-red_buffer_…). Buffers left at inf were never set."""
     features = {k.replace(".", "_"): k for k in {**config.input_features, **config.output_features}}
-    stats, unmatched = {}, set()
+    stats = {}
     for key, value in buffers.items():
         _, _, feature, stat = OLD_STATS_NAME.match(key).groups()
-        if not torch.isfinite(value).all():
+        if torch.isfinite(value).all():
+            stats.setdefault(features.get(feature, feature), {}).setdefault(stat, value)
+    return stats, "buffers in model.safetensors" if buffers else "no stats buffers in model.safetensors"
+
+
+def usable_stats(stats: dict, config: SmolVLAConfig) -> tuple[dict, list[str]]:
+    """The state/action statistics that fit the config, and a note for each one that does not (statistics
+    of another feature name or another robot's size are reported, not used)."""
+    dims = {STATE: config.state_dim, ACTION: config.action_dim}
+    usable, ignored = {}, []
+    for feature, feature_stats in stats.items():
+        if feature not in dims:
+            if feature not in config.input_features and feature not in config.output_features:
+                ignored.append(f"{feature} (not a feature of this policy)")
             continue
-        if feature not in features:
-            unmatched.add(key.rsplit(".", 1)[0])
-            continue
-        stats.setdefault(features[feature], {}).setdefault(stat, value)
-    note = "buffers in model.safetensors" if buffers else "no stats buffers in model.safetensors"
-    if unmatched:
-        note += f" (ignored, matching no feature of the config: {sorted(unmatched)})"
-    return stats, note
+        wanted = {k: v for k, v in feature_stats.items() if k in ("mean", "std", "min", "max")}
+        fits = {k: v for k, v in wanted.items() if v.numel() == dims[feature]}
+        misfits = sorted(set(wanted) - set(fits))
+        if misfits:
+            ignored.append(f"{feature} {'/'.join(misfits)} (not {dims[feature]} values)")
+        if fits:
+            usable[feature] = fits
+    return usable, ignored
 
 
 def preprocessor_steps(cfg: dict) -> list:

@@ -354,3 +354,15 @@ def test_euler_follows_a_constant_velocity_from_noise_to_actions():
 
     torch.testing.assert_close(euler_sample(velocity, noise, num_steps=10), actions)
     torch.testing.assert_close(torch.tensor(seen), torch.linspace(1.0, 0.1, 10))  # τ = 1, 0.9, …, 0.1
+
+
+def test_stats_that_do_not_fit_are_reported_not_used(tmp_path, capsys):
+    tensors = load_file(os.path.join(CKPT, "model.safetensors"))
+    tensors["normalize_inputs.buffer_observation_state.mean"] = torch.zeros(6)
+    tensors["normalize_inputs.buffer_observation_state.std"] = torch.ones(6)
+    tensors["unnormalize_outputs.buffer_action.mean"] = torch.zeros(14)  # another robot's action size
+    tensors["normalize_inputs.buffer_observation_velocity.mean"] = torch.zeros(6)  # a feature it does not have
+    model = SmolVLA.from_pretrained(copy_checkpoint(tmp_path / "odd", tensors, processors=False), vlm=VLM)
+    out = capsys.readouterr().out
+    assert "action mean (not 6 values)" in out and "observation_velocity (not a feature of this policy)" in out
+    assert sorted(model.stats) == ["observation.state"]
