@@ -579,7 +579,7 @@ class SmolVLA(nn.Module):
         # the earlier actions; its positions continue after the prefix's real tokens.
         batch, chunk = pad.shape[0], self.config.chunk_size
         causal = torch.ones(chunk, chunk, dtype=torch.bool, device=pad.device).tril()  # (S, S)
-        suffix_mask = torch.cat([pad[:, None, :].expand(batch, chunk, -1), causal.expand(batch, -1, -1)], dim=2)
+        suffix_mask = torch.cat([pad[:, None, :].expand(batch, chunk, -1), causal.expand(batch, -1, -1)], 2)
         suffix_positions = pad.sum(dim=1, keepdim=True) + torch.arange(chunk, device=pad.device)  # (B, S)
         return PrefixContext(cache, suffix_mask, suffix_positions)
 
@@ -592,11 +592,12 @@ class SmolVLA(nn.Module):
         time_emb = time_embedding(time, action_emb.shape[-1], self.config.min_period, self.config.max_period)
         time_emb = time_emb.to(action_emb.dtype)[:, None, :].expand_as(action_emb)  # (B, S, d_e)
         fused = self.action_time_mlp_in(torch.cat([action_emb, time_emb], dim=2))  # (B, S, 2·d_e) -> (B, S, d_e)
-        return self.action_time_mlp_out(F.silu(fused))
+        return self.action_time_mlp_out(F.silu(fused))  # (B, S, d_e)
 
     def velocity(self, ctx: PrefixContext, noisy_actions: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
         """The expert's predicted flow velocity v(x_τ, τ | observation): (B, S, max_action_dim) float32."""
-        hidden = self.expert(self.embed_suffix(noisy_actions, time), ctx.cache, ctx.suffix_mask, ctx.suffix_positions)
+        suffix = self.embed_suffix(noisy_actions, time)  # (B, S, d_e)
+        hidden = self.expert(suffix, ctx.cache, ctx.suffix_mask, ctx.suffix_positions)  # (B, S, d_e)
         # the output projection runs in float32 whatever the model's dtype (as in the reference)
         w, b = self.action_out_proj.weight, self.action_out_proj.bias
         return F.linear(hidden.float(), w.float(), b.float())
@@ -610,6 +611,8 @@ class SmolVLA(nn.Module):
         bool; lang_tokens (B, L) int64 / lang_masks (B, L) bool; state (B, state_dim) and actions
         (B, chunk, action_dim) normalized; noise (B, chunk, max_action_dim); time (B,).
         """
+        if actions.ndim != 3 or actions.shape[1] != self.config.chunk_size:
+            raise ValueError(f"actions must be (B, {self.config.chunk_size}, action_dim), got {tuple(actions.shape)}")
         actions = pad_last_dim(actions.float(), self.config.max_action_dim)  # (B, chunk, max_action_dim)
         noise = sample_noise(actions.shape, actions.device) if noise is None else noise
         time = sample_time(actions.shape[0], actions.device) if time is None else time
@@ -621,9 +624,11 @@ class SmolVLA(nn.Module):
     def sample_actions(self, images, img_masks, lang_tokens, lang_masks, state, noise=None) -> torch.Tensor:
         """A chunk by `num_steps` Euler steps of the flow, from noise: (B, chunk, max_action_dim), normalized.
         The VLM runs once (encode_observation); each step runs only the expert."""
+        shape = (state.shape[0], self.config.chunk_size, self.config.max_action_dim)
+        if noise is not None and tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape} (B, chunk_size, max_action_dim), got {tuple(noise.shape)}")
         ctx = self.encode_observation(images, img_masks, lang_tokens, lang_masks, state)
-        if noise is None:
-            noise = sample_noise((state.shape[0], self.config.chunk_size, self.config.max_action_dim), state.device)
+        noise = sample_noise(shape, state.device) if noise is None else noise
         return euler_sample(lambda x, t: self.velocity(ctx, x, t), noise.float(), self.config.num_steps)
 
     # --- policy level: raw observations in robot units -----------------------------------------------
