@@ -628,7 +628,7 @@ class SmolVLA(nn.Module):
         if noise is not None and tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {shape} (B, chunk_size, max_action_dim), got {tuple(noise.shape)}")
         ctx = self.encode_observation(images, img_masks, lang_tokens, lang_masks, state)
-        noise = sample_noise(shape, state.device) if noise is None else noise
+        noise = sample_noise(shape, state.device) if noise is None else noise.to(state.device)
         return euler_sample(lambda x, t: self.velocity(ctx, x, t), noise.float(), self.config.num_steps)
 
     # --- policy level: raw observations in robot units -----------------------------------------------
@@ -757,7 +757,6 @@ class SmolVLA(nn.Module):
         if "action_is_pad" in batch:
             valid = ~batch["action_is_pad"].to(device).bool()  # (B, chunk)
         return (losses * valid[..., None]).sum() / (valid.sum() * losses.shape[-1]).clamp(min=1)
-
 
     # --- checkpoints ---------------------------------------------------------------------------------
 
