@@ -6,7 +6,8 @@ A policy that predicts chunks of n actions can be run in two ways:
   for the whole inference latency, once per chunk (E[latency] / Δt idle control ticks).
 * async: as soon as the queue of pending actions falls below a fraction g of a chunk (|queue| / n < g),
   send an observation and keep executing what is left while the policy thinks. If g·n ticks of actions
-  outlast the latency, the queue never runs empty.
+  outlast the latency, the queue never runs empty -- as long as two latencies in a row also stay under n
+  ticks, since a chunk reaches only n steps past the observation it was computed from.
 
 Each action carries the timestep it is meant for (how many actions had been executed before it). When a
 chunk computed from the observation at timestep t arrives, its actions for timesteps already executed are
@@ -728,29 +729,32 @@ def parse_mapping(text, flag):
     return mapping
 
 
+def camera_sources(cameras, rename, policy_cameras):
+    """--cameras "top=/dev/video0,..." and --rename "top=camera1,..." -> {policy camera key: device},
+    checked against the cameras the policy reads before any device is opened."""
+    rename = parse_mapping(rename, "--rename")
+    sources = {"observation.images." + rename.get(name, name): source
+               for name, source in parse_mapping(cameras, "--cameras").items()}
+    missing = [key for key in policy_cameras if key not in sources]
+    unknown = [key for key in sources if key not in policy_cameras]
+    if missing or unknown:
+        raise ValueError(f"the policy reads cameras {policy_cameras}; --cameras/--rename give {sorted(sources)} "
+                         f"(missing {missing}, unknown {unknown}). Pass --cameras name=/dev/videoN,... and, where "
+                         f"your names differ from the policy's, --rename name=policy_name,...")
+    return sources
+
+
 def open_cameras(args, policy_cameras, virtual_arm):
-    """{policy camera key: object with read() -> (H, W, 3) uint8}, checked against what the policy needs."""
-    rename = parse_mapping(args.rename, "--rename")
-    sources = parse_mapping(args.cameras, "--cameras")
-    cameras = {}
-    if sources:
-        for name, source in sources.items():
-            key = "observation.images." + rename.get(name, name)
-            cameras[key] = OpenCVCamera(int(source) if source.isdigit() else source)
-    elif virtual_arm is not None:
-        # --port sim without --cameras: every camera the policy wants renders the toy scene
+    """{policy camera key: object with read() -> (H, W, 3) uint8 RGB}."""
+    if virtual_arm is not None and not args.cameras:
+        # --port sim without --cameras: every camera the policy reads films the toy scene of sim.py
         from sim import ReachScene, SyntheticCamera
 
         scene = ReachScene(seed=0)
-        for key in policy_cameras:
-            cameras[key] = SyntheticCamera(scene, virtual_arm.joint_positions_deg, name=key.split(".")[-1])
-    missing = [key for key in policy_cameras if key not in cameras]
-    extra = [key for key in cameras if key not in policy_cameras]
-    if missing or extra:
-        raise ValueError(f"cameras {sorted(cameras)} do not match the policy's {policy_cameras}: missing "
-                         f"{missing}, unknown {extra}. Pass --cameras name=/dev/videoN,... and --rename "
-                         f"name=policy_name,...")
-    return cameras
+        return {key: SyntheticCamera(scene, virtual_arm.joint_positions_deg, name=key.split(".")[-1])
+                for key in policy_cameras}
+    sources = camera_sources(args.cameras, args.rename, policy_cameras)
+    return {key: OpenCVCamera(int(source) if source.isdigit() else source) for key, source in sources.items()}
 
 
 def build_parser():
