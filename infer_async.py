@@ -591,7 +591,8 @@ class PolicyClient:
             self.sock = None
 
     def _exchange(self, header, tensors):
-        """Send one request, read one reply; on any failure drop the connection so the next call reconnects."""
+        """Send one request, read one reply. On any failure drop the connection, so that the next call
+        reconnects and a late reply to a timed-out request can never be taken for the answer to the next."""
         try:
             if self.sock is None:
                 self.sock = socket.create_connection(self.address, timeout=self.timeout_s)
