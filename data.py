@@ -15,7 +15,8 @@ Two on-disk layouts exist in the wild, and both are read here, every path coming
 
 Speed. Decoding video is what starves training: the reference reader opens the mp4, seeks and decodes
 for every sample. Here every frame a dataset needs is decoded once, sequentially (the cheapest way
-to decode), into a uint8 memory-mapped cache on disk; a sample then costs a memory copy. Datasets whose
+to decode), into a uint8 memory-mapped cache on disk (planar, (3, H, W) per frame); a sample then costs
+a memory copy and a conversion to float. Datasets whose
 decoded frames would not fit `max_cache_gb` (or half the free disk) are decoded on the fly instead, with
 the containers kept open per worker and sequential reads continuing without a seek.
 
@@ -239,7 +240,7 @@ def _video_size(path):
 
 
 def _decode_all(path, out, progress):
-    """Decode every frame of an mp4 in order into `out` (N, H, W, 3) uint8."""
+    """Decode every frame of an mp4 in order into `out` (N, 3, H, W) uint8 (planar: converts fastest later)."""
     container, stream = _open_video(path)
     stream.thread_type = "AUTO"  # one stream decoded by the main process: let the decoder use threads
     count = 0
@@ -247,7 +248,7 @@ def _decode_all(path, out, progress):
         try:
             for frame in container.decode(stream):
                 if count < len(out):
-                    out[count] = frame.to_ndarray(format="rgb24")
+                    out[count] = frame.to_ndarray(format="rgb24").transpose(2, 0, 1)
                 count += 1
                 progress.update(1)
         except av.error.FFmpegError as error:
@@ -439,7 +440,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
 
     def _build_cache(self, max_cache_gb, cache_dir):
         """Decode every needed mp4 once into `<cache_dir>/<hash>.npy` (uint8 frames), if they fit the budget."""
-        shapes = [(len(t),) + _video_size(path) + (3,) for path, t in zip(self._video_files, self._frame_times)]
+        shapes = [(len(t), 3) + _video_size(path) for path, t in zip(self._video_files, self._frame_times)]
         total_gb = sum(int(np.prod(s)) for s in shapes) / 1e9
         if not self._video_files or max_cache_gb <= 0:
             return False
@@ -470,7 +471,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
     @staticmethod
     def _cache_name(path):
         stat = os.stat(path)
-        key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+        key = f"(N, 3, H, W) uint8|{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"  # layout in the key
         return hashlib.sha1(key.encode()).hexdigest() + ".npy"
 
     # -- items ---------------------------------------------------------------------------------------
@@ -479,14 +480,15 @@ class LeRobotDataset(torch.utils.data.Dataset):
         return len(self._index)
 
     def _image(self, key, i):
-        """(H, W, 3) uint8 frame of camera `key` for row i."""
+        """(3, H, W) uint8 frame of camera `key` for row i."""
         if self._frames is None or self._frames[0] != os.getpid():  # first use in this process (worker)
             frames = [np.load(path, mmap_mode="r") for path in self._cache_files] if self._cached else _StreamingDecoder()
             self._frames = (os.getpid(), frames)
         file_id, position = self._file_of[key][i], self._position_of[key][i]
         if self._cached:
             return self._frames[1][file_id][position]  # a view into the mapped file
-        return self._frames[1].frame(self._video_files[file_id], self._frame_times[file_id], position)
+        frame = self._frames[1].frame(self._video_files[file_id], self._frame_times[file_id], position)
+        return frame.transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W), a view
 
     def __getitem__(self, i):
         if not -len(self) <= i < len(self):
@@ -501,10 +503,10 @@ class LeRobotDataset(torch.utils.data.Dataset):
             "action_is_pad": torch.from_numpy(steps >= end),  # (chunk,)
         }
         for key, name in self._rename.items():
-            frame = self._image(key, i)  # (H, W, 3) uint8
-            chw = np.empty((3,) + frame.shape[:2], dtype=np.float32)
-            np.divide(frame.transpose(2, 0, 1), np.float32(255), out=chw)  # (3, H, W) in [0, 1], in one pass
-            item[name] = torch.from_numpy(chw)
+            frame = self._image(key, i)  # (3, H, W) uint8
+            image = np.empty(frame.shape, dtype=np.float32)
+            np.divide(frame, np.float32(255), out=image)  # (3, H, W) in [0, 1], in one pass
+            item[name] = torch.from_numpy(image)
         item["task"] = self.tasks[self._task_index[i]]
         item["timestamp"] = torch.tensor(self._timestamp[i], dtype=torch.float32)
         for name in ("episode_index", "frame_index", "index", "task_index"):
