@@ -158,7 +158,7 @@ class ReachScene:
         # The tip is drawn larger the higher it is (closer to the camera): the only cue of height from above.
         disc(tip, 0.010 + 0.04 * max(tip[2], 0.0), (250, 230, 90))
         image = image.resize((self.width, self.height), Image.Resampling.BOX)
-        return np.asarray(image, dtype=np.uint8)
+        return np.array(image, dtype=np.uint8)
 
 
 def expert_episode(scene, rng, length, action_noise_deg=1.5):
