@@ -776,7 +776,8 @@ class SmolVLA(nn.Module):
         if vlm is None:
             local_vlm = os.path.join(ckpt_dir, "vlm")
             vlm = local_vlm if os.path.isdir(local_vlm) else config.vlm_model_name
-        vlm_dir = resolve_dir(vlm, "VLM", VLM_DESCRIPTION_FILES)
+        hint = "Pass vlm=<a directory with the VLM's config.json and tokenizer files>."
+        vlm_dir = resolve_dir(vlm, "VLM", VLM_DESCRIPTION_FILES, hint)
         vlm_config, tokenizer = load_vlm_description(vlm_dir)
         with torch.device("meta"):  # no memory, no random init: every tensor comes from the checkpoint
             model = cls(config, vlm_config, tokenizer)
@@ -950,7 +951,7 @@ def load_policy_tensors(model: nn.Module, tensors: dict) -> dict:
     return buffers
 
 
-def resolve_dir(source: str, what: str, allow_patterns: list[str]) -> str:
+def resolve_dir(source: str, what: str, allow_patterns: list[str], hint: str = "Pass a local directory.") -> str:
     """A local directory as is; otherwise a Hugging Face Hub repo id, downloaded (the files matching the
     patterns) into the local cache."""
     source = os.fspath(source)
@@ -966,7 +967,7 @@ def resolve_dir(source: str, what: str, allow_patterns: list[str]) -> str:
     except Exception as e:  # offline, unknown repo, no access…
         raise FileNotFoundError(
             f"{what} '{source}' is not a local directory and could not be downloaded from the Hugging Face Hub "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Pass a local directory."
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). {hint}"
         ) from e
 
 
