@@ -385,7 +385,16 @@ def block_attention_mask(pad_mask: torch.Tensor, blocks: torch.Tensor) -> torch.
     0 where it joins the previous one. A token sees every real token of its own block and of all earlier
     blocks: cumsum(blocks)[key] <= cumsum(blocks)[query]. SmolVLA's prefix: images and words are one
     bidirectional block (0 …), the state token starts a block (1); in the suffix every action token starts
-    its own (1 1 1 …), so actions attend causally and the prefix never sees the actions.
+    its own (1 1 1 …), so actions attend causally and the prefix never sees the actions:
+
+                  keys: image  words  state  a1  a2  a3
+        blocks:          0 …    0 …    1     1   1   1
+        image, words      ■      ■     ·     ·   ·   ·
+        state             ■      ■     ■     ·   ·   ·
+        a1                ■      ■     ■     ■   ·   ·
+        a2                ■      ■     ■     ■   ■   ·
+        a3                ■      ■     ■     ■   ■   ■
+
     Returns (B, L, L) bool, [query, key].
     """
     block_id = torch.cumsum(blocks, dim=1)  # (B, L)

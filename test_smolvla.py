@@ -17,6 +17,7 @@ from smolvla import (
     SMOLVLM2_500M_VIDEO_INSTRUCT,
     SmolVLA,
     SmolVLAConfig,
+    block_attention_mask,
     checkpoint_name,
     load_policy_tensors,
 )
@@ -366,3 +367,23 @@ def test_stats_that_do_not_fit_are_reported_not_used(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "action mean (not 6 values)" in out and "observation_velocity (not a feature of this policy)" in out
     assert sorted(model.stats) == ["observation.state"]
+
+
+def test_block_attention_mask_and_positions():
+    # tokens: image, image, word, padding word, state, action 1, action 2
+    pad = torch.tensor([[1, 1, 1, 0, 1, 1, 1]], dtype=torch.bool)
+    blocks = torch.tensor([[0, 0, 0, 0, 1, 1, 1]])
+    expected = torch.tensor(
+        [
+            [1, 1, 1, 0, 0, 0, 0],  # image: the images+words block only
+            [1, 1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0, 0],  # word
+            [0, 0, 0, 0, 0, 0, 0],  # padding sees nothing and is seen by no one
+            [1, 1, 1, 0, 1, 0, 0],  # state: its own block and the earlier one
+            [1, 1, 1, 0, 1, 1, 0],  # actions: causal
+            [1, 1, 1, 0, 1, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(block_attention_mask(pad, blocks)[0], expected)
+    assert (torch.cumsum(pad, dim=1) - 1).tolist() == [[0, 1, 2, 2, 3, 4, 5]]  # padding does not advance
