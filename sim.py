@@ -29,14 +29,15 @@ HOME_DEG = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 50.0], dtype=np.float32)
 # Arm geometry in metres: shoulder height above the table, upper arm, forearm (up to the gripper tip).
 SHOULDER_HEIGHT = 0.06
 UPPER_ARM = 0.12
-FOREARM = 0.14
+FOREARM = 0.15
 
 # Where the targets may be: polar coordinates around the arm's base (the pan axis). A coarse grid (8 spots,
-# at least 7 cm apart) keeps the task learnable by a tiny model in a few minutes; the jitter keeps the
-# images from repeating exactly.
+# at least 6 cm apart) keeps the task learnable by a tiny model in a few minutes; the jitter keeps the
+# images from repeating exactly. Every spot is reachable within the SO-100's joint ranges (the elbow
+# needs at most ~95 degrees), so the virtual arm can follow a policy trained here.
 TARGET_PAN_DEG = (-45.0, -15.0, 15.0, 45.0)
-TARGET_REACH_M = (0.14, 0.22)
-TARGET_JITTER_M = 0.01
+TARGET_REACH_M = (0.185, 0.245)
+TARGET_JITTER_M = 0.008
 
 # The patch of table the camera sees: x to the right, y away from the robot (metres).
 VIEW_X = (-0.2, 0.2)

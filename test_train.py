@@ -22,6 +22,15 @@ VLM = os.path.join(HERE, "testdata", "smolvla_tiny", "vlm")
 DATASET = os.path.join(HERE, "testdata", "lerobot_dataset_tiny", "dataset")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models here are tiny: one thread is as fast, and on a busy machine much faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------------------------------
 # sim.py
 # ----------------------------------------------------------------------------------------------------
@@ -35,6 +44,18 @@ def test_inverse_kinematics_puts_the_tip_on_the_target():
     for target in grid_targets():
         tip = sim.forward_kinematics(sim.inverse_kinematics(target))
         np.testing.assert_allclose(tip, [*target, 0.0], atol=1e-9)
+
+
+def test_every_target_is_within_the_virtual_arms_joint_ranges():
+    from virtual_arm import TRUE_CALIBRATION
+
+    for target in grid_targets():
+        for corner in ([1, 1], [1, -1], [-1, 1], [-1, -1]):
+            joints = sim.inverse_kinematics(target + sim.TARGET_JITTER_M * np.array(corner))
+            for name, angle in zip(sim.JOINT_NAMES, joints):
+                entry = TRUE_CALIBRATION[name]
+                half_range = (entry["range_max"] - entry["range_min"]) / 2 * 360 / 4095  # degrees mode
+                assert abs(angle) < half_range - 2, (name, angle, half_range)
 
 
 def test_expert_reaches_every_target_and_success_needs_the_target():
