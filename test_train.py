@@ -241,7 +241,7 @@ def error_of(argv, capsys):
 def test_unknown_dataset(tmp_path, capsys):
     message = error_of(FINE_TUNE + ["--repo", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")], capsys)
     assert "nowhere" in message
-    assert not os.path.exists(tmp_path / "o" / "checkpoints")
+    assert not os.path.exists(tmp_path / "o")  # nothing written
 
 
 def small_dataset(root, cameras=("top", "wrist"), state_dim=6):
@@ -266,7 +266,16 @@ def test_state_dims_that_do_not_match_the_checkpoint(tmp_path, capsys):
     root = small_dataset(str(tmp_path / "seven"), state_dim=7)
     message = error_of(FINE_TUNE + ["--repo", root, "--output", str(tmp_path / "o")], capsys)
     assert "observation.state has 7 dims but the policy's has 6" in message
-    assert not os.path.exists(tmp_path / "o" / "checkpoints")
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_policy_cameras_the_dataset_lacks_are_dropped(tmp_path, capsys):
+    """smolvla_base reads three cameras, most datasets have two: train on those (and say so)."""
+    root = small_dataset(str(tmp_path / "top_only"), cameras=("top",))
+    train.main(FINE_TUNE + ["--repo", root, "--steps", "1", "--output", str(tmp_path / "o")])
+    assert "no ['wrist'] camera(s)" in capsys.readouterr().out
+    config = json.load(open(tmp_path / "o" / "checkpoints" / "last" / "pretrained_model" / "config.json"))
+    assert [k for k in config["input_features"] if k.startswith("observation.images.")] == ["observation.images.top"]
 
 
 def test_unwritable_output_and_existing_run(tmp_path, capsys):

@@ -144,23 +144,17 @@ def parse_rename(text):
     return {old.strip(): new.strip() for old, new in pairs}
 
 
-def prepare_output(output, resume):
-    """Make sure we may write in `output`: create it, test a write, and never train over an earlier run."""
-    try:
-        os.makedirs(output, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=output):
-            pass
-    except OSError as error:
-        raise PermissionError(f"cannot write to the output directory {output!r} ({error.strerror}); "
-                              "choose another with --output.") from None
+def check_output(output, resume):
+    """Make sure we may write `output` (without creating anything yet) and never train over an earlier run."""
+    existing = os.path.abspath(output)
+    while not os.path.exists(existing):  # the deepest part of the path that exists must be a writable dir
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise PermissionError(f"cannot write to the output directory {output!r} ({existing} is not a writable "
+                              "directory); choose another with --output.")
     if not resume and os.path.isdir(os.path.join(output, "checkpoints")):
         raise FileExistsError(f"{output!r} already holds a training run; continue it with --resume, "
                               "or choose a new --output.")
-
-
-def feature_dim(features, key):
-    """Length of a 1-D feature in a lerobot-style feature dict ({"type": ..., "shape": [n]})."""
-    return int(features[key]["shape"][0])
 
 
 def check_dataset_fits_policy(config, dataset, rename):
@@ -231,8 +225,8 @@ def save_checkpoint(output, step, policy, optimizer, scheduler, history, options
     so a run killed mid-save never leaves a half-written checkpoint behind."""
     checkpoints = os.path.join(output, "checkpoints")
     final = os.path.join(checkpoints, f"{step:06d}")
-    temporary = tempfile.mkdtemp(prefix=f".{step:06d}-", dir=checkpoints if os.path.isdir(checkpoints) else
-                                 os.makedirs(checkpoints, exist_ok=True) or checkpoints)
+    os.makedirs(checkpoints, exist_ok=True)
+    temporary = tempfile.mkdtemp(prefix=f".{step:06d}-", dir=checkpoints)
     policy.save_pretrained(os.path.join(temporary, "pretrained_model"))
     torch.save({"step": step, "options": options, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "history": history},
@@ -452,6 +446,43 @@ def tiny_vlm_config(vocab_size, image_size=64):
     }
 
 
+def write_tiny_vlm(directory, tasks, image_size=64):
+    """The demo's VLM description on disk, laid out like a SmolVLM2 repo on the hub (without weights: they
+    start random): config.json, the tokenizer, and the image-processor configs that lerobot's SmolVLA
+    reads when it builds the VLM. Saved checkpoints copy it into their vlm/. Returns (config, tokenizer)."""
+    tokenizer = word_tokenizer(tasks)
+    config = tiny_vlm_config(len(tokenizer), image_size)
+    os.makedirs(directory, exist_ok=True)
+    tokenizer.save_pretrained(directory)
+    # transformers 5 names the tokenizer class "TokenizersBackend", unknown to the transformers 4.x that
+    # lerobot runs on; "PreTrainedTokenizerFast" (what SmolVLM2's own repo says) loads in both.
+    with open(os.path.join(directory, "tokenizer_config.json")) as f:
+        tokenizer_config = json.load(f)
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    # ... and the named image tokens that SmolVLM's processor looks up on its tokenizer
+    named = {"fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
+             "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"}
+    tokenizer_config.update(named, extra_special_tokens=named)
+    vision = config["vision_config"]
+    image_tokens = (image_size // vision["patch_size"]) ** 2 // config["scale_factor"] ** 2
+    files = {
+        "config.json": config,
+        "tokenizer_config.json": tokenizer_config,
+        "processor_config.json": {"image_seq_len": image_tokens, "processor_class": "SmolVLMProcessor"},
+        "preprocessor_config.json": {
+            "image_processor_type": "SmolVLMImageProcessor", "processor_class": "SmolVLMProcessor",
+            "do_convert_rgb": True, "do_resize": True, "size": {"longest_edge": image_size},
+            "max_image_size": {"longest_edge": image_size}, "do_image_splitting": False, "resample": 1,
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3,
+            "image_std": [0.5] * 3, "do_pad": True,
+        },
+    }
+    for name, content in files.items():
+        with open(os.path.join(directory, name), "w") as f:
+            json.dump(content, f, indent=2)
+    return config, tokenizer
+
+
 def demo_policy_config(dataset, chunk_size=10, n_action_steps=5, image_size=64):
     """SmolVLA's config for the demo: short chunks (the toy episodes are 20 steps long), everything trained
     (there are no pretrained weights to keep: the vision tower and the text model start random too)."""
@@ -522,8 +553,9 @@ def run_demo(args, processes):
     dataset = LeRobotDataset(dataset_root)
     config = demo_policy_config(dataset)
     dataset.chunk_size = config.chunk_size
-    tokenizer = word_tokenizer(dataset.tasks)
-    policy = SmolVLA(config, tiny_vlm_config(len(tokenizer)), tokenizer)
+    vlm_dir = os.path.join(args.output, "vlm")
+    policy = SmolVLA(config, *write_tiny_vlm(vlm_dir, dataset.tasks))
+    policy.vlm_dir = vlm_dir  # copied into every checkpoint's vlm/
     policy.set_normalization(dataset.stats)
     args.train_vlm = True
     train(policy, dataset, args, processes)
@@ -621,7 +653,7 @@ def prepare(args, processes):
         name = os.path.basename(os.path.normpath(args.repo))
         args.output = os.path.join("outputs", "train", f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{name}")
     if processes.is_main:
-        prepare_output(args.output, args.resume)
+        check_output(args.output, args.resume)
     dataset = LeRobotDataset(args.repo, rename=parse_rename(args.rename))
     policy = load_policy(args, dataset)
     check_dataset_fits_policy(policy.config, dataset, parse_rename(args.rename))
@@ -640,7 +672,7 @@ def main(argv=None):
                 raise ValueError("--demo runs in one process; run torchrun on the demo's dataset with --repo.")
             fill_options(args)
             args.output = args.output or os.path.join("outputs", f"demo_{time.strftime('%Y-%m-%d_%H-%M-%S')}")
-            prepare_output(args.output, resume=False)
+            check_output(args.output, resume=False)
         else:
             dataset, policy, start = prepare(args, processes)
     except (FileNotFoundError, FileExistsError, PermissionError, ValueError) as error:
