@@ -799,26 +799,42 @@ def synthetic_episodes(n_episodes, length, height=96, width=128, cameras=("top",
     return episodes
 
 
+def _cpu_seconds():
+    """CPU time of this process and of its finished children (DataLoader workers, once shut down)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
 def benchmark(repo_or_dir, workers=2, batch_size=32, seconds=20.0, chunk_size=50, max_cache_gb=64.0):
-    """Samples per second through a shuffled DataLoader, as training reads them."""
+    """Samples per second through a shuffled DataLoader, as training reads them.
+
+    Also samples per CPU-second (main process and workers together), a figure that other programs
+    running on the same machine disturb much less than the wall-clock rate.
+    """
     start = time.perf_counter()
     dataset = LeRobotDataset(repo_or_dir, chunk_size=chunk_size, max_cache_gb=max_cache_gb)
     opened = time.perf_counter() - start
     mode = "pre-decoded cache" if dataset._cached else "on-the-fly decoding"
     print(f"{repo_or_dir}: {len(dataset)} samples, cameras {dataset.camera_keys}, opened in {opened:.1f} s ({mode})")
+    if len(dataset) < 2 * batch_size:
+        raise ValueError(f"the benchmark needs at least two batches: {len(dataset)} samples < 2 x batch size {batch_size}.")
+    cpu_start = _cpu_seconds()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
                                          persistent_workers=workers > 0, drop_last=True)
     samples, timed_from = 0, None
     while timed_from is None or time.perf_counter() - timed_from < seconds:
         for batch in loader:
-            if timed_from is None:  # the first batch pays for starting the workers: not counted
+            if timed_from is None:  # the first batch pays for starting the workers: not timed
                 timed_from = time.perf_counter()
                 continue
             samples += len(batch["index"])
             if time.perf_counter() - timed_from >= seconds:
                 break
     rate = samples / (time.perf_counter() - timed_from)
-    print(f"{rate:.1f} samples/s  ({samples} samples, {workers} workers, batch {batch_size}, chunk {chunk_size})")
+    del loader, batch  # stops the workers, so that their CPU time is counted
+    per_cpu_second = (samples + batch_size) / (_cpu_seconds() - cpu_start)
+    print(f"{rate:.1f} samples/s, {per_cpu_second:.1f} samples per CPU-second  ({samples} samples, {workers} workers, "
+          f"batch {batch_size}, chunk {chunk_size})")
     return rate
 
 
