@@ -424,7 +424,7 @@ def word_tokenizer(texts):
 def tiny_vlm_config(vocab_size, image_size=64):
     """SmolVLM2's architecture (SigLIP vision tower, pixel-shuffle connector, SmolLM2 text model) at toy
     widths, in the Hugging Face config format: 64 patches of 8x8 pixels per 64x64 image, pixel-shuffled
-    into 16 image tokens; a 4-layer, 64-wide text model (the expert is 0.75 x 64 = 48 wide)."""
+    into 16 image tokens; an 8-layer, 64-wide text model (the expert is 0.75 x 64 = 48 wide)."""
     return {
         "model_type": "smolvlm",
         "scale_factor": 2,
@@ -438,7 +438,7 @@ def tiny_vlm_config(vocab_size, image_size=64):
             "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, "attention_dropout": 0.0,
         },
         "text_config": {
-            "model_type": "llama", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4,
+            "model_type": "llama", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 8,
             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "hidden_act": "silu",
             "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512, "vocab_size": vocab_size,
             "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
@@ -483,16 +483,23 @@ def write_tiny_vlm(directory, tasks, image_size=64):
     return config, tokenizer
 
 
-def demo_policy_config(dataset, chunk_size=10, n_action_steps=5, image_size=64):
-    """SmolVLA's config for the demo: short chunks (the toy episodes are 20 steps long), everything trained
+# How the expert's layers talk to the VLM's (paper §3.2 and its ablation): alternate cross- and joint
+# self-attention (SmolVLA's choice), cross-attention only, or self-attention only.
+ATTENTION = {"interleaved": ("cross_attn", 2), "cross": ("cross_attn", 0), "self": ("self_attn", 0)}
+
+
+def demo_policy_config(dataset, args, image_size=64):
+    """SmolVLA's config for the demo: short chunks (the toy episodes are 20 steps long), the VLM cut to its
+    first --demo-vlm-layers layers (SmolVLA keeps 16 of SmolVLM2's 32; here 4 of 8), everything trained
     (there are no pretrained weights to keep: the vision tower and the text model start random too)."""
     config = SmolVLAConfig()
     config.input_features, config.output_features = features_from_dataset(dataset)
-    config.chunk_size, config.n_action_steps = chunk_size, n_action_steps
+    config.chunk_size, config.n_action_steps = args.demo_chunk_size, min(args.demo_action_steps, args.demo_chunk_size)
     config.max_state_dim = config.max_action_dim = 8
     config.resize_imgs_with_padding = (image_size, image_size)
     config.tokenizer_max_length = 8
-    config.num_vlm_layers = 4
+    config.num_vlm_layers = args.demo_vlm_layers
+    config.attention_mode, config.self_attn_every_n_layers = ATTENTION[args.demo_attention]
     config.freeze_vision_encoder, config.train_expert_only = False, False
     return config
 
@@ -512,7 +519,7 @@ def record_demonstrations(root, episodes, length, seed):
 
 @torch.no_grad()
 def evaluate_in_sim(policy, episodes, length, seed, shuffle_images=False):
-    """Closed-loop success rate of `policy` in sim.py's world.
+    """Closed-loop success rate of `policy` in sim.py's world, and its median seconds per chunk.
 
     Each episode: a new target, the arm near its home pose; every n_action_steps the policy sees the state
     and the camera image and returns a chunk, of which the first n_action_steps actions are executed.
@@ -525,7 +532,7 @@ def evaluate_in_sim(policy, episodes, length, seed, shuffle_images=False):
     targets = [scene.reset(rng).copy() for _ in range(episodes)]
     camera = policy.config.camera_keys[0]
     steps_per_chunk = policy.config.n_action_steps
-    successes = 0
+    successes, latencies = 0, []
     for e in range(episodes):
         scene.target = targets[e]
         shown = targets[(e + 1) % episodes] if shuffle_images else targets[e]
@@ -535,10 +542,12 @@ def evaluate_in_sim(policy, episodes, length, seed, shuffle_images=False):
             if not queue:
                 image = torch.from_numpy(scene.render(joints, target=shown)).permute(2, 0, 1).float() / 255.0
                 observation = {"observation.state": torch.from_numpy(joints), camera: image, "task": DEMO_TASK}
+                tick = time.perf_counter()
                 queue = list(policy.predict_chunk(observation)[0, :steps_per_chunk].float().cpu().numpy())
+                latencies.append(time.perf_counter() - tick)
             joints = step_arm(joints, queue.pop(0))
         successes += scene.success(joints)
-    return successes / episodes
+    return successes / episodes, float(np.median(latencies))
 
 
 def run_demo(args, processes):
@@ -551,25 +560,30 @@ def run_demo(args, processes):
                                          args.demo_length, seed=args.seed)
     # from here on the demo data is an ordinary LeRobot dataset on disk
     dataset = LeRobotDataset(dataset_root)
-    config = demo_policy_config(dataset)
+    config = demo_policy_config(dataset, args)
     dataset.chunk_size = config.chunk_size
     vlm_dir = os.path.join(args.output, "vlm")
     policy = SmolVLA(config, *write_tiny_vlm(vlm_dir, dataset.tasks))
     policy.vlm_dir = vlm_dir  # copied into every checkpoint's vlm/
     policy.set_normalization(dataset.stats)
     args.train_vlm = True
+    training_started = time.perf_counter()
     train(policy, dataset, args, processes)
+    training_time = time.perf_counter() - training_started
 
     checkpoint = os.path.join(args.output, "checkpoints", "last", "pretrained_model")
     # evaluate the checkpoint as written, the way a user would load it
     policy = SmolVLA.from_pretrained(checkpoint).to(processes.device)
     print(f"evaluating in the simulator: {args.demo_eval_episodes} episodes with the real images, "
           f"then {args.demo_eval_episodes} with images of other episodes' scenes")
-    x = evaluate_in_sim(policy, args.demo_eval_episodes, args.demo_length, seed=args.seed + 1)
-    y = evaluate_in_sim(policy, args.demo_eval_episodes, args.demo_length, seed=args.seed + 1, shuffle_images=True)
+    x, seconds_per_chunk = evaluate_in_sim(policy, args.demo_eval_episodes, args.demo_length, seed=args.seed + 1)
+    y, _ = evaluate_in_sim(policy, args.demo_eval_episodes, args.demo_length, seed=args.seed + 1, shuffle_images=True)
     result = {"success_rate": x, "success_rate_shuffled_images": y, "episodes": args.demo_eval_episodes,
-              "uses_images": x >= 0.8 and y <= x / 2, "train_steps": args.steps, "train_episodes": args.demo_episodes,
-              "episode_length": args.demo_length, "checkpoint": checkpoint,
+              "uses_images": x >= 0.8 and y <= x / 2, "inference_ms_per_chunk": round(1000 * seconds_per_chunk, 1),
+              "train_samples_per_s": round(args.steps * args.batch_size / training_time, 1),
+              "train_steps": args.steps, "train_episodes": args.demo_episodes, "episode_length": args.demo_length,
+              "chunk_size": config.chunk_size, "n_action_steps": config.n_action_steps,
+              "vlm_layers": config.num_vlm_layers, "attention": args.demo_attention, "checkpoint": checkpoint,
               "wall_time_s": round(time.perf_counter() - started, 1)}
     with open(os.path.join(args.output, "eval.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -589,7 +603,7 @@ RECIPE = {"steps": 20_000, "batch_size": 64, "lr": 1e-4, "decay_lr": 2.5e-6, "wa
           "decay_steps": 30_000, "grad_clip": 10.0, "num_workers": 4, "save_every": 5_000, "log_every": 100,
           "seed": 1000}
 DEMO = {**RECIPE, "steps": 1_500, "batch_size": 64, "lr": 1e-3, "decay_lr": 1e-5, "warmup_steps": 100,
-        "decay_steps": 1_500, "num_workers": 0, "save_every": 0, "log_every": 25, "bf16": True}
+        "decay_steps": None, "num_workers": 0, "save_every": 0, "log_every": 25, "bf16": True}  # cosine: all steps
 RUN_OPTIONS = list(RECIPE) + ["repo", "rename", "train_vlm", "bf16"]
 
 
@@ -624,6 +638,11 @@ def parse_args(argv=None):
     parser.add_argument("--demo-episodes", type=int, default=160, help="demonstrations the demo records")
     parser.add_argument("--demo-length", type=int, default=20, help="steps per demo episode")
     parser.add_argument("--demo-eval-episodes", type=int, default=50, help="episodes per demo evaluation")
+    parser.add_argument("--demo-chunk-size", type=int, default=10, help="actions per chunk (demo policy)")
+    parser.add_argument("--demo-action-steps", type=int, default=5, help="actions executed per chunk, open loop")
+    parser.add_argument("--demo-vlm-layers", type=int, default=4, help="VLM layers kept, of the tiny VLM's 8")
+    parser.add_argument("--demo-attention", choices=sorted(ATTENTION), default="interleaved",
+                        help="expert-VLM attention: interleaved cross/self (SmolVLA), cross only, self only")
     args = parser.parse_args(argv)
     if not (args.demo or args.repo or args.resume):
         parser.error("give a dataset with --repo (or --resume a run, or run --demo)")
@@ -638,6 +657,8 @@ def fill_options(args, saved=None):
             setattr(args, name, saved[name])
         if getattr(args, name) is None and name in defaults:
             setattr(args, name, defaults[name])
+    if args.decay_steps is None:
+        args.decay_steps = args.steps
 
 
 def prepare(args, processes):
