@@ -555,18 +555,20 @@ def _check_episodes(episodes):
     return cameras
 
 
-def _encode_video(path, frames, fps, codec):
-    """Encode (T, H, W, 3) uint8 frames into an mp4 (yuv420p, a keyframe every 2 frames like lerobot)."""
+def _encode_video(path, videos, fps, codec):
+    """Encode (T, H, W, 3) uint8 videos one after the other into one mp4 (yuv420p, a keyframe every 2 frames
+    like lerobot); frame k of the file is shown at k / fps."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     encoder = CODECS[codec][0]
     options = {"crf": "30", "g": "2", "preset": "10"} if encoder == "libsvtav1" else {"crf": "23", "g": "2", "preset": "veryfast"}
     with av.open(path, "w") as container:
         stream = container.add_stream(encoder, rate=fps, options=options)
-        stream.height, stream.width = frames.shape[1:3]
+        stream.height, stream.width = np.shape(videos[0])[1:3]
         stream.pix_fmt = "yuv420p"
-        for t, image in enumerate(frames):
+        images = (image for video in videos for image in video)
+        for k, image in enumerate(images):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-            frame.pts, frame.time_base = t, Fraction(1, fps)
+            frame.pts, frame.time_base = k, Fraction(1, fps)
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
 
@@ -717,9 +719,8 @@ def _write_v3(root, info, episodes, cameras, tasks, lengths, columns, bounds, fp
             "dataset_from_index": bounds[:-1].tolist(), "dataset_to_index": bounds[1:].tolist()}
     for name in cameras:
         key = IMAGE_PREFIX + name
-        frames = np.concatenate([e["images"][name] for e in episodes])
         _encode_video(os.path.join(root, info["video_path"].format(video_key=key, chunk_index=0, file_index=0)),
-                      frames, fps, codec)
+                      [e["images"][name] for e in episodes], fps, codec)
         rows.update({f"videos/{key}/chunk_index": [0] * len(episodes), f"videos/{key}/file_index": [0] * len(episodes),
                      f"videos/{key}/from_timestamp": (bounds[:-1] / fps).tolist(),
                      f"videos/{key}/to_timestamp": (bounds[1:] / fps).tolist()})
@@ -748,7 +749,7 @@ def _write_v2(root, info, episodes, cameras, tasks, lengths, columns, bounds, fp
         pq.write_table(_data_table(columns, rows), path)
         for name in cameras:
             video = info["video_path"].format(episode_chunk=0, video_key=IMAGE_PREFIX + name, episode_index=e)
-            _encode_video(os.path.join(root, video), np.asarray(episode["images"][name]), fps, codec)
+            _encode_video(os.path.join(root, video), [episode["images"][name]], fps, codec)
         meta["episodes.jsonl"].append({"episode_index": e, "tasks": [episode["task"]], "length": lengths[e]})
         episode_columns = {name: values[rows] for name, values in columns.items()}
         meta["episodes_stats.jsonl"].append({"episode_index": e, "stats": _all_stats(episode_columns, [episode], cameras)})
