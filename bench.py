@@ -55,7 +55,7 @@ def build_model(checkpoint: str | None, vlm: str | None, num_cameras: int) -> Sm
         model = SmolVLA.from_pretrained(checkpoint, vlm=vlm)
         cameras = model.config.camera_keys
         if num_cameras > len(cameras):
-            raise ValueError(f"--cameras {num_cameras}: the checkpoint reads only {len(cameras)} ({', '.join(cameras)})")
+            raise ValueError(f"--cameras {num_cameras}: the checkpoint reads {len(cameras)} ({', '.join(cameras)})")
         # fewer cameras than the checkpoint has: benchmark it as if configured with its first num_cameras
         for key in cameras[num_cameras:]:
             del model.config.input_features[key]
@@ -122,6 +122,7 @@ def chunk_flops(model: SmolVLA, height: int, width: int, lang_tokens: int = LANG
     rest += 3 * linear_flops(prefix, w, text.intermediate_size)
     layers = len(model.text.layers)
     vlm_total = layers * qkv + (layers - 1) * rest  # the last layer's output is never used
+    vlm_total += linear_flops(1, cfg.max_state_dim, w)  # the state token
     # expert: joint layers see prefix + suffix, cross layers the prefix through their own k/v projections
     expert = model.expert.layers[0]
     we, e_mlp = expert.self_attn.q_proj.in_features, expert.mlp.up_proj.out_features
@@ -197,13 +198,13 @@ def train_step(model: SmolVLA, optimizer, inputs: dict, autocast_dtype) -> float
 def stage_times(model: SmolVLA, inputs: dict, repeats: int) -> dict:
     """Median seconds of the stages of a chunk: all cameras through vision + connector, the whole prefix
     (vision included), one expert step (the velocity at one flow time)."""
-    prepared, masks = model.prepare_images(inputs["images"], inputs["img_masks"])
+    prepared, _ = model.prepare_images(inputs["images"], inputs["img_masks"])
     args = (inputs["images"], inputs["img_masks"], inputs["lang_tokens"], inputs["lang_masks"], inputs["state"])
     with torch.no_grad():
         ctx = model.encode_observation(*args)
         tau = torch.ones(inputs["noise"].shape[0])
         parts = {
-            "vision_s": lambda: [model.embed_image(img) for img in prepared],
+            "vision_s": lambda: model.embed_images(prepared),
             "prefix_s": lambda: model.encode_observation(*args),
             "expert_step_s": lambda: model.velocity(ctx, inputs["noise"], tau),
         }

@@ -64,49 +64,59 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # speed: F.rms_norm is the same formula in one kernel instead of five elementwise passes
+        x32 = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)
         return self.weight * x32.to(x.dtype)
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding, "rotate-half" convention, computed in float32.
+def rope_angles(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, float32: positions (B, L) integer -> two (B, L, 1, hd/2) tensors.
 
-    x: (B, L, H, hd), positions: (B, L) integer -> (B, L, H, hd) in x's dtype.
-    Dimension pairs (i, i + hd/2) are rotated by the angle position / 10000^(2i/hd): the dot product of a
+    Dimension pair (i, i + hd/2) is rotated by the angle position / 10000^(2i/hd): the dot product of a
     rotated query and a rotated key then depends only on the distance between their positions.
+    speed: they depend only on the positions, so they are computed once per sequence and shared by all
+    layers (and, for the action tokens, by all flow steps) instead of once per layer.
     """
-    half = x.shape[-1] // 2
-    x32 = x.float()
-    exponents = (2.0 / x.shape[-1]) * torch.arange(half, dtype=torch.float32, device=x.device)  # (hd/2,)
+    exponents = (2.0 / head_dim) * torch.arange(head_dim // 2, dtype=torch.float32, device=positions.device)
     wavelengths = ROPE_BASE**exponents  # (hd/2,) from 1 to ~10000
     angles = positions[..., None].float() / wavelengths  # (B, L, hd/2)
-    sin, cos = torch.sin(angles)[:, :, None, :], torch.cos(angles)[:, :, None, :]  # (B, L, 1, hd/2)
+    return torch.cos(angles)[:, :, None, :], torch.sin(angles)[:, :, None, :]
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotary position embedding, "rotate-half" convention, computed in float32.
+
+    x: (B, L, H, hd); rope: (cos, sin) from rope_angles -> (B, L, H, hd) in x's dtype.
+    """
+    cos, sin = rope
+    half = x.shape[-1] // 2
+    x32 = x.float()
     x1, x2 = x32[..., :half], x32[..., half:]
     rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return rotated.to(x.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Softmax attention with grouped-query heads; scores and softmax in float32.
+    """Softmax attention with grouped-query heads: softmax(q·kᵀ / √hd, masked) · v, softmax in float32.
 
     q: (B, Lq, H, hd); k, v: (B, Lk, Hkv, hd) with H a multiple of Hkv (query head h reads kv head
     h // (H/Hkv)); mask: (B, Lq, Lk) bool, True = may attend, or None -> (B, Lq, H·hd) in v's dtype.
-    Masked scores are set to the most negative float32 rather than -inf, so a fully masked row (a padding
-    token's query) gives a harmless uniform average instead of NaNs.
+
+    speed: one fused kernel, F.scaled_dot_product_attention. On CPU it is a flash-attention loop that never
+    stores the (Lq, Lk) score matrix, accumulates scores and softmax in float32 also for bfloat16 inputs, and
+    lets each group of H/Hkv query heads read its kv head in place (enable_gqa) instead of copying the keys
+    and values H/Hkv times. It equals the plain formula above to float32 rounding (test_bench.py checks);
+    the one difference: a query that may attend to nothing (a padding token's) gets zeros rather than
+    an average, which no real token ever reads (padding keys are masked for every query).
     """
-    batch, q_len, num_heads, head_dim = q.shape
-    groups = num_heads // k.shape[2]
-    # share each kv head with its group of query heads: (B, Lk, Hkv, hd) -> (B, H, Lk, hd)
-    k = k.repeat_interleave(groups, dim=2).transpose(1, 2)
-    v = v.repeat_interleave(groups, dim=2).transpose(1, 2)
-    scores = torch.matmul(q.transpose(1, 2).float(), k.float().transpose(2, 3))  # (B, H, Lq, Lk)
-    scores = scores * head_dim**-0.5
-    if mask is not None:
-        scores = torch.where(mask[:, None], scores, torch.finfo(torch.float32).min)
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    out = torch.matmul(probs, v)  # (B, H, Lq, hd)
-    return out.transpose(1, 2).reshape(batch, q_len, num_heads * head_dim)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),  # (B, H, Lq, hd)
+        k.transpose(1, 2),  # (B, Hkv, Lk, hd)
+        v.transpose(1, 2),
+        attn_mask=None if mask is None else mask[:, None],  # (B, 1, Lq, Lk), the same for every head
+        enable_gqa=q.shape[2] != k.shape[2],
+    )  # (B, H, Lq, hd)
+    return out.transpose(1, 2).flatten(2)  # (B, Lq, H·hd)
 
 
 class SelfAttentionProjections(nn.Module):
@@ -152,12 +162,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def qkv(self, x: torch.Tensor, positions: torch.Tensor):
-        """x: (B, L, d) -> q (B, L, H, hd), k and v (B, L, Hkv, hd); q and k rotated by RoPE."""
+    def qkv(self, x: torch.Tensor, rope: tuple):
+        """x: (B, L, d) -> q (B, L, H, hd), k and v (B, L, Hkv, hd); q and k rotated by RoPE (rope_angles)."""
         a = self.self_attn
         h = self.input_layernorm(x)
-        q = apply_rope(a.split_heads(a.q_proj(h)), positions)
-        k = apply_rope(a.split_heads(a.k_proj(h)), positions)
+        q = apply_rope(a.split_heads(a.q_proj(h)), rope)
+        k = apply_rope(a.split_heads(a.k_proj(h)), rope)
         v = a.split_heads(a.v_proj(h))
         return q, k, v
 
@@ -225,8 +235,9 @@ class ActionExpert(nn.Module):
         """
         cache = []
         x = prefix  # (B, P, D)
+        rope = rope_angles(positions, vlm_layers[0].self_attn.head_dim)  # shared by all layers
         for i, (vlm_layer, (j, cross)) in enumerate(zip(vlm_layers, self.plan)):
-            q, k, v = vlm_layer.qkv(x, positions)  # (B, P, H, hd), (B, P, Hkv, hd) ×2
+            q, k, v = vlm_layer.qkv(x, rope)  # (B, P, H, hd), (B, P, Hkv, hd) ×2
             if j is None:
                 cache.append(None)
             elif cross:
@@ -240,18 +251,27 @@ class ActionExpert(nn.Module):
                 x = vlm_layer.finish(x, attention(q, k, v, mask))
         return cache
 
-    def forward(
-        self, suffix: torch.Tensor, cache: list, mask: torch.Tensor, positions: torch.Tensor
-    ) -> torch.Tensor:
-        """One pass of the expert over the suffix, attending to the cached prefix.
-
-        suffix: (B, S, d_e) embedded noisy actions; mask: (B, S, P + S) bool (prefix columns, then
-        suffix columns); positions: (B, S), continuing after the prefix's positions.
-        Returns the final-normed hidden states (B, S, d_e).
-        """
-        prefix_len = mask.shape[2] - suffix.shape[1]
+    def suffix_layout(self, mask: torch.Tensor, positions: torch.Tensor) -> "SuffixLayout":
+        """What the action tokens attend to and where they sit, from the suffix rows of the attention mask
+        (B, S, P + S) and their positions (B, S) continuing after the prefix's. The same at every flow step,
+        so sampling builds it once per chunk."""
+        prefix_len = mask.shape[2] - positions.shape[1]
+        head_dim = self.layers[0].self_attn.head_dim
         # cross-attention layers count the expert's positions from 0
         restarted = positions - positions.min(dim=1, keepdim=True).values
+        return SuffixLayout(
+            joint_mask=mask,
+            cross_mask=mask[:, :, :prefix_len].contiguous(),
+            rope=rope_angles(positions, head_dim),
+            cross_rope=rope_angles(restarted, head_dim),
+        )
+
+    def forward(self, suffix: torch.Tensor, cache: list, layout: "SuffixLayout") -> torch.Tensor:
+        """One pass of the expert over the suffix, attending to the cached prefix.
+
+        suffix: (B, S, d_e) embedded noisy actions; cache: from cache_prefix; layout: from suffix_layout.
+        Returns the final-normed hidden states (B, S, d_e).
+        """
         x = suffix
         for (j, cross), kv in zip(self.plan, cache):
             if j is None:
@@ -259,14 +279,24 @@ class ActionExpert(nn.Module):
             layer = self.layers[j]
             if cross:
                 h = layer.input_layernorm(x)
-                q = apply_rope(layer.self_attn.split_heads(layer.self_attn.q_proj(h)), restarted)
+                q = apply_rope(layer.self_attn.split_heads(layer.self_attn.q_proj(h)), layout.cross_rope)
                 k, v = kv  # expert-projected prefix keys/values (B, P, Hkv, hd)
-                out = attention(q, k, v, mask[:, :, :prefix_len])
+                out = attention(q, k, v, layout.cross_mask)
             else:
-                q, k, v = layer.qkv(x, positions)
+                q, k, v = layer.qkv(x, layout.rope)
                 # the action tokens see the prefix and the suffix: concatenate along the sequence
                 k = torch.cat([kv[0], k], dim=1)  # (B, P + S, Hkv, hd)
                 v = torch.cat([kv[1], v], dim=1)
-                out = attention(q, k, v, mask)
+                out = attention(q, k, v, layout.joint_mask)
             x = layer.finish(x, out)
         return self.norm(x)
+
+
+@dataclass
+class SuffixLayout:
+    """The action tokens' attention masks and rotary angles (see ActionExpert.suffix_layout)."""
+
+    joint_mask: torch.Tensor  # (B, S, P + S) bool: real prefix tokens and earlier actions (joint layers)
+    cross_mask: torch.Tensor  # (B, S, P) bool: real prefix tokens (cross-attention layers)
+    rope: tuple  # rope_angles of the positions after the prefix's (joint layers)
+    cross_rope: tuple  # rope_angles of the positions restarted at 0 (cross-attention layers)

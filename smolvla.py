@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from expert import ActionExpert, DecoderConfig, DecoderLayer, RMSNorm, attention, expert_mlp_width
+from expert import ActionExpert, DecoderConfig, DecoderLayer, RMSNorm, SuffixLayout, attention, expert_mlp_width
 from flow import (
     euler_sample,
     flow_matching_loss,
@@ -408,8 +408,7 @@ class PrefixContext:
     keys/values) and the suffix's attention mask and positions, which are the same at every step."""
 
     cache: list  # per VLM layer (k, v) (B, P, Hkv, hd), see ActionExpert.cache_prefix
-    suffix_mask: torch.Tensor  # (B, S, P + S) bool
-    suffix_positions: torch.Tensor  # (B, S)
+    suffix: SuffixLayout  # the action tokens' masks and rotary angles, see ActionExpert.suffix_layout
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -527,6 +526,15 @@ class SmolVLA(nn.Module):
         patches = self.vision(pixels.to(self.connector.weight.dtype))  # (B, 1024, 768)
         return self.connector(pixel_shuffle(patches, self.scale_factor))  # (B, 64, 12288) -> (B, 64, 960)
 
+    def embed_images(self, images: list) -> list:
+        """Every camera's frames: list of k (B, 3, S, S) -> list of k (B, 64, D).
+        speed: the k cameras go through the vision tower as one batch of k·B frames (fewer, larger matrix
+        products) when their frames have the same size, as they do after resize-with-pad."""
+        if all(img.shape == images[0].shape for img in images):
+            embedded = self.embed_image(torch.cat(images))  # (k·B, 64, D)
+            return list(embedded.split(images[0].shape[0]))  # k × (B, 64, D)
+        return [self.embed_image(img) for img in images]
+
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.text.embed_tokens(tokens)
 
@@ -547,10 +555,9 @@ class SmolVLA(nn.Module):
             add(self.embed_marker_tokens(tokens, batch), ones(len(tokens)), 0)
 
         ones = lambda n: torch.ones(batch, n, dtype=torch.bool, device=state.device)  # noqa: E731
-        for img, img_mask in zip(images, img_masks):
+        for img_emb, img_mask in zip(self.embed_images(images), img_masks):
             if self.config.add_image_special_tokens:
                 add_marker("<fake_token_around_image>", "<global-img>")
-            img_emb = self.embed_image(img)  # (B, 64, D)
             # SmolVLA scales image and word embeddings by √D (as Gemma-style models do)
             img_emb = img_emb * torch.tensor(width**0.5, dtype=img_emb.dtype, device=img_emb.device)
             add(img_emb, img_mask[:, None].expand(batch, img_emb.shape[1]), 0)
@@ -590,7 +597,7 @@ class SmolVLA(nn.Module):
         causal = torch.ones(chunk, chunk, dtype=torch.bool, device=pad.device).tril()  # (S, S)
         suffix_mask = torch.cat([pad[:, None, :].expand(batch, chunk, -1), causal.expand(batch, -1, -1)], 2)
         suffix_positions = pad.sum(dim=1, keepdim=True) + torch.arange(chunk, device=pad.device)  # (B, S)
-        return PrefixContext(cache, suffix_mask, suffix_positions)
+        return PrefixContext(cache, self.expert.suffix_layout(suffix_mask, suffix_positions))
 
     # --- suffix: noisy actions and flow time ---------------------------------------------------------
 
@@ -606,7 +613,7 @@ class SmolVLA(nn.Module):
     def velocity(self, ctx: PrefixContext, noisy_actions: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
         """The expert's predicted flow velocity v(x_τ, τ | observation): (B, S, max_action_dim) float32."""
         suffix = self.embed_suffix(noisy_actions, time)  # (B, S, d_e)
-        hidden = self.expert(suffix, ctx.cache, ctx.suffix_mask, ctx.suffix_positions)  # (B, S, d_e)
+        hidden = self.expert(suffix, ctx.cache, ctx.suffix)  # (B, S, d_e)
         # the output projection runs in float32 whatever the model's dtype (as in the reference)
         w, b = self.action_out_proj.weight, self.action_out_proj.bias
         return F.linear(hidden.float(), w.float(), b.float())

@@ -1,0 +1,124 @@
+"""Tests of the speed work: the fused attention computes the plain formula, bfloat16 stays faithful to the
+reference's float32 actions, the FLOP count is what the model really multiplies, and bench.py keeps its
+command-line contract (last line a JSON object with "chunk_s")."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+from expert import attention
+from smolvla import SMOLVLM2_500M_VIDEO_INSTRUCT, SmolVLA
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = os.path.join(HERE, "testdata", "smolvla_tiny")
+CKPT, VLM = os.path.join(TINY, "checkpoint"), os.path.join(TINY, "vlm")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: thread hand-offs would cost more than the arithmetic
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return SmolVLA.from_pretrained(CKPT, vlm=VLM)
+
+
+@pytest.fixture(scope="module")
+def io():
+    return load_file(os.path.join(TINY, "io.safetensors"))
+
+
+def plain_sdpa(q, k, v, attn_mask=None, enable_gqa=False):
+    """softmax(q·kᵀ/√d + mask)·v written out with matmuls, float32 scores, kv heads repeated per group;
+    a fully masked row gives zeros, as the fused kernel does. q (B, H, Lq, d), k/v (B, Hkv, Lk, d)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(2, 3)) * q.shape[-1] ** -0.5  # (B, H, Lq, Lk)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_attention_is_the_plain_formula(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 9, 6, 16, generator=g).to(dtype)  # 6 query heads
+    k = torch.randn(2, 13, 2, 16, generator=g).to(dtype)  # 2 kv heads: groups of 3
+    v = torch.randn(2, 13, 2, 16, generator=g).to(dtype)
+    mask = torch.rand(2, 9, 13, generator=g) > 0.4
+    mask[0, 3] = False  # a query that may attend to nothing (a padding token)
+    out = attention(q, k, v, mask)  # (B, Lq, H·d)
+    expected = plain_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask[:, None])
+    expected = expected.transpose(1, 2).flatten(2)
+    assert out.shape == (2, 9, 6 * 16) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
+    assert out[0, 3].abs().max() == 0
+    # without a mask (the vision tower) and without grouping
+    torch.testing.assert_close(
+        attention(q, q, q, None).float(),
+        plain_sdpa(*(q.transpose(1, 2),) * 3).transpose(1, 2).flatten(2).float(), atol=tol, rtol=tol,
+    )
+
+
+def test_bf16_sampled_actions_within_0_05_of_the_fp32_reference(tiny, io):
+    """bench.py's bf16 model (weights and activations bf16; RMSNorm, RoPE, softmax and the velocity
+    projection in fp32) against the reference's fp32 actions, normalized units."""
+    model = SmolVLA.from_pretrained(CKPT, vlm=VLM).to(torch.bfloat16)
+    assert model.expert.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    images = [io["image0"], io["image1"]]
+    masks = [torch.ones(2, dtype=torch.bool)] * 2
+    chunk = model.sample_actions(images, masks, io["lang_tokens"], io["lang_masks"], io["state"], io["sample_noise"])
+    assert chunk.dtype == torch.float32
+    error = (chunk - io["expected_sampled"]).abs().max().item()
+    assert error < 0.05
+    # and the fp32 model is the reference to 1e-5 (the optimizations change no result)
+    chunk32 = tiny.sample_actions(images, masks, io["lang_tokens"], io["lang_masks"], io["state"], io["sample_noise"])
+    torch.testing.assert_close(chunk32, io["expected_sampled"], atol=1e-5, rtol=0)
+    assert error > 1e-5  # the bf16 run really ran in bf16
+
+
+def test_flop_count_is_what_the_model_multiplies(tiny, monkeypatch):
+    """chunk_flops (from the architecture) equals the FLOPs PyTorch counts in the matrix products of one
+    chunk, with attention written out as matmuls so that the counter sees it."""
+    monkeypatch.setattr(F, "scaled_dot_product_attention", plain_sdpa)
+    inputs = bench.make_inputs(tiny, batch=1, height=48, width=64, lang_tokens=7)
+    with FlopCounterMode(display=False) as counter:
+        bench.sample_chunk(tiny, inputs)
+    assert bench.chunk_flops(tiny, 48, 64, lang_tokens=7)["total"] == counter.get_total_flops()
+
+
+def test_smolvla_base_chunk_is_about_580_gflop():
+    with torch.device("meta"):  # the architecture only, no memory
+        model = SmolVLA(bench.base_config(2), SMOLVLM2_500M_VIDEO_INSTRUCT)
+    flops = bench.chunk_flops(model, 480, 640)
+    assert 425e9 < flops["vision"] < 435e9  # 2 × SigLIP at 512×512 (1024 patches)
+    assert 45e9 < flops["vlm_prefix"] < 55e9  # 16 layers over 128 image + 20 word + 1 state tokens
+    assert flops["expert"] == 10 * flops["expert_step"] and 95e9 < flops["expert"] < 110e9
+    assert 570e9 < flops["total"] < 590e9
+
+
+def test_bench_contract_last_line_is_json_with_chunk_s(capsys):
+    bench.main(["--checkpoint", CKPT, "--vlm", VLM, "--dtype", "bf16", "--cameras", "2", "--height", "48",
+                "--width", "64", "--repeats", "2", "--warmup", "0", "--threads", "1", "--json"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["chunk_s"] > 0 and result["gflops"] > 0 and len(result["wall_s"]) == 2
+    assert result["threads"] == 1 and result["dtype"] == "bf16" and result["batch"] == 1
+
+
+def test_bench_times_a_training_step_and_reports_errors(capsys):
+    common = ["--checkpoint", CKPT, "--vlm", VLM, "--height", "48", "--width", "64", "--threads", "1"]
+    result = bench.main(common + ["--train", "--dtype", "bf16", "--repeats", "1", "--warmup", "0"])
+    assert result["train_step_s"] > 0 and result["batch"] == 2 and result["trained_params"] > 0
+    with pytest.raises(ValueError, match="the checkpoint reads 2"):
+        bench.main(common + ["--cameras", "3"])
