@@ -155,6 +155,24 @@ def test_on_the_fly_decoding_equals_the_cache(written):
             assert torch.equal(streamed[i][key], cached[i][key])
 
 
+def test_timestamp_drift_snaps_to_the_nearest_frame(written, tmp_path):
+    """Summed durations in long concatenated videos drift off the frame grid: lookups must still land."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    episodes, v3, _, cache = written
+    drifted = tmp_path / "drifted"
+    shutil.copytree(v3, drifted)
+    path = drifted / "meta" / "episodes" / "chunk-000" / "file-000.parquet"
+    table = pq.read_table(path)
+    for camera in CAMERAS:  # episode e starts 0.15·e frames late (5 ms and more: far beyond a 1e-4 s tolerance)
+        name = f"videos/observation.images.{camera}/from_timestamp"
+        late = np.asarray(table.column(name).to_pylist()) + 0.15 / 15 * np.arange(len(table))
+        table = table.set_column(table.column_names.index(name), name, pa.array(late))
+    pq.write_table(table, path)
+    check_against_episodes(LeRobotDataset(str(drifted), chunk_size=4, cache_dir=cache), episodes, chunk_size=4)
+
+
 def test_episode_subset_keeps_original_indices(written):
     episodes, v3, _, cache = written
     ds = LeRobotDataset(v3, chunk_size=6, episodes=[3, 0], cache_dir=cache)
