@@ -286,3 +286,7 @@ def test_unwritable_output_and_existing_run(tmp_path, capsys):
     os.makedirs(tmp_path / "run" / "checkpoints")
     message = error_of(FINE_TUNE + ["--output", str(tmp_path / "run")], capsys)
     assert "--resume" in message
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "eval.json").write_text("{}")
+    message = error_of(["--demo", "--output", str(tmp_path / "demo")], capsys)
+    assert "is not empty" in message and (tmp_path / "demo" / "eval.json").read_text() == "{}"

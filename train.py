@@ -692,6 +692,8 @@ def main(argv=None):
             fill_options(args)
             args.output = args.output or os.path.join("outputs", f"demo_{time.strftime('%Y-%m-%d_%H-%M-%S')}")
             check_output(args.output, resume=False)
+            if os.path.isdir(args.output) and os.listdir(args.output):
+                raise FileExistsError(f"{args.output!r} is not empty; the demo writes a new run: choose another --output.")
         else:
             dataset, policy, start = prepare(args, processes)
     except (FileNotFoundError, FileExistsError, PermissionError, ValueError) as error:
