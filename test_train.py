@@ -133,6 +133,24 @@ def test_demo_evaluation_tells_image_use_from_blindness():
     assert x >= 0.8 and y <= x / 2
 
 
+def test_demo_pipeline_end_to_end_in_miniature(tmp_path):
+    """--demo with a few episodes and steps: dataset on disk, checkpoint with its VLM dir, eval.json."""
+    output = tmp_path / "demo"
+    train.main(["--demo", "--steps", "3", "--batch-size", "8", "--demo-episodes", "4", "--demo-length", "12",
+                "--demo-eval-episodes", "2", "--output", str(output)])
+    saved = json.load(open(output / "eval.json"))
+    assert saved["episodes"] == 2 and 0 <= saved["success_rate"] <= 1 and saved["train_steps"] == 3
+    dataset = LeRobotDataset(str(output / "dataset"))
+    assert len(dataset) == 4 * 12 and dataset.camera_keys == ["observation.images.top"]
+    checkpoint = output / "checkpoints" / "last" / "pretrained_model"
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        assert (checkpoint / "vlm" / name).is_file(), name
+    tokenizer_config = json.load(open(checkpoint / "vlm" / "tokenizer_config.json"))
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"  # loads in transformers 4 and 5
+    policy = SmolVLA.from_pretrained(str(checkpoint))
+    assert policy.config.chunk_size == 10 and policy.config.num_vlm_layers == 4
+
+
 # ----------------------------------------------------------------------------------------------------
 # Schedule, tokenizer
 # ----------------------------------------------------------------------------------------------------
@@ -278,7 +296,7 @@ def test_policy_cameras_the_dataset_lacks_are_dropped(tmp_path, capsys):
     assert [k for k in config["input_features"] if k.startswith("observation.images.")] == ["observation.images.top"]
 
 
-def test_unwritable_output_and_existing_run(tmp_path, capsys):
+def test_unwritable_output_existing_run_and_too_small_dataset(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     message = error_of(FINE_TUNE + ["--output", str(blocker / "run")], capsys)
@@ -290,3 +308,5 @@ def test_unwritable_output_and_existing_run(tmp_path, capsys):
     (tmp_path / "demo" / "eval.json").write_text("{}")
     message = error_of(["--demo", "--output", str(tmp_path / "demo")], capsys)
     assert "is not empty" in message and (tmp_path / "demo" / "eval.json").read_text() == "{}"
+    message = error_of(FINE_TUNE + ["--batch-size", "64", "--output", str(tmp_path / "o")], capsys)
+    assert "63 samples, fewer than one batch of 64" in message

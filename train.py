@@ -186,6 +186,13 @@ def check_dataset_fits_policy(config, dataset, rename):
         print(f"note: the policy does not read the dataset's {[dataset_name(k) for k in unused]} camera(s).")
 
 
+def check_batch_size(samples, batch_size, world_size):
+    """Every process needs at least one full batch per epoch."""
+    if samples // world_size < batch_size:
+        raise ValueError(f"the dataset has {samples} samples, fewer than one batch of {batch_size} per process "
+                         f"({world_size} process{'es' if world_size > 1 else ''}): lower --batch-size.")
+
+
 def features_from_dataset(dataset):
     """lerobot-style input/output feature dicts describing a dataset (for a policy trained from scratch)."""
     sample = dataset[0]
@@ -298,9 +305,6 @@ def batches(dataset, batch_size, processes, seed, num_workers, start_step):
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=processes.world_size,
                                                   rank=processes.rank, shuffle=True, seed=seed, drop_last=True)
     per_epoch = len(sampler) // batch_size
-    if per_epoch == 0:
-        raise ValueError(f"the dataset has {len(dataset)} samples, fewer than one batch of {batch_size} per "
-                         f"process ({processes.world_size} processes): lower --batch-size.")
     epoch, skip = divmod(start_step, per_epoch)
     while True:
         sampler.set_epoch(epoch)
@@ -674,6 +678,7 @@ def prepare(args, processes):
     if processes.is_main:
         check_output(args.output, args.resume)
     dataset = LeRobotDataset(args.repo, rename=parse_rename(args.rename))
+    check_batch_size(len(dataset), args.batch_size, processes.world_size)
     policy = load_policy(args, dataset)
     check_dataset_fits_policy(policy.config, dataset, parse_rename(args.rename))
     dataset.chunk_size = policy.config.chunk_size
@@ -694,6 +699,7 @@ def main(argv=None):
             check_output(args.output, resume=False)
             if os.path.isdir(args.output) and os.listdir(args.output):
                 raise FileExistsError(f"{args.output!r} is not empty; the demo writes a new run: choose another --output.")
+            check_batch_size(args.demo_episodes * args.demo_length, args.batch_size, 1)
         else:
             dataset, policy, start = prepare(args, processes)
     except (FileNotFoundError, FileExistsError, PermissionError, ValueError) as error:
