@@ -564,6 +564,7 @@ def run_demo(args, processes):
     config = demo_policy_config(dataset, args)
     dataset.chunk_size = config.chunk_size
     vlm_dir = os.path.join(args.output, "vlm")
+    torch.manual_seed(args.seed)  # the random initialization of the whole tiny model
     policy = SmolVLA(config, *write_tiny_vlm(vlm_dir, dataset.tasks))
     policy.vlm_dir = vlm_dir  # copied into every checkpoint's vlm/
     policy.set_normalization(dataset.stats)
@@ -679,6 +680,7 @@ def prepare(args, processes):
         check_output(args.output, args.resume)
     dataset = LeRobotDataset(args.repo, rename=parse_rename(args.rename))
     check_batch_size(len(dataset), args.batch_size, processes.world_size)
+    torch.manual_seed(args.seed)  # a fresh expert's initialization (--from-scratch)
     policy = load_policy(args, dataset)
     check_dataset_fits_policy(policy.config, dataset, parse_rename(args.rename))
     dataset.chunk_size = policy.config.chunk_size
@@ -687,29 +689,34 @@ def prepare(args, processes):
     return dataset, policy, start
 
 
+def prepare_demo(args, processes):
+    """The demo's checks: one process, a new (or empty) output directory, enough samples for one batch."""
+    if processes.distributed:
+        raise ValueError("--demo runs in one process; run torchrun on the demo's dataset with --repo.")
+    fill_options(args)
+    args.output = args.output or os.path.join("outputs", f"demo_{time.strftime('%Y-%m-%d_%H-%M-%S')}")
+    check_output(args.output, resume=False)
+    if os.path.isdir(args.output) and os.listdir(args.output):
+        raise FileExistsError(f"{args.output!r} is not empty; the demo writes a new run: choose another --output.")
+    check_batch_size(args.demo_episodes * args.demo_length, args.batch_size, 1)
+
+
 def main(argv=None):
     args = parse_args(argv)
     processes = start_processes(args.device)
     try:
         if args.demo:
-            if processes.distributed:
-                raise ValueError("--demo runs in one process; run torchrun on the demo's dataset with --repo.")
-            fill_options(args)
-            args.output = args.output or os.path.join("outputs", f"demo_{time.strftime('%Y-%m-%d_%H-%M-%S')}")
-            check_output(args.output, resume=False)
-            if os.path.isdir(args.output) and os.listdir(args.output):
-                raise FileExistsError(f"{args.output!r} is not empty; the demo writes a new run: choose another --output.")
-            check_batch_size(args.demo_episodes * args.demo_length, args.batch_size, 1)
+            prepare_demo(args, processes)
         else:
             dataset, policy, start = prepare(args, processes)
     except (FileNotFoundError, FileExistsError, PermissionError, ValueError) as error:
         sys.exit(f"train.py: error: {error}")
     if args.demo:
         run_demo(args, processes)
-        return
-    train(policy, dataset, args, processes, start)
-    if processes.is_main:
-        print(f"checkpoint: {os.path.join(args.output, 'checkpoints', 'last', 'pretrained_model')}")
+    else:
+        train(policy, dataset, args, processes, start)
+        if processes.is_main:
+            print(f"checkpoint: {os.path.join(args.output, 'checkpoints', 'last', 'pretrained_model')}")
     if processes.distributed:
         dist.destroy_process_group()
 
