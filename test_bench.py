@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 from expert import attention
-from smolvla import SMOLVLM2_500M_VIDEO_INSTRUCT, SmolVLA
+from smolvla import SMOLVLM2_500M_VIDEO_INSTRUCT, PackedLinear, SmolVLA, pack_for_cpu_inference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = os.path.join(HERE, "testdata", "smolvla_tiny")
@@ -71,21 +71,38 @@ def test_fused_attention_is_the_plain_formula(dtype, tol):
     )
 
 
-def test_bf16_sampled_actions_within_0_05_of_the_fp32_reference(tiny, io):
+def sample(model, io):
+    images, masks = [io["image0"], io["image1"]], [torch.ones(2, dtype=torch.bool)] * 2
+    return model.sample_actions(images, masks, io["lang_tokens"], io["lang_masks"], io["state"], io["sample_noise"])
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_bf16_sampled_actions_within_0_05_of_the_fp32_reference(io, packed):
     """bench.py's bf16 model (weights and activations bf16; RMSNorm, RoPE, softmax and the velocity
-    projection in fp32) against the reference's fp32 actions, normalized units."""
+    projection in fp32), with and without packed weights, against the reference's fp32 actions."""
     model = SmolVLA.from_pretrained(CKPT, vlm=VLM).to(torch.bfloat16)
+    if packed:
+        pack_for_cpu_inference(model)
+        assert isinstance(model.expert.layers[0].mlp.up_proj, PackedLinear)
     assert model.expert.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
-    images = [io["image0"], io["image1"]]
-    masks = [torch.ones(2, dtype=torch.bool)] * 2
-    chunk = model.sample_actions(images, masks, io["lang_tokens"], io["lang_masks"], io["state"], io["sample_noise"])
+    chunk = sample(model, io)
     assert chunk.dtype == torch.float32
     error = (chunk - io["expected_sampled"]).abs().max().item()
-    assert error < 0.05
-    # and the fp32 model is the reference to 1e-5 (the optimizations change no result)
-    chunk32 = tiny.sample_actions(images, masks, io["lang_tokens"], io["lang_masks"], io["state"], io["sample_noise"])
-    torch.testing.assert_close(chunk32, io["expected_sampled"], atol=1e-5, rtol=0)
-    assert error > 1e-5  # the bf16 run really ran in bf16
+    assert 1e-5 < error < 0.05  # really computed in bf16, and close to the reference
+
+
+def test_packed_fp32_model_is_the_reference_to_1e_5(io, capsys):
+    model = pack_for_cpu_inference(SmolVLA.from_pretrained(CKPT, vlm=VLM))
+    torch.testing.assert_close(sample(model, io), io["expected_sampled"], atol=1e-5, rtol=0)
+    # same names and tensors in the state dict: a packed model saves like any other
+    assert model.state_dict().keys() == SmolVLA.from_pretrained(CKPT, vlm=VLM).state_dict().keys()
+    # gradient-tracking calls take the plain (differentiable) path
+    images, masks = [io["image0"], io["image1"]], [torch.ones(2, dtype=torch.bool)] * 2
+    tokens, token_masks = io["lang_tokens"], io["lang_masks"]
+    losses = model.compute_loss(images, masks, tokens, token_masks, io["state"], io["actions"], io["noise"], io["time"])
+    torch.testing.assert_close(losses, io["expected_losses"], atol=1e-5, rtol=0)
+    losses.mean().backward()
+    assert model.expert.layers[0].mlp.up_proj.weight.grad is not None
 
 
 def test_flop_count_is_what_the_model_multiplies(tiny, monkeypatch):
