@@ -150,10 +150,10 @@ def chunk_flops(model: SmolVLA, height: int, width: int, lang_tokens: int = LANG
 
 
 def train_step_flops(flops: dict, batch: int) -> int:
-    """Approximate FLOPs of a training step (train_expert_only): the frozen vision tower forward only;
-    the VLM forward and its input gradients (the trained state projection feeds the prefix); the expert
-    forward, input and weight gradients (≈ 3× forward) for one flow time per sample."""
-    return batch * (flops["vision"] + 2 * flops["vlm_prefix"] + 3 * flops["expert_step"])
+    """Approximate FLOPs of a training step (train_expert_only): the frozen vision tower and VLM forward
+    (the VLM's backward covers only the state token, negligible); the expert forward, input and weight
+    gradients (≈ 3× forward) for one flow time per sample."""
+    return batch * (flops["vision"] + flops["vlm_prefix"] + 3 * flops["expert_step"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -281,7 +281,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     result = {"threads": torch.get_num_threads(), "dtype": args.dtype, "batch": args.batch,
-              "mode": "train" if args.train else "chunk", "packed": not (args.train or args.no_pack),
+              "mode": "train" if args.train else "chunk", "packed": not args.no_pack,
               "compiled": args.compile}
     if args.reference:
         reference = run_reference(args.reference, args)
@@ -318,6 +318,8 @@ def main(argv=None) -> dict:
             for part in model.children():
                 if not any(p.requires_grad for p in part.parameters()):
                     part.to(autocast)
+                    if not args.no_pack:  # the vision tower's input needs no gradient: it runs packed
+                        pack_for_cpu_inference(part)
         run = lambda: train_step(model, optimizer, inputs, autocast)  # noqa: E731
         wall, cpu = timed(run, args.repeats, args.warmup)
         result["train_step_s"] = statistics.median(wall)

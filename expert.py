@@ -224,7 +224,12 @@ class ActionExpert(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def cache_prefix(
-        self, vlm_layers: nn.ModuleList, prefix: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+        self,
+        vlm_layers: nn.ModuleList,
+        prefix: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        untracked: int = 0,
     ) -> list:
         """Run the VLM over the prefix once; return per VLM layer the keys/values the expert attends to.
 
@@ -232,12 +237,25 @@ class ActionExpert(nn.Module):
         Returns cache[i] = (k, v), each (B, P, Hkv, hd): for a joint layer the VLM layer's own keys (after
         RoPE) and values; for a cross layer those passed through the expert's k/v projections — done here,
         once per chunk, instead of in each of the flow steps. None where no expert layer sits beside.
+
+        untracked: speed (training with a frozen VLM): the first `untracked` tokens (images and words) depend
+        on no trained weight and attend to no later token, so they run without gradient tracking; only the
+        rest (the state token, whose projection is trained) is tracked and backpropagated through the VLM:
+        1 token per sample instead of P. The results and gradients are the same.
         """
-        cache = []
-        x = prefix  # (B, P, D)
         rope = rope_angles(positions, vlm_layers[0].self_attn.head_dim)  # shared by all layers
-        for i, (vlm_layer, (j, cross)) in enumerate(zip(vlm_layers, self.plan)):
-            q, k, v = vlm_layer.qkv(x, rope)  # (B, P, H, hd), (B, P, Hkv, hd) ×2
+        if untracked > 0:
+            head = lambda t: t[:, :untracked]  # noqa: E731
+            tail = lambda t: t[:, untracked:]  # noqa: E731
+            with torch.no_grad():
+                head_mask = head(mask)[:, :, :untracked]  # (B, U, U)
+                past = self.vlm_keys_values(vlm_layers, head(prefix), head_mask, tuple(map(head, rope)))
+            rest = self.vlm_keys_values(vlm_layers, tail(prefix), tail(mask), tuple(map(tail, rope)), past)
+            keys_values = [(torch.cat([pk, k], 1), torch.cat([pv, v], 1)) for (pk, pv), (k, v) in zip(past, rest)]
+        else:
+            keys_values = self.vlm_keys_values(vlm_layers, prefix, mask, rope)
+        cache = []
+        for (k, v), (j, cross) in zip(keys_values, self.plan):
             if j is None:
                 cache.append(None)
             elif cross:
@@ -246,10 +264,23 @@ class ActionExpert(nn.Module):
                 cache.append((proj.split_heads(proj.k_proj(flat_k)), proj.split_heads(proj.v_proj(flat_v))))
             else:
                 cache.append((k, v))
+        return cache
+
+    @staticmethod
+    def vlm_keys_values(vlm_layers: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor, rope: tuple, past=None):
+        """The VLM's layers over tokens x (B, L, D): per layer their keys (after RoPE) and values, each
+        (B, L, Hkv, hd). past: per layer the keys/values of earlier tokens, which x also attends to (mask
+        (B, L, earlier + L)); without it mask is (B, L, L)."""
+        keys_values = []
+        for i, vlm_layer in enumerate(vlm_layers):
+            q, k, v = vlm_layer.qkv(x, rope)  # (B, L, H, hd), (B, L, Hkv, hd) ×2
+            keys_values.append((k, v))
+            if past is not None:
+                k, v = torch.cat([past[i][0], k], dim=1), torch.cat([past[i][1], v], dim=1)
             # the last layer's output is never used: only its keys/values are
             if i < len(vlm_layers) - 1:
                 x = vlm_layer.finish(x, attention(q, k, v, mask))
-        return cache
+        return keys_values
 
     def suffix_layout(self, mask: torch.Tensor, positions: torch.Tensor) -> "SuffixLayout":
         """What the action tokens attend to and where they sit, from the suffix rows of the attention mask

@@ -282,6 +282,8 @@ class VisionMLP(nn.Module):
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.fc1, PackedLinear):  # speed: GELU applied inside the packed product (see below)
+            return self.fc2(self.fc1(x, gelu_tanh=True))
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
@@ -590,7 +592,11 @@ class SmolVLA(nn.Module):
         embs, pad, blocks = self.embed_prefix(images, img_masks, lang_tokens, lang_masks, state)
         mask = block_attention_mask(pad, blocks)  # (B, P, P)
         positions = torch.cumsum(pad, dim=1) - 1  # (B, P): padding tokens do not advance the position
-        cache = self.expert.cache_prefix(self.text.layers, embs, mask, positions)
+        # speed (training): with a frozen VLM only the state token (its own block, after images and words)
+        # depends on a trained weight; the tokens before it need no gradient tracking
+        frozen_vlm = not any(p.requires_grad for m in (self.vision, self.connector, self.text) for p in m.parameters())
+        untracked = int(blocks[0].nonzero()[0]) if torch.is_grad_enabled() and frozen_vlm else 0
+        cache = self.expert.cache_prefix(self.text.layers, embs, mask, positions, untracked)
         # The suffix (chunk_size action tokens, each its own block): it sees every real prefix token and
         # the earlier actions; its positions continue after the prefix's real tokens.
         batch, chunk = pad.shape[0], self.config.chunk_size
@@ -890,7 +896,9 @@ class PackedLinear(nn.Module):
     and ~215 instead of ~195 in bfloat16 on AVX-512 CPUs, and computes the same sums in the same
     precision (float32 stays float32). The module keeps the original weight and bias (same names in
     state_dict, so saving works); the packed copy is made when packing and would not follow later changes
-    of the weight, so gradient-tracking calls take the plain path.
+    of the weight. The packed kernel has no gradient: calls that autograd must track (a trainable weight,
+    or an input that needs a gradient) take the plain path, so a frozen part of a model being trained
+    (the vision tower under train_expert_only) still runs packed.
     """
 
     def __init__(self, linear: nn.Linear):
@@ -899,16 +907,23 @@ class PackedLinear(nn.Module):
         self.weight, self.bias = linear.weight, linear.bias
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or x.dtype != self.packed.dtype:
-            return F.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:
+        """F.linear(x, weight, bias), then F.gelu(·, approximate="tanh") if gelu_tanh: the packed kernel
+        applies the GELU to each block of results while they are still in cache (one pass less)."""
+        tracked = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if tracked or x.dtype != self.packed.dtype:
+            y = F.linear(x, self.weight, self.bias)
+            return F.gelu(y, approximate="tanh") if gelu_tanh else y
+        if gelu_tanh:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "gelu", [], "tanh")
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 def pack_for_cpu_inference(model: nn.Module) -> nn.Module:
-    """speed (CPU inference): replace every nn.Linear by a PackedLinear, in place, after the model has its
-    final weights and dtype (load, then .to(torch.bfloat16) if wanted, then pack). Costs a second copy of
-    the weights in memory. A no-op where oneDNN is unavailable or the model is not on the CPU."""
+    """speed (CPU inference): replace every nn.Linear of the model (or of a frozen part of it) by a
+    PackedLinear, in place, once the weights and dtype are final (load, .to(torch.bfloat16) if wanted,
+    then pack). Costs a second copy of those weights in memory. A no-op where oneDNN is unavailable or
+    the model is not on the CPU."""
     if not torch.backends.mkldnn.is_available():
         return model
     for parent in list(model.modules()):

@@ -139,3 +139,24 @@ def test_bench_times_a_training_step_and_reports_errors(capsys):
     assert result["train_step_s"] > 0 and result["batch"] == 2 and result["trained_params"] > 0
     with pytest.raises(ValueError, match="the checkpoint reads 2"):
         bench.main(common + ["--cameras", "3"])
+
+
+def test_untracked_prefix_gives_the_same_loss_and_gradients(io):
+    """Training with the frozen VLM tracks only the state token through the VLM; unfreezing the text model
+    turns that off. Same loss, same gradients of the trained weights either way (the text model's own
+    gradients left aside)."""
+    model = SmolVLA.from_pretrained(CKPT, vlm=VLM)
+    images, masks = [io["image0"], io["image1"]], [torch.ones(2, dtype=torch.bool)] * 2
+    args = (images, masks, io["lang_tokens"], io["lang_masks"], io["state"], io["actions"], io["noise"], io["time"])
+    grads = []
+    for text_trained in (False, True):
+        model.text.requires_grad_(text_trained)
+        model.zero_grad(set_to_none=True)
+        losses = model.compute_loss(*args)
+        torch.testing.assert_close(losses, io["expected_losses"], atol=1e-5, rtol=0)
+        losses.mean().backward()
+        grads.append([p.grad.clone() for p in (model.state_proj.weight, model.expert.layers[1].self_attn.k_proj.weight,
+                                               model.expert.layers[0].mlp.up_proj.weight)])
+    for tracked_all, state_only in zip(*grads):
+        torch.testing.assert_close(state_only, tracked_all, atol=1e-6, rtol=1e-4)
+    assert grads[0][0].abs().max() > 0  # the state projection does get a gradient through the VLM
