@@ -17,6 +17,15 @@ quarters of it in the vision tower). With --json the last line printed is a JSON
 `--reference CMD` runs another command with the same shape arguments first (e.g. lerobot's SmolVLA in its
 own environment) and reports our time as a fraction of its "chunk_s" / "train_step_s", measured in the
 same sitting: on a shared machine, only timings taken together compare.
+
+Where the speed comes from (each a commented step in the model files, marked "speed:"): the VLM runs once
+per chunk and leaves a key/value cache, with the cross-attention layers' expert k/v projections applied
+once (expert.cache_prefix); all cameras go through the vision tower as one batch (embed_images); attention
+is one fused kernel with grouped-query heads read in place (expert.attention); RoPE angles, masks and flow
+times are made once, not per layer or per step (rope_angles, suffix_layout, euler_sample); bf16 weights
+and activations keep float32 for norms, RoPE, softmax and the velocity projection; linear layers are
+packed once for oneDNN (pack_for_cpu_inference), GELU fused into the packed product; in training, a
+frozen VLM backpropagates only the state token (cache_prefix's untracked tokens).
 """
 
 import argparse
@@ -28,9 +37,21 @@ import subprocess
 import sys
 import time
 
-import torch
+# On a machine shared with other work, OpenMP threads that spin while waiting for a descheduled partner
+# turn every parallel operator into a wait for the scheduler (measured here: an expert step 12x slower with
+# 2 threads at load 3 on 2 cores). Waiting passively avoids that. It must be set before torch starts its
+# thread pool; an OMP_WAIT_POLICY already in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from smolvla import SMOLVLM2_500M_VIDEO_INSTRUCT, SmolVLA, SmolVLAConfig, pack_for_cpu_inference, parse_vlm_config
+import torch  # noqa: E402
+
+from smolvla import (  # noqa: E402
+    SMOLVLM2_500M_VIDEO_INSTRUCT,
+    SmolVLA,
+    SmolVLAConfig,
+    pack_for_cpu_inference,
+    parse_vlm_config,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LANG_TOKENS = 20  # a short task sentence ("pick up the red cube and put it in the box\n") in tokens
@@ -250,7 +271,7 @@ def parse_args(argv=None):
     ap.add_argument("--vlm", help="the VLM description directory for --checkpoint (default: <checkpoint>/vlm)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                     help="inference: weights and activations; --train: bf16 = autocast, fp32 = none")
-    ap.add_argument("--cameras", type=int, default=2, help="cameras of the random model (a checkpoint has its own)")
+    ap.add_argument("--cameras", type=int, default=2, help="cameras (with --checkpoint: its first N)")
     ap.add_argument("--height", type=int, default=480, help="camera frame height before resize-with-pad")
     ap.add_argument("--width", type=int, default=640)
     ap.add_argument("--steps", type=int, default=10, help="flow (Euler) steps per chunk")
@@ -280,7 +301,8 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = {"threads": torch.get_num_threads(), "dtype": args.dtype, "batch": args.batch,
+    result = {"threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+              "dtype": args.dtype, "batch": args.batch,
               "mode": "train" if args.train else "chunk", "packed": not args.no_pack,
               "compiled": args.compile}
     if args.reference:
