@@ -248,7 +248,7 @@ def test_ddp_two_processes_agree_on_the_weights(tmp_path):
 # Bad input: one clear message before any training
 # ----------------------------------------------------------------------------------------------------
 
-def error_of(argv, capsys):
+def error_of(argv):
     with pytest.raises(SystemExit) as exit_info:
         train.main(argv)
     message = str(exit_info.value.code)
@@ -256,8 +256,8 @@ def error_of(argv, capsys):
     return message
 
 
-def test_unknown_dataset(tmp_path, capsys):
-    message = error_of(FINE_TUNE + ["--repo", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")], capsys)
+def test_unknown_dataset(tmp_path):
+    message = error_of(FINE_TUNE + ["--repo", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")])
     assert "nowhere" in message
     assert not os.path.exists(tmp_path / "o")  # nothing written
 
@@ -270,19 +270,19 @@ def small_dataset(root, cameras=("top", "wrist"), state_dim=6):
     return write_lerobot_dataset(root, [episode], fps=30, codec="h264")
 
 
-def test_cameras_named_differently_suggest_rename(tmp_path, capsys):
+def test_cameras_named_differently_suggest_rename(tmp_path):
     root = small_dataset(str(tmp_path / "front"), cameras=("front", "wrist"))
-    message = error_of(FINE_TUNE + ["--repo", root, "--output", str(tmp_path / "o")], capsys)
+    message = error_of(FINE_TUNE + ["--repo", root, "--output", str(tmp_path / "o")])
     assert "['front', 'wrist']" in message and "--rename front=top" in message
     # with the rename it is accepted (and fails later only for the reason given here: the state width)
     message = error_of(FINE_TUNE + ["--repo", small_dataset(str(tmp_path / "f7"), ("front", "wrist"), 7),
-                                    "--rename", "front=top", "--output", str(tmp_path / "o")], capsys)
+                                    "--rename", "front=top", "--output", str(tmp_path / "o")])
     assert "observation.state has 7 dims" in message
 
 
-def test_state_dims_that_do_not_match_the_checkpoint(tmp_path, capsys):
+def test_state_dims_that_do_not_match_the_checkpoint(tmp_path):
     root = small_dataset(str(tmp_path / "seven"), state_dim=7)
-    message = error_of(FINE_TUNE + ["--repo", root, "--output", str(tmp_path / "o")], capsys)
+    message = error_of(FINE_TUNE + ["--repo", root, "--output", str(tmp_path / "o")])
     assert "observation.state has 7 dims but the policy's has 6" in message
     assert not os.path.exists(tmp_path / "o")
 
@@ -296,17 +296,17 @@ def test_policy_cameras_the_dataset_lacks_are_dropped(tmp_path, capsys):
     assert [k for k in config["input_features"] if k.startswith("observation.images.")] == ["observation.images.top"]
 
 
-def test_unwritable_output_existing_run_and_too_small_dataset(tmp_path, capsys):
+def test_unwritable_output_existing_run_and_too_small_dataset(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    message = error_of(FINE_TUNE + ["--output", str(blocker / "run")], capsys)
+    message = error_of(FINE_TUNE + ["--output", str(blocker / "run")])
     assert "cannot write to the output directory" in message
     os.makedirs(tmp_path / "run" / "checkpoints")
-    message = error_of(FINE_TUNE + ["--output", str(tmp_path / "run")], capsys)
+    message = error_of(FINE_TUNE + ["--output", str(tmp_path / "run")])
     assert "--resume" in message
     (tmp_path / "demo").mkdir()
     (tmp_path / "demo" / "eval.json").write_text("{}")
-    message = error_of(["--demo", "--output", str(tmp_path / "demo")], capsys)
+    message = error_of(["--demo", "--output", str(tmp_path / "demo")])
     assert "is not empty" in message and (tmp_path / "demo" / "eval.json").read_text() == "{}"
-    message = error_of(FINE_TUNE + ["--batch-size", "64", "--output", str(tmp_path / "o")], capsys)
+    message = error_of(FINE_TUNE + ["--batch-size", "64", "--output", str(tmp_path / "o")])
     assert "63 samples, fewer than one batch of 64" in message
