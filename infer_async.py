@@ -780,6 +780,10 @@ def build_parser():
     p.add_argument("--extra-latency", type=float, default=0.0, help="seconds added to every inference")
     p.add_argument("--norm-mode", default="degrees", choices=NORM_MODES,
                    help="joint units the policy was trained in (see so100.py); printed when the arm connects")
+    p.add_argument("--id", default="my_so100", help="arm name: its calibration file is <id>.json (so100.py)")
+    p.add_argument("--calibration", help="calibration JSON of a real arm (default: so100.py's <id>.json)")
+    p.add_argument("--max-relative-target", type=float, default=None,
+                   help="largest step of any joint per action, robot units (default: no cap)")
     p.add_argument("--server", help="HOST:PORT of a policy server (default: infer in-process)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per request to the server")
     p.add_argument("--serve", action="store_true", help="run a policy server instead of an arm")
@@ -847,7 +851,8 @@ def run_arm(args):
     with contextlib.ExitStack() as cleanup:
         if isinstance(compute, PolicyClient):
             cleanup.callback(compute.close)
-        arm, virtual_arm = open_arm(args.port, norm_mode=args.norm_mode)
+        arm, virtual_arm = open_arm(args.port, calibration=args.calibration, norm_mode=args.norm_mode,
+                                    max_relative_target=args.max_relative_target, arm_id=args.id)
         if virtual_arm is not None:
             cleanup.callback(virtual_arm.close)
         cleanup.callback(arm.disconnect)
