@@ -37,11 +37,13 @@ import subprocess
 import sys
 import time
 
-# On a machine shared with other work, OpenMP threads that spin while waiting for a descheduled partner
+# On a machine shared with other work, OpenMP threads that spin long while waiting for a descheduled partner
 # turn every parallel operator into a wait for the scheduler (measured here: an expert step 12x slower with
-# 2 threads at load 3 on 2 cores). Waiting passively avoids that. It must be set before torch starts its
-# thread pool; an OMP_WAIT_POLICY already in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# 2 threads at load 3 on 2 cores). A short spin before sleeping keeps the idle-machine speed (a chunk 2.07 s
+# vs 2.08 s with libgomp's default spin, 2.31 s with OMP_WAIT_POLICY=PASSIVE) and most of passive waiting's
+# robustness. Set before torch starts its thread pool; OMP_WAIT_POLICY or GOMP_SPINCOUNT given by the user win.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import torch  # noqa: E402
 
@@ -302,8 +304,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     result = {"threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+              "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
               "dtype": args.dtype, "batch": args.batch,
-              "mode": "train" if args.train else "chunk", "packed": not args.no_pack,
+              "mode": "train" if args.train else "chunk", "packed": not (args.no_pack or args.compile),
               "compiled": args.compile}
     if args.reference:
         reference = run_reference(args.reference, args)
@@ -321,6 +324,7 @@ def main(argv=None) -> dict:
     if args.compile:
         # optional: torch.compile fuses the elementwise work around the matrix products (norms, GELU,
         # residuals, RoPE); the vision tower and one flow step of the expert are compiled as wholes
+        torch._inductor.config.freezing = True  # weights as constants: pre-packed for oneDNN, folded
         model.vision.compile()
         model.expert.compile()
 
@@ -349,7 +353,7 @@ def main(argv=None) -> dict:
         result["trained_params"] = sum(p.numel() for p in trained)
     else:
         model.to(DTYPES[args.dtype])
-        if not args.no_pack:
+        if not (args.no_pack or args.compile):  # compiled: inductor packs the weights itself ("freezing")
             pack_for_cpu_inference(model)
         run = lambda: sample_chunk(model, inputs)  # noqa: E731
         wall, cpu = timed(run, args.repeats, args.warmup)
