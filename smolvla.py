@@ -19,7 +19,8 @@ This file also makes the model *the* official one: it loads lerobot's checkpoint
 policy-level call in robot units (`predict_chunk`) with the checkpoint's normalization statistics.
 
 Reading order: SmolVLAConfig, the SigLIP tower, pixel shuffle, the prefix/suffix embeddings and their
-attention masks, SmolVLA.compute_loss / sample_actions, then the policy level and checkpoint I/O.
+attention masks, SmolVLA.compute_loss / sample_actions, then the policy level and checkpoint I/O, and last
+pack_for_cpu_inference (speed). Optimizations for speed are marked "speed:" (see also bench.py).
 """
 
 import copy
@@ -892,9 +893,9 @@ class PackedLinear(nn.Module):
     """speed (CPU inference): an nn.Linear whose weight is also kept in oneDNN's blocked layout.
 
     F.linear hands float32 products to MKL and rearranges the weight for the kernel at every call; oneDNN
-    with the weight rearranged once ("packed") reaches ~110 instead of ~90 GFLOP/s per core in float32
-    and ~215 instead of ~195 in bfloat16 on AVX-512 CPUs, and computes the same sums in the same
-    precision (float32 stays float32). The module keeps the original weight and bias (same names in
+    with the weight rearranged once ("packed") reached ~110 instead of ~90 GFLOP/s per core in float32
+    and ~215 instead of ~195 in bfloat16 on the AVX-512 (AMD Zen 4) machine bench.py was developed on,
+    and computes the same sums in the same precision (float32 stays float32). The module keeps the original weight and bias (same names in
     state_dict, so saving works); the packed copy is made when packing and would not follow later changes
     of the weight. The packed kernel has no gradient: calls that autograd must track (a trainable weight,
     or an input that needs a gradient) take the plain path, so a frozen part of a model being trained
