@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import queue
 import signal
 import socket
@@ -43,6 +44,12 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+
+# OpenMP threads that spin while waiting steal the CPU from the control loop's thread on a busy 2-core laptop:
+# a short spin before sleeping keeps inference speed and the loop's timing (measured in bench.py). Set before
+# torch starts; OMP_WAIT_POLICY or GOMP_SPINCOUNT given by the user win.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import numpy as np
 from safetensors import SafetensorError
@@ -381,10 +388,13 @@ def load_policy(path, vlm=None, device="cpu", dtype="float32"):
     # torch is imported only where a policy runs: the client of a policy server does not need it
     import torch
 
-    from smolvla import SmolVLA
+    from smolvla import SmolVLA, pack_for_cpu_inference
 
     policy = SmolVLA.from_pretrained(path, vlm=vlm)
-    return policy.to(device=torch.device(device), dtype=getattr(torch, dtype))
+    policy = policy.to(device=torch.device(device), dtype=getattr(torch, dtype))
+    # speed: on the CPU, pre-pack the linear layers for oneDNN once the dtype is final (same numbers, see
+    # bench.py); a no-op on other devices
+    return pack_for_cpu_inference(policy)
 
 
 class PolicyRunner:
