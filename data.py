@@ -50,6 +50,7 @@ os.environ.setdefault("SVT_LOG", "1")
 SUPPORTED_VERSIONS = ("v2.1", "v3.0")
 IMAGE_PREFIX = "observation.images."
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "smolvla", "frames")
+CACHE_DIR_VARIABLE = "SMOLVLA_CACHE_DIR"  # set it to put the frame cache elsewhere (a bigger disk, a test's tmp)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -306,7 +307,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
     max_cache_gb: pre-decode every video into a uint8 cache when the decoded frames fit in this many GB and
         in half the free disk (0 turns the cache off: frames are then decoded on the fly). 480x640 frames
         take 0.92 MB each: svla_so100_stacking (22,956 frames, 2 cameras) needs 42 GB.
-    cache_dir: where that cache lives (default ~/.cache/smolvla/frames). Cache files are named by the video's
+    cache_dir: where that cache lives (default $SMOLVLA_CACHE_DIR, else ~/.cache/smolvla/frames). Cache files are named by the video's
         path, size and modification time, so an edited video is decoded again; delete the folder to free space.
     """
 
@@ -338,7 +339,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
         self.stats = {self._rename.get(k, k): v for k, v in _read_stats(root, info).items()}
         self._locate_frames(video_keys)
         self._frames = None  # per process: cached frame arrays or a streaming decoder
-        self._cached = self._build_cache(max_cache_gb, cache_dir or DEFAULT_CACHE_DIR)
+        cache_dir = cache_dir or os.environ.get(CACHE_DIR_VARIABLE) or DEFAULT_CACHE_DIR
+        self._cached = self._build_cache(max_cache_gb, cache_dir)
 
     # -- construction steps --------------------------------------------------------------------------
 

@@ -22,6 +22,15 @@ VLM = os.path.join(HERE, "testdata", "smolvla_tiny", "vlm")
 DATASET = os.path.join(HERE, "testdata", "lerobot_dataset_tiny", "dataset")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def frame_cache_in_tmp(tmp_path_factory):
+    """Datasets decoded by these tests (in this process and in torchrun's) cache their frames in a temporary
+    folder, not in the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SMOLVLA_CACHE_DIR", str(tmp_path_factory.mktemp("frames")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """The models here are tiny: one thread is as fast, and on a busy machine much faster than two."""
