@@ -8,7 +8,6 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
@@ -18,24 +17,6 @@ from smolvla import SMOLVLM2_500M_VIDEO_INSTRUCT, PackedLinear, SmolVLA, pack_fo
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = os.path.join(HERE, "testdata", "smolvla_tiny")
 CKPT, VLM = os.path.join(TINY, "checkpoint"), os.path.join(TINY, "vlm")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: thread hand-offs would cost more than the arithmetic
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return SmolVLA.from_pretrained(CKPT, vlm=VLM)
-
-
-@pytest.fixture(scope="module")
-def io():
-    return load_file(os.path.join(TINY, "io.safetensors"))
 
 
 def plain_sdpa(q, k, v, attn_mask=None, enable_gqa=False):

@@ -30,25 +30,6 @@ VARIANTS = os.path.join(HERE, "testdata", "smolvla_variants")
 TOL = 1e-5  # fp32 on CPU: a faithful reimplementation agrees to this
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the test models are tiny: on a busy 2-core machine, thread hand-offs cost 10-50x the arithmetic
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return SmolVLA.from_pretrained(CKPT, vlm=VLM)
-
-
-@pytest.fixture(scope="module")
-def io():
-    return load_file(os.path.join(TINY, "io.safetensors"))
-
-
 def tensor_inputs(io, num_cameras=2):
     """images, img_masks, lang_tokens, lang_masks, state as the tensor-level calls take them."""
     images = [io[f"image{i}"] for i in range(num_cameras)]

@@ -31,18 +31,10 @@ def frame_cache_in_tmp(tmp_path_factory):
         yield
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: one thread is as fast, and on a busy machine much faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------------------------------
 # sim.py
 # ----------------------------------------------------------------------------------------------------
+
 
 def grid_targets():
     return [np.array([-r * math.sin(math.radians(p)), r * math.cos(math.radians(p))])
