@@ -275,6 +275,9 @@ def test_cameras_named_differently_suggest_rename(tmp_path):
     root = small_dataset(str(tmp_path / "front"), cameras=("front", "wrist"))
     message = error_of(FINE_TUNE + ["--repo", root, "--output", str(tmp_path / "o")])
     assert "['front', 'wrist']" in message and "--rename front=top" in message
+    # a rename to a name the policy does not read: the message shows the names after the rename
+    message = error_of(FINE_TUNE + ["--repo", root, "--rename", "front=camera9", "--output", str(tmp_path / "o")])
+    assert "(called ['camera9', 'wrist'] after --rename)" in message and "--rename front=top" in message
     # with the rename it is accepted (and fails later only for the reason given here: the state width)
     message = error_of(FINE_TUNE + ["--repo", small_dataset(str(tmp_path / "f7"), ("front", "wrist"), 7),
                                     "--rename", "front=top", "--output", str(tmp_path / "o")])
@@ -302,6 +305,8 @@ def test_unwritable_output_existing_run_and_too_small_dataset(tmp_path):
     blocker.write_text("not a directory")
     message = error_of(FINE_TUNE + ["--output", str(blocker / "run")])
     assert "cannot write to the output directory" in message
+    if os.path.isdir("/proc"):  # Linux: not writable even by root, although its permission bits say so
+        assert "cannot write to the output directory" in error_of(FINE_TUNE + ["--output", "/proc/smolvla_run"])
     os.makedirs(tmp_path / "run" / "checkpoints")
     message = error_of(FINE_TUNE + ["--output", str(tmp_path / "run")])
     assert "--resume" in message

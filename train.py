@@ -147,9 +147,11 @@ def check_output(output, resume):
     existing = os.path.abspath(output)
     while not os.path.exists(existing):  # the deepest part of the path that exists must be a writable dir
         existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+    try:  # the sure test of "writable" (permission bits say yes to root on read-only or virtual file systems)
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError:
         raise PermissionError(f"cannot write to the output directory {output!r} ({existing} is not a writable "
-                              "directory); choose another with --output.")
+                              "directory); choose another with --output.") from None
     if not resume and os.path.isdir(os.path.join(output, "checkpoints")):
         raise FileExistsError(f"{output!r} already holds a training run; continue it with --resume, "
                               "or choose a new --output.")
@@ -167,9 +169,11 @@ def check_dataset_fits_policy(config, dataset, rename):
     missing = [key for key in policy_cameras if key not in dataset.camera_keys]
     unused = [key for key in dataset.camera_keys if key not in policy_cameras]
     if unused and (missing or not policy_cameras):
-        hint = ",".join(f"{dataset_name(old)}={short(new)}" for old, new in zip(unused, missing))
-        raise ValueError(f"the dataset's cameras {[dataset_name(k) for k in dataset.camera_keys]} are not the "
-                         f"policy's {[short(k) for k in policy_cameras]}: map them with --rename"
+        pairs = [(dataset_name(old), short(new)) for old, new in zip(unused, missing)]
+        hint = ",".join(f"{old}={new}" for old, new in pairs if old != new)
+        renamed = f" (called {[short(k) for k in dataset.camera_keys]} after --rename)" if rename else ""
+        raise ValueError(f"the dataset's cameras {[dataset_name(k) for k in dataset.camera_keys]}{renamed} are not "
+                         f"the policy's {[short(k) for k in policy_cameras]}: map them with --rename"
                          + (f", e.g. --rename {hint}" if hint else ""))
     for key, kind in (("observation.state", "input_features"), ("action", "output_features")):
         wanted = int(getattr(config, kind)[key]["shape"][0])
