@@ -382,11 +382,12 @@ def run_remote_loop(address, ticks, fps=100, worker_timeout=0.5, on_tick=None, p
     scheduler = ia.AsyncScheduler(chunk_size=8, threshold=0.5, action_dim=3, retry_backoff_s=0.02,
                                   max_backoff_s=0.1)
     arm = FakeArm()
-    sleep = time.sleep
-    if on_tick is not None:
-        def sleep(seconds):
+
+    def sleep(seconds):
+        if on_tick is not None:
             on_tick(scheduler.metrics.ticks)
-            time.sleep(seconds)
+        time.sleep(seconds)
+
     start = time.monotonic()
     try:
         metrics = ia.run_control_loop(arm, lambda state: observation(float(state[0])), worker, scheduler, fps,
