@@ -21,7 +21,6 @@ deterministic under a seed.
 import numpy as np
 from PIL import Image, ImageDraw
 
-JOINT_NAMES = ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper"]
 # The pose the arm starts from: every joint at the middle of its calibrated range (0 in degrees mode), the
 # arm pointing straight up. The gripper (0..100 units) starts half open.
 HOME_DEG = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 50.0], dtype=np.float32)

@@ -48,12 +48,13 @@ def test_inverse_kinematics_puts_the_tip_on_the_target():
 
 
 def test_every_target_is_within_the_virtual_arms_joint_ranges():
+    from so100 import MOTOR_NAMES
     from virtual_arm import TRUE_CALIBRATION
 
     for target in grid_targets():
         for corner in ([1, 1], [1, -1], [-1, 1], [-1, -1]):
             joints = sim.inverse_kinematics(target + sim.TARGET_JITTER_M * np.array(corner))
-            for name, angle in zip(sim.JOINT_NAMES, joints):
+            for name, angle in zip(MOTOR_NAMES, joints):
                 entry = TRUE_CALIBRATION[name]
                 half_range = (entry["range_max"] - entry["range_min"]) / 2 * 360 / 4095  # degrees mode
                 assert abs(angle) < half_range - 2, (name, angle, half_range)
