@@ -302,9 +302,7 @@ class FeetechBus:
 
     def broadcast_ping(self):
         """PING every servo at once; returns the sorted ids that answered."""
-        self._clear_input()
-        self._serial.write(ping_packet(BROADCAST_ID))
-        self._echo = ping_packet(BROADCAST_ID)
+        self._send(ping_packet(BROADCAST_ID))
         found = set()
         deadline = time.monotonic() + self.timeout + self._wire_time(6 * 253)
         # Servos answer one after the other; keep collecting until the line stays quiet for one timeout.
@@ -363,8 +361,7 @@ class FeetechBus:
         if reg.read_only:
             raise ValueError(f"{name} is read-only")
         data = {servo_id: encode_value(reg, value) for servo_id, value in values_by_id.items()}
-        self._clear_input()
-        self._serial.write(sync_write_packet(reg.address, reg.size, data))
+        self._send(sync_write_packet(reg.address, reg.size, data))
 
     def close(self):
         self._serial.close()
@@ -398,9 +395,7 @@ class FeetechBus:
         Returns the statuses received ({id: Status}) and, for each id still missing, why ("no reply" or what
         was wrong with what came instead).
         """
-        self._clear_input()
-        self._serial.write(packet)
-        self._echo = packet
+        self._send(packet)
         reply_bytes = sum(6 + size for size in expected.values())
         deadline = time.monotonic() + self.timeout + self._wire_time(len(packet) + reply_bytes)
         statuses, problems = {}, dict.fromkeys(expected, "no reply")
@@ -474,10 +469,13 @@ class FeetechBus:
             self._rx += self._serial.read(max(n - len(self._rx), self._serial.in_waiting))
         return True
 
-    def _clear_input(self):
+    def _send(self, packet):
+        """Start a transaction: clear stale input, then send `packet` (remembered, to spot an adapter's echo)."""
         # A late reply to an earlier, timed-out request must not be mistaken for the answer to this one.
         self._serial.reset_input_buffer()
         self._rx.clear()
+        self._serial.write(packet)
+        self._echo = packet
 
     def _wire_time(self, n_bytes):
         return n_bytes * 10 / self.baudrate  # 8 data bits + start + stop bit per byte
