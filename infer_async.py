@@ -398,11 +398,14 @@ def load_policy(path, vlm=None, device="cpu", dtype="float32"):
 
 
 class PolicyRunner:
-    """A loaded policy behind a lock: raw observation in, (chunk, action_dim) float32 robot units out."""
+    """A loaded policy behind a lock: raw observation in, (chunk, action_dim) float32 robot units out.
 
-    def __init__(self, policy, device="cpu"):
+    Only the frames are converted here; predict_chunk checks the observation (state shape, missing cameras)
+    and moves it to the policy's device.
+    """
+
+    def __init__(self, policy):
         self.policy = policy
-        self.device = device
         self.lock = threading.Lock()
         # what a client needs to know to drive this policy
         self.info = {"chunk_size": int(policy.config.chunk_size), "cameras": list(policy.config.camera_keys)}
@@ -410,19 +413,15 @@ class PolicyRunner:
     def __call__(self, observation):
         import torch
 
-        missing = [key for key in self.info["cameras"] if key not in observation]
-        if missing or "observation.state" not in observation:
-            raise ValueError(f"observation lacks {missing or ['observation.state']}; the policy needs "
-                             f"observation.state and cameras {self.info['cameras']} (see --rename)")
-        inputs = {"task": str(observation.get("task", "")),
-                  "observation.state": torch.as_tensor(observation["observation.state"], dtype=torch.float32)}
+        inputs = {**observation, "task": str(observation.get("task", ""))}
         for key in self.info["cameras"]:
-            frame = observation[key]
+            frame = observation.get(key)
+            if frame is None:
+                continue  # predict_chunk names the cameras it misses
             if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
                 raise ValueError(f"{key}: expected an (H, W, 3) uint8 frame, got {frame.dtype} {frame.shape}")
             # (H, W, 3) uint8 -> (3, H, W) float in [0, 1]
             inputs[key] = torch.tensor(frame).permute(2, 0, 1).float() / 255.0
-        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         with self.lock, torch.inference_mode():
             chunk = self.policy.predict_chunk(inputs)  # (1, chunk, action_dim)
         return chunk[0].float().cpu().numpy()
@@ -812,8 +811,7 @@ def serve(args):
     names = args.policy or []
     if not names:
         raise ValueError("--serve needs at least one --policy")
-    runners = {name: PolicyRunner(load_policy(name, args.vlm, args.device, args.dtype), args.device)
-               for name in names}
+    runners = {name: PolicyRunner(load_policy(name, args.vlm, args.device, args.dtype)) for name in names}
     server = PolicyServer((args.host, args.port_server), runners, int(args.max_message_mb * 2**20))
     server.start()
     print(f"serving {list(runners)} on {args.host}:{args.port_server} (Ctrl-C stops)")
@@ -836,7 +834,7 @@ def open_policy(args):
         return client, connect_to_server(client)
     if not args.policy or len(args.policy) != 1:
         raise ValueError("give exactly one --policy (a checkpoint dir or hub id), or --server HOST:PORT")
-    runner = PolicyRunner(load_policy(args.policy[0], args.vlm, args.device, args.dtype), args.device)
+    runner = PolicyRunner(load_policy(args.policy[0], args.vlm, args.device, args.dtype))
     return runner, runner.info
 
 

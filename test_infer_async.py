@@ -307,10 +307,13 @@ class AffinePolicy(torch.nn.Module):
     def predict_chunk(self, observation):
         if self.fail:
             raise RuntimeError("CUDA out of memory (simulated)")
+        if "observation.images.top" not in observation:  # as SmolVLA.predict_chunk does
+            raise ValueError("the observation lacks camera(s) ['observation.images.top']")
         image = observation["observation.images.top"]
         assert image.shape[0] == 3 and image.dtype == torch.float32 and image.max() <= 1.0
+        state = torch.as_tensor(observation["observation.state"], dtype=torch.float32)
         steps = torch.arange(self.config.chunk_size, dtype=torch.float32)[:, None]
-        return (observation["observation.state"][None] + steps + image.mean())[None]  # (1, chunk, S)
+        return (state[None] + steps + image.mean())[None]  # (1, chunk, S)
 
 
 def affine_expected(observation, chunk_size=8):
@@ -524,6 +527,19 @@ def check_run(metrics, path_json, path_png, ticks):
     assert saved["config"]["chunk_size"] == 50
     assert max(saved["queue_sizes"]) <= 50 + 50 * 0.7  # never more than what is left plus one fresh chunk
     assert path_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runner_leaves_the_observation_checks_to_predict_chunk(tiny):
+    runner = ia.PolicyRunner(tiny)
+    frame = np.zeros((48, 64, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"lacks camera\(s\) \['observation.images.wrist'\]"):
+        runner({"task": "x", "observation.state": np.zeros(6, np.float32), "observation.images.top": frame})
+    with pytest.raises(ValueError, match=r"must have shape \(6,\)"):
+        runner({"task": "x", "observation.state": np.zeros(5, np.float32), "observation.images.top": frame,
+                "observation.images.wrist": frame})
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):  # the wire's frames are the runner's own check
+        runner({"task": "x", "observation.state": np.zeros(6, np.float32), "observation.images.top": frame,
+                "observation.images.wrist": frame.astype(np.float32)})
 
 
 def test_end_to_end_tiny_checkpoint_on_the_virtual_arm(tmp_path):
