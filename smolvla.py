@@ -560,7 +560,8 @@ class SmolVLA(nn.Module):
         for img_emb, img_mask in zip(self.embed_images(images), img_masks):
             if self.config.add_image_special_tokens:
                 add_marker("<fake_token_around_image>", "<global-img>")
-            # SmolVLA scales image and word embeddings by √D (as Gemma-style models do)
+            # SmolVLA scales image and word embeddings by √D (as Gemma-style models do); as in the reference,
+            # the images' factor is first rounded to their dtype (in bf16 √960 = 31.0), the words' is not
             img_emb = img_emb * torch.tensor(width**0.5, dtype=img_emb.dtype, device=img_emb.device)
             add(img_emb, img_mask[:, None].expand(batch, img_emb.shape[1]), 0)
             if self.config.add_image_special_tokens:
@@ -594,8 +595,10 @@ class SmolVLA(nn.Module):
         positions = torch.cumsum(pad, dim=1) - 1  # (B, P): padding tokens do not advance the position
         # speed (training): with a frozen VLM only the state token (its own block, after images and words)
         # depends on a trained weight; the tokens before it need no gradient tracking
-        frozen_vlm = not any(p.requires_grad for m in (self.vision, self.connector, self.text) for p in m.parameters())
-        untracked = int(blocks[0].nonzero()[0]) if torch.is_grad_enabled() and frozen_vlm else 0
+        untracked = 0
+        vlm_parts = (self.vision, self.connector, self.text)
+        if torch.is_grad_enabled() and not any(p.requires_grad for m in vlm_parts for p in m.parameters()):
+            untracked = int(blocks[0].nonzero()[0])  # the state token's index = images and words before it
         cache = self.expert.cache_prefix(self.text.layers, embs, mask, positions, untracked)
         # The suffix (chunk_size action tokens, each its own block): it sees every real prefix token and
         # the earlier actions; its positions continue after the prefix's real tokens.
