@@ -218,6 +218,14 @@ def register(name):
         raise KeyError(f"unknown STS3215 register {name!r}; known: {', '.join(CONTROL_TABLE)}") from None
 
 
+def writable_register(name):
+    """`register(name)` for a WRITE / SYNC_WRITE: the read-only ones (model number, live state) are refused."""
+    reg = register(name)
+    if reg.read_only:
+        raise ValueError(f"{name} is read-only")
+    return reg
+
+
 def encode_sign_magnitude(value, sign_bit):
     """-5 with sign bit 11 -> 0x805: the sign in one bit, |value| in the bits below it."""
     magnitude = abs(int(value))
@@ -322,9 +330,7 @@ class FeetechBus:
 
     def write(self, servo_id, name, value):
         """WRITE one register and wait for the servo's acknowledgement (a status packet without data)."""
-        reg = register(name)
-        if reg.read_only:
-            raise ValueError(f"{name} is read-only")
+        reg = writable_register(name)
         packet = write_packet(servo_id, reg.address, encode_value(reg, value))
         self._transact(servo_id, packet, 0, f"WRITE {name}={value}")
 
@@ -357,9 +363,7 @@ class FeetechBus:
 
     def sync_write(self, name, values_by_id):
         """SYNC_WRITE one register on several servos ({id: value}); the servos send no reply."""
-        reg = register(name)
-        if reg.read_only:
-            raise ValueError(f"{name} is read-only")
+        reg = writable_register(name)
         data = {servo_id: encode_value(reg, value) for servo_id, value in values_by_id.items()}
         self._send(sync_write_packet(reg.address, reg.size, data))
 

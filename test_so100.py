@@ -167,6 +167,8 @@ def test_bus_contract(sim, bus):
     assert bus.sync_read("Goal_Position", [1, 2, 3]) == {1: 2100, 2: 1234, 3: 1900}
     with pytest.raises(ValueError, match="read-only"):
         bus.write(1, "Present_Position", 0)
+    with pytest.raises(ValueError, match="read-only"):
+        bus.sync_write("Model_Number", {1: 0})
     with pytest.raises(ValueError, match="broadcast"):
         bus.read(0xFE, "Present_Position")
     with pytest.raises(KeyError, match="Goal_Posiiton"):
