@@ -920,5 +920,6 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         main()
-    except (FeetechError, FileNotFoundError, ConnectionError, ValueError) as e:
+    # RemoteError: the policy server refused the warm-up observation (e.g. a state of the wrong size)
+    except (FeetechError, FileNotFoundError, ConnectionError, ValueError, RemoteError) as e:
         sys.exit(f"error: {e}")  # the message says what is wrong and what to do; the torque is already off

@@ -3,8 +3,11 @@ over loopback (a deterministic in-test policy, a failing server, a killed server
 short end-to-end run of the tiny checkpoint on the virtual arm."""
 
 import json
+import os
 import socket
 import socketserver
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -513,6 +516,16 @@ def test_ctrl_c_stops_cleanly_with_torque_off(server, monkeypatch, tmp_path):
     (arm, virtual), = opened
     assert arm.bus is None  # disconnected
     assert all(servo.get("Torque_Enable") == 0 for servo in virtual.servos.values())
+
+
+def test_a_policy_server_refusing_the_warm_up_is_one_error_line(server):
+    """The server's answer to the first observation is an error: the command says so in one line."""
+    command = [sys.executable, "infer_async.py", "--port", "sim", "--server", "%s:%d" % server.server_address,
+               "--policy", "broken", "--duration", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                            cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: RuntimeError: CUDA out of memory (simulated)"
 
 
 TINY = "testdata/smolvla_tiny/checkpoint"
