@@ -44,6 +44,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from so100 import STATE_NAMES
+
 # SVT-AV1 prints its configuration to stderr for every stream it opens; keep only its errors.
 os.environ.setdefault("SVT_LOG", "1")
 
@@ -527,8 +529,6 @@ class LeRobotDataset(torch.utils.data.Dataset):
 
 CODECS = {"libsvtav1": ("libsvtav1", "av1"), "av1": ("libsvtav1", "av1"), "h264": ("libx264", "h264"),
           "libx264": ("libx264", "h264")}
-SO100_JOINTS = ["shoulder_pan.pos", "shoulder_lift.pos", "elbow_flex.pos", "wrist_flex.pos", "wrist_roll.pos",
-                "gripper.pos"]
 
 
 def _check_episodes(episodes):
@@ -636,7 +636,7 @@ def _joint_names(dim, joint_names):
         if len(joint_names) != dim:
             raise ValueError(f"joint_names has {len(joint_names)} names for vectors of {dim} entries.")
         return list(joint_names)
-    return SO100_JOINTS if dim == 6 else [f"joint_{j}" for j in range(dim)]
+    return list(STATE_NAMES) if dim == 6 else [f"joint_{j}" for j in range(dim)]
 
 
 def _features(episodes, cameras, fps, codec, joint_names):

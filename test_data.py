@@ -10,6 +10,7 @@ import torch
 from safetensors.numpy import load_file
 
 from data import LeRobotDataset, synthetic_episodes, write_lerobot_dataset
+from so100 import MOTOR_NAMES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "testdata", "lerobot_dataset_tiny")
@@ -131,6 +132,8 @@ def test_written_dataset_reads_back(written, version):
     assert ds.camera_keys == ["observation.images." + c for c in CAMERAS]
     assert ds.tasks == list(dict.fromkeys(e["task"] for e in episodes))
     assert [int(ds[i]["index"]) for i in range(len(ds))] == list(range(sum(LENGTHS)))
+    # 6-wide vectors are named like the SO-100's (what so100.py and lerobot's so100 robot call them)
+    assert ds.info["features"]["action"]["names"] == [f"{name}.pos" for name in MOTOR_NAMES]
     check_against_episodes(ds, episodes, chunk_size=4)
 
 
