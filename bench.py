@@ -303,11 +303,11 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    pack = not (args.no_pack or args.compile)  # compiled: inductor packs the weights itself ("freezing")
     result = {"threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
               "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
               "dtype": args.dtype, "batch": args.batch,
-              "mode": "train" if args.train else "chunk", "packed": not (args.no_pack or args.compile),
-              "compiled": args.compile}
+              "mode": "train" if args.train else "chunk", "packed": pack, "compiled": args.compile}
     if args.reference:
         reference = run_reference(args.reference, args)
         result["reference"] = reference
@@ -337,15 +337,16 @@ def main(argv=None) -> dict:
         optimizer = torch.optim.AdamW(trained, lr=cfg.optimizer_lr, betas=cfg.optimizer_betas, eps=cfg.optimizer_eps,
                                       weight_decay=cfg.optimizer_weight_decay, fused=True)
         autocast = DTYPES[args.dtype] if args.dtype != "fp32" else None
-        if autocast is not None:
-            # the frozen parts (train_expert_only: vision, connector, text model) never change: keep them in
-            # bf16, as lerobot keeps smolvla_base's VLM, so that autocast neither re-casts their weights nor
-            # converts activations back and forth; the trained parts keep float32 master weights
-            for part in model.children():
-                if not any(p.requires_grad for p in part.parameters()):
+        # the frozen parts (train_expert_only: vision, connector, text model) never change: under autocast keep
+        # them in bf16, as lerobot keeps smolvla_base's VLM, so that autocast neither re-casts their weights nor
+        # converts activations back and forth (the trained parts keep float32 master weights); packed, they
+        # run packed wherever no gradient is tracked (vision, connector, the VLM over images and words)
+        for part in model.children():
+            if not any(p.requires_grad for p in part.parameters()):
+                if autocast is not None:
                     part.to(autocast)
-                    if not args.no_pack:  # the vision tower's input needs no gradient: it runs packed
-                        pack_for_cpu_inference(part)
+                if pack:
+                    pack_for_cpu_inference(part)
         run = lambda: train_step(model, optimizer, inputs, autocast)  # noqa: E731
         wall, cpu = timed(run, args.repeats, args.warmup)
         result["train_step_s"] = statistics.median(wall)
@@ -353,7 +354,7 @@ def main(argv=None) -> dict:
         result["trained_params"] = sum(p.numel() for p in trained)
     else:
         model.to(DTYPES[args.dtype])
-        if not (args.no_pack or args.compile):  # compiled: inductor packs the weights itself ("freezing")
+        if pack:
             pack_for_cpu_inference(model)
         run = lambda: sample_chunk(model, inputs)  # noqa: E731
         wall, cpu = timed(run, args.repeats, args.warmup)

@@ -116,10 +116,11 @@ def test_bench_contract_last_line_is_json_with_chunk_s(capsys):
     assert result["threads"] == 1 and result["dtype"] == "bf16" and result["batch"] == 1
 
 
-def test_bench_times_a_training_step_and_reports_errors(capsys):
+def test_bench_times_a_training_step_and_reports_errors():
     common = ["--checkpoint", CKPT, "--vlm", VLM, "--height", "48", "--width", "64", "--threads", "1"]
     result = bench.main(common + ["--train", "--dtype", "bf16", "--repeats", "1", "--warmup", "0"])
     assert result["train_step_s"] > 0 and result["batch"] == 2 and result["trained_params"] > 0
+    assert result["packed"] and not result["compiled"]
     with pytest.raises(ValueError, match="the checkpoint reads 2"):
         bench.main(common + ["--cameras", "3"])
 
