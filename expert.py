@@ -177,6 +177,16 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+@dataclass
+class SuffixLayout:
+    """The action tokens' attention masks and rotary angles (see ActionExpert.suffix_layout)."""
+
+    joint_mask: torch.Tensor  # (B, S, P + S) bool: real prefix tokens and earlier actions (joint layers)
+    cross_mask: torch.Tensor  # (B, S, P) bool: real prefix tokens (cross-attention layers)
+    rope: tuple  # rope_angles of the positions after the prefix's (joint layers)
+    cross_rope: tuple  # rope_angles of the positions restarted at 0 (cross-attention layers)
+
+
 class ActionExpert(nn.Module):
     """The expert's layers and final norm, plus the plan of how they meet the VLM's layers.
 
@@ -282,7 +292,7 @@ class ActionExpert(nn.Module):
                 x = vlm_layer.finish(x, attention(q, k, v, mask))
         return keys_values
 
-    def suffix_layout(self, mask: torch.Tensor, positions: torch.Tensor) -> "SuffixLayout":
+    def suffix_layout(self, mask: torch.Tensor, positions: torch.Tensor) -> SuffixLayout:
         """What the action tokens attend to and where they sit, from the suffix rows of the attention mask
         (B, S, P + S) and their positions (B, S) continuing after the prefix's. The same at every flow step,
         so sampling builds it once per chunk."""
@@ -297,7 +307,7 @@ class ActionExpert(nn.Module):
             cross_rope=rope_angles(restarted, head_dim),
         )
 
-    def forward(self, suffix: torch.Tensor, cache: list, layout: "SuffixLayout") -> torch.Tensor:
+    def forward(self, suffix: torch.Tensor, cache: list, layout: SuffixLayout) -> torch.Tensor:
         """One pass of the expert over the suffix, attending to the cached prefix.
 
         suffix: (B, S, d_e) embedded noisy actions; cache: from cache_prefix; layout: from suffix_layout.
@@ -321,13 +331,3 @@ class ActionExpert(nn.Module):
                 out = attention(q, k, v, layout.joint_mask)
             x = layer.finish(x, out)
         return self.norm(x)
-
-
-@dataclass
-class SuffixLayout:
-    """The action tokens' attention masks and rotary angles (see ActionExpert.suffix_layout)."""
-
-    joint_mask: torch.Tensor  # (B, S, P + S) bool: real prefix tokens and earlier actions (joint layers)
-    cross_mask: torch.Tensor  # (B, S, P) bool: real prefix tokens (cross-attention layers)
-    rope: tuple  # rope_angles of the positions after the prefix's (joint layers)
-    cross_rope: tuple  # rope_angles of the positions restarted at 0 (cross-attention layers)
