@@ -19,6 +19,8 @@ import torch
 
 import infer_async as ia
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
 # ------------------------------------------------------------------ helpers
 
 
@@ -522,14 +524,13 @@ def test_a_policy_server_refusing_the_warm_up_is_one_error_line(server):
     """The server's answer to the first observation is an error: the command says so in one line."""
     command = [sys.executable, "infer_async.py", "--port", "sim", "--server", "%s:%d" % server.server_address,
                "--policy", "broken", "--duration", "1"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60,
-                            cwd=os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=HERE)
     assert result.returncode == 1
     assert result.stderr.strip() == "error: RuntimeError: CUDA out of memory (simulated)"
 
 
-TINY = "testdata/smolvla_tiny/checkpoint"
-TINY_VLM = "testdata/smolvla_tiny/vlm"
+TINY = os.path.join(HERE, "testdata", "smolvla_tiny", "checkpoint")
+TINY_VLM = os.path.join(HERE, "testdata", "smolvla_tiny", "vlm")
 
 
 def check_run(metrics, path_json, path_png, ticks):
