@@ -232,6 +232,9 @@ def _frame_times(path):
             pts = sorted(packet.pts for packet in container.demux(stream) if packet.pts is not None)
         except av.error.FFmpegError as error:
             raise ValueError(f"cannot read video {path} ({error}): the file is damaged or incomplete.") from None
+    if not pts:
+        raise ValueError(f"video {path} holds no frames: the file is damaged or incomplete; delete it and download "
+                         "or write the dataset again.")
     return np.array(pts, dtype=np.float64) * seconds_per_tick
 
 
@@ -414,12 +417,11 @@ class LeRobotDataset(torch.utils.data.Dataset):
         self._video_files, self._frame_times = [], []  # per file id
         self._file_of, self._position_of = {}, {}  # per camera key: (N,) arrays
         file_ids = {}
-        episode_row = {e["episode_index"]: e for e in self.episodes}
         for key in video_keys:
             files = np.empty(len(self._index), dtype=np.int32)
             positions = np.empty(len(self._index), dtype=np.int64)
-            for episode_index in episode_row:
-                episode = episode_row[episode_index]
+            for episode in self.episodes:
+                episode_index = episode["episode_index"]
                 path = os.path.join(self.root, _video_path(self.info, episode, key))
                 if path not in file_ids:
                     if not os.path.exists(path):
@@ -435,8 +437,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
                 left = np.clip(right - 1, 0, len(times) - 1)
                 nearest = np.where(np.abs(times[left] - wanted) <= np.abs(times[right] - wanted), left, right)
                 miss = np.abs(times[nearest] - wanted) > 1.0 / self.fps
-                if miss.any() or len(times) == 0:
-                    raise ValueError(f"video {path} has no frame near t={wanted[miss][0] if miss.any() else 0:.3f}s "
+                if miss.any():
+                    raise ValueError(f"video {path} has no frame near t={wanted[miss][0]:.3f}s "
                                      f"needed by episode {episode_index}: the file is damaged or shorter than its episode; "
                                      "delete it and download or write the dataset again.")
                 files[rows], positions[rows] = file_ids[path], nearest
@@ -444,10 +446,10 @@ class LeRobotDataset(torch.utils.data.Dataset):
 
     def _build_cache(self, max_cache_gb, cache_dir):
         """Decode every needed mp4 once into `<cache_dir>/<hash>.npy` (uint8 frames), if they fit the budget."""
-        shapes = [(len(t), 3) + _video_size(path) for path, t in zip(self._video_files, self._frame_times)]
-        total_gb = sum(int(np.prod(s)) for s in shapes) / 1e9
         if not self._video_files or max_cache_gb <= 0:
             return False
+        shapes = [(len(t), 3) + _video_size(path) for path, t in zip(self._video_files, self._frame_times)]
+        total_gb = sum(int(np.prod(s)) for s in shapes) / 1e9
         os.makedirs(cache_dir, exist_ok=True)
         free_gb = shutil.disk_usage(cache_dir).free / 1e9
         if total_gb > max_cache_gb or total_gb > free_gb / 2:
