@@ -40,12 +40,11 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from data import LeRobotDataset, write_lerobot_dataset
+from data import IMAGE_PREFIX, LeRobotDataset, write_lerobot_dataset
 from smolvla import SmolVLA, SmolVLAConfig
 
 DEFAULT_POLICY = "lerobot/smolvla_base"
 DEFAULT_VLM = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
-IMAGE_PREFIX = "observation.images."
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -683,11 +682,12 @@ def prepare(args, processes):
         args.output = os.path.join("outputs", "train", f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{name}")
     if processes.is_main:
         check_output(args.output, args.resume)
-    dataset = LeRobotDataset(args.repo, rename=parse_rename(args.rename))
+    rename = parse_rename(args.rename)
+    dataset = LeRobotDataset(args.repo, rename=rename)
     check_batch_size(len(dataset), args.batch_size, processes.world_size)
     torch.manual_seed(args.seed)  # a fresh expert's initialization (--from-scratch)
     policy = load_policy(args, dataset)
-    check_dataset_fits_policy(policy.config, dataset, parse_rename(args.rename))
+    check_dataset_fits_policy(policy.config, dataset, rename)
     dataset.chunk_size = policy.config.chunk_size
     # the policy learns in units normalized by this dataset's statistics (and saves them with itself)
     policy.set_normalization(dataset.stats)
