@@ -255,13 +255,12 @@ class ActionExpert(nn.Module):
         """
         rope = rope_angles(positions, vlm_layers[0].self_attn.head_dim)  # shared by all layers
         if untracked > 0:
-            head = lambda t: t[:, :untracked]  # noqa: E731
-            tail = lambda t: t[:, untracked:]  # noqa: E731
+            u = untracked
+            # the first u tokens untracked (mask (B, u, u)), then the rest, attending to them too (B, P − u, P)
             with torch.no_grad():
-                head_mask = head(mask)[:, :, :untracked]  # (B, U, U)
-                past = self.vlm_keys_values(vlm_layers, head(prefix), head_mask, tuple(map(head, rope)))
-            rest = self.vlm_keys_values(vlm_layers, tail(prefix), tail(mask), tuple(map(tail, rope)), past)
-            keys_values = [(torch.cat([pk, k], 1), torch.cat([pv, v], 1)) for (pk, pv), (k, v) in zip(past, rest)]
+                past = self.vlm_keys_values(vlm_layers, prefix[:, :u], mask[:, :u, :u], tuple(r[:, :u] for r in rope))
+            rest_rope = tuple(r[:, u:] for r in rope)
+            keys_values = self.vlm_keys_values(vlm_layers, prefix[:, u:], mask[:, u:], rest_rope, past)
         else:
             keys_values = self.vlm_keys_values(vlm_layers, prefix, mask, rope)
         cache = []
@@ -280,13 +279,14 @@ class ActionExpert(nn.Module):
     def vlm_keys_values(vlm_layers: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor, rope: tuple, past=None):
         """The VLM's layers over tokens x (B, L, D): per layer their keys (after RoPE) and values, each
         (B, L, Hkv, hd). past: per layer the keys/values of earlier tokens, which x also attends to (mask
-        (B, L, earlier + L)); without it mask is (B, L, L)."""
+        (B, L, earlier + L)) and which lead the returned ones ((B, earlier + L, Hkv, hd)); without it mask
+        is (B, L, L)."""
         keys_values = []
         for i, vlm_layer in enumerate(vlm_layers):
             q, k, v = vlm_layer.qkv(x, rope)  # (B, L, H, hd), (B, L, Hkv, hd) ×2
-            keys_values.append((k, v))
             if past is not None:
                 k, v = torch.cat([past[i][0], k], dim=1), torch.cat([past[i][1], v], dim=1)
+            keys_values.append((k, v))
             # the last layer's output is never used: only its keys/values are
             if i < len(vlm_layers) - 1:
                 x = vlm_layer.finish(x, attention(q, k, v, mask))
