@@ -16,9 +16,9 @@ Two on-disk layouts exist in the wild, and both are read here, every path coming
 Speed. Decoding video is what starves training: the reference reader opens the mp4, seeks and decodes
 for every sample. Here every frame a dataset needs is decoded once, sequentially (the cheapest way
 to decode), into a uint8 memory-mapped cache on disk (planar, (3, H, W) per frame); a sample then costs
-a memory copy and a conversion to float. Datasets whose
-decoded frames would not fit `max_cache_gb` (or half the free disk) are decoded on the fly instead, with
-the containers kept open per worker and sequential reads continuing without a seek.
+a memory copy and a conversion to float. Datasets whose decoded frames would not fit `max_cache_gb` (or
+half the free disk) are decoded on the fly instead, with the containers kept open per worker and
+sequential reads continuing without a seek.
 
 Video frames are looked up by time (`from_timestamp + timestamp`) and snapped to the nearest frame that
 the mp4 really holds, so that the small drift of summed durations in long concatenated files cannot
@@ -309,11 +309,13 @@ class LeRobotDataset(torch.utils.data.Dataset):
     chunk_size: actions per sample (SmolVLA: 50).
     episodes: episode indices to use (default all); items are numbered 0..len-1 over those episodes.
     rename: camera renames, e.g. {"top": "camera1", "wrist": "camera2"} to match a checkpoint's names.
+    revision: the hub dataset's branch, tag or commit (default: its main branch); ignored for a directory.
     max_cache_gb: pre-decode every video into a uint8 cache when the decoded frames fit in this many GB and
         in half the free disk (0 turns the cache off: frames are then decoded on the fly). 480x640 frames
         take 0.92 MB each: svla_so100_stacking (22,956 frames, 2 cameras) needs 42 GB.
-    cache_dir: where that cache lives (default $SMOLVLA_CACHE_DIR, else ~/.cache/smolvla/frames). Cache files are named by the video's
-        path, size and modification time, so an edited video is decoded again; delete the folder to free space.
+    cache_dir: where that cache lives (default $SMOLVLA_CACHE_DIR, else ~/.cache/smolvla/frames). Cache files
+        are named by the video's path, size and modification time, so an edited video is decoded again;
+        delete the folder to free space.
     """
 
     def __init__(self, repo_id_or_path, chunk_size=50, episodes=None, rename=None, revision=None,
