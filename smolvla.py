@@ -407,7 +407,7 @@ def block_attention_mask(pad_mask: torch.Tensor, blocks: torch.Tensor) -> torch.
 @dataclass
 class PrefixContext:
     """What one observation leaves behind for the flow steps: the expert's view of the VLM (per-layer
-    keys/values) and the suffix's attention mask and positions, which are the same at every step."""
+    keys/values) and the action tokens' attention masks and rotary angles, which are the same at every step."""
 
     cache: list  # per VLM layer (k, v) (B, P, Hkv, hd), see ActionExpert.cache_prefix
     suffix: SuffixLayout  # the action tokens' masks and rotary angles, see ActionExpert.suffix_layout
