@@ -222,8 +222,7 @@ def test_fine_tune_save_resume_and_load(tmp_path):
     # the checkpoint loads back (its own vlm/ inside), in lerobot's layout, with the dataset's stats
     saved = os.path.join(first, "checkpoints", "last", "pretrained_model")
     policy = SmolVLA.from_pretrained(saved)
-    loaded = {k: v for k, v in policy.state_dict().items()}
-    assert sum(v.numel() for v in loaded.values()) == sum(v.numel() for v in w1.values())
+    assert sum(v.numel() for v in policy.state_dict().values()) == sum(v.numel() for v in w1.values())
     config = json.load(open(os.path.join(saved, "config.json")))
     assert config["type"] == "smolvla"
     for name in ("policy_preprocessor.json", "policy_postprocessor.json", "vlm/config.json", "vlm/tokenizer.json"):
