@@ -693,7 +693,9 @@ class SmolVLA(nn.Module):
                     raise ValueError(f"{feature} {name} has shape {tuple(value.shape)}, the policy's has {dim} dims")
                 self.stats[feature][name] = value
 
-    def _norm_stats(self, feature: str, feature_type: str):
+    def _norm_stats(self, feature: str, feature_type: str, device) -> tuple[str, dict]:
+        """The feature's normalization mode and its statistics on `device` (MIN_MAX: with the span max − min,
+        NORM_EPS where max = min)."""
         mode = self.config.normalization_mapping.get(feature_type, "IDENTITY")
         needed = {"IDENTITY": (), "MEAN_STD": ("mean", "std"), "MIN_MAX": ("min", "max")}.get(mode)
         if needed is None:
@@ -705,26 +707,25 @@ class SmolVLA(nn.Module):
                 f"robot units to its own. Call model.set_normalization(dataset.stats) with the stats of the dataset "
                 f"it was trained on (found: {sorted(have) or 'none'})"
             )
-        return mode, have
+        s = {name: have[name].to(device) for name in needed}
+        if mode == "MIN_MAX":
+            s["span"] = torch.where(s["max"] == s["min"], torch.full_like(s["max"], NORM_EPS), s["max"] - s["min"])
+        return mode, s
 
     def normalize(self, feature: str, feature_type: str, x: torch.Tensor) -> torch.Tensor:
-        mode, s = self._norm_stats(feature, feature_type)
+        mode, s = self._norm_stats(feature, feature_type, x.device)
         if mode == "MEAN_STD":
-            return (x - s["mean"].to(x.device)) / (s["std"].to(x.device) + NORM_EPS)
+            return (x - s["mean"]) / (s["std"] + NORM_EPS)
         if mode == "MIN_MAX":  # [min, max] -> [-1, 1]
-            lo, hi = s["min"].to(x.device), s["max"].to(x.device)
-            span = torch.where(hi == lo, torch.full_like(hi, NORM_EPS), hi - lo)
-            return 2 * (x - lo) / span - 1
+            return 2 * (x - s["min"]) / s["span"] - 1
         return x
 
     def unnormalize(self, feature: str, feature_type: str, x: torch.Tensor) -> torch.Tensor:
-        mode, s = self._norm_stats(feature, feature_type)
+        mode, s = self._norm_stats(feature, feature_type, x.device)
         if mode == "MEAN_STD":
-            return x * s["std"].to(x.device) + s["mean"].to(x.device)
+            return x * s["std"] + s["mean"]
         if mode == "MIN_MAX":
-            lo, hi = s["min"].to(x.device), s["max"].to(x.device)
-            span = torch.where(hi == lo, torch.full_like(hi, NORM_EPS), hi - lo)
-            return (x + 1) / 2 * span + lo
+            return (x + 1) / 2 * s["span"] + s["min"]
         return x
 
     def _present_cameras(self, observation: dict) -> list[str]:

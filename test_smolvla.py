@@ -367,3 +367,16 @@ def test_block_attention_mask():
         dtype=torch.bool,
     )
     assert torch.equal(block_attention_mask(pad, blocks)[0], expected)
+
+
+def test_min_max_normalization_maps_the_range_to_minus_one_one_and_back(tiny):
+    model = copy.deepcopy(tiny)
+    model.config.normalization_mapping = {**model.config.normalization_mapping, "STATE": "MIN_MAX"}
+    lo, hi = torch.tensor([0.0, -10, 5, 1, 2, 3]), torch.tensor([1.0, 10, 5, 2, 4, 6])  # dim 2: max = min
+    model.set_normalization({"observation.state": {"min": lo, "max": hi}})
+    x = torch.stack([lo, hi, (lo + hi) / 2])
+    normalized = model.normalize("observation.state", "STATE", x)
+    expected = torch.tensor([-1.0, 1, 0])[:, None].expand(3, 6).clone()
+    expected[:, 2] = -1  # a constant dimension: (x - min) / 1e-8 = 0 -> -1
+    torch.testing.assert_close(normalized, expected)
+    torch.testing.assert_close(model.unnormalize("observation.state", "STATE", normalized), x)
