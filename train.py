@@ -41,7 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from data import IMAGE_PREFIX, LeRobotDataset, write_lerobot_dataset
-from smolvla import SmolVLA, SmolVLAConfig
+from smolvla import SmolVLA, SmolVLAConfig, read_json
 
 DEFAULT_POLICY = "lerobot/smolvla_base"
 DEFAULT_VLM = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
@@ -461,8 +461,7 @@ def write_tiny_vlm(directory, tasks, image_size=64):
     tokenizer.save_pretrained(directory)
     # transformers 5 names the tokenizer class "TokenizersBackend", unknown to the transformers 4.x that
     # lerobot runs on; "PreTrainedTokenizerFast" (what SmolVLM2's own repo says) loads in both.
-    with open(os.path.join(directory, "tokenizer_config.json")) as f:
-        tokenizer_config = json.load(f)
+    tokenizer_config = read_json(os.path.join(directory, "tokenizer_config.json"), "tokenizer config")
     tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     # ... and the named image tokens that SmolVLM's processor looks up on its tokenizer
     named = {"fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
