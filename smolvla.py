@@ -547,6 +547,7 @@ class SmolVLA(nn.Module):
         batch = state.shape[0]
         width = self.text.embed_tokens.weight.shape[1]
         embs, pad, blocks = [], [], []
+        ones = lambda n: torch.ones(batch, n, dtype=torch.bool, device=state.device)  # noqa: E731
 
         def add(emb, mask, block_start):  # emb (B, n, D), mask (B, n) bool
             embs.append(emb)
@@ -556,7 +557,6 @@ class SmolVLA(nn.Module):
         def add_marker(*tokens):  # SmolVLM's image marker tokens, all real, in the images' block
             add(self.embed_marker_tokens(tokens, batch), ones(len(tokens)), 0)
 
-        ones = lambda n: torch.ones(batch, n, dtype=torch.bool, device=state.device)  # noqa: E731
         for img_emb, img_mask in zip(self.embed_images(images), img_masks):
             if self.config.add_image_special_tokens:
                 add_marker("<fake_token_around_image>", "<global-img>")
