@@ -509,6 +509,9 @@ CALIBRATION_DIR = Path(
     os.getenv("HF_LEROBOT_CALIBRATION", Path(os.getenv("HF_LEROBOT_HOME", "~/.cache/huggingface/lerobot"))
               / "calibration")
 ).expanduser() / "robots" / "so_follower"
+# Where a calibration lives in each servo's EEPROM: register -> the lerobot JSON field it holds (in write order).
+CALIBRATION_REGISTERS = {"Homing_Offset": "homing_offset", "Min_Position_Limit": "range_min",
+                         "Max_Position_Limit": "range_max"}
 
 
 def load_calibration(path_or_dict):
@@ -795,11 +798,9 @@ class SO100Follower:
     def _apply_calibration(self, force=False):
         """Write the calibration to the servos unless they already hold it."""
         calibration = self._calibrated()
-        fields = {"Homing_Offset": "homing_offset", "Min_Position_Limit": "range_min",
-                  "Max_Position_Limit": "range_max"}
-        wanted = {reg: [calibration[n][key] for n in MOTOR_NAMES] for reg, key in fields.items()}
+        wanted = {reg: [calibration[n][key] for n in MOTOR_NAMES] for reg, key in CALIBRATION_REGISTERS.items()}
         if not force:
-            present = {reg: [self.bus.read(i, reg) for i in self.ids] for reg in fields}
+            present = {reg: [self.bus.read(i, reg) for i in self.ids] for reg in CALIBRATION_REGISTERS}
             if present == wanted:
                 return
             self._say(f"{self}: the servos hold another calibration than the file; writing the file's")

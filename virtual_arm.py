@@ -26,8 +26,8 @@ import tty
 import numpy as np
 
 from so100 import (
-    BROADCAST_ID, CONTROL_TABLE, HEADER, MAX_TICK, MOTOR_IDS, MOTOR_NAMES, PING, READ, RESOLUTION,
-    STS3215_MODEL_NUMBER, SYNC_READ, SYNC_WRITE, WRITE, checksum, decode_value, encode_value, normalize,
+    BROADCAST_ID, CALIBRATION_REGISTERS, CONTROL_TABLE, HEADER, MAX_TICK, MOTOR_IDS, MOTOR_NAMES, PING, READ,
+    RESOLUTION, STS3215_MODEL_NUMBER, SYNC_READ, SYNC_WRITE, WRITE, checksum, decode_value, encode_value, normalize,
     status_packet, unnormalize,
 )
 
@@ -156,9 +156,8 @@ class VirtualArm:
                                                        truth["range_max"] + truth["homing_offset"])
             servo = VirtualServo(truth["id"], truth["homing_offset"] + MAX_TICK // 2, stops)
             if calibrated:
-                servo.set("Homing_Offset", truth["homing_offset"])
-                servo.set("Min_Position_Limit", truth["range_min"])
-                servo.set("Max_Position_Limit", truth["range_max"])
+                for reg, key in CALIBRATION_REGISTERS.items():
+                    servo.set(reg, truth[key])
                 servo.flash = bytes(servo.regs[:EEPROM_END])
             self.servos[truth["id"]] = servo
         self._faults = []
