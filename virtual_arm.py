@@ -26,9 +26,9 @@ import tty
 import numpy as np
 
 from so100 import (
-    BROADCAST_ID, CALIBRATION_REGISTERS, CONTROL_TABLE, HEADER, MAX_TICK, MOTOR_IDS, MOTOR_NAMES, PING, READ,
-    RESOLUTION, STS3215_MODEL_NUMBER, SYNC_READ, SYNC_WRITE, WRITE, checksum, decode_value, encode_value, normalize,
-    status_packet, unnormalize,
+    BROADCAST_ID, CALIBRATION_REGISTERS, CONTROL_TABLE, FULL_TURN_MOTOR, HEADER, MAX_TICK, MOTOR_IDS, MOTOR_NAMES,
+    PING, READ, RESOLUTION, STS3215_MODEL_NUMBER, SYNC_READ, SYNC_WRITE, WRITE, checksum, decode_value, encode_value,
+    normalize, status_packet, unnormalize,
 )
 
 # The virtual arm's physical truth, in lerobot's calibration format: where the middle pose is (homing_offset +
@@ -152,8 +152,8 @@ class VirtualArm:
         self.servos = {}
         for name in MOTOR_NAMES:
             truth = self.calibration[name]
-            stops = None if name == "wrist_roll" else (truth["range_min"] + truth["homing_offset"],
-                                                       truth["range_max"] + truth["homing_offset"])
+            stops = None if name == FULL_TURN_MOTOR else (truth["range_min"] + truth["homing_offset"],
+                                                          truth["range_max"] + truth["homing_offset"])
             servo = VirtualServo(truth["id"], truth["homing_offset"] + MAX_TICK // 2, stops)
             if calibrated:
                 for reg, key in CALIBRATION_REGISTERS.items():
@@ -205,7 +205,7 @@ class VirtualArm:
         """(prompt, wait) callbacks for `SO100Follower.calibrate` that move the joints like a person would:
         the prompt puts the arm in its middle pose, then each `wait()` call takes one step of a sweep that
         pushes every joint but wrist_roll against both of its stops and back; it returns True when done."""
-        sweep = [(name, degrees) for name in MOTOR_NAMES if name != "wrist_roll"
+        sweep = [(name, degrees) for name in MOTOR_NAMES if name != FULL_TURN_MOTOR
                  for degrees in (-90, -180, 90, 180, 0)]
         steps = iter(sweep)
 
