@@ -76,6 +76,10 @@ class VirtualServo:
         self.actual = float(actual)  # raw encoder ticks of the physical joint, 0..4095
         self.stops = stops  # (lowest, highest) raw tick the joint can physically reach, or None: turns freely
         self.set("Goal_Position", self.present())
+        self.save_eeprom()
+
+    def save_eeprom(self):
+        """Copy the EEPROM registers to flash: what power_cycle() brings back."""
         self.flash = bytes(self.regs[:EEPROM_END])
 
     def get(self, name):
@@ -101,7 +105,7 @@ class VirtualServo:
             if address + k not in PROTECTED and address + k < len(self.regs):
                 self.regs[address + k] = byte
         if address < EEPROM_END and self.get("Lock") == 0:
-            self.flash = bytes(self.regs[:EEPROM_END])
+            self.save_eeprom()
 
     def read(self, address, size):
         self.set("Present_Position", self.present())
@@ -158,7 +162,7 @@ class VirtualArm:
             if calibrated:
                 for reg, key in CALIBRATION_REGISTERS.items():
                     servo.set(reg, truth[key])
-                servo.flash = bytes(servo.regs[:EEPROM_END])
+                servo.save_eeprom()
             self.servos[truth["id"]] = servo
         self._faults = []
         self._outbox = []  # (send time, bytes) of replies waiting to go out
