@@ -16,7 +16,7 @@ import pytest
 
 import so100
 from so100 import (
-    CONTROL_TABLE, FeetechBus, FeetechError, MOTOR_NAMES, SO100Follower, decode_sign_magnitude,
+    CONTROL_TABLE, FeetechBus, FeetechError, MOTOR_IDS, MOTOR_NAMES, SO100Follower, decode_sign_magnitude,
     encode_sign_magnitude, load_calibration, normalize, open_arm, parse_status, unnormalize,
 )
 from virtual_arm import TRUE_CALIBRATION, VirtualArm
@@ -153,7 +153,7 @@ def sim():
 
 @pytest.fixture
 def bus(sim):
-    with FeetechBus(sim.port, names={i + 1: n for i, n in enumerate(MOTOR_NAMES)}) as b:
+    with FeetechBus(sim.port, names={i: n for n, i in MOTOR_IDS.items()}) as b:
         yield b
 
 
@@ -294,7 +294,7 @@ def test_loads_a_lerobot_calibration_file(tmp_path):
 
 
 def servo_register(sim, name, register):
-    return sim.servos[MOTOR_NAMES.index(name) + 1].get(register)
+    return sim.servos[MOTOR_IDS[name]].get(register)
 
 
 def test_connect_configures_and_reads_state(capsys):
