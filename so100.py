@@ -16,7 +16,7 @@ To run the policy on a real arm we must speak that bus ourselves. This file buil
    normalization of raw encoder ticks to the units the datasets were recorded in (degrees, or −100..100, and
    0..100 for the gripper), a per-step safety clamp, and torque switched off whatever happens.
 
-`python so100.py --port /dev/ttyACM0 calibrate|read|move …` is the lab entry point; `--port sim` runs everything
+`python so100.py --port /dev/ttyACM0 scan|calibrate|read|move …` is the lab entry point; `--port sim` runs everything
 against `virtual_arm.VirtualArm`, a simulated bus on a pseudo-terminal.
 """
 

@@ -145,8 +145,9 @@ class VirtualArm:
 
     calibrated: start with TRUE_CALIBRATION in the servos' EEPROM (else factory settings: offset 0, 0..4095).
     pose: the starting pose (6,) in the units of `joint_positions_deg` (default: joints centred, gripper half
-        open, the HOME pose of sim.py).
+        open, sim.HOME_DEG).
     speed: the servos' maximum speed in ticks/s (4096 ticks = one turn).
+    tick: seconds between the servo thread's motor updates (it also wakes at once for an instruction).
     """
 
     def __init__(self, calibrated=True, pose=(0, 0, 0, 0, 0, 50), speed=2400.0, tick=0.002):
