@@ -895,6 +895,14 @@ class OpenCVCamera:
         self._capture.release()
 
 
+def default_calibration(calibration, arm_id, virtual=None):
+    """`calibration` if given, else the virtual arm's own (its servos come calibrated), else the file
+    `<CALIBRATION_DIR>/<arm_id>.json` that `calibrate` writes for a real arm."""
+    if calibration is not None:
+        return calibration
+    return virtual.calibration if virtual is not None else CALIBRATION_DIR / f"{arm_id}.json"
+
+
 def open_arm(port, calibration=None, norm_mode="degrees", max_relative_target=None, arm_id="my_so100",
              verbose=True, **sim_options):
     """Connect to a real arm ("/dev/ttyACM0") or a fresh virtual one ("sim").
@@ -909,11 +917,9 @@ def open_arm(port, calibration=None, norm_mode="degrees", max_relative_target=No
 
         virtual = VirtualArm(**sim_options)
         port = virtual.port
-        calibration = virtual.calibration if calibration is None else calibration
     elif sim_options:
         raise ValueError(f"options {sorted(sim_options)} only apply to --port sim")
-    elif calibration is None:
-        calibration = CALIBRATION_DIR / f"{arm_id}.json"
+    calibration = default_calibration(calibration, arm_id, virtual)
     try:
         arm = SO100Follower(port, calibration, norm_mode=norm_mode, max_relative_target=max_relative_target,
                             verbose=verbose)
@@ -950,7 +956,6 @@ def main(argv=None):
     sub.add_parser("scan", help="list the servos that answer a broadcast PING, with their model numbers")
     args = parser.parse_args(argv)
 
-    calibration_path = Path(args.calibration or CALIBRATION_DIR / f"{args.id}.json").expanduser()
     virtual = None
     if args.port == "sim":
         from virtual_arm import VirtualArm
@@ -961,17 +966,14 @@ def main(argv=None):
         if args.command == "scan":
             scan(port)
             return
-        if args.command == "calibrate":
-            calibration = None  # made by the command
-        elif virtual is not None and not args.calibration:
-            calibration = virtual.calibration  # the virtual arm's servos come calibrated
-        else:
-            calibration = calibration_path
+        # calibrate makes the calibration (and saves it where read and move will look for it)
+        calibrating = args.command == "calibrate"
+        calibration = None if calibrating else default_calibration(args.calibration, args.id, virtual)
         with SO100Follower(port, calibration, norm_mode=args.norm_mode) as arm:
-            if args.command == "calibrate":
+            if calibrating:
                 # On the virtual arm a scripted "hand" moves the joints; on a real one, you do.
                 prompt, wait = virtual.calibration_hand() if virtual is not None else (input, None)
-                arm.calibrate(prompt=prompt, wait=wait, save_to=calibration_path)
+                arm.calibrate(prompt=prompt, wait=wait, save_to=default_calibration(args.calibration, args.id))
                 print(json.dumps(arm.calibration, indent=4))
             elif args.command == "read":
                 print_state(arm, args.seconds, args.hz)
