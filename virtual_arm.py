@@ -93,6 +93,7 @@ class VirtualServo:
     def present(self):
         """Present_Position = actual − Homing_Offset, on one turn unless Phase bit 4 (multi-turn) is set."""
         position = round(self._present_exact())
+        # wrap again: 4095.6 rounds up to 4096, which a one-turn reading shows as 0
         return position if self.get("Phase") & 0x10 else position % RESOLUTION
 
     def _present_exact(self):
