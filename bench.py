@@ -24,7 +24,7 @@ once (expert.cache_prefix); all cameras go through the vision tower as one batch
 is one fused kernel with grouped-query heads read in place (expert.attention); RoPE angles, masks and flow
 times are made once, not per layer or per step (rope_angles, suffix_layout, euler_sample); bf16 weights
 and activations keep float32 for norms, RoPE, softmax and the velocity projection; linear layers are
-packed once for oneDNN (pack_for_cpu_inference), GELU fused into the packed product; in training, a
+packed once for oneDNN (pack_linear_layers), GELU fused into the packed product; in training, a
 frozen VLM backpropagates only the state token (cache_prefix's untracked tokens).
 """
 
@@ -47,11 +47,11 @@ if "OMP_WAIT_POLICY" not in os.environ:
 
 import torch  # noqa: E402
 
+from speed import pack_linear_layers  # noqa: E402
 from smolvla import (  # noqa: E402
     SMOLVLM2_500M_VIDEO_INSTRUCT,
     SmolVLA,
     SmolVLAConfig,
-    pack_for_cpu_inference,
     parse_vlm_config,
 )
 
@@ -282,7 +282,7 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--train", action="store_true", help="time a training step instead of a chunk")
     ap.add_argument("--batch", type=int, default=None, help="batch size (default 1; --train: 2)")
-    ap.add_argument("--no-pack", action="store_true", help="plain nn.Linear layers (see pack_for_cpu_inference)")
+    ap.add_argument("--no-pack", action="store_true", help="plain nn.Linear layers (see pack_linear_layers)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the vision tower and the expert's step")
     ap.add_argument("--profile", action="store_true", help="print stage timings and the top operators")
     ap.add_argument("--reference", metavar="CMD", help="a command timing the reference on the same shapes first")
@@ -346,7 +346,7 @@ def main(argv=None) -> dict:
                 if autocast is not None:
                     part.to(autocast)
                 if pack:
-                    pack_for_cpu_inference(part)
+                    pack_linear_layers(part)
         run = lambda: train_step(model, optimizer, inputs, autocast)  # noqa: E731
         wall, cpu = timed(run, args.repeats, args.warmup)
         result["train_step_s"] = statistics.median(wall)
@@ -355,7 +355,7 @@ def main(argv=None) -> dict:
     else:
         model.to(DTYPES[args.dtype])
         if pack:
-            pack_for_cpu_inference(model)
+            pack_linear_layers(model)
         run = lambda: sample_chunk(model, inputs)  # noqa: E731
         wall, cpu = timed(run, args.repeats, args.warmup)
         result["chunk_s"] = statistics.median(wall)

@@ -388,13 +388,14 @@ def load_policy(path, vlm=None, device="cpu", dtype="float32"):
     # torch is imported only where a policy runs: the client of a policy server does not need it
     import torch
 
-    from smolvla import SmolVLA, pack_for_cpu_inference
+    import speed
+    from smolvla import SmolVLA
 
     policy = SmolVLA.from_pretrained(path, vlm=vlm)
     policy = policy.to(device=torch.device(device), dtype=getattr(torch, dtype))
     # speed: on the CPU, pre-pack the linear layers for oneDNN once the dtype is final (same numbers, see
     # bench.py); a no-op on other devices
-    return pack_for_cpu_inference(policy)
+    return speed.prepare(policy)
 
 
 class PolicyRunner:

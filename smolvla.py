@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from expert import ActionExpert, DecoderConfig, DecoderLayer, RMSNorm, SuffixLayout, attention, expert_mlp_width
+from policy import ACTION, IMAGE_PREFIX as IMAGES, STATE, read_json, resolve_dir
 from flow import (
     euler_sample,
     flow_matching_loss,
@@ -88,7 +89,6 @@ SMOLVLA_BASE_FEATURES = {
     "output_features": {"action": {"type": "ACTION", "shape": [6]}},
 }
 
-STATE, ACTION, IMAGES = "observation.state", "action", "observation.images."
 NORM_EPS = 1e-8  # lerobot's normalizer: (x - mean) / (std + 1e-8)
 
 
@@ -803,7 +803,7 @@ class SmolVLA(nn.Module):
             local_vlm = os.path.join(ckpt_dir, "vlm")
             vlm = local_vlm if os.path.isdir(local_vlm) else config.vlm_model_name
         hint = "Pass vlm=<a directory with the VLM's config.json and tokenizer files>."
-        vlm_dir = resolve_dir(vlm, "VLM", VLM_DESCRIPTION_FILES, hint)
+        vlm_dir = resolve_dir(vlm, "VLM", VLM_DESCRIPTION_FILES, hint=hint)
         vlm_config, tokenizer = load_vlm_description(vlm_dir)
         with torch.device("meta"):  # no memory, no random init: every tensor comes from the checkpoint
             model = cls(config, vlm_config, tokenizer)
@@ -886,63 +886,6 @@ class SmolVLA(nn.Module):
                 f"smolvla: no normalization stats found ({source}); call set_normalization(dataset.stats) "
                 "before predict_chunk or training_loss"
             )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Speed: CPU inference with the weights laid out once for the matrix-multiply kernels.
-
-
-class PackedLinear(nn.Module):
-    """speed (CPU inference): an nn.Linear whose weight is also kept in oneDNN's blocked layout.
-
-    F.linear hands float32 products to MKL and rearranges the weight for the kernel at every call; oneDNN
-    with the weight rearranged once ("packed") reached ~110 instead of ~90 GFLOP/s per core in float32
-    and ~215 instead of ~195 in bfloat16 on the AVX-512 (AMD Zen 4) machine bench.py was developed on,
-    and computes the same sums in the same precision (float32 stays float32). gelu_tanh: the GELU that
-    follows the product (the vision MLP's) is applied by the same kernel.
-
-    The module keeps the original weight and bias (same names in state_dict, so saving works); the packed
-    copy is made when packing and would not follow later changes of the weight. The packed kernel has no
-    gradient: calls that autograd must track (a trainable weight, or an input that needs a gradient) take
-    the plain path, so a frozen part of a model being trained (the vision tower under train_expert_only)
-    still runs packed.
-    """
-
-    def __init__(self, linear: nn.Linear, gelu_tanh: bool = False):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
-        self.gelu_tanh = gelu_tanh
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """F.linear(x, weight, bias), then F.gelu(·, approximate="tanh") if gelu_tanh: the packed kernel
-        applies the GELU to each block of results while they are still in cache (one pass less)."""
-        tracked = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if tracked or x.dtype != self.packed.dtype:
-            y = F.linear(x, self.weight, self.bias)
-            return F.gelu(y, approximate="tanh") if self.gelu_tanh else y
-        if self.gelu_tanh:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "gelu", [], "tanh")
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-def pack_for_cpu_inference(model: nn.Module) -> nn.Module:
-    """speed (CPU inference): replace every nn.Linear of the model (or of a frozen part of it) by a
-    PackedLinear, in place, once the weights and dtype are final (load, .to(torch.bfloat16) if wanted,
-    then pack); the vision MLP's GELU is fused into its first product. Costs a second copy of those
-    weights in memory. A no-op where oneDNN is unavailable or the model is not on the CPU."""
-    if not torch.backends.mkldnn.is_available():
-        return model
-    for mlp in [m for m in model.modules() if isinstance(m, VisionMLP)]:
-        # the vision MLP's GELU moves into its packed first product (an identity takes its place)
-        if type(mlp.fc1) is nn.Linear and mlp.fc1.weight.device.type == "cpu":
-            mlp.fc1, mlp.activation = PackedLinear(mlp.fc1, gelu_tanh=True), nn.Identity()
-    for parent in list(model.modules()):
-        for name, child in parent.named_children():
-            if type(child) is nn.Linear and child.weight.device.type == "cpu":
-                setattr(parent, name, PackedLinear(child))
-    return model
 
 
 def pad_last_dim(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -1032,33 +975,6 @@ def load_policy_tensors(model: nn.Module, tensors: dict) -> dict:
     buffers = {k: t for k, t in tensors.items() if OLD_STATS_NAME.match(k)}
     load_weights(model, {k: t.float() for k, t in tensors.items() if k not in buffers}, LEROBOT, assign=True)
     return buffers
-
-
-def resolve_dir(source: str, what: str, allow_patterns: list[str], hint: str = "Pass a local directory.") -> str:
-    """A local directory as is; otherwise a Hugging Face Hub repo id, downloaded (the files matching the
-    patterns) into the local cache."""
-    source = os.fspath(source)
-    if os.path.isdir(source):
-        return source
-    looks_local = source.startswith((".", "/", "~")) or source.count("/") != 1 or os.path.exists(source)
-    if looks_local:
-        raise FileNotFoundError(f"{what} directory not found: {source}")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(source, allow_patterns=allow_patterns)
-    except Exception as e:  # offline, unknown repo, no access…
-        raise FileNotFoundError(
-            f"{what} '{source}' is not a local directory and could not be downloaded from the Hugging Face Hub "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). {hint}"
-        ) from e
-
-
-def read_json(path: str, what: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
-    with open(path) as f:
-        return json.load(f)
 
 
 def load_vlm_description(source: str) -> tuple[dict, object]:

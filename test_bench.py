@@ -12,7 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 from expert import attention
-from smolvla import SMOLVLM2_500M_VIDEO_INSTRUCT, PackedLinear, SmolVLA, pack_for_cpu_inference
+from smolvla import SMOLVLM2_500M_VIDEO_INSTRUCT, SmolVLA
+from speed import PackedLinear, pack_linear_layers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = os.path.join(HERE, "testdata", "smolvla_tiny")
@@ -63,7 +64,7 @@ def test_bf16_sampled_actions_within_0_05_of_the_fp32_reference(io, packed):
     projection in fp32), with and without packed weights, against the reference's fp32 actions."""
     model = SmolVLA.from_pretrained(CKPT, vlm=VLM).to(torch.bfloat16)
     if packed:
-        pack_for_cpu_inference(model)
+        pack_linear_layers(model)
         assert isinstance(model.expert.layers[0].mlp.up_proj, PackedLinear)
     assert model.expert.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     chunk = sample(model, io)
@@ -73,7 +74,7 @@ def test_bf16_sampled_actions_within_0_05_of_the_fp32_reference(io, packed):
 
 
 def test_packed_fp32_model_is_the_reference_to_1e_5(io):
-    model = pack_for_cpu_inference(SmolVLA.from_pretrained(CKPT, vlm=VLM))
+    model = pack_linear_layers(SmolVLA.from_pretrained(CKPT, vlm=VLM))
     mlp = model.vision.encoder["layers"][0].mlp
     assert mlp.fc1.gelu_tanh and isinstance(mlp.activation, torch.nn.Identity)  # GELU fused into the product
     torch.testing.assert_close(sample(model, io), io["expected_sampled"], atol=1e-5, rtol=0)
