@@ -53,3 +53,14 @@ def parse_mapping(text, flag):
                              f"got {item!r}")
         mapping[key.strip()] = value.strip()
     return mapping
+
+
+def features_from_dataset(dataset):
+    """lerobot's input/output feature dicts describing a dataset's state, cameras and actions (the
+    config of a policy trained from scratch on it)."""
+    sample = dataset[0]
+    inputs = {STATE: {"type": "STATE", "shape": list(sample[STATE].shape)}}
+    for key in dataset.camera_keys:
+        inputs[key] = {"type": "VISUAL", "shape": list(sample[key].shape)}
+    outputs = {ACTION: {"type": "ACTION", "shape": [sample[ACTION].shape[-1]]}}
+    return inputs, outputs
