@@ -25,16 +25,15 @@ the mp4 really holds, so that the small drift of summed durations in long concat
 make a lookup fail.
 
 The writer (`write_lerobot_dataset`) makes a v3.0 (or v2.1) dataset from arrays: the tests use it for
-layouts the fixture does not cover, and the demo uses it for its training set.
+layouts the fixture does not cover, and the demo uses it for its training set. The reader's benchmark
+(samples per second through a DataLoader) lives in bench.py.
 """
 
-import argparse
 import collections
 import hashlib
 import json
 import os
 import shutil
-import time
 from fractions import Fraction
 
 import av
@@ -804,74 +803,3 @@ def synthetic_episodes(n_episodes, length, height=96, width=128, cameras=("top",
         episodes.append({"observation.state": state[:n], "action": state[1:], "task": tasks[e % len(tasks)],
                          "images": images})
     return episodes
-
-
-def _cpu_seconds():
-    """CPU time of this process and of its finished children (DataLoader workers, once shut down)."""
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
-
-
-def benchmark(repo_or_dir, workers=2, batch_size=32, seconds=20.0, chunk_size=50, max_cache_gb=64.0):
-    """Samples per second through a shuffled DataLoader, as training reads them.
-
-    Also samples per CPU-second (main process and workers together), a figure that other programs
-    running on the same machine disturb much less than the wall-clock rate.
-    """
-    start = time.perf_counter()
-    dataset = LeRobotDataset(repo_or_dir, chunk_size=chunk_size, max_cache_gb=max_cache_gb)
-    opened = time.perf_counter() - start
-    mode = "pre-decoded cache" if dataset._cached else "on-the-fly decoding"
-    print(f"{repo_or_dir}: {len(dataset)} samples, cameras {dataset.camera_keys}, opened in {opened:.1f} s ({mode})")
-    if len(dataset) < 2 * batch_size:
-        raise ValueError(f"the benchmark needs at least two batches: {len(dataset)} samples < 2 x batch size {batch_size}.")
-    cpu_start = _cpu_seconds()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                         persistent_workers=workers > 0, drop_last=True)
-    samples, timed_from = 0, None
-    while timed_from is None or time.perf_counter() - timed_from < seconds:
-        for batch in loader:
-            if timed_from is None:  # the first batch pays for starting the workers: not timed
-                timed_from = time.perf_counter()
-                continue
-            samples += len(batch["index"])
-            if time.perf_counter() - timed_from >= seconds:
-                break
-    rate = samples / (time.perf_counter() - timed_from)
-    del loader, batch  # stops the workers, so that their CPU time is counted
-    per_cpu_second = (samples + batch_size) / (_cpu_seconds() - cpu_start)
-    print(f"{rate:.1f} samples/s, {per_cpu_second:.1f} samples per CPU-second  ({samples} samples, {workers} workers, "
-          f"batch {batch_size}, chunk {chunk_size})")
-    return rate
-
-
-def main():
-    parser = argparse.ArgumentParser(description="LeRobot dataset reader: benchmark, or write a synthetic dataset.")
-    parser.add_argument("--bench", metavar="REPO_OR_DIR", help="print samples/s of a shuffled DataLoader")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--chunk-size", type=int, default=50)
-    parser.add_argument("--max-cache-gb", type=float, default=64.0, help="0 decodes on the fly")
-    parser.add_argument("--write-synthetic", metavar="DIR", help="write a synthetic dataset (for benchmarks)")
-    parser.add_argument("--episodes", type=int, default=20)
-    parser.add_argument("--frames", type=int, default=300)
-    parser.add_argument("--size", default="96x128", help="HEIGHTxWIDTH")
-    parser.add_argument("--cameras", default="top,wrist")
-    parser.add_argument("--codec", default="libsvtav1", choices=sorted(CODECS))
-    parser.add_argument("--version", default="v3.0", choices=SUPPORTED_VERSIONS)
-    args = parser.parse_args()
-    if args.write_synthetic:
-        height, width = (int(v) for v in args.size.split("x"))
-        start = time.perf_counter()
-        episodes = synthetic_episodes(args.episodes, args.frames, height, width, tuple(args.cameras.split(",")))
-        write_lerobot_dataset(args.write_synthetic, episodes, codec=args.codec, version=args.version)
-        print(f"wrote {args.write_synthetic} in {time.perf_counter() - start:.1f} s")
-    if args.bench:
-        benchmark(args.bench, args.workers, args.batch_size, args.seconds, args.chunk_size, args.max_cache_gb)
-    if not (args.bench or args.write_synthetic):
-        parser.error("nothing to do: pass --bench and/or --write-synthetic")
-
-
-if __name__ == "__main__":
-    main()
