@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from data import LeRobotDataset, synthetic_episodes, write_lerobot_dataset
+from data import LeRobotDataset
+from record import synthetic_episodes, write_lerobot_dataset
 from so100 import MOTOR_NAMES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
