@@ -1,11 +1,22 @@
-"""LeRobot datasets -> training samples (SmolVLA paper §4).
+"""A LeRobot dataset as SmolVLA's training samples: frame i -> state, camera images, the next actions.
 
-SmolVLA is trained on community datasets in the LeRobot format: one row per control step (joint state,
-commanded action, task string) in parquet files, and one video stream per camera in mp4 files. A training
-sample for frame i of an episode is what the policy sees at that step (state and one image per camera)
-plus what it must predict: the next `chunk_size` actions of the same episode ("action chunking"). Near
-the end of an episode fewer than `chunk_size` actions remain; the missing steps repeat the episode's
+SmolVLA (arXiv 2506.01844, §4) is trained on community datasets in the LeRobot format, recorded on
+low-cost arms: one row per control step (joint state, commanded action, task string) in parquet files,
+and one video stream per camera in mp4 files. A training sample for frame i of an episode is what the
+policy sees at that step plus what it must predict: the next `chunk_size` actions (50 for SmolVLA) of
+the same episode ("action chunking"):
+
+    dataset[i] = {"observation.state": (S,) float32,
+                  "observation.images.<camera>": (3, H, W) float32 in [0, 1], one per camera,
+                  "action": (chunk_size, A) float32        actions i .. i + chunk_size - 1 of i's episode,
+                  "action_is_pad": (chunk_size,) bool      True where that step lies past the episode's end,
+                  "task": str, and the row's timestamp, episode_index, frame_index, index, task_index}
+
+Near the end of an episode fewer than `chunk_size` actions remain; the missing steps repeat the episode's
 last action and are flagged in `action_is_pad`, so the loss can ignore them.
+
+Reading order: `LeRobotDataset` comes first, its items (`__getitem__`) before how it is built; the
+machinery it uses follows it: the two on-disk layouts, normalization statistics, video decoding.
 
 Two on-disk layouts exist in the wild, and both are read here, every path coming from the templates in
 `meta/info.json`:
@@ -48,249 +59,7 @@ CACHE_DIR_VARIABLE = "SMOLVLA_CACHE_DIR"  # set it to put the frame cache elsewh
 
 
 # ----------------------------------------------------------------------------------------------------
-# Locating the dataset: a local directory as it is, or the needed files of a Hugging Face Hub repo
-# ----------------------------------------------------------------------------------------------------
-
-def _looks_like_repo_id(name):
-    """`owner/name` with nothing else: the only form of a hub dataset id."""
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
-
-
-def _hub_download(repo_id, revision, allow_patterns):
-    """Download the files of a hub dataset that match `allow_patterns` (with a tqdm bar), return the folder."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=allow_patterns)
-    except Exception as error:  # not found, private, offline: one message that says which and what to do
-        raise FileNotFoundError(
-            f"'{repo_id}' is not a local directory and could not be fetched as a dataset from the Hugging Face "
-            f"Hub ({type(error).__name__}: {error}). Pass an existing dataset directory or a valid hub dataset id."
-        ) from None
-
-
-def _read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def _read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _require(root, relative):
-    """The path of a metadata file that must exist, or an error naming it."""
-    path = os.path.join(root, relative)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{root} is missing {relative}: not a complete LeRobot dataset.")
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------
-# Episode tables: one row per episode, the same fields for both layouts
-# ----------------------------------------------------------------------------------------------------
-
-def _episodes_v3(root, info):
-    """meta/episodes/chunk-*/file-*.parquet -> {episode_index: row dict} (data/video file of each episode)."""
-    folder = _require(root, os.path.join("meta", "episodes"))
-    files = sorted(
-        os.path.join(dirpath, name) for dirpath, _, names in os.walk(folder) for name in names if name.endswith(".parquet")
-    )
-    if not files:
-        raise FileNotFoundError(f"{root} has no meta/episodes/*/*.parquet: not a complete LeRobot v3.0 dataset.")
-    wanted = ["episode_index", "tasks", "length", "data/chunk_index", "data/file_index",
-              "dataset_from_index", "dataset_to_index"]
-    for key in _video_keys(info):
-        wanted += [f"videos/{key}/{field}" for field in ("chunk_index", "file_index", "from_timestamp")]
-    rows = []
-    for path in files:
-        rows += pq.read_table(path, columns=wanted).to_pylist()
-    return {row["episode_index"]: row for row in rows}
-
-
-def _episodes_v2(root, info):
-    """meta/episodes.jsonl -> {episode_index: row dict}; rows by cumulative lengths, one file per episode."""
-    rows = _read_jsonl(_require(root, os.path.join("meta", "episodes.jsonl")))
-    episodes, start = {}, 0
-    for row in sorted(rows, key=lambda r: r["episode_index"]):
-        chunk = row["episode_index"] // info["chunks_size"]
-        row.update({"dataset_from_index": start, "dataset_to_index": start + row["length"], "episode_chunk": chunk})
-        episodes[row["episode_index"]] = row
-        start += row["length"]
-    return episodes
-
-
-def _video_keys(info):
-    return [key for key, feature in info["features"].items() if feature["dtype"] == "video"]
-
-
-def _data_path(info, episode):
-    if info["codebase_version"] == "v3.0":
-        return info["data_path"].format(chunk_index=episode["data/chunk_index"], file_index=episode["data/file_index"])
-    return info["data_path"].format(episode_chunk=episode["episode_chunk"], episode_index=episode["episode_index"])
-
-
-def _video_path(info, episode, key):
-    if info["codebase_version"] == "v3.0":
-        return info["video_path"].format(video_key=key, chunk_index=episode[f"videos/{key}/chunk_index"],
-                                         file_index=episode[f"videos/{key}/file_index"])
-    return info["video_path"].format(video_key=key, episode_chunk=episode["episode_chunk"],
-                                     episode_index=episode["episode_index"])
-
-
-def _video_start(info, episode, key):
-    """Time in its mp4 of an episode's first frame: v3.0 concatenates episodes, v2.1 starts each at 0."""
-    return episode[f"videos/{key}/from_timestamp"] if info["codebase_version"] == "v3.0" else 0.0
-
-
-def _read_tasks(root, info):
-    """Task strings ordered by task_index (v3.0: meta/tasks.parquet, v2.1: meta/tasks.jsonl)."""
-    if info["codebase_version"] == "v2.1":
-        rows = _read_jsonl(_require(root, os.path.join("meta", "tasks.jsonl")))
-        return [row["task"] for row in sorted(rows, key=lambda r: r["task_index"])]
-    table = pq.read_table(_require(root, os.path.join("meta", "tasks.parquet")))
-    # lerobot writes the task strings as the pandas index of this table, whatever that column is called
-    text_columns = [name for name in table.column_names if pa.types.is_string(table.schema.field(name).type)
-                    or pa.types.is_large_string(table.schema.field(name).type)]
-    if "task_index" not in table.column_names or len(text_columns) != 1:
-        raise ValueError(f"{root}/meta/tasks.parquet should hold task_index and one text column, has {table.column_names}.")
-    pairs = sorted(zip(table.column("task_index").to_pylist(), table.column(text_columns[0]).to_pylist()))
-    return [task for _, task in pairs]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Normalization statistics
-# ----------------------------------------------------------------------------------------------------
-
-def aggregate_stats(per_episode):
-    """Merge per-episode stats as if computed over all frames at once.
-
-    count-weighted mean; pooled variance  var = sum n_i (std_i^2 + (mean_i - mean)^2) / N;
-    min of mins; max of maxes.
-    """
-    merged = {}
-    for feature in per_episode[0]:
-        parts = [stats[feature] for stats in per_episode]
-        counts = np.array([np.asarray(p["count"], dtype=np.float64).reshape(-1)[0] for p in parts])  # (E,)
-        means = np.stack([np.asarray(p["mean"], dtype=np.float64) for p in parts])  # (E, ...)
-        stds = np.stack([np.asarray(p["std"], dtype=np.float64) for p in parts])
-        weights = (counts / counts.sum()).reshape((-1,) + (1,) * (means.ndim - 1))
-        mean = (weights * means).sum(0)
-        variance = (weights * (stds ** 2 + (means - mean) ** 2)).sum(0)
-        merged[feature] = {
-            "mean": mean, "std": np.sqrt(variance),
-            "min": np.stack([np.asarray(p["min"], dtype=np.float64) for p in parts]).min(0),
-            "max": np.stack([np.asarray(p["max"], dtype=np.float64) for p in parts]).max(0),
-            "count": np.array([counts.sum()]),
-        }
-    return merged
-
-
-def _read_stats(root, info):
-    """{feature: {stat: float32 tensor}} from meta/stats.json (v3.0) or merged episodes stats (v2.1)."""
-    if info["codebase_version"] == "v3.0":
-        raw = _read_json(_require(root, os.path.join("meta", "stats.json")))
-    else:
-        rows = _read_jsonl(_require(root, os.path.join("meta", "episodes_stats.jsonl")))
-        raw = aggregate_stats([row["stats"] for row in rows])
-    return {feature: {name: torch.tensor(np.asarray(value, dtype=np.float32)) for name, value in stats.items()}
-            for feature, stats in raw.items()}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Video: frame times of each mp4, and two ways to get frame k of it as (H, W, 3) uint8
-# ----------------------------------------------------------------------------------------------------
-
-def _open_video(path):
-    """Open an mp4 for decoding; the container picks the decoder (libdav1d for AV1)."""
-    try:
-        container = av.open(path)
-        if not container.streams.video:
-            raise ValueError("no video stream")
-    except Exception as error:
-        raise ValueError(f"cannot read video {path} ({error}): the file is damaged or incomplete; delete it and "
-                         "download or write the dataset again.") from None
-    return container, container.streams.video[0]
-
-
-def _frame_times(path):
-    """Presentation time in seconds of every frame of an mp4, read from the packets (nothing decoded)."""
-    container, stream = _open_video(path)
-    with container:
-        seconds_per_tick = float(stream.time_base)
-        try:
-            pts = sorted(packet.pts for packet in container.demux(stream) if packet.pts is not None)
-        except av.error.FFmpegError as error:
-            raise ValueError(f"cannot read video {path} ({error}): the file is damaged or incomplete.") from None
-    if not pts:
-        raise ValueError(f"video {path} holds no frames: the file is damaged or incomplete; delete it and download "
-                         "or write the dataset again.")
-    return np.array(pts, dtype=np.float64) * seconds_per_tick
-
-
-def _video_size(path):
-    """(height, width) of an mp4's frames."""
-    container, stream = _open_video(path)
-    with container:
-        return stream.codec_context.height, stream.codec_context.width
-
-
-def _decode_all(path, out, progress):
-    """Decode every frame of an mp4 in order into `out` (N, 3, H, W) uint8 (planar: converts fastest later)."""
-    container, stream = _open_video(path)
-    stream.thread_type = "AUTO"  # one stream decoded by the main process: let the decoder use threads
-    count = 0
-    with container:
-        try:
-            for frame in container.decode(stream):
-                if count < len(out):
-                    out[count] = frame.to_ndarray(format="rgb24").transpose(2, 0, 1)
-                count += 1
-                progress.update(1)
-        except av.error.FFmpegError as error:
-            raise ValueError(f"cannot decode video {path} ({error}): the file is damaged; delete it and download "
-                             "or write the dataset again.") from None
-    if count != len(out):
-        raise ValueError(f"video {path} decodes to {count} frames but its packets say {len(out)}: the file is damaged.")
-
-
-class _StreamingDecoder:
-    """Frames decoded on demand: containers stay open (a few per worker), reads in order need no seek."""
-
-    def __init__(self, max_open=8):
-        self.max_open = max_open
-        self.open = collections.OrderedDict()  # path -> [container, stream, frame iterator, last position]
-
-    def frame(self, path, times, position):
-        state = self.open.pop(path, None)
-        if state is None:
-            container, stream = _open_video(path)
-            stream.codec_context.thread_count = 1  # parallelism comes from DataLoader workers
-            state = [container, stream, None, None]
-        self.open[path] = state  # most recently used last
-        if len(self.open) > self.max_open:
-            self.open.popitem(last=False)[1][0].close()
-        container, stream, frames, last = state
-        # a short step forward from the last decoded frame: keep decoding; anything else: seek to a keyframe
-        target = int(round(times[position] / float(stream.time_base)))  # pts of the wanted frame
-        if frames is None or last is None or not last < position <= last + 4:
-            container.seek(target, stream=stream, backward=True)  # lands on the keyframe at or before it
-            frames = container.decode(stream)
-        try:
-            for frame in frames:
-                if frame.pts is not None and frame.pts >= target:
-                    state[2], state[3] = frames, position
-                    return frame.to_ndarray(format="rgb24")
-        except av.error.FFmpegError as error:
-            raise ValueError(f"cannot decode video {path} ({error}): the file is damaged; delete it and download "
-                             "or write the dataset again.") from None
-        raise ValueError(f"video {path} ended before frame {position}: the file is damaged or incomplete.")
-
-
-# ----------------------------------------------------------------------------------------------------
-# The dataset
+# The dataset: items first (the idea), then how it is built
 # ----------------------------------------------------------------------------------------------------
 
 class LeRobotDataset(torch.utils.data.Dataset):
@@ -308,7 +77,58 @@ class LeRobotDataset(torch.utils.data.Dataset):
     cache_dir: where that cache lives (default $SMOLVLA_CACHE_DIR, else ~/.cache/smolvla/frames). Cache files
         are named by the video's path, size and modification time, so an edited video is decoded again;
         delete the folder to free space.
+
+    Built once by `__init__` (below the items): the chosen episodes' rows as flat arrays with one entry per
+    item, `state` (N, S), `action` (N, A), `_start`/`_end` (N,) the rows [start, end) of each item's
+    episode; per camera the mp4 and frame position of each item; the frames themselves pre-decoded into a
+    uint8 cache on disk, or decoded on demand.
     """
+
+    # -- items ---------------------------------------------------------------------------------------
+
+    def __len__(self):
+        return len(self._index)
+
+    def __getitem__(self, i):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} is out of range for a dataset of {len(self)} samples.")
+        i = int(i) % len(self)
+        start, end = self._start[i], self._end[i]
+        # the next chunk_size actions of this episode; past its end repeat the last one and flag it as padding
+        steps = i + np.arange(self.chunk_size)
+        item = {
+            "observation.state": torch.from_numpy(self.state[i].copy()),  # (S,)
+            "action": torch.from_numpy(self.action[np.clip(steps, start, end - 1)]),  # (chunk, A)
+            "action_is_pad": torch.from_numpy(steps >= end),  # (chunk,)
+        }
+        for key, name in self._rename.items():
+            frame = self._image(key, i)  # (3, H, W) uint8
+            image = np.empty(frame.shape, dtype=np.float32)
+            np.divide(frame, np.float32(255), out=image)  # (3, H, W) in [0, 1], in one pass
+            item[name] = torch.from_numpy(image)
+        item["task"] = self.tasks[self._task_index[i]]
+        item["timestamp"] = torch.tensor(self._timestamp[i], dtype=torch.float32)
+        for name in ("episode_index", "frame_index", "index", "task_index"):
+            item[name] = torch.tensor(getattr(self, "_" + name)[i], dtype=torch.int64)
+        return item
+
+    def _image(self, key, i):
+        """(3, H, W) uint8 frame of camera `key` for row i."""
+        if self._frames is None or self._frames[0] != os.getpid():  # first use in this process (worker)
+            frames = [np.load(path, mmap_mode="r") for path in self._cache_files] if self._cached else _StreamingDecoder()
+            self._frames = (os.getpid(), frames)
+        file_id, position = self._file_of[key][i], self._position_of[key][i]
+        if self._cached:
+            return self._frames[1][file_id][position]  # a view into the mapped file
+        frame = self._frames[1].frame(self._video_files[file_id], self._frame_times[file_id], position)
+        return frame.transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W), a view
+
+    def __getstate__(self):  # sent to DataLoader workers: without open containers or mapped files
+        state = self.__dict__.copy()
+        state["_frames"] = None
+        return state
+
+    # -- construction: locate, read the tables, find every frame, build the cache ----------------------
 
     def __init__(self, repo_id_or_path, chunk_size=50, episodes=None, rename=None, revision=None,
                  max_cache_gb=64.0, cache_dir=None):
@@ -340,8 +160,6 @@ class LeRobotDataset(torch.utils.data.Dataset):
         self._frames = None  # per process: cached frame arrays or a streaming decoder
         cache_dir = cache_dir or os.environ.get(CACHE_DIR_VARIABLE) or DEFAULT_CACHE_DIR
         self._cached = self._build_cache(max_cache_gb, cache_dir)
-
-    # -- construction steps --------------------------------------------------------------------------
 
     @staticmethod
     def _locate(name, revision):
@@ -474,46 +292,241 @@ class LeRobotDataset(torch.utils.data.Dataset):
         key = f"(N, 3, H, W) uint8|{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"  # layout in the key
         return hashlib.sha1(key.encode()).hexdigest() + ".npy"
 
-    # -- items ---------------------------------------------------------------------------------------
 
-    def __len__(self):
-        return len(self._index)
+# ----------------------------------------------------------------------------------------------------
+# Machinery 1/3: locating the dataset, and where everything lives in the v3.0 and v2.1 layouts
+# ----------------------------------------------------------------------------------------------------
 
-    def _image(self, key, i):
-        """(3, H, W) uint8 frame of camera `key` for row i."""
-        if self._frames is None or self._frames[0] != os.getpid():  # first use in this process (worker)
-            frames = [np.load(path, mmap_mode="r") for path in self._cache_files] if self._cached else _StreamingDecoder()
-            self._frames = (os.getpid(), frames)
-        file_id, position = self._file_of[key][i], self._position_of[key][i]
-        if self._cached:
-            return self._frames[1][file_id][position]  # a view into the mapped file
-        frame = self._frames[1].frame(self._video_files[file_id], self._frame_times[file_id], position)
-        return frame.transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W), a view
+def _looks_like_repo_id(name):
+    """`owner/name` with nothing else: the only form of a hub dataset id."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
 
-    def __getitem__(self, i):
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {i} is out of range for a dataset of {len(self)} samples.")
-        i = int(i) % len(self)
-        start, end = self._start[i], self._end[i]
-        # the next chunk_size actions of this episode; past its end repeat the last one and flag it as padding
-        steps = i + np.arange(self.chunk_size)
-        item = {
-            "observation.state": torch.from_numpy(self.state[i].copy()),  # (S,)
-            "action": torch.from_numpy(self.action[np.clip(steps, start, end - 1)]),  # (chunk, A)
-            "action_is_pad": torch.from_numpy(steps >= end),  # (chunk,)
+
+def _hub_download(repo_id, revision, allow_patterns):
+    """Download the files of a hub dataset that match `allow_patterns` (with a tqdm bar), return the folder."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=allow_patterns)
+    except Exception as error:  # not found, private, offline: one message that says which and what to do
+        raise FileNotFoundError(
+            f"'{repo_id}' is not a local directory and could not be fetched as a dataset from the Hugging Face "
+            f"Hub ({type(error).__name__}: {error}). Pass an existing dataset directory or a valid hub dataset id."
+        ) from None
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _require(root, relative):
+    """The path of a metadata file that must exist, or an error naming it."""
+    path = os.path.join(root, relative)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{root} is missing {relative}: not a complete LeRobot dataset.")
+    return path
+
+
+def _episodes_v3(root, info):
+    """meta/episodes/chunk-*/file-*.parquet -> {episode_index: row dict} (data/video file of each episode)."""
+    folder = _require(root, os.path.join("meta", "episodes"))
+    files = sorted(
+        os.path.join(dirpath, name) for dirpath, _, names in os.walk(folder) for name in names if name.endswith(".parquet")
+    )
+    if not files:
+        raise FileNotFoundError(f"{root} has no meta/episodes/*/*.parquet: not a complete LeRobot v3.0 dataset.")
+    wanted = ["episode_index", "tasks", "length", "data/chunk_index", "data/file_index",
+              "dataset_from_index", "dataset_to_index"]
+    for key in _video_keys(info):
+        wanted += [f"videos/{key}/{field}" for field in ("chunk_index", "file_index", "from_timestamp")]
+    rows = []
+    for path in files:
+        rows += pq.read_table(path, columns=wanted).to_pylist()
+    return {row["episode_index"]: row for row in rows}
+
+
+def _episodes_v2(root, info):
+    """meta/episodes.jsonl -> {episode_index: row dict}; rows by cumulative lengths, one file per episode."""
+    rows = _read_jsonl(_require(root, os.path.join("meta", "episodes.jsonl")))
+    episodes, start = {}, 0
+    for row in sorted(rows, key=lambda r: r["episode_index"]):
+        chunk = row["episode_index"] // info["chunks_size"]
+        row.update({"dataset_from_index": start, "dataset_to_index": start + row["length"], "episode_chunk": chunk})
+        episodes[row["episode_index"]] = row
+        start += row["length"]
+    return episodes
+
+
+def _video_keys(info):
+    return [key for key, feature in info["features"].items() if feature["dtype"] == "video"]
+
+
+def _data_path(info, episode):
+    if info["codebase_version"] == "v3.0":
+        return info["data_path"].format(chunk_index=episode["data/chunk_index"], file_index=episode["data/file_index"])
+    return info["data_path"].format(episode_chunk=episode["episode_chunk"], episode_index=episode["episode_index"])
+
+
+def _video_path(info, episode, key):
+    if info["codebase_version"] == "v3.0":
+        return info["video_path"].format(video_key=key, chunk_index=episode[f"videos/{key}/chunk_index"],
+                                         file_index=episode[f"videos/{key}/file_index"])
+    return info["video_path"].format(video_key=key, episode_chunk=episode["episode_chunk"],
+                                     episode_index=episode["episode_index"])
+
+
+def _video_start(info, episode, key):
+    """Time in its mp4 of an episode's first frame: v3.0 concatenates episodes, v2.1 starts each at 0."""
+    return episode[f"videos/{key}/from_timestamp"] if info["codebase_version"] == "v3.0" else 0.0
+
+
+def _read_tasks(root, info):
+    """Task strings ordered by task_index (v3.0: meta/tasks.parquet, v2.1: meta/tasks.jsonl)."""
+    if info["codebase_version"] == "v2.1":
+        rows = _read_jsonl(_require(root, os.path.join("meta", "tasks.jsonl")))
+        return [row["task"] for row in sorted(rows, key=lambda r: r["task_index"])]
+    table = pq.read_table(_require(root, os.path.join("meta", "tasks.parquet")))
+    # lerobot writes the task strings as the pandas index of this table, whatever that column is called
+    text_columns = [name for name in table.column_names if pa.types.is_string(table.schema.field(name).type)
+                    or pa.types.is_large_string(table.schema.field(name).type)]
+    if "task_index" not in table.column_names or len(text_columns) != 1:
+        raise ValueError(f"{root}/meta/tasks.parquet should hold task_index and one text column, has {table.column_names}.")
+    pairs = sorted(zip(table.column("task_index").to_pylist(), table.column(text_columns[0]).to_pylist()))
+    return [task for _, task in pairs]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Machinery 2/3: normalization statistics (v2.1 stores them per episode: pooled here)
+# ----------------------------------------------------------------------------------------------------
+
+def aggregate_stats(per_episode):
+    """Merge per-episode stats as if computed over all frames at once.
+
+    count-weighted mean; pooled variance  var = sum n_i (std_i^2 + (mean_i - mean)^2) / N;
+    min of mins; max of maxes.
+    """
+    merged = {}
+    for feature in per_episode[0]:
+        parts = [stats[feature] for stats in per_episode]
+        counts = np.array([np.asarray(p["count"], dtype=np.float64).reshape(-1)[0] for p in parts])  # (E,)
+        means = np.stack([np.asarray(p["mean"], dtype=np.float64) for p in parts])  # (E, ...)
+        stds = np.stack([np.asarray(p["std"], dtype=np.float64) for p in parts])
+        weights = (counts / counts.sum()).reshape((-1,) + (1,) * (means.ndim - 1))
+        mean = (weights * means).sum(0)
+        variance = (weights * (stds ** 2 + (means - mean) ** 2)).sum(0)
+        merged[feature] = {
+            "mean": mean, "std": np.sqrt(variance),
+            "min": np.stack([np.asarray(p["min"], dtype=np.float64) for p in parts]).min(0),
+            "max": np.stack([np.asarray(p["max"], dtype=np.float64) for p in parts]).max(0),
+            "count": np.array([counts.sum()]),
         }
-        for key, name in self._rename.items():
-            frame = self._image(key, i)  # (3, H, W) uint8
-            image = np.empty(frame.shape, dtype=np.float32)
-            np.divide(frame, np.float32(255), out=image)  # (3, H, W) in [0, 1], in one pass
-            item[name] = torch.from_numpy(image)
-        item["task"] = self.tasks[self._task_index[i]]
-        item["timestamp"] = torch.tensor(self._timestamp[i], dtype=torch.float32)
-        for name in ("episode_index", "frame_index", "index", "task_index"):
-            item[name] = torch.tensor(getattr(self, "_" + name)[i], dtype=torch.int64)
-        return item
+    return merged
 
-    def __getstate__(self):  # sent to DataLoader workers: without open containers or mapped files
-        state = self.__dict__.copy()
-        state["_frames"] = None
-        return state
+
+def _read_stats(root, info):
+    """{feature: {stat: float32 tensor}} from meta/stats.json (v3.0) or merged episodes stats (v2.1)."""
+    if info["codebase_version"] == "v3.0":
+        raw = _read_json(_require(root, os.path.join("meta", "stats.json")))
+    else:
+        rows = _read_jsonl(_require(root, os.path.join("meta", "episodes_stats.jsonl")))
+        raw = aggregate_stats([row["stats"] for row in rows])
+    return {feature: {name: torch.tensor(np.asarray(value, dtype=np.float32)) for name, value in stats.items()}
+            for feature, stats in raw.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Machinery 3/3: video. Frame times of each mp4, and two ways to get frame k of it as (H, W, 3) uint8:
+# decoded once into the uint8 cache, or on demand by a streaming decoder
+# ----------------------------------------------------------------------------------------------------
+
+def _open_video(path):
+    """Open an mp4 for decoding; the container picks the decoder (libdav1d for AV1)."""
+    try:
+        container = av.open(path)
+        if not container.streams.video:
+            raise ValueError("no video stream")
+    except Exception as error:
+        raise ValueError(f"cannot read video {path} ({error}): the file is damaged or incomplete; delete it and "
+                         "download or write the dataset again.") from None
+    return container, container.streams.video[0]
+
+
+def _frame_times(path):
+    """Presentation time in seconds of every frame of an mp4, read from the packets (nothing decoded)."""
+    container, stream = _open_video(path)
+    with container:
+        seconds_per_tick = float(stream.time_base)
+        try:
+            pts = sorted(packet.pts for packet in container.demux(stream) if packet.pts is not None)
+        except av.error.FFmpegError as error:
+            raise ValueError(f"cannot read video {path} ({error}): the file is damaged or incomplete.") from None
+    if not pts:
+        raise ValueError(f"video {path} holds no frames: the file is damaged or incomplete; delete it and download "
+                         "or write the dataset again.")
+    return np.array(pts, dtype=np.float64) * seconds_per_tick
+
+
+def _video_size(path):
+    """(height, width) of an mp4's frames."""
+    container, stream = _open_video(path)
+    with container:
+        return stream.codec_context.height, stream.codec_context.width
+
+
+def _decode_all(path, out, progress):
+    """Decode every frame of an mp4 in order into `out` (N, 3, H, W) uint8 (planar: converts fastest later)."""
+    container, stream = _open_video(path)
+    stream.thread_type = "AUTO"  # one stream decoded by the main process: let the decoder use threads
+    count = 0
+    with container:
+        try:
+            for frame in container.decode(stream):
+                if count < len(out):
+                    out[count] = frame.to_ndarray(format="rgb24").transpose(2, 0, 1)
+                count += 1
+                progress.update(1)
+        except av.error.FFmpegError as error:
+            raise ValueError(f"cannot decode video {path} ({error}): the file is damaged; delete it and download "
+                             "or write the dataset again.") from None
+    if count != len(out):
+        raise ValueError(f"video {path} decodes to {count} frames but its packets say {len(out)}: the file is damaged.")
+
+
+class _StreamingDecoder:
+    """Frames decoded on demand: containers stay open (a few per worker), reads in order need no seek."""
+
+    def __init__(self, max_open=8):
+        self.max_open = max_open
+        self.open = collections.OrderedDict()  # path -> [container, stream, frame iterator, last position]
+
+    def frame(self, path, times, position):
+        state = self.open.pop(path, None)
+        if state is None:
+            container, stream = _open_video(path)
+            stream.codec_context.thread_count = 1  # parallelism comes from DataLoader workers
+            state = [container, stream, None, None]
+        self.open[path] = state  # most recently used last
+        if len(self.open) > self.max_open:
+            self.open.popitem(last=False)[1][0].close()
+        container, stream, frames, last = state
+        # a short step forward from the last decoded frame: keep decoding; anything else: seek to a keyframe
+        target = int(round(times[position] / float(stream.time_base)))  # pts of the wanted frame
+        if frames is None or last is None or not last < position <= last + 4:
+            container.seek(target, stream=stream, backward=True)  # lands on the keyframe at or before it
+            frames = container.decode(stream)
+        try:
+            for frame in frames:
+                if frame.pts is not None and frame.pts >= target:
+                    state[2], state[3] = frames, position
+                    return frame.to_ndarray(format="rgb24")
+        except av.error.FFmpegError as error:
+            raise ValueError(f"cannot decode video {path} ({error}): the file is damaged; delete it and download "
+                             "or write the dataset again.") from None
+        raise ValueError(f"video {path} ended before frame {position}: the file is damaged or incomplete.")
