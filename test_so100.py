@@ -1,4 +1,4 @@
-"""Tests of the Feetech protocol, the SO-100 driver and the virtual arm (so100.py, virtual_arm.py).
+"""Tests of the Feetech protocol, the SO-100 driver and the virtual arm (feetech.py, so100.py, virtual_arm.py).
 
 Packets are checked byte for byte against hand-computed ones; the driver is checked against a scripted peer
 that is not the virtual arm (to catch reliance on the simulator's quirks) and against the virtual arm with
@@ -14,10 +14,11 @@ import tty
 import numpy as np
 import pytest
 
+import feetech
 import so100
+from feetech import CONTROL_TABLE, FeetechBus, decode_sign_magnitude, encode_sign_magnitude, parse_status
 from so100 import (
-    CONTROL_TABLE, FeetechBus, FeetechError, MOTOR_IDS, MOTOR_NAMES, SO100Follower, decode_sign_magnitude,
-    encode_sign_magnitude, load_calibration, normalize, open_arm, parse_status, unnormalize,
+    FeetechError, MOTOR_IDS, MOTOR_NAMES, SO100Follower, load_calibration, normalize, open_arm, unnormalize,
 )
 from virtual_arm import TRUE_CALIBRATION, VirtualArm
 
@@ -28,29 +29,29 @@ hexbytes = bytes.fromhex
 
 
 def test_instruction_packets_are_byte_exact():
-    assert so100.ping_packet(1) == hexbytes("FF FF 01 02 01 FB")
+    assert feetech.ping_packet(1) == hexbytes("FF FF 01 02 01 FB")
     position = CONTROL_TABLE["Present_Position"]
-    assert so100.read_packet(1, position.address, position.size) == hexbytes("FF FF 01 04 02 38 02 BE")
-    assert so100.sync_read_packet(position.address, position.size, [1, 2, 3, 4, 5, 6]) == \
+    assert feetech.read_packet(1, position.address, position.size) == hexbytes("FF FF 01 04 02 38 02 BE")
+    assert feetech.sync_read_packet(position.address, position.size, [1, 2, 3, 4, 5, 6]) == \
         hexbytes("FF FF FE 0A 82 38 02 01 02 03 04 05 06 26")
     # WRITE Goal_Position = 2048 to id 1: ~(01+05+03+2A+00+08) = C4
     goal = CONTROL_TABLE["Goal_Position"]
-    assert so100.write_packet(1, goal.address, so100.encode_value(goal, 2048)) == \
+    assert feetech.write_packet(1, goal.address, feetech.encode_value(goal, 2048)) == \
         hexbytes("FF FF 01 05 03 2A 00 08 C4")
     # WRITE Torque_Enable = 1 to id 1: ~(01+04+03+28+01) = CE
-    assert so100.write_packet(1, 40, b"\x01") == hexbytes("FF FF 01 04 03 28 01 CE")
+    assert feetech.write_packet(1, 40, b"\x01") == hexbytes("FF FF 01 04 03 28 01 CE")
     # SYNC_WRITE Goal_Position {1: 2048, 2: 1024}: len = 2 * 3 + 4 = 0A
-    assert so100.sync_write_packet(42, 2, {1: b"\x00\x08", 2: b"\x00\x04"}) == \
+    assert feetech.sync_write_packet(42, 2, {1: b"\x00\x08", 2: b"\x00\x04"}) == \
         hexbytes("FF FF FE 0A 83 2A 02 01 00 08 02 00 04 39")
 
 
 def test_status_packets_parse_with_error_bits():
     ok = parse_status(hexbytes("FF FF 01 04 00 00 08 F2"))  # id 1 answers a 2-byte read: 0x0800
-    assert (ok.servo_id, ok.error, so100.decode_value(CONTROL_TABLE["Present_Position"], ok.data)) == (1, 0, 2048)
-    assert so100.status_packet(1, 0, b"\x00\x08") == hexbytes("FF FF 01 04 00 00 08 F2")
+    assert (ok.servo_id, ok.error, feetech.decode_value(CONTROL_TABLE["Present_Position"], ok.data)) == (1, 0, 2048)
+    assert feetech.status_packet(1, 0, b"\x00\x08") == hexbytes("FF FF 01 04 00 00 08 F2")
     overload = parse_status(hexbytes("FF FF 01 02 20 DC"))
-    assert overload.error == 0x20 and so100.describe_error_bits(overload.error) == "overload"
-    assert so100.describe_error_bits(0x05) == "input voltage out of range, overheat"
+    assert overload.error == 0x20 and feetech.describe_error_bits(overload.error) == "overload"
+    assert feetech.describe_error_bits(0x05) == "input voltage out of range, overheat"
     with pytest.raises(ValueError, match="checksum"):
         parse_status(hexbytes("FF FF 01 02 20 DD"))
     with pytest.raises(ValueError, match="length"):
@@ -59,16 +60,16 @@ def test_status_packets_parse_with_error_bits():
 
 def test_sign_magnitude_fields():
     assert encode_sign_magnitude(-5, 11) == 0x805
-    assert so100.encode_value(CONTROL_TABLE["Homing_Offset"], -710) == hexbytes("C6 0A")  # 0x800 | 710
-    assert so100.decode_value(CONTROL_TABLE["Present_Load"], hexbytes("64 04")) == -100  # bit 10 is the sign
-    assert so100.decode_value(CONTROL_TABLE["Present_Position"], hexbytes("01 80")) == -1  # bit 15
+    assert feetech.encode_value(CONTROL_TABLE["Homing_Offset"], -710) == hexbytes("C6 0A")  # 0x800 | 710
+    assert feetech.decode_value(CONTROL_TABLE["Present_Load"], hexbytes("64 04")) == -100  # bit 10 is the sign
+    assert feetech.decode_value(CONTROL_TABLE["Present_Position"], hexbytes("01 80")) == -1  # bit 15
     for bit in (10, 11, 15):
         for value in (0, 1, -1, 1000, -1000, (1 << bit) - 1, -((1 << bit) - 1)):
             assert decode_sign_magnitude(encode_sign_magnitude(value, bit), bit) == value
     with pytest.raises(ValueError):
         encode_sign_magnitude(2048, 11)
     with pytest.raises(ValueError):
-        so100.encode_value(CONTROL_TABLE["Lock"], 256)
+        feetech.encode_value(CONTROL_TABLE["Lock"], 256)
 
 
 # -- the driver against a scripted peer (not the virtual arm) ----------------------------------------------------
@@ -122,7 +123,7 @@ def test_driver_ignores_an_adapter_echo():
 
 def test_sync_read_assigns_by_id_and_asks_again_only_for_the_missing():
     def position(i, value):
-        return so100.status_packet(i, 0, value.to_bytes(2, "little"))
+        return feetech.status_packet(i, 0, value.to_bytes(2, "little"))
 
     # Servo 3 answers first, servo 2 stays silent, servo 1 answers last; the retry asks servo 2 alone.
     peer = ScriptedPeer([(11, [position(3, 3000), position(1, 1000)]), (9, [position(2, 2000)])])

@@ -25,11 +25,11 @@ import tty
 
 import numpy as np
 
-from so100 import (
-    BROADCAST_ID, CALIBRATION_REGISTERS, CONTROL_TABLE, FULL_TURN_MOTOR, HEADER, MAX_TICK, MOTOR_IDS, MOTOR_NAMES,
-    PING, READ, RESOLUTION, STS3215_MODEL_NUMBER, SYNC_READ, SYNC_WRITE, WRITE, checksum, decode_value, encode_value,
-    normalize, status_packet, unnormalize,
+from feetech import (
+    BROADCAST_ID, CALIBRATION_REGISTERS, CONTROL_TABLE, HEADER, MAX_TICK, PING, READ, RESOLUTION,
+    STS3215_MODEL_NUMBER, SYNC_READ, SYNC_WRITE, WRITE, checksum, decode_value, encode_value, status_packet,
 )
+from so100 import FULL_TURN_MOTOR, MOTOR_IDS, MOTOR_NAMES, normalize, unnormalize
 
 # The virtual arm's physical truth, in lerobot's calibration format: where the middle pose is (homing_offset +
 # 2047 raw ticks) and where the mechanical stops are (range + homing_offset). wrist_roll turns freely.
