@@ -32,6 +32,7 @@ import serial
 
 from feetech import CALIBRATION_REGISTERS, MAX_TICK, STS3215_MODEL_NUMBER
 from feetech import FeetechBus, FeetechError  # also re-exported: users of the arm catch so100.FeetechError
+from virtual_arm import VirtualArm
 
 # ------------------------------------------------------------------------------------------------------------
 # The joints, their calibration and their units
@@ -455,8 +456,6 @@ def open_arm(port, calibration=None, norm_mode="degrees", max_relative_target=No
     """
     virtual = None
     if port == "sim":
-        from virtual_arm import VirtualArm
-
         virtual = VirtualArm(**sim_options)
         port = virtual.port
     elif sim_options:
@@ -500,8 +499,6 @@ def main(argv=None):
 
     virtual = None
     if args.port == "sim":
-        from virtual_arm import VirtualArm
-
         virtual = VirtualArm()
     try:
         port = virtual.port if virtual is not None else args.port

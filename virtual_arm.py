@@ -13,7 +13,10 @@ SO-100). `VirtualArm` opens a pty pair (os.openpty): the driver opens the slave 
   in fragments, precede it with garbage, report error bits, or remove a servo from the bus.
 
 The physical arm has mechanical stops and a "true" calibration (`sim.calibration`, lerobot's JSON format). The
-servos start with it written to their EEPROM, so `--port sim` works without calibrating first.
+servos start with it written to their EEPROM, so `--port sim` works without calibrating first. The true pose
+(`joint_positions_deg`, what the synthetic camera draws) is defined here from that calibration alone, so the
+driver's conversion of ticks to units (so100.py) can be checked against it. This file speaks only the protocol
+(feetech.py) and knows nothing of the driver: the joints are the calibration's, in its order.
 A pty has no baud rate: bytes arrive as fast as the two threads pass them.
 """
 
@@ -29,10 +32,11 @@ from feetech import (
     BROADCAST_ID, CALIBRATION_REGISTERS, CONTROL_TABLE, HEADER, MAX_TICK, PING, READ, RESOLUTION,
     STS3215_MODEL_NUMBER, SYNC_READ, SYNC_WRITE, WRITE, checksum, decode_value, encode_value, status_packet,
 )
-from so100 import FULL_TURN_MOTOR, MOTOR_IDS, MOTOR_NAMES, normalize, unnormalize
 
-# The virtual arm's physical truth, in lerobot's calibration format: where the middle pose is (homing_offset +
-# 2047 raw ticks) and where the mechanical stops are (range + homing_offset). wrist_roll turns freely.
+# The virtual arm's physical truth, in lerobot's calibration format and in the arm's joint order (ids 1..6,
+# the gripper last): where the middle pose is (homing_offset + 2047 raw ticks) and where the mechanical stops
+# are (range + homing_offset). A joint whose range is the whole turn (0..MAX_TICK, here wrist_roll) has no
+# stops: it turns freely.
 TRUE_CALIBRATION = {
     "shoulder_pan": {"id": 1, "drive_mode": 0, "homing_offset": -710, "range_min": 758, "range_max": 3292},
     "shoulder_lift": {"id": 2, "drive_mode": 0, "homing_offset": 800, "range_min": 820, "range_max": 3210},
@@ -62,6 +66,11 @@ FAULT_KINDS = {
     "drop": {}, "corrupt": {}, "delay": {"seconds": None}, "fragment": {"gap": 0.001},
     "garbage": {"data": b"\x00\xff\x13\xff\xff\x07\x42"}, "error_bits": {"bits": None}, "missing": {},
 }
+
+
+def _turns_freely(truth):
+    """A joint calibrated over the whole turn (0..MAX_TICK) has no mechanical stops."""
+    return (truth["range_min"], truth["range_max"]) == (0, MAX_TICK)
 
 
 class VirtualServo:
@@ -156,10 +165,9 @@ class VirtualArm:
         self.speed = speed
         self.tick = tick
         self.servos = {}
-        for name in MOTOR_NAMES:
-            truth = self.calibration[name]
-            stops = None if name == FULL_TURN_MOTOR else (truth["range_min"] + truth["homing_offset"],
-                                                          truth["range_max"] + truth["homing_offset"])
+        for name, truth in self.calibration.items():
+            stops = None if _turns_freely(truth) else (truth["range_min"] + truth["homing_offset"],
+                                                       truth["range_max"] + truth["homing_offset"])
             servo = VirtualServo(truth["id"], truth["homing_offset"] + MAX_TICK // 2, stops)
             if calibrated:
                 for reg, key in CALIBRATION_REGISTERS.items():
@@ -173,7 +181,7 @@ class VirtualArm:
         # Raw mode: no echo, no line editing, no CR/LF translation; the bytes pass through untouched.
         tty.setraw(self._slave)
         self.port = os.ttyname(self._slave)
-        for name, value in zip(MOTOR_NAMES, pose):
+        for name, value in zip(self.calibration, pose):
             self.move_joint(name, value)
         for servo in self.servos.values():
             servo.set("Goal_Position", servo.present())
@@ -183,40 +191,60 @@ class VirtualArm:
 
     # -- the physical arm ------------------------------------------------------------------------------------
 
+    # The simulator's ground truth for the pose, defined here from the true calibration alone: each joint in
+    # degrees from the middle of its calibrated range, (present − (range_min + range_max)/2)·360/MAX_TICK, and
+    # the gripper (the last joint) in 0..100 % of its range (closed..open). A calibrated driver reading in
+    # degrees mode must agree: the tests check so100.normalize against this independent definition.
+
     def joint_positions_deg(self):
-        """The true pose (6,) as a calibrated driver reads it in degrees mode: the five joints in degrees from
-        the middle of their range, the gripper 0..100 (closed..open); for the synthetic camera."""
+        """The true pose (6,) in the arm's joint order: degrees from the middle of each joint's range, the
+        gripper 0..100; for the synthetic camera and the tests."""
         with self._lock:
-            ticks = [self._true_present(name) for name in MOTOR_NAMES]
-        return normalize(ticks, self.calibration, "degrees").astype(np.float64)
+            ticks = [self._true_present(name) for name in self.calibration]
+        return np.array([self._degrees_or_percent(name, t) for name, t in zip(self.calibration, ticks)])
+
+    def move_joint(self, name, value):
+        """Move a joint by hand to `value` (units of joint_positions_deg); mechanical stops hold it back."""
+        truth = self.calibration[name]
+        low, high = truth["range_min"], truth["range_max"]
+        if self._is_gripper(name):
+            present = np.clip(value, 0, 100) / 100 * (high - low) + low
+        else:
+            present = value * MAX_TICK / 360 + (low + high) / 2
+        self._move_to_present(name, int(present))  # whole ticks, truncated, as a driver's goal would be
+
+    def _degrees_or_percent(self, name, present):
+        truth = self.calibration[name]
+        low, high = truth["range_min"], truth["range_max"]
+        if self._is_gripper(name):
+            return (np.clip(present, low, high) - low) / (high - low) * 100
+        return (present - (low + high) / 2) * 360 / MAX_TICK
+
+    def _is_gripper(self, name):
+        return name == list(self.calibration)[-1]
 
     def _true_present(self, name):
         # What Present_Position reads with the true calibration, whatever the registers hold now.
         truth = self.calibration[name]
         return (self.servos[truth["id"]].actual - truth["homing_offset"]) % RESOLUTION
 
-    def move_joint(self, name, value):
-        """Move a joint by hand to `value` (units of joint_positions_deg); mechanical stops hold it back."""
-        k = MOTOR_NAMES.index(name)
-        pose = self.joint_positions_deg()
-        pose[k] = value
-        self._move_to_present(name, unnormalize(pose, self.calibration, "degrees")[k])
-
     def _move_to_present(self, name, present):
         """Move a joint by hand so that it reads `present` ticks under the true calibration."""
+        truth = self.calibration[name]
         with self._lock:
-            self.servos[MOTOR_IDS[name]].move_by_hand(present + self.calibration[name]["homing_offset"])
+            self.servos[truth["id"]].move_by_hand(present + truth["homing_offset"])
 
     def calibration_hand(self):
         """(prompt, wait) callbacks for `SO100Follower.calibrate` that move the joints like a person would:
         the prompt puts the arm in its middle pose, then each `wait()` call takes one step of a sweep that
-        pushes every joint but wrist_roll against both of its stops and back; it returns True when done."""
-        sweep = [(name, degrees) for name in MOTOR_NAMES if name != FULL_TURN_MOTOR
+        pushes every joint that has stops against both of them and back (a freely turning joint's range is
+        the whole turn, nothing to record); it returns True when done."""
+        sweep = [(name, degrees) for name, truth in self.calibration.items() if not _turns_freely(truth)
                  for degrees in (-90, -180, 90, 180, 0)]
         steps = iter(sweep)
 
         def prompt(message):
-            for name in MOTOR_NAMES:
+            for name in self.calibration:
                 self._move_to_present(name, MAX_TICK // 2)  # the middle pose reads 2047
 
         def wait():
