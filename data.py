@@ -52,8 +52,9 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from policy import IMAGE_PREFIX, read_json, resolve_dir
+
 SUPPORTED_VERSIONS = ("v2.1", "v3.0")
-IMAGE_PREFIX = "observation.images."
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "smolvla", "frames")
 CACHE_DIR_VARIABLE = "SMOLVLA_CACHE_DIR"  # set it to put the frame cache elsewhere (a bigger disk, a test's tmp)
 
@@ -135,7 +136,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         self.chunk_size = chunk_size
         root, download = self._locate(str(repo_id_or_path), revision)
         self.root = root
-        info = _read_json(_require(root, os.path.join("meta", "info.json")))
+        info = read_json(_require(root, os.path.join("meta", "info.json")), "meta/info.json")
         version = info.get("codebase_version")
         if version not in SUPPORTED_VERSIONS:
             raise ValueError(f"{root} is a LeRobot {version} dataset; this reader supports {', '.join(SUPPORTED_VERSIONS)}. "
@@ -163,13 +164,16 @@ class LeRobotDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def _locate(name, revision):
-        """(local root, function downloading a list of files or None) for a directory or a hub id."""
+        """(local root, function downloading a list of files or None) for a directory or a hub id (whose
+        metadata is downloaded here, the rest once the episodes are chosen)."""
         if os.path.isdir(name):
             return name, None
-        if not _looks_like_repo_id(name):
-            raise FileNotFoundError(f"no dataset directory {name!r} (and it is not a hub id of the form owner/name).")
-        root = _hub_download(name, revision, ["meta/**"])
-        return root, lambda files: _hub_download(name, revision, ["meta/**"] + files)
+
+        def download(files):  # the metadata always, plus `files`: a hub dataset is fetched in two steps
+            return resolve_dir(name, "dataset", ["meta/**"] + files, repo_type="dataset", revision=revision,
+                               hint="Pass an existing dataset directory or a valid hub dataset id.")
+
+        return download([]), download
 
     @staticmethod
     def _choose_episodes(table, episodes):
@@ -294,32 +298,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Machinery 1/3: locating the dataset, and where everything lives in the v3.0 and v2.1 layouts
+# Machinery 1/3: where everything lives in the v3.0 and v2.1 layouts
 # ----------------------------------------------------------------------------------------------------
-
-def _looks_like_repo_id(name):
-    """`owner/name` with nothing else: the only form of a hub dataset id."""
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
-
-
-def _hub_download(repo_id, revision, allow_patterns):
-    """Download the files of a hub dataset that match `allow_patterns` (with a tqdm bar), return the folder."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=allow_patterns)
-    except Exception as error:  # not found, private, offline: one message that says which and what to do
-        raise FileNotFoundError(
-            f"'{repo_id}' is not a local directory and could not be fetched as a dataset from the Hugging Face "
-            f"Hub ({type(error).__name__}: {error}). Pass an existing dataset directory or a valid hub dataset id."
-        ) from None
-
-
-def _read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
 
 def _read_jsonl(path):
     with open(path) as f:
@@ -433,7 +413,7 @@ def aggregate_stats(per_episode):
 def _read_stats(root, info):
     """{feature: {stat: float32 tensor}} from meta/stats.json (v3.0) or merged episodes stats (v2.1)."""
     if info["codebase_version"] == "v3.0":
-        raw = _read_json(_require(root, os.path.join("meta", "stats.json")))
+        raw = read_json(_require(root, os.path.join("meta", "stats.json")), "meta/stats.json")
     else:
         rows = _read_jsonl(_require(root, os.path.join("meta", "episodes_stats.jsonl")))
         raw = aggregate_stats([row["stats"] for row in rows])
