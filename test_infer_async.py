@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import infer_async as ia
+import policy_server as ps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -241,25 +242,25 @@ def test_message_round_trip_over_a_socket():
     with a, b:
         tensors = {"observation.state": np.arange(6, dtype=np.float32),
                    "observation.images.top": np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8)}
-        ia.send_message(a, {"type": "observation", "task": "pick the cube ✓", "id": 3}, tensors)
-        ia.send_message(a, {"type": "hello"})
-        header, got = ia.recv_message(b, timeout_s=2)
+        ps.send_message(a, {"type": "observation", "task": "pick the cube ✓", "id": 3}, tensors)
+        ps.send_message(a, {"type": "hello"})
+        header, got = ps.recv_message(b, timeout_s=2)
         assert header == {"type": "observation", "task": "pick the cube ✓", "id": 3}
         assert got.keys() == tensors.keys()
         for key in tensors:
             assert got[key].dtype == tensors[key].dtype
             np.testing.assert_array_equal(got[key], tensors[key])
-        assert ia.recv_message(b, timeout_s=2) == ({"type": "hello"}, {})
+        assert ps.recv_message(b, timeout_s=2) == ({"type": "hello"}, {})
 
 
 def test_one_gigabyte_announcement_is_refused_without_allocating():
     a, b = socket.socketpair()
     with a, b:
-        a.sendall(ia.PREFIX.pack(ia.MAGIC, 10, 1 << 30))
+        a.sendall(ps.PREFIX.pack(ps.MAGIC, 10, 1 << 30))
         tracemalloc.start()
         try:
-            with pytest.raises(ia.ProtocolError, match="limit"):
-                ia.recv_message(b, timeout_s=2)
+            with pytest.raises(ps.ProtocolError, match="limit"):
+                ps.recv_message(b, timeout_s=2)
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -268,33 +269,33 @@ def test_one_gigabyte_announcement_is_refused_without_allocating():
 
 @pytest.mark.parametrize("raw, match", [
     (b"GET / HTTP/1.1\r\n\r\n", "magic"),
-    (ia.PREFIX.pack(ia.MAGIC, 5, 0) + b"{nope", "JSON"),
-    (ia.PREFIX.pack(ia.MAGIC, 4, 0) + b"[1] ", "JSON object"),
-    (ia.PREFIX.pack(ia.MAGIC, 20_000, 0) + b"[" * 10_000 + b"]" * 10_000, "JSON"),
-    (ia.PREFIX.pack(ia.MAGIC, 2 << 20, 0), "header"),
-    (ia.PREFIX.pack(ia.MAGIC, 13, 8) + b'{"type": "x"}' + b"\xff" * 8, "safetensors"),
+    (ps.PREFIX.pack(ps.MAGIC, 5, 0) + b"{nope", "JSON"),
+    (ps.PREFIX.pack(ps.MAGIC, 4, 0) + b"[1] ", "JSON object"),
+    (ps.PREFIX.pack(ps.MAGIC, 20_000, 0) + b"[" * 10_000 + b"]" * 10_000, "JSON"),
+    (ps.PREFIX.pack(ps.MAGIC, 2 << 20, 0), "header"),
+    (ps.PREFIX.pack(ps.MAGIC, 13, 8) + b'{"type": "x"}' + b"\xff" * 8, "safetensors"),
 ], ids=["http", "bad-json", "not-an-object", "deep-json", "huge-header", "bad-tensors"])
 def test_malformed_messages_give_clear_errors(raw, match):
     a, b = socket.socketpair()
     with a, b:
         a.sendall(raw)
-        with pytest.raises(ia.ProtocolError, match=match):
-            ia.recv_message(b, timeout_s=2)
+        with pytest.raises(ps.ProtocolError, match=match):
+            ps.recv_message(b, timeout_s=2)
 
 
 def test_truncated_and_silent_peers_end_in_bounded_time():
     a, b = socket.socketpair()
     with b:
-        a.sendall(ia.encode_message({"type": "hello"})[:-3])
+        a.sendall(ps.encode_message({"type": "hello"})[:-3])
         a.close()
         with pytest.raises(ConnectionError):
-            ia.recv_message(b, timeout_s=2)
+            ps.recv_message(b, timeout_s=2)
     a, b = socket.socketpair()
     with a, b:
-        a.sendall(ia.encode_message({"type": "hello"})[:10])
+        a.sendall(ps.encode_message({"type": "hello"})[:10])
         start = time.monotonic()
         with pytest.raises(TimeoutError):
-            ia.recv_message(b, timeout_s=0.3)
+            ps.recv_message(b, timeout_s=0.3)
         assert time.monotonic() - start < 1.0
 
 
@@ -333,19 +334,19 @@ def observation(value=1.0):
 
 
 def start_server(runners, port=0):
-    return ia.PolicyServer(("127.0.0.1", port), runners, idle_timeout_s=5).start()
+    return ps.PolicyServer(("127.0.0.1", port), runners, idle_timeout_s=5).start()
 
 
 @pytest.fixture
 def server():
-    server = start_server({"affine": ia.PolicyRunner(AffinePolicy()),
-                           "broken": ia.PolicyRunner(AffinePolicy(fail=True))})
+    server = start_server({"affine": ps.PolicyRunner(AffinePolicy()),
+                           "broken": ps.PolicyRunner(AffinePolicy(fail=True))})
     yield server
     server.close_all()
 
 
 def test_server_answers_hello_and_observations(server):
-    client = ia.PolicyClient(server.server_address, timeout_s=2)
+    client = ps.PolicyClient(server.server_address, timeout_s=2)
     assert client.hello() == {"chunk_size": 8, "cameras": ["observation.images.top"]}
     assert client.policy == "affine"  # the first one the server names
     for value in (1.0, -2.5):
@@ -354,7 +355,7 @@ def test_server_answers_hello_and_observations(server):
 
 
 def test_server_reports_errors_and_keeps_serving(server):
-    client = ia.PolicyClient(server.server_address, policy="/etc/passwd", timeout_s=2)
+    client = ps.PolicyClient(server.server_address, policy="/etc/passwd", timeout_s=2)
     with pytest.raises(ValueError, match="does not serve"):
         client.hello()
     for policy, request, match in [("/etc/passwd", observation(), "not served here"),
@@ -362,7 +363,7 @@ def test_server_reports_errors_and_keeps_serving(server):
                                    ("affine", {"task": "x", "observation.state": np.zeros(3, np.float32)},
                                     "observation.images.top")]:
         client.policy = policy
-        with pytest.raises(ia.RemoteError, match=match):
+        with pytest.raises(ps.RemoteError, match=match):
             client(request)
     client.policy = "affine"
     np.testing.assert_allclose(client(observation()), affine_expected(observation()), rtol=1e-6)
@@ -372,20 +373,20 @@ def test_server_survives_a_one_gigabyte_announcement(server):
     with socket.create_connection(server.server_address, timeout=2) as sock:
         tracemalloc.start()
         try:
-            sock.sendall(ia.PREFIX.pack(ia.MAGIC, 2, 1 << 30) + b"{}")
-            header, _ = ia.recv_message(sock, timeout_s=2)
+            sock.sendall(ps.PREFIX.pack(ps.MAGIC, 2, 1 << 30) + b"{}")
+            header, _ = ps.recv_message(sock, timeout_s=2)
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
         assert header["type"] == "error" and "limit" in header["message"] and peak < 1 << 20
         assert sock.recv(1) == b""  # the server dropped that connection ...
-    client = ia.PolicyClient(server.server_address, timeout_s=2)
+    client = ps.PolicyClient(server.server_address, timeout_s=2)
     assert client.hello()["chunk_size"] == 8  # ... and serves the next one
 
 
 def run_remote_loop(address, ticks, fps=100, worker_timeout=0.5, on_tick=None, policy=None):
     """The real control loop against a server, with a fake arm; returns (metrics, seconds taken)."""
-    client = ia.PolicyClient(address, policy=policy, timeout_s=worker_timeout)
+    client = ps.PolicyClient(address, policy=policy, timeout_s=worker_timeout)
     worker = ia.InferenceWorker(client)
     scheduler = ia.AsyncScheduler(chunk_size=8, threshold=0.5, action_dim=3, retry_backoff_s=0.02,
                                   max_backoff_s=0.1)
@@ -421,7 +422,7 @@ def test_killed_server_then_restarted(server):
         if tick == 40:
             state["server"].close_all()          # killed mid-run
         if tick == 100:
-            state["server"] = start_server({"affine": ia.PolicyRunner(AffinePolicy())}, port=address[1])
+            state["server"] = start_server({"affine": ps.PolicyRunner(AffinePolicy())}, port=address[1])
 
     metrics, seconds = run_remote_loop(address, ticks=160, on_tick=on_tick)
     state["server"].close_all()
@@ -440,11 +441,11 @@ class GarbageServer(socketserver.ThreadingTCPServer):
 
 @pytest.mark.parametrize("answer, match", [
     (b"HTTP/1.1 200 OK\r\n\r\nnot a policy server", "magic"),
-    (ia.encode_message({"type": "actions", "id": 1}, {"actions": np.full((8, 3), np.nan, np.float32)}), "NaN"),
-    (ia.encode_message({"type": "actions", "id": 1}, {"actions": np.zeros((8, 5, 1), np.float32)}), "shape"),
-    (ia.encode_message({"type": "actions", "id": 1}, {"actions": np.zeros((8, 4), np.float32)}), "shape"),
-    (ia.encode_message({"type": "actions", "id": 1}, {"oops": np.zeros(3, np.float32)}), "unexpected answer"),
-    (ia.encode_message({"type": "error", "message": "I am a teapot"}), "teapot"),
+    (ps.encode_message({"type": "actions", "id": 1}, {"actions": np.full((8, 3), np.nan, np.float32)}), "NaN"),
+    (ps.encode_message({"type": "actions", "id": 1}, {"actions": np.zeros((8, 5, 1), np.float32)}), "shape"),
+    (ps.encode_message({"type": "actions", "id": 1}, {"actions": np.zeros((8, 4), np.float32)}), "shape"),
+    (ps.encode_message({"type": "actions", "id": 1}, {"oops": np.zeros(3, np.float32)}), "unexpected answer"),
+    (ps.encode_message({"type": "error", "message": "I am a teapot"}), "teapot"),
 ], ids=["not-the-protocol", "nan-actions", "3d-actions", "wrong-width", "no-actions", "error-reply"])
 def test_garbage_answers_never_crash_the_client(answer, match):
     class Handler(socketserver.BaseRequestHandler):
@@ -471,7 +472,7 @@ def test_garbage_answers_never_crash_the_client(answer, match):
 
 def test_argument_errors_are_clear():
     with pytest.raises(ValueError, match="HOST:PORT"):
-        ia.parse_address("localhost")
+        ps.parse_address("localhost")
     with pytest.raises(ValueError, match="name=value"):
         ia.parse_mapping("top", "--cameras")
     assert ia.parse_mapping("top=/dev/video0, wrist=2", "--cameras") == {"top": "/dev/video0", "wrist": "2"}
@@ -544,7 +545,7 @@ def check_run(metrics, path_json, path_png, ticks):
 
 
 def test_runner_leaves_the_observation_checks_to_predict_chunk(tiny):
-    runner = ia.PolicyRunner(tiny)
+    runner = ps.PolicyRunner(tiny)
     frame = np.zeros((48, 64, 3), np.uint8)
     with pytest.raises(ValueError, match=r"lacks camera\(s\) \['observation.images.wrist'\]"):
         runner({"task": "x", "observation.state": np.zeros(6, np.float32), "observation.images.top": frame})
@@ -563,8 +564,8 @@ def test_end_to_end_tiny_checkpoint_on_the_virtual_arm(tmp_path):
 
 
 def test_end_to_end_through_a_policy_server(tmp_path):
-    policy = ia.load_policy(TINY, TINY_VLM)
-    server = start_server({TINY: ia.PolicyRunner(policy)})
+    policy = ps.load_policy(TINY, TINY_VLM)
+    server = start_server({TINY: ps.PolicyRunner(policy)})
     try:
         address = "%s:%d" % server.server_address
         metrics = ia.main(["--port", "sim", "--server", address, "--task", "reach the target", "--sync",
