@@ -8,7 +8,7 @@ feetech.py speaks the servos' bus; this file turns it into that arm:
 
 - the joints: `MOTOR_NAMES` (ids 1..6) and `STATE_NAMES`, the dataset order of state and action vectors;
 - calibration: homing offsets and ranges, stored in lerobot's JSON format (`load_calibration`, `save_calibration`);
-- units: `normalize` / `unnormalize`, raw encoder ticks <-> the dataset's units, with lerobot's formulas;
+- units: `ticks_to_units` / `units_to_ticks`, raw encoder ticks <-> the dataset's units, with lerobot's formulas;
 - `SO100Follower`: connect, configure and calibrate the servos, read the state, send actions with a per-step
   safety cap, and switch the torque off whatever happens;
 - `open_arm`: a real port, or "sim" for `virtual_arm.VirtualArm`, a simulated bus on a pseudo-terminal.
@@ -100,7 +100,7 @@ def _limits(calibration):
     return lo, hi
 
 
-def normalize(raw, calibration, norm_mode="degrees"):
+def ticks_to_units(raw, calibration, norm_mode="degrees"):
     """Raw Present_Position ticks (6,) -> the dataset's units, with lerobot's formulas.
 
     degrees:        (v − mid)·360/4095, mid = (min+max)/2           (not clamped)
@@ -119,8 +119,8 @@ def normalize(raw, calibration, norm_mode="degrees"):
     return out.astype(np.float32)
 
 
-def unnormalize(values, calibration, norm_mode="degrees"):
-    """The inverse of `normalize`, to Goal_Position ticks (truncated to int, as lerobot does)."""
+def units_to_ticks(values, calibration, norm_mode="degrees"):
+    """The inverse of `ticks_to_units`, to Goal_Position ticks (truncated to int, as lerobot does)."""
     _check_norm_mode(norm_mode)
     values = np.asarray(values, dtype=np.float64)
     lo, hi = _limits(calibration)
@@ -221,7 +221,7 @@ class SO100Follower:
 
     def get_state(self):
         """Present joint positions, (6,) float32 in the dataset order and units."""
-        return normalize(self.read_raw(), self._calibrated(), self.norm_mode)
+        return ticks_to_units(self.read_raw(), self._calibrated(), self.norm_mode)
 
     def read_raw(self):
         """Present_Position of the six servos in encoder ticks, (6,) int."""
@@ -243,7 +243,7 @@ class SO100Follower:
                 cap = [cap[name] for name in MOTOR_NAMES]
             cap = np.broadcast_to(np.asarray(cap, dtype=np.float64), action.shape)
             action = present + np.clip(action - present, -cap, cap)
-        goal = np.clip(unnormalize(action, calibration, self.norm_mode), *_limits(calibration)).astype(int)
+        goal = np.clip(units_to_ticks(action, calibration, self.norm_mode), *_limits(calibration)).astype(int)
         self.bus.sync_write("Goal_Position", dict(zip(self.ids, goal.tolist())))
         return action.astype(np.float32)
 

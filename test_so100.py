@@ -18,7 +18,8 @@ import feetech
 import so100
 from feetech import CONTROL_TABLE, FeetechBus, decode_sign_magnitude, encode_sign_magnitude, parse_status
 from so100 import (
-    FeetechError, MOTOR_IDS, MOTOR_NAMES, SO100Follower, load_calibration, normalize, open_arm, unnormalize,
+    FeetechError, MOTOR_IDS, MOTOR_NAMES, SO100Follower, load_calibration, open_arm,
+    ticks_to_units as normalize, units_to_ticks as unnormalize,
 )
 from virtual_arm import TRUE_CALIBRATION, VirtualArm
 

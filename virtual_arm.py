@@ -194,7 +194,7 @@ class VirtualArm:
     # The simulator's ground truth for the pose, defined here from the true calibration alone: each joint in
     # degrees from the middle of its calibrated range, (present − (range_min + range_max)/2)·360/MAX_TICK, and
     # the gripper (the last joint) in 0..100 % of its range (closed..open). A calibrated driver reading in
-    # degrees mode must agree: the tests check so100.normalize against this independent definition.
+    # degrees mode must agree: the tests check so100.ticks_to_units against this independent definition.
 
     def joint_positions_deg(self):
         """The true pose (6,) in the arm's joint order: degrees from the middle of each joint's range, the
