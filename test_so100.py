@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import feetech
+import record
 import so100
 from feetech import CONTROL_TABLE, FeetechBus, decode_sign_magnitude, encode_sign_magnitude, parse_status
 from so100 import (
@@ -428,10 +429,10 @@ def test_opencv_camera_reads_rgb(tmp_path):
     for _ in range(3):
         writer.write(np.full((48, 64, 3), (0, 0, 255), np.uint8))  # BGR red
     writer.release()
-    camera = so100.OpenCVCamera(path, width=64, height=48)
+    camera = record.OpenCVCamera(path, width=64, height=48)
     frame = camera.read()
     camera.close()
     assert frame.shape == (48, 64, 3) and frame.dtype == np.uint8
     assert frame[..., 0].mean() > 200 and frame[..., 2].mean() < 50  # red comes out in channel 0
     with pytest.raises(ValueError, match="delivers 64x48"):
-        so100.OpenCVCamera(path, width=640, height=480)
+        record.OpenCVCamera(path, width=640, height=480)
