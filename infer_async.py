@@ -52,8 +52,6 @@ if "OMP_WAIT_POLICY" not in os.environ:
 import numpy as np
 
 from policy_server import PolicyClient, RemoteError, open_policy, serve
-from record import OpenCVCamera
-from so100 import NORM_MODES, FeetechError, open_arm
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. The action queue and the scheduler (pure logic: no threads, no I/O, time from an injectable clock)
@@ -464,6 +462,8 @@ def open_cameras(args, policy_cameras, virtual_arm):
         scene = ReachScene(seed=0)
         return {key: SyntheticCamera(scene, virtual_arm.joint_positions_deg, name=key.split(".")[-1])
                 for key in policy_cameras}
+    from record import OpenCVCamera  # the recording side, imported only beside the arm (not by a policy server)
+
     sources = camera_sources(args.cameras, args.rename, policy_cameras)
     return {key: OpenCVCamera(int(source) if source.isdigit() else source) for key, source in sources.items()}
 
@@ -488,8 +488,9 @@ def build_parser():
     p.add_argument("--aggregate", choices=AGGREGATES, default="weighted", help="fusion of overlapping actions")
     p.add_argument("--aggregate-weight", type=float, default=0.7, help="weight of the new action (weighted)")
     p.add_argument("--extra-latency", type=float, default=0.0, help="seconds added to every inference")
-    p.add_argument("--norm-mode", default="degrees", choices=NORM_MODES,
-                   help="joint units the policy was trained in (see so100.py); printed when the arm connects")
+    p.add_argument("--norm-mode", default="degrees",  # checked by so100 when the arm opens
+                   help="joint units the policy was trained in: degrees or range_m100_100 (see so100.NORM_MODES); "
+                        "printed when the arm connects")
     p.add_argument("--id", default="my_so100", help="arm name: its calibration file is <id>.json (so100.py)")
     p.add_argument("--calibration", help="calibration JSON of a real arm (default: so100.py's <id>.json)")
     p.add_argument("--max-relative-target", type=float, default=None,
@@ -523,6 +524,8 @@ def make_scheduler(args, chunk_size, action_dim):
 
 def run_arm(args):
     """Drive the arm with the policy until --duration or Ctrl-C; torque goes off whatever happens."""
+    from so100 import open_arm  # the servo driver (and pyserial) only beside the arm: a policy server never loads it
+
     compute, info = open_policy(args)
     ticks = sys.maxsize if args.duration is None else round(args.duration * args.fps)
     # closed in reverse order: inference thread, cameras, arm (torque off), virtual arm, server connection
@@ -585,11 +588,19 @@ def main(argv=None):
     return serve(args) if args.serve else run_arm(args)
 
 
+def one_line_errors():
+    """The errors the command reports as one `error: ...` line, their message saying what is wrong and what to
+    do: bad input, a missing file or device, no server, a server refusing the warm-up observation
+    (RemoteError, e.g. a state of the wrong size), and the servo bus's FeetechError -- taken from so100 only
+    if run_arm loaded it (importing it here would load pyserial on a policy server)."""
+    so100 = sys.modules.get("so100")
+    return (FileNotFoundError, ConnectionError, ValueError, RemoteError) + ((so100.FeetechError,) if so100 else ())
+
+
 if __name__ == "__main__":
     # `kill` stops like Ctrl-C: the cleanup above turns the torque off
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         main()
-    # RemoteError: the policy server refused the warm-up observation (e.g. a state of the wrong size)
-    except (FeetechError, FileNotFoundError, ConnectionError, ValueError, RemoteError) as e:
-        sys.exit(f"error: {e}")  # the message says what is wrong and what to do; the torque is already off
+    except one_line_errors() as e:  # evaluated when an error arrives, after run_arm may have loaded so100
+        sys.exit(f"error: {e}")  # the torque is already off

@@ -493,10 +493,11 @@ def test_ctrl_c_stops_cleanly_with_torque_off(server, monkeypatch, tmp_path):
     """Ctrl-C in the middle of a run: the loop stops, metrics are written, every servo's torque is off."""
     import so100
 
+    open_arm = so100.open_arm  # the real one: run_arm looks it up in so100, where the patch below replaces it
     opened, sent = [], []
 
     def open_arm_then_interrupt(port, **options):
-        arm, virtual = so100.open_arm(port, **options)
+        arm, virtual = open_arm(port, **options)
         opened.append((arm, virtual))
         send_action = arm.send_action
 
@@ -509,7 +510,7 @@ def test_ctrl_c_stops_cleanly_with_torque_off(server, monkeypatch, tmp_path):
         arm.send_action = send_or_interrupt
         return arm, virtual
 
-    monkeypatch.setattr(ia, "open_arm", open_arm_then_interrupt)
+    monkeypatch.setattr(so100, "open_arm", open_arm_then_interrupt)
     address = "%s:%d" % server.server_address
     start = time.monotonic()
     metrics = ia.main(["--port", "sim", "--server", address, "--fps", "50", "--duration", "60",
@@ -519,6 +520,12 @@ def test_ctrl_c_stops_cleanly_with_torque_off(server, monkeypatch, tmp_path):
     (arm, virtual), = opened
     assert arm.bus is None  # disconnected
     assert all(servo.get("Torque_Enable") == 0 for servo in virtual.servos.values())
+
+
+def test_a_policy_server_imports_no_servo_driver():
+    """`infer_async.py --serve` runs on a GPU machine: importing it must not load so100 or pyserial."""
+    code = "import infer_async, policy_server, sys; assert 'serial' not in sys.modules and 'so100' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=HERE)
 
 
 def test_a_policy_server_refusing_the_warm_up_is_one_error_line(server):
