@@ -51,6 +51,7 @@ if "OMP_WAIT_POLICY" not in os.environ:
 
 import numpy as np
 
+from policy import IMAGE_PREFIX, STATE, parse_mapping
 from policy_server import PolicyClient, RemoteError, open_policy, serve
 
 # ----------------------------------------------------------------------------------------------------------
@@ -427,22 +428,11 @@ def plot_queue(metrics, path):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def parse_mapping(text, flag):
-    """'a=x,b=y' -> {"a": "x", "b": "y"}."""
-    mapping = {}
-    for item in filter(None, (text or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or not key or not value:
-            raise ValueError(f"{flag} expects name=value pairs separated by commas, got {item!r}")
-        mapping[key.strip()] = value.strip()
-    return mapping
-
-
 def camera_sources(cameras, rename, policy_cameras):
     """--cameras "top=/dev/video0,..." and --rename "top=camera1,..." -> {policy camera key: device},
     checked against the cameras the policy reads before any device is opened."""
     rename = parse_mapping(rename, "--rename")
-    sources = {"observation.images." + rename.get(name, name): source
+    sources = {IMAGE_PREFIX + rename.get(name, name): source
                for name, source in parse_mapping(cameras, "--cameras").items()}
     missing = [key for key in policy_cameras if key not in sources]
     unknown = [key for key in sources if key not in policy_cameras]
@@ -509,7 +499,7 @@ def build_parser():
     return p
 
 
-def make_scheduler(args, chunk_size, action_dim):
+def make_async_scheduler(args, chunk_size, action_dim):
     threshold = 0.0 if args.sync else args.threshold
     scheduler = AsyncScheduler(chunk_size, threshold, args.similarity_eps,
                                make_fusion(args.aggregate, args.aggregate_weight), action_dim)
@@ -541,7 +531,7 @@ def run_arm(args):
         cleanup.callback(lambda: [camera.close() for camera in cameras.values() if hasattr(camera, "close")])
 
         def capture(state):
-            observation = {"task": args.task, "observation.state": np.asarray(state, dtype=np.float32)}
+            observation = {"task": args.task, STATE: np.asarray(state, dtype=np.float32)}
             observation.update({key: camera.read() for key, camera in cameras.items()})
             return observation
 
@@ -554,7 +544,7 @@ def run_arm(args):
         if warm_up.ndim != 2 or warm_up.shape[1] != len(state):
             raise ValueError(f"the policy predicts chunks of shape {warm_up.shape} but the arm takes "
                              f"{len(state)} joint targets per action")
-        scheduler = make_scheduler(args, info["chunk_size"], len(state))
+        scheduler = make_async_scheduler(args, info["chunk_size"], len(state))
         worker = InferenceWorker(compute, args.extra_latency)
         cleanup.callback(worker.close)
         print(f"running {'until Ctrl-C' if args.duration is None else f'{ticks} ticks'} at {args.fps:g} fps, "

@@ -19,6 +19,7 @@ import torch
 
 import infer_async as ia
 import policy_server as ps
+from policy import parse_mapping
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -474,8 +475,8 @@ def test_argument_errors_are_clear():
     with pytest.raises(ValueError, match="HOST:PORT"):
         ps.parse_address("localhost")
     with pytest.raises(ValueError, match="name=value"):
-        ia.parse_mapping("top", "--cameras")
-    assert ia.parse_mapping("top=/dev/video0, wrist=2", "--cameras") == {"top": "/dev/video0", "wrist": "2"}
+        parse_mapping("top", "--cameras")
+    assert parse_mapping("top=/dev/video0, wrist=2", "--cameras") == {"top": "/dev/video0", "wrist": "2"}
 
 
 def test_camera_names_are_mapped_and_checked_before_opening_devices():
