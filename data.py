@@ -298,7 +298,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Machinery 1/3: where everything lives in the v3.0 and v2.1 layouts
+# Machinery the dataset uses, 1/3: where everything lives in the v3.0 and v2.1 layouts (tables, paths, tasks)
 # ----------------------------------------------------------------------------------------------------
 
 def _read_jsonl(path):
@@ -383,7 +383,7 @@ def _read_tasks(root, info):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Machinery 2/3: normalization statistics (v2.1 stores them per episode: pooled here)
+# Machinery the dataset uses, 2/3: normalization statistics (v2.1 stores them per episode: pooled here)
 # ----------------------------------------------------------------------------------------------------
 
 def aggregate_stats(per_episode):
@@ -422,8 +422,8 @@ def _read_stats(root, info):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Machinery 3/3: video. Frame times of each mp4, and two ways to get frame k of it as (H, W, 3) uint8:
-# decoded once into the uint8 cache, or on demand by a streaming decoder
+# Machinery the dataset uses, 3/3: video. The frame times of each mp4, and two ways to its frames: all decoded
+# once into the uint8 cache ((N, 3, H, W) per mp4), or one at a time by a streaming decoder ((H, W, 3))
 # ----------------------------------------------------------------------------------------------------
 
 def _open_video(path):
