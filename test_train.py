@@ -11,9 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import demo
 import sim
 import train
-from data import LeRobotDataset, write_lerobot_dataset
+from data import LeRobotDataset
+from record import write_lerobot_dataset
 from smolvla import SmolVLA
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -130,8 +132,8 @@ class ImageReadingController:
 
 def test_demo_evaluation_tells_image_use_from_blindness():
     controller = ImageReadingController()
-    x, seconds_per_chunk = train.evaluate_in_sim(controller, episodes=20, length=20, seed=3)
-    y, _ = train.evaluate_in_sim(controller, episodes=20, length=20, seed=3, shuffle_images=True)
+    x, seconds_per_chunk = demo.evaluate_in_sim(controller, episodes=20, length=20, seed=3)
+    y, _ = demo.evaluate_in_sim(controller, episodes=20, length=20, seed=3, shuffle_images=True)
     assert x >= 0.8 and y <= x / 2
 
 
@@ -170,7 +172,7 @@ def test_learning_rate_schedule_matches_hand_computed_values():
     assert train.fit_schedule(1000, 30000, 50000) == (1000, 30000)
     # the LambdaLR applies it step by step
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
-    scheduler = train.make_scheduler(optimizer, 1e-4, 2.5e-6, 10, 100)
+    scheduler = train.make_lr_scheduler(optimizer, 1e-4, 2.5e-6, 10, 100)
     for step in range(120):
         assert optimizer.param_groups[0]["lr"] == pytest.approx(train.learning_rate(step, 1e-4, 2.5e-6, 10, 100))
         optimizer.step()
@@ -178,7 +180,7 @@ def test_learning_rate_schedule_matches_hand_computed_values():
 
 
 def test_word_tokenizer_knows_the_task_and_the_newline():
-    tokenizer = train.word_tokenizer(["Reach the red target"])
+    tokenizer = demo.word_tokenizer(["Reach the red target"])
     ids = tokenizer(["reach the red target\n", "reach"], padding="longest")["input_ids"]
     vocabulary = tokenizer.get_vocab()
     assert ids[0] == [vocabulary[w] for w in ["reach", "the", "red", "target", "\n"]]

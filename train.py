@@ -1,31 +1,29 @@
-"""Training SmolVLA: fine-tune a checkpoint, train from the VLM's weights, on one or many GPUs; plus a demo.
+"""Training SmolVLA: the paper's recipe, in one process or one per GPU, with checkpoints that resume exactly.
 
-The paper's recipe (SmolVLA §4.2, and lerobot's defaults for smolvla): the VLM is frozen and only the
-action expert and the small projections around it (state, action in/out, action-time MLP) learn, with
-AdamW (betas 0.9/0.95, eps 1e-8, weight decay 1e-10), gradients clipped to norm 10, and a learning rate
-that warms up linearly for 1,000 steps and then follows a cosine down to 2.5e-6 over 30,000 steps. The
-loss is flow matching (§3.2, flow.py) on chunks of actions normalized with the dataset's mean/std; steps
-of a chunk that run past the end of an episode are masked out.
+The recipe (SmolVLA §4.2, arXiv:2506.01844, and lerobot's defaults for smolvla; every number is in RECIPE
+below): the VLM is frozen and only the action expert and the small projections around it (state, action
+in/out, action-time MLP) learn, with AdamW, gradients clipped by their norm, and a learning rate that warms
+up linearly and then follows a cosine down to a floor. The loss is flow matching (§3.2, flow.py) on chunks
+of actions normalized with the dataset's mean/std; the steps of a chunk that run past the end of its
+episode (data.py flags them in `action_is_pad`) are masked out of the loss.
 
     python train.py --repo lerobot/svla_so100_stacking --rename top=camera1,wrist=camera2
     python train.py --repo lerobot/svla_so100_stacking --from-scratch        # fresh expert on SmolVLM2
+    python train.py --resume outputs/train/<run>                             # continue where it stopped
     torchrun --nproc_per_node=4 train.py --repo ...                           # data-parallel, 4 GPUs
-    python train.py --demo                                                   # offline toy run, CPU, minutes
+    python train.py --demo                                                   # demo.py's offline toy run
 
-Multi-GPU: `torchrun` starts one process per GPU and tells each its RANK and WORLD_SIZE. Every process
-holds a full copy of the model, reads its own shard of every epoch (DistributedSampler) and computes
-gradients on it; DistributedDataParallel averages the gradients across processes during backward, so
-every copy takes the same optimizer step and the weights stay identical. Only rank 0 writes files.
+One process, or several: `torchrun` starts one process per GPU and tells each its RANK and WORLD_SIZE.
+Every process holds a full copy of the model, reads its own shard of every epoch (DistributedSampler) and
+computes gradients on it; DistributedDataParallel averages the gradients across processes during
+backward, so every copy takes the same optimizer step and the weights stay identical. Only rank 0 writes.
 
-`--demo` runs the whole loop offline in a few minutes on a CPU: it records demonstrations in the toy world
-of sim.py (reach a target that only the camera sees) as a LeRobot dataset, trains a tiny SmolVLA on it
-from scratch, then drives the simulated arm with the trained policy twice — once with the real camera
-images and once with images from other episodes' scenes. A policy that reads its images succeeds in the
-first case and fails in the second.
+Checkpoints are written to a temporary directory and renamed into place, so a run killed while saving
+never leaves a half-written one. A resumed run continues exactly: it reloads the optimizer and scheduler,
+and the data order and the flow-matching noise of every step are functions of (seed, step).
 """
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -40,12 +38,41 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from data import IMAGE_PREFIX, LeRobotDataset, write_lerobot_dataset
-from smolvla import SmolVLA, SmolVLAConfig, read_json
+import speed
+from data import LeRobotDataset
+from policy import ACTION, IMAGE_PREFIX, STATE, features_from_dataset, parse_mapping
+from smolvla import SmolVLA, SmolVLAConfig
 
 DEFAULT_POLICY = "lerobot/smolvla_base"
-DEFAULT_VLM = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
 
+# ----------------------------------------------------------------------------------------------------
+# The recipe: every default of a training run. Command-line values win; a resumed run takes the values
+# it was started with. (SmolVLAConfig's optimizer_*/scheduler_* fields are lerobot's copy; nothing here
+# reads them.)
+# ----------------------------------------------------------------------------------------------------
+
+RECIPE = {
+    "steps": 20_000,         # optimizer steps
+    "batch_size": 64,        # samples per step and process (torchrun: the effective batch is N times this)
+    "lr": 1e-4,              # peak learning rate, reached at the end of the warmup
+    "betas": (0.9, 0.95),    # AdamW's moment decay rates
+    "eps": 1e-8,             # AdamW's denominator guard
+    "weight_decay": 1e-10,   # AdamW's decoupled weight decay: next to nothing
+    "grad_clip": 10.0,       # the gradient's global norm is clipped to this
+    "warmup_steps": 1_000,   # linear warmup from lr / (warmup_steps + 1) to lr
+    "decay_steps": 30_000,   # the cosine reaches decay_lr at this step (both shrunk for shorter runs)
+    "decay_lr": 2.5e-6,      # the final learning rate
+    "num_workers": 4,        # DataLoader worker processes (video decoding)
+    "save_every": 5_000,     # checkpoint period in steps (0: only at the end)
+    "log_every": 100,        # progress-bar refresh period in steps
+    "seed": 1000,            # data order, flow-matching noise and time, a fresh expert's initialization
+}
+# The demo's (demo.py): a tiny model from scratch learns fast with a higher lr and a short schedule.
+DEMO = {**RECIPE, "steps": 1_500, "lr": 1e-3, "decay_lr": 1e-5, "warmup_steps": 100,
+        "decay_steps": None,  # None: the run's steps
+        "num_workers": 0, "save_every": 0, "log_every": 25}
+# what a checkpoint stores for --resume: the recipe as run, and the inputs
+RUN_OPTIONS = list(RECIPE) + ["repo", "rename", "train_vlm", "bf16"]
 
 # ----------------------------------------------------------------------------------------------------
 # Learning-rate schedule: linear warmup, then cosine decay (the reference's "cosine_decay_with_warmup")
@@ -73,7 +100,7 @@ def fit_schedule(warmup_steps, decay_steps, total_steps):
     return warmup_steps, decay_steps
 
 
-def make_scheduler(optimizer, peak_lr, final_lr, warmup_steps, decay_steps):
+def make_lr_scheduler(optimizer, peak_lr, final_lr, warmup_steps, decay_steps):
     """A LambdaLR whose multiplier turns the optimizer's peak lr into learning_rate(step, ...)."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate(step, peak_lr, final_lr, warmup_steps, decay_steps) / peak_lr)
@@ -131,16 +158,6 @@ def check_ranks_agree(model, processes):
 # Inputs: dataset and policy, checked against each other before anything trains
 # ----------------------------------------------------------------------------------------------------
 
-def parse_rename(text):
-    """'top=camera1,wrist=camera2' -> {"top": "camera1", "wrist": "camera2"}."""
-    if not text:
-        return {}
-    pairs = [item.split("=") for item in text.split(",") if item.strip()]
-    if any(len(pair) != 2 or not pair[0].strip() or not pair[1].strip() for pair in pairs):
-        raise ValueError(f"--rename {text!r}: expected comma-separated old=new camera names, e.g. top=camera1,wrist=camera2.")
-    return {old.strip(): new.strip() for old, new in pairs}
-
-
 def check_output(output, resume):
     """Make sure we may write `output` (without creating anything yet) and never train over an earlier run."""
     existing = os.path.abspath(output)
@@ -174,7 +191,7 @@ def check_dataset_fits_policy(config, dataset, rename):
         raise ValueError(f"the dataset's cameras {[dataset_name(k) for k in dataset.camera_keys]}{renamed} are not "
                          f"the policy's {[short(k) for k in policy_cameras]}: map them with --rename"
                          + (f", e.g. --rename {hint}" if hint else ""))
-    for key, kind in (("observation.state", "input_features"), ("action", "output_features")):
+    for key, kind in ((STATE, "input_features"), (ACTION, "output_features")):
         wanted = int(getattr(config, kind)[key]["shape"][0])
         found = int(dataset.stats[key]["mean"].shape[0])
         if wanted != found:
@@ -196,22 +213,12 @@ def check_batch_size(samples, batch_size, world_size):
                          f"({world_size} process{'es' if world_size > 1 else ''}): lower --batch-size.")
 
 
-def features_from_dataset(dataset):
-    """lerobot-style input/output feature dicts describing a dataset (for a policy trained from scratch)."""
-    sample = dataset[0]
-    inputs = {"observation.state": {"type": "STATE", "shape": list(sample["observation.state"].shape)}}
-    for key in dataset.camera_keys:
-        inputs[key] = {"type": "VISUAL", "shape": list(sample[key].shape)}
-    outputs = {"action": {"type": "ACTION", "shape": [sample["action"].shape[-1]]}}
-    return inputs, outputs
-
-
-def load_policy(args, dataset):
+def policy_to_train(args, dataset):
     """The policy to train: a checkpoint to fine-tune, or a fresh expert on the SmolVLM2 weights."""
     if args.from_scratch:
         config = SmolVLAConfig()
         config.input_features, config.output_features = features_from_dataset(dataset)
-        return SmolVLA.from_vlm(args.vlm or DEFAULT_VLM, config)
+        return SmolVLA.from_vlm(args.vlm or config.vlm_model_name, config)
     return SmolVLA.from_pretrained(args.policy, vlm=args.vlm)
 
 
@@ -331,14 +338,17 @@ def train(policy, dataset, args, processes, start=None):
     device = processes.device
     policy.to(device)
     trainable = choose_trainable(policy, args.train_vlm)
+    # the speed steps, applied from outside the model (speed.py) once its device and trainable parts are set
+    speed.prepare(policy, training=True)
     policy.train()
     model = TrainingLoss(policy)
     if processes.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     # fused: one kernel updates each tensor and both its moments (instead of a dozen elementwise passes)
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-10, fused=True)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=args.betas, eps=args.eps,
+                                  weight_decay=args.weight_decay, fused=True)
     warmup, decay = fit_schedule(args.warmup_steps, args.decay_steps, args.steps)
-    scheduler = make_scheduler(optimizer, args.lr, args.decay_lr, warmup, decay)
+    scheduler = make_lr_scheduler(optimizer, args.lr, args.decay_lr, warmup, decay)
     step, history = 0, []
     if start is not None:
         optimizer.load_state_dict(start["optimizer"])
@@ -394,223 +404,8 @@ def train(policy, dataset, args, processes, start=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The offline demo: toy data from sim.py, a tiny SmolVLA from scratch, closed-loop evaluation
-# ----------------------------------------------------------------------------------------------------
-
-DEMO_TASK = "reach the red target"
-DEMO_FPS = 10
-# SmolVLM2's special tokens (the tokenizer of a SmolVLM-format VLM carries them; the policy uses none)
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<fake_token_around_image>", "<image>",
-                  "<global-img>", "<end_of_utterance>", "[UNK]"]
-
-
-def word_tokenizer(texts):
-    """A word-level tokenizer for a handful of task strings, made offline with the `tokenizers` library.
-
-    Same interface as SmolVLM2's tokenizer (a transformers fast tokenizer with its special tokens), but the
-    vocabulary is just the words of the tasks plus the newline the policy appends to every task.
-    """
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = sorted({word for text in texts for word in text.lower().split()})
-    vocabulary = {token: i for i, token in enumerate(SPECIAL_TOKENS + words + ["\n"])}
-    tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    # split at spaces (dropping them) and keep each newline as a token of its own
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
-        pre_tokenizers.Split(Regex(" +"), behavior="removed"),
-    ])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<|endoftext|>", unk_token="[UNK]",
-                                   bos_token="<|im_start|>", eos_token="<end_of_utterance>")
-
-
-def tiny_vlm_config(vocab_size, image_size=64):
-    """SmolVLM2's architecture (SigLIP vision tower, pixel-shuffle connector, SmolLM2 text model) at toy
-    widths, in the Hugging Face config format: 64 patches of 8x8 pixels per 64x64 image, pixel-shuffled
-    into 16 image tokens; an 8-layer, 64-wide text model (the expert is 0.75 x 64 = 48 wide)."""
-    return {
-        "model_type": "smolvlm",
-        "scale_factor": 2,
-        "vocab_size": vocab_size,
-        "image_token_id": SPECIAL_TOKENS.index("<image>"),
-        "pad_token_id": 0,
-        "tie_word_embeddings": False,
-        "vision_config": {
-            "model_type": "smolvlm_vision", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_channels": 3, "image_size": image_size, "patch_size": 8,
-            "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, "attention_dropout": 0.0,
-        },
-        "text_config": {
-            "model_type": "llama", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 8,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "hidden_act": "silu",
-            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512, "vocab_size": vocab_size,
-            "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-        },
-    }
-
-
-def write_tiny_vlm(directory, tasks, image_size=64):
-    """The demo's VLM description on disk, laid out like a SmolVLM2 repo on the hub (without weights: they
-    start random): config.json, the tokenizer, and the image-processor configs that lerobot's SmolVLA
-    reads when it builds the VLM. Saved checkpoints copy it into their vlm/. Returns (config, tokenizer)."""
-    tokenizer = word_tokenizer(tasks)
-    config = tiny_vlm_config(len(tokenizer), image_size)
-    os.makedirs(directory, exist_ok=True)
-    tokenizer.save_pretrained(directory)
-    # transformers 5 names the tokenizer class "TokenizersBackend", unknown to the transformers 4.x that
-    # lerobot runs on; "PreTrainedTokenizerFast" (what SmolVLM2's own repo says) loads in both.
-    tokenizer_config = read_json(os.path.join(directory, "tokenizer_config.json"), "tokenizer config")
-    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    # ... and the named image tokens that SmolVLM's processor looks up on its tokenizer
-    named = {"fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
-             "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"}
-    tokenizer_config.update(named, extra_special_tokens=named)
-    vision = config["vision_config"]
-    image_tokens = (image_size // vision["patch_size"]) ** 2 // config["scale_factor"] ** 2
-    files = {
-        "config.json": config,
-        "tokenizer_config.json": tokenizer_config,
-        "processor_config.json": {"image_seq_len": image_tokens, "processor_class": "SmolVLMProcessor"},
-        "preprocessor_config.json": {
-            "image_processor_type": "SmolVLMImageProcessor", "processor_class": "SmolVLMProcessor",
-            "do_convert_rgb": True, "do_resize": True, "size": {"longest_edge": image_size},
-            "max_image_size": {"longest_edge": image_size}, "do_image_splitting": False, "resample": 1,
-            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3,
-            "image_std": [0.5] * 3, "do_pad": True,
-        },
-    }
-    for name, content in files.items():
-        with open(os.path.join(directory, name), "w") as f:
-            json.dump(content, f, indent=2)
-    return config, tokenizer
-
-
-# How the expert's layers talk to the VLM's (paper §3.2 and its ablation): alternate cross- and joint
-# self-attention (SmolVLA's choice), cross-attention only, or self-attention only.
-ATTENTION = {"interleaved": ("cross_attn", 2), "cross": ("cross_attn", 0), "self": ("self_attn", 0)}
-
-
-def demo_policy_config(dataset, args, image_size=64):
-    """SmolVLA's config for the demo: short chunks (the toy episodes are 20 steps long), the VLM cut to its
-    first --demo-vlm-layers layers (SmolVLA keeps 16 of SmolVLM2's 32; here 4 of 8), everything trained
-    (there are no pretrained weights to keep: the vision tower and the text model start random too)."""
-    config = SmolVLAConfig()
-    config.input_features, config.output_features = features_from_dataset(dataset)
-    config.chunk_size, config.n_action_steps = args.demo_chunk_size, min(args.demo_action_steps, args.demo_chunk_size)
-    config.max_state_dim = config.max_action_dim = 8
-    config.resize_imgs_with_padding = (image_size, image_size)
-    config.tokenizer_max_length = 8
-    config.num_vlm_layers = args.demo_vlm_layers
-    config.attention_mode, config.self_attn_every_n_layers = ATTENTION[args.demo_attention]
-    config.freeze_vision_encoder, config.train_expert_only = False, False
-    return config
-
-
-def record_demonstrations(root, episodes, length, seed):
-    """Run the scripted expert of sim.py and store what it saw and did as a LeRobot v3.0 dataset."""
-    from sim import ReachScene, expert_episode
-
-    scene, rng = ReachScene(seed=seed), np.random.default_rng(seed)
-    recorded = []
-    for _ in tqdm(range(episodes), desc="recording demonstrations"):
-        episode = expert_episode(scene, rng, length)
-        episode["task"] = DEMO_TASK
-        recorded.append(episode)
-    return write_lerobot_dataset(root, recorded, fps=DEMO_FPS)
-
-
-@torch.no_grad()
-def evaluate_in_sim(policy, episodes, length, seed, shuffle_images=False):
-    """Closed-loop success rate of `policy` in sim.py's world, and its median seconds per chunk.
-
-    Each episode: a new target, the arm near its home pose; every n_action_steps the policy sees the state
-    and the camera image and returns a chunk, of which the first n_action_steps actions are executed.
-    shuffle_images: the camera shows episode e+1's target instead of episode e's (the arm itself is drawn
-    where it really is), so a policy that truly reads the image reaches for the wrong spot.
-    """
-    from sim import HOME_DEG, ReachScene, step_arm
-
-    scene, rng = ReachScene(seed=seed), np.random.default_rng(seed)
-    targets = [scene.reset(rng).copy() for _ in range(episodes)]
-    camera = policy.config.camera_keys[0]
-    steps_per_chunk = policy.config.n_action_steps
-    successes, latencies = 0, []
-    for e in range(episodes):
-        scene.target = targets[e]
-        shown = targets[(e + 1) % episodes] if shuffle_images else targets[e]
-        joints = (HOME_DEG + rng.uniform(-5.0, 5.0, size=6)).astype(np.float32)
-        queue = []
-        for _ in range(length):
-            if not queue:
-                image = torch.from_numpy(scene.render(joints, target=shown)).permute(2, 0, 1).float() / 255.0
-                observation = {"observation.state": torch.from_numpy(joints), camera: image, "task": DEMO_TASK}
-                tick = time.perf_counter()
-                queue = list(policy.predict_chunk(observation)[0, :steps_per_chunk].float().cpu().numpy())
-                latencies.append(time.perf_counter() - tick)
-            joints = step_arm(joints, queue.pop(0))
-        successes += scene.success(joints)
-    return successes / episodes, float(np.median(latencies))
-
-
-def run_demo(args, processes):
-    """Record -> train from scratch -> save -> reload -> evaluate twice -> eval.json (in args.output)."""
-    started = time.perf_counter()
-    # The demo's matrices are tiny: a second CPU thread gains little, and on a busy machine threads that
-    # wait for each other cost a lot (measured on 2 shared cores: 0.3 s per step with 1 thread, 2.3 s with 2).
-    torch.set_num_threads(1)
-    dataset_root = record_demonstrations(os.path.join(args.output, "dataset"), args.demo_episodes,
-                                         args.demo_length, seed=args.seed)
-    # from here on the demo data is an ordinary LeRobot dataset on disk
-    dataset = LeRobotDataset(dataset_root)
-    config = demo_policy_config(dataset, args)
-    dataset.chunk_size = config.chunk_size
-    vlm_dir = os.path.join(args.output, "vlm")
-    torch.manual_seed(args.seed)  # the random initialization of the whole tiny model
-    policy = SmolVLA(config, *write_tiny_vlm(vlm_dir, dataset.tasks))
-    policy.vlm_dir = vlm_dir  # copied into every checkpoint's vlm/
-    policy.set_normalization(dataset.stats)
-    args.train_vlm = True
-    training_started = time.perf_counter()
-    train(policy, dataset, args, processes)
-    training_time = time.perf_counter() - training_started
-
-    checkpoint = os.path.join(args.output, "checkpoints", "last", "pretrained_model")
-    # evaluate the checkpoint as written, the way a user would load it
-    policy = SmolVLA.from_pretrained(checkpoint).to(processes.device)
-    print(f"evaluating in the simulator: {args.demo_eval_episodes} episodes with the real images, "
-          f"then {args.demo_eval_episodes} with images of other episodes' scenes")
-    x, seconds_per_chunk = evaluate_in_sim(policy, args.demo_eval_episodes, args.demo_length, seed=args.seed + 1)
-    y, _ = evaluate_in_sim(policy, args.demo_eval_episodes, args.demo_length, seed=args.seed + 1, shuffle_images=True)
-    result = {"success_rate": x, "success_rate_shuffled_images": y, "episodes": args.demo_eval_episodes,
-              "uses_images": x >= 0.8 and y <= x / 2, "inference_ms_per_chunk": round(1000 * seconds_per_chunk, 1),
-              "train_samples_per_s": round(args.steps * args.batch_size / training_time, 1),
-              "train_steps": args.steps, "train_episodes": args.demo_episodes, "episode_length": args.demo_length,
-              "chunk_size": config.chunk_size, "n_action_steps": config.n_action_steps,
-              "vlm_layers": config.num_vlm_layers, "attention": args.demo_attention, "checkpoint": checkpoint,
-              "wall_time_s": round(time.perf_counter() - started, 1)}
-    with open(os.path.join(args.output, "eval.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    print(json.dumps(result, indent=2))
-    print(f"\ncheckpoint: {checkpoint}\nrun it on the virtual arm:\n"
-          f"  python infer_async.py --port sim --policy {checkpoint} --task \"{DEMO_TASK}\"")
-    return result
-
-
-# ----------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------
-
-# The paper's fine-tuning recipe, and the demo's (a tiny model from scratch: higher lr, short schedule).
-# Command-line values win; a resumed run takes the values it was started with.
-RECIPE = {"steps": 20_000, "batch_size": 64, "lr": 1e-4, "decay_lr": 2.5e-6, "warmup_steps": 1_000,
-          "decay_steps": 30_000, "grad_clip": 10.0, "num_workers": 4, "save_every": 5_000, "log_every": 100,
-          "seed": 1000}
-DEMO = {**RECIPE, "steps": 1_500, "batch_size": 64, "lr": 1e-3, "decay_lr": 1e-5, "warmup_steps": 100,
-        "decay_steps": None, "num_workers": 0, "save_every": 0, "log_every": 25}  # decay_steps None: = steps
-RUN_OPTIONS = list(RECIPE) + ["repo", "rename", "train_vlm", "bf16"]
-
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -619,7 +414,7 @@ def parse_args(argv=None):
     parser.add_argument("--from-scratch", action="store_true",
                         help="start from the SmolVLM2 weights (--vlm) with a freshly initialized action expert")
     parser.add_argument("--vlm", default=None,
-                        help=f"VLM config/weights/tokenizer, dir or hub id (from scratch: {DEFAULT_VLM}; "
+                        help=f"VLM config/weights/tokenizer, dir or hub id (from scratch: {SmolVLAConfig.vlm_model_name}; "
                              "fine-tuning: the checkpoint's own)")
     parser.add_argument("--steps", type=int, help=f"optimizer steps ({RECIPE['steps']})")
     parser.add_argument("--batch-size", type=int, help=f"samples per step and process ({RECIPE['batch_size']})")
@@ -640,15 +435,16 @@ def parse_args(argv=None):
     parser.add_argument("--save-every", type=int, help=f"checkpoint period in steps, 0: only at the end ({RECIPE['save_every']})")
     parser.add_argument("--log-every", type=int, help=f"progress-bar refresh period ({RECIPE['log_every']})")
     parser.add_argument("--seed", type=int, help=f"data order and noise ({RECIPE['seed']})")
-    parser.add_argument("--demo", action="store_true", help="the offline toy run (sim.py): CPU, a few minutes")
+    parser.add_argument("--demo", action="store_true", help="the offline toy run (demo.py): CPU, a few minutes")
     parser.add_argument("--demo-episodes", type=int, default=160, help="demonstrations the demo records")
     parser.add_argument("--demo-length", type=int, default=20, help="steps per demo episode")
     parser.add_argument("--demo-eval-episodes", type=int, default=50, help="episodes per demo evaluation")
     parser.add_argument("--demo-chunk-size", type=int, default=10, help="actions per chunk (demo policy)")
     parser.add_argument("--demo-action-steps", type=int, default=5, help="actions executed per chunk, open loop")
     parser.add_argument("--demo-vlm-layers", type=int, default=4, help="VLM layers kept, of the tiny VLM's 8")
-    parser.add_argument("--demo-attention", choices=sorted(ATTENTION), default="interleaved",
-                        help="expert-VLM attention: interleaved cross/self (SmolVLA), cross only, self only")
+    parser.add_argument("--demo-attention", default="interleaved",
+                        help="expert-VLM attention: interleaved cross/self (SmolVLA), cross only, self only "
+                             "(demo.ATTENTION)")
     args = parser.parse_args(argv)
     if not (args.demo or args.repo or args.resume):
         parser.error("give a dataset with --repo (or --resume a run, or run --demo)")
@@ -658,10 +454,10 @@ def parse_args(argv=None):
 def fill_options(args, saved=None):
     """Options not given on the command line: from the resumed run, else from the recipe (or the demo's)."""
     defaults = DEMO if args.demo else RECIPE
-    for name in RUN_OPTIONS:
-        if getattr(args, name) is None and saved is not None and name in saved:
+    for name in RUN_OPTIONS:  # the recipe's AdamW constants have no flag: args gets them here
+        if getattr(args, name, None) is None and saved is not None and name in saved:
             setattr(args, name, saved[name])
-        if getattr(args, name) is None and name in defaults:
+        if getattr(args, name, None) is None and name in defaults:
             setattr(args, name, defaults[name])
     if args.decay_steps is None:
         args.decay_steps = args.steps
@@ -681,11 +477,11 @@ def prepare(args, processes):
         args.output = os.path.join("outputs", "train", f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{name}")
     if processes.is_main:
         check_output(args.output, args.resume)
-    rename = parse_rename(args.rename)
+    rename = parse_mapping(args.rename, "--rename")
     dataset = LeRobotDataset(args.repo, rename=rename)
     check_batch_size(len(dataset), args.batch_size, processes.world_size)
     torch.manual_seed(args.seed)  # a fresh expert's initialization (--from-scratch)
-    policy = load_policy(args, dataset)
+    policy = policy_to_train(args, dataset)
     check_dataset_fits_policy(policy.config, dataset, rename)
     dataset.chunk_size = policy.config.chunk_size
     # the policy learns in units normalized by this dataset's statistics (and saves them with itself)
@@ -693,30 +489,25 @@ def prepare(args, processes):
     return dataset, policy, start
 
 
-def prepare_demo(args, processes):
-    """The demo's checks: one process, a new (or empty) output directory, enough samples for one batch."""
-    if processes.distributed:
-        raise ValueError("--demo runs in one process; run torchrun on the demo's dataset with --repo.")
-    fill_options(args)
-    args.output = args.output or os.path.join("outputs", f"demo_{time.strftime('%Y-%m-%d_%H-%M-%S')}")
-    check_output(args.output, resume=False)
-    if os.path.isdir(args.output) and os.listdir(args.output):
-        raise FileExistsError(f"{args.output!r} is not empty; the demo writes a new run: choose another --output.")
-    check_batch_size(args.demo_episodes * args.demo_length, args.batch_size, 1)
-
-
 def main(argv=None):
     args = parse_args(argv)
     processes = start_processes(args.device)
     try:
         if args.demo:
-            prepare_demo(args, processes)
+            # The demo's code and its toy world are loaded only for --demo: a training run on a GPU box
+            # imports neither, nor the servo driver (which the demo's dataset writer, record.py, imports).
+            import demo
+
+            fill_options(args)
+            demo.prepare_demo(args, processes)
+            check_output(args.output, resume=False)
+            check_batch_size(args.demo_episodes * args.demo_length, args.batch_size, 1)
         else:
             dataset, policy, start = prepare(args, processes)
     except (FileNotFoundError, FileExistsError, PermissionError, ValueError) as error:
         sys.exit(f"train.py: error: {error}")
     if args.demo:
-        run_demo(args, processes)
+        demo.run_demo(args, processes, train)
     else:
         train(policy, dataset, args, processes, start)
         if processes.is_main:
