@@ -9,6 +9,8 @@ less than 0.7 × 50 / 30 ≈ 1.17 s. This script measures it, at the size that m
     python bench.py --checkpoint DIR --vlm DIR --dtype fp32 --json               # a real checkpoint
     python bench.py --train --batch 2 --dtype bf16                               # one training step
     python bench.py --profile                                                    # where the time goes
+    python bench.py --write-dataset /tmp/ds --episodes 6 --frames 300            # two 480×640 AV1 cameras
+    python bench.py --data /tmp/ds --workers 2 --batch 8                         # the dataset reader
 
 It reports the median seconds per chunk after warm-up and the achieved GFLOP/s, against a FLOP count
 worked out from the architecture (`chunk_flops`: ≈ 580 GFLOP for smolvla_base with two cameras, three
@@ -18,14 +20,10 @@ quarters of it in the vision tower). With --json the last line printed is a JSON
 own environment) and reports our time as a fraction of its "chunk_s" / "train_step_s", measured in the
 same sitting: on a shared machine, only timings taken together compare.
 
-Where the speed comes from (each a commented step in the model files, marked "speed:"): the VLM runs once
-per chunk and leaves a key/value cache, with the cross-attention layers' expert k/v projections applied
-once (expert.cache_prefix); all cameras go through the vision tower as one batch (embed_images); attention
-is one fused kernel with grouped-query heads read in place (expert.attention); RoPE angles, masks and flow
-times are made once, not per layer or per step (rope_angles, suffix_layout, euler_sample); bf16 weights
-and activations keep float32 for norms, RoPE, softmax and the velocity projection; linear layers are
-packed once for oneDNN (pack_linear_layers), GELU fused into the packed product; in training, a
-frozen VLM backpropagates only the state token (cache_prefix's untracked tokens).
+What makes it fast is speed.py's subject (the steps written into the model, and those `speed.prepare`
+applies from outside); this file only measures. It also measures the dataset reader as training uses it
+(`--data DIR`: samples/s through a shuffled DataLoader) and writes synthetic datasets to measure on
+(`--write-dataset DIR`).
 """
 
 import argparse
@@ -47,13 +45,12 @@ if "OMP_WAIT_POLICY" not in os.environ:
 
 import torch  # noqa: E402
 
-from speed import pack_linear_layers  # noqa: E402
-from smolvla import (  # noqa: E402
-    SMOLVLM2_500M_VIDEO_INSTRUCT,
-    SmolVLA,
-    SmolVLAConfig,
-    parse_vlm_config,
-)
+import speed  # noqa: E402
+from data import SUPPORTED_VERSIONS, LeRobotDataset  # noqa: E402
+from record import CODECS, synthetic_episodes, write_lerobot_dataset  # noqa: E402
+from smolvla import SmolVLA, SmolVLAConfig  # noqa: E402
+from train import RECIPE  # noqa: E402
+from vlm import SMOLVLM2_500M_VIDEO_INSTRUCT, parse_vlm_config  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LANG_TOKENS = 20  # a short task sentence ("pick up the red cube and put it in the box\n") in tokens
@@ -205,7 +202,7 @@ def sample_chunk(model: SmolVLA, inputs: dict) -> torch.Tensor:
 
 
 def train_step(model: SmolVLA, optimizer, inputs: dict, autocast_dtype) -> float:
-    """Forward, backward (gradients clipped to the config's norm) and AdamW step of the flow-matching loss
+    """Forward, backward (gradients clipped as train.RECIPE says) and AdamW step of the flow-matching loss
     (mean over steps and action dims), as train.py does."""
     with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
         losses = model.compute_loss(
@@ -214,7 +211,7 @@ def train_step(model: SmolVLA, optimizer, inputs: dict, autocast_dtype) -> float
         )
     loss = losses[:, :, : model.config.action_dim].mean()
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], model.config.optimizer_grad_clip_norm)
+    torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], RECIPE["grad_clip"])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.item()
@@ -265,6 +262,49 @@ def run_reference(command: str, args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
+# The dataset reader, as training reads it.
+
+
+def _cpu_seconds():
+    """CPU time of this process and of its finished children (DataLoader workers, once shut down)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def data_benchmark(repo_or_dir, workers=2, batch_size=32, seconds=20.0, chunk_size=50, max_cache_gb=64.0):
+    """Samples per second through a shuffled DataLoader, as training reads them.
+
+    Also samples per CPU-second (main process and workers together), a figure that other programs
+    running on the same machine disturb much less than the wall-clock rate.
+    """
+    start = time.perf_counter()
+    dataset = LeRobotDataset(repo_or_dir, chunk_size=chunk_size, max_cache_gb=max_cache_gb)
+    opened = time.perf_counter() - start
+    mode = "pre-decoded cache" if dataset._cached else "on-the-fly decoding"
+    print(f"{repo_or_dir}: {len(dataset)} samples, cameras {dataset.camera_keys}, opened in {opened:.1f} s ({mode})")
+    if len(dataset) < 2 * batch_size:
+        raise ValueError(f"the benchmark needs at least two batches: {len(dataset)} samples < 2 x batch size {batch_size}.")
+    cpu_start = _cpu_seconds()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                         persistent_workers=workers > 0, drop_last=True)
+    samples, timed_from = 0, None
+    while timed_from is None or time.perf_counter() - timed_from < seconds:
+        for batch in loader:
+            if timed_from is None:  # the first batch pays for starting the workers: not timed
+                timed_from = time.perf_counter()
+                continue
+            samples += len(batch["index"])
+            if time.perf_counter() - timed_from >= seconds:
+                break
+    rate = samples / (time.perf_counter() - timed_from)
+    del loader, batch  # stops the workers, so that their CPU time is counted
+    per_cpu_second = (samples + batch_size) / (_cpu_seconds() - cpu_start)
+    print(f"{rate:.1f} samples/s, {per_cpu_second:.1f} samples per CPU-second  ({samples} samples, {workers} workers, "
+          f"batch {batch_size}, chunk {chunk_size})")
+    return rate
+
+
+# ----------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
@@ -281,15 +321,27 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs first (allocator, oneDNN kernels)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--train", action="store_true", help="time a training step instead of a chunk")
-    ap.add_argument("--batch", type=int, default=None, help="batch size (default 1; --train: 2)")
-    ap.add_argument("--no-pack", action="store_true", help="plain nn.Linear layers (see pack_linear_layers)")
+    ap.add_argument("--batch", type=int, default=None, help="batch size (default 1; --train: 2; --data: 32)")
+    ap.add_argument("--no-pack", action="store_true", help="plain nn.Linear layers (see speed.pack_linear_layers)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the vision tower and the expert's step")
     ap.add_argument("--profile", action="store_true", help="print stage timings and the top operators")
     ap.add_argument("--reference", metavar="CMD", help="a command timing the reference on the same shapes first")
     ap.add_argument("--json", action="store_true", help="print the results as a JSON object on the last line")
+    data = ap.add_argument_group("the dataset reader (--data) and synthetic datasets (--write-dataset)")
+    data.add_argument("--data", metavar="REPO_OR_DIR", help="samples/s of a shuffled DataLoader over this dataset")
+    data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    data.add_argument("--seconds", type=float, default=20.0, help="how long to read")
+    data.add_argument("--chunk-size", type=int, default=50, help="actions per sample")
+    data.add_argument("--max-cache-gb", type=float, default=64.0, help="frame cache budget; 0 decodes on the fly")
+    data.add_argument("--write-dataset", metavar="DIR", help="write a synthetic LeRobot dataset (--cameras of "
+                      "--height x --width) to measure on")
+    data.add_argument("--episodes", type=int, default=20, help="episodes of the synthetic dataset")
+    data.add_argument("--frames", type=int, default=300, help="frames per synthetic episode")
+    data.add_argument("--codec", default="libsvtav1", choices=sorted(CODECS))
+    data.add_argument("--version", default="v3.0", choices=SUPPORTED_VERSIONS)
     args = ap.parse_args(argv)
     if args.batch is None:
-        args.batch = 2 if args.train else 1
+        args.batch = 2 if args.train else 32 if args.data else 1
     for name in ("cameras", "height", "width", "steps", "repeats", "threads", "batch"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be at least 1")
@@ -302,6 +354,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.write_dataset or args.data:
+        return dataset_main(args)
     torch.set_num_threads(args.threads)
     pack = not (args.no_pack or args.compile)  # compiled: inductor packs the weights itself ("freezing")
     result = {"threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -321,32 +375,22 @@ def main(argv=None) -> dict:
           f"{args.height}x{args.width}, batch {args.batch}, {args.steps} flow steps, {args.dtype}, "
           f"{torch.get_num_threads()} threads; FLOPs per chunk and observation: "
           + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in flops.items()), flush=True)
-    if args.compile:
-        # optional: torch.compile fuses the elementwise work around the matrix products (norms, GELU,
-        # residuals, RoPE); the vision tower and one flow step of the expert are compiled as wholes
-        torch._inductor.config.freezing = True  # weights as constants: pre-packed for oneDNN, folded
-        model.vision.compile()
-        model.expert.compile()
 
     result["load_before"] = os.getloadavg()[0]
     if args.train:
         model.train()
         trained = [p for p in model.parameters() if p.requires_grad]
-        # fused: one kernel per parameter updates it and both moments (instead of a dozen passes of foreach ops)
-        cfg = model.config
-        optimizer = torch.optim.AdamW(trained, lr=cfg.optimizer_lr, betas=cfg.optimizer_betas, eps=cfg.optimizer_eps,
-                                      weight_decay=cfg.optimizer_weight_decay, fused=True)
+        # the optimizer of train.py's recipe (fused: one kernel per parameter updates it and both moments)
+        optimizer = torch.optim.AdamW(trained, lr=RECIPE["lr"], betas=RECIPE["betas"], eps=RECIPE["eps"],
+                                      weight_decay=RECIPE["weight_decay"], fused=True)
         autocast = DTYPES[args.dtype] if args.dtype != "fp32" else None
         # the frozen parts (train_expert_only: vision, connector, text model) never change: under autocast keep
         # them in bf16, as lerobot keeps smolvla_base's VLM, so that autocast neither re-casts their weights nor
-        # converts activations back and forth (the trained parts keep float32 master weights); packed, they
-        # run packed wherever no gradient is tracked (vision, connector, the VLM over images and words)
+        # converts activations back and forth (the trained parts keep float32 master weights)
         for part in model.children():
-            if not any(p.requires_grad for p in part.parameters()):
-                if autocast is not None:
-                    part.to(autocast)
-                if pack:
-                    pack_linear_layers(part)
+            if autocast is not None and not any(p.requires_grad for p in part.parameters()):
+                part.to(autocast)
+        speed.prepare(model, training=True, pack=pack, compile=args.compile)
         run = lambda: train_step(model, optimizer, inputs, autocast)  # noqa: E731
         wall, cpu = timed(run, args.repeats, args.warmup)
         result["train_step_s"] = statistics.median(wall)
@@ -354,8 +398,7 @@ def main(argv=None) -> dict:
         result["trained_params"] = sum(p.numel() for p in trained)
     else:
         model.to(DTYPES[args.dtype])
-        if pack:
-            pack_linear_layers(model)
+        speed.prepare(model, pack=pack, compile=args.compile)
         run = lambda: sample_chunk(model, inputs)  # noqa: E731
         wall, cpu = timed(run, args.repeats, args.warmup)
         result["chunk_s"] = statistics.median(wall)
@@ -377,6 +420,23 @@ def main(argv=None) -> dict:
         result["vs_reference"] = result[key] / result["reference"][key]
         summary += f"; reference {result['reference'][key]:.3f} s -> {result['vs_reference']:.2f}x"
     print(f"bench: {summary}", flush=True)
+    if args.json:
+        print(json.dumps(result))
+    return result
+
+
+def dataset_main(args) -> dict:
+    """--write-dataset and/or --data: write a synthetic dataset, then measure the reader."""
+    result = {}
+    if args.write_dataset:
+        names = tuple(f"camera{i + 1}" for i in range(args.cameras))
+        start = time.perf_counter()
+        episodes = synthetic_episodes(args.episodes, args.frames, args.height, args.width, names)
+        write_lerobot_dataset(args.write_dataset, episodes, codec=args.codec, version=args.version)
+        print(f"wrote {args.write_dataset} in {time.perf_counter() - start:.1f} s")
+    if args.data:
+        result["samples_per_s"] = data_benchmark(args.data, args.workers, args.batch, args.seconds, args.chunk_size,
+                                                 args.max_cache_gb)
     if args.json:
         print(json.dumps(result))
     return result

@@ -1,26 +1,31 @@
 """The action expert: a small transformer that runs layer by layer beside the VLM (SmolVLA paper §3.2).
 
-SmolVLA's VLM (SmolVLM2's language model, SmolLM2) reads the *prefix*: image tokens, the task's words
-and one state token. The action expert reads the *suffix*: the noisy action chunk fused with the flow
-time. It has as many layers as the (cut) VLM and the same layer recipe — a SmolLM2/Llama decoder layer —
-but is narrower (0.75 × the VLM's width: 720 instead of 960 for smolvla_base). Layer i of the expert
-talks to layer i of the VLM in one of two ways, alternating (`self_attn_every_n_layers` = 2):
+SmolVLA's VLM (SmolVLM2's language model, SmolLM2, vlm.py) reads the *prefix*: image tokens, the task's
+words and one state token. The action expert reads the *suffix*: the noisy action chunk fused with the
+flow time. It is built from the same layer recipe — a SmolLM2/Llama decoder layer — but is narrower
+(0.75 × the VLM's width: 720 instead of 960 for smolvla_base) and has as many layers as the VLM keeps
+(16), or a divisor of that (`num_expert_layers`; expert layer j then sits beside VLM layer j·stride and
+the VLM layers between have no partner). An expert layer talks to its VLM layer in one of two ways,
+alternating (`self_attn_every_n_layers` = 2):
 
 - even layers, *joint self-attention*: the expert's action tokens attend to the VLM's prefix keys/values
-  and to each other (causally, see the block masks in smolvla.py), each stream with its own projections;
+  and to each other (causally: see the block mask in smolvla.py), each stream with its own projections;
 - odd layers, *cross-attention*: the expert's queries attend only to the prefix; its keys/values are the
   VLM layer's keys (after RoPE) and values, passed through the expert's own k/v projections
   (320 -> 320 for smolvla_base). Here the expert's positions restart at 0.
 
 The prefix never attends to the suffix (it is an earlier attention block), so the VLM's computation
 does not depend on the actions at all. That is what makes SmolVLA cheap: the VLM runs once per chunk and
-leaves behind, for each layer, the keys/values the expert will attend to (a KV cache); each of the 10
-flow steps then runs only the expert (`ActionExpert.forward`). Training uses the very same two calls.
+leaves behind, for each layer, the keys/values the expert will attend to (a KV cache, `cache_prefix`);
+each of the 10 flow steps then runs only the expert (`ActionExpert.forward`). Training uses the very same
+two calls.
 
-Pieces defined here and reused by the VLM's text model in smolvla.py: RMSNorm, rotary position
-embeddings (RoPE), grouped-query attention with a float32 softmax, the SiLU-gated MLP, the decoder layer.
+Reading order: the decoder layer's pieces, shared with the VLM's text model in vlm.py (RMSNorm, rotary
+position embeddings, grouped-query attention written out beside the fused call, the SiLU-gated MLP, the
+layer), then the expert.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -96,19 +101,28 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
     return rotated.to(x.dtype)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Softmax attention with grouped-query heads: softmax(q·kᵀ / √hd, masked) · v, softmax in float32.
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              fused: bool = True) -> torch.Tensor:
+    """Softmax attention with grouped-query heads, softmax in float32:
+
+        out = softmax(q·kᵀ / √hd, keys a query may not see at −∞) · v
 
     q: (B, Lq, H, hd); k, v: (B, Lk, Hkv, hd) with H a multiple of Hkv (query head h reads kv head
     h // (H/Hkv)); mask: (B, Lq, Lk) bool, True = may attend, or None -> (B, Lq, H·hd) in v's dtype.
-
-    speed: one fused kernel, F.scaled_dot_product_attention. On CPU it is a flash-attention loop that never
-    stores the (Lq, Lk) score matrix, accumulates scores and softmax in float32 also for bfloat16 inputs, and
-    lets each group of H/Hkv query heads read its kv head in place (enable_gqa) instead of copying the keys
-    and values H/Hkv times. It equals the plain formula above to float32 rounding (test_bench.py checks);
-    the one difference: a query that may attend to nothing (a padding token's) gets zeros rather than
-    an average, which no real token ever reads (padding keys are masked for every query).
     """
+    if not fused:
+        # the formula written out: each kv head serves H/Hkv query heads; scores and softmax in float32
+        group = q.shape[2] // k.shape[2]
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)  # (B, Lk, H, hd)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / math.sqrt(q.shape[-1])  # (B, H, Lq, Lk)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query that may see nothing: zeros
+        return torch.einsum("bhqk,bkhd->bqhd", probs.to(v.dtype), v).flatten(2)  # (B, Lq, H·hd)
+    # speed: the same in one fused kernel. On CPU it is a flash-attention loop that never stores the
+    # (Lq, Lk) score matrix, accumulates scores and softmax in float32 also for bfloat16 inputs, and lets
+    # each group of H/Hkv query heads read its kv head in place (enable_gqa) instead of copying the keys
+    # and values H/Hkv times. It equals the written-out formula to float32 rounding (test_bench.py checks).
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),  # (B, H, Lq, hd)
         k.transpose(1, 2),  # (B, Hkv, Lk, hd)
@@ -233,38 +247,13 @@ class ActionExpert(nn.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def cache_prefix(
-        self,
-        vlm_layers: nn.ModuleList,
-        prefix: torch.Tensor,
-        mask: torch.Tensor,
-        positions: torch.Tensor,
-        untracked: int = 0,
-    ) -> list:
-        """Run the VLM over the prefix once; return per VLM layer the keys/values the expert attends to.
-
-        prefix: (B, P, D) embeddings; mask: (B, P, P) bool; positions: (B, P).
-        Returns cache[i] = (k, v), each (B, P, Hkv, hd): for a joint layer the VLM layer's own keys (after
+    def cache_prefix(self, vlm_keys_values: list) -> list:
+        """What each expert layer attends to, from the VLM's per-layer keys/values over the prefix (each
+        (B, P, Hkv, hd), from vlm.TextModel.keys_values): for a joint layer the VLM layer's own keys (after
         RoPE) and values; for a cross layer those passed through the expert's k/v projections — done here,
-        once per chunk, instead of in each of the flow steps. None where no expert layer sits beside.
-
-        untracked: speed (training with a frozen VLM): the first `untracked` tokens (images and words) depend
-        on no trained weight and attend to no later token, so they run without gradient tracking; only the
-        rest (the state token, whose projection is trained) is tracked and backpropagated through the VLM:
-        1 token per sample instead of P. The results and gradients are the same.
-        """
-        rope = rope_angles(positions, vlm_layers[0].self_attn.head_dim)  # shared by all layers
-        if untracked > 0:
-            u = untracked
-            # the first u tokens untracked (mask (B, u, u)), then the rest, attending to them too (B, P − u, P)
-            with torch.no_grad():
-                past = self.vlm_keys_values(vlm_layers, prefix[:, :u], mask[:, :u, :u], tuple(r[:, :u] for r in rope))
-            rest_rope = tuple(r[:, u:] for r in rope)
-            keys_values = self.vlm_keys_values(vlm_layers, prefix[:, u:], mask[:, u:], rest_rope, past)
-        else:
-            keys_values = self.vlm_keys_values(vlm_layers, prefix, mask, rope)
+        once per chunk, instead of in each of the flow steps. None where no expert layer sits beside."""
         cache = []
-        for (k, v), (j, cross) in zip(keys_values, self.plan):
+        for (k, v), (j, cross) in zip(vlm_keys_values, self.plan):
             if j is None:
                 cache.append(None)
             elif cross:
@@ -274,23 +263,6 @@ class ActionExpert(nn.Module):
             else:
                 cache.append((k, v))
         return cache
-
-    @staticmethod
-    def vlm_keys_values(vlm_layers: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor, rope: tuple, past=None):
-        """The VLM's layers over tokens x (B, L, D): per layer their keys (after RoPE) and values, each
-        (B, L, Hkv, hd). past: per layer the keys/values of earlier tokens, which x also attends to (mask
-        (B, L, earlier + L)) and which lead the returned ones ((B, earlier + L, Hkv, hd)); without it mask
-        is (B, L, L)."""
-        keys_values = []
-        for i, vlm_layer in enumerate(vlm_layers):
-            q, k, v = vlm_layer.qkv(x, rope)  # (B, L, H, hd), (B, L, Hkv, hd) ×2
-            if past is not None:
-                k, v = torch.cat([past[i][0], k], dim=1), torch.cat([past[i][1], v], dim=1)
-            keys_values.append((k, v))
-            # the last layer's output is never used: only its keys/values are
-            if i < len(vlm_layers) - 1:
-                x = vlm_layer.finish(x, attention(q, k, v, mask))
-        return keys_values
 
     def suffix_layout(self, mask: torch.Tensor, positions: torch.Tensor) -> SuffixLayout:
         """What the action tokens attend to and where they sit, from the suffix rows of the attention mask

@@ -1,13 +1,510 @@
-"""SmolVLA as a lerobot policy: the checkpoint on disk, and robot units in and out.
+"""SmolVLA as a lerobot policy: robot units in and out, and the checkpoint on disk (SmolVLA paper §4).
 
-(Placeholder while the layout moves: for now this file holds the facts every other file shares.)
+The model (smolvla.py) works in *normalized units*: the state and the actions of the training data,
+each dimension shifted and scaled by the dataset's statistics (MEAN_STD: (x − mean) / (std + 1e-8), a
+standard score), and tokenized task strings. A robot works in *robot units*: joint angles in degrees (or
+−100..100), a gripper 0..100, a sentence. The policy level turns one into the other, exactly as lerobot's
+pre- and post-processors do, so that a checkpoint trained by lerobot drives an arm here:
+
+    observation (robot units) ─► normalize state, tokenize "task\n", frames in [0, 1]
+                              ─► SmolVLA.sample_actions ─► unnormalize ─► chunk (robot units)
+
+`predict_chunk` is that path for one observation; `training_loss` the same for a batch of dataset
+samples (with the loss masked past the end of each episode).
+
+The rest of the file is lerobot's checkpoint format, so that `SmolVLA.from_pretrained("lerobot/smolvla_base")`
+loads the official weights and `save_pretrained` writes what lerobot loads: config.json, model.safetensors
+(our parameter names differ from lerobot's only by a prefix per part; loading is strict by name and
+shape), the normalization statistics (two on-disk formats in the wild), the pre/post-processor JSON, and
+vlm/ (the VLM's config and tokenizer). Last, where files come from: a local directory or the Hugging Face
+Hub, for checkpoints and datasets alike.
 """
 
+import fnmatch
 import json
 import os
+import re
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlm import parse_vlm_config
 
 # lerobot's names for what a policy reads and writes (a dataset's columns carry the same names)
 STATE, ACTION, IMAGE_PREFIX = "observation.state", "action", "observation.images."
+NORM_EPS = 1e-8  # lerobot's normalizer: (x - mean) / (std + 1e-8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Robot units in and out.
+
+
+def set_normalization(model, stats: dict):
+    """Use these statistics (e.g. a LeRobot dataset's meta/stats.json) to normalize the state and actions.
+    stats: {"observation.state": {"mean": …, "std": …, "min": …, "max": …}, "action": {…}, …}."""
+    for feature, dim in ((STATE, model.config.state_dim), (ACTION, model.config.action_dim)):
+        if feature not in stats:
+            continue
+        model.stats[feature] = {}
+        for name, value in stats[feature].items():
+            if name not in ("mean", "std", "min", "max"):
+                continue
+            value = torch.as_tensor(value, dtype=torch.float32).flatten()
+            if value.shape != (dim,):
+                raise ValueError(f"{feature} {name} has shape {tuple(value.shape)}, the policy's has {dim} dims")
+            model.stats[feature][name] = value
+
+
+def _norm_stats(model, feature: str, feature_type: str, device) -> tuple[str, dict]:
+    """The feature's normalization mode and its statistics on `device` (MIN_MAX: with the span max − min,
+    NORM_EPS where max = min)."""
+    mode = model.config.normalization_mapping.get(feature_type, "IDENTITY")
+    needed = {"IDENTITY": (), "MEAN_STD": ("mean", "std"), "MIN_MAX": ("min", "max")}.get(mode)
+    if needed is None:
+        raise ValueError(f"normalization mode {mode} is not supported (IDENTITY, MEAN_STD, MIN_MAX are)")
+    have = model.stats.get(feature, {})
+    if any(n not in have for n in needed):
+        raise ValueError(
+            f"no {'/'.join(needed)} statistics for '{feature}' ({mode} normalization): the policy cannot map "
+            f"robot units to its own. Call model.set_normalization(dataset.stats) with the stats of the dataset "
+            f"it was trained on (found: {sorted(have) or 'none'})"
+        )
+    s = {name: have[name].to(device) for name in needed}
+    if mode == "MIN_MAX":
+        s["span"] = torch.where(s["max"] == s["min"], torch.full_like(s["max"], NORM_EPS), s["max"] - s["min"])
+    return mode, s
+
+
+def normalize(model, feature: str, feature_type: str, x: torch.Tensor) -> torch.Tensor:
+    """Robot units -> normalized units: MEAN_STD (x − mean) / (std + ε); MIN_MAX [min, max] -> [−1, 1]."""
+    mode, s = _norm_stats(model, feature, feature_type, x.device)
+    if mode == "MEAN_STD":
+        return (x - s["mean"]) / (s["std"] + NORM_EPS)
+    if mode == "MIN_MAX":
+        return 2 * (x - s["min"]) / s["span"] - 1
+    return x
+
+
+def unnormalize(model, feature: str, feature_type: str, x: torch.Tensor) -> torch.Tensor:
+    """Normalized units -> robot units (the inverse of normalize)."""
+    mode, s = _norm_stats(model, feature, feature_type, x.device)
+    if mode == "MEAN_STD":
+        return x * s["std"] + s["mean"]
+    if mode == "MIN_MAX":
+        return (x + 1) / 2 * s["span"] + s["min"]
+    return x
+
+
+def tokenize(model, tasks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Task string(s) -> tokens (B, L) int64 and mask (B, L) bool, as lerobot's preprocessor does:
+    a newline appended, truncated to tokenizer_max_length, right-padded ("longest" or "max_length")."""
+    if model.tokenizer is None:
+        raise ValueError("this model has no tokenizer: load it with from_pretrained/from_vlm or pass one")
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    if not all(isinstance(t, str) for t in tasks):
+        raise ValueError(f"tasks must be strings, got {tasks!r}")
+    tasks = [t if t.endswith("\n") else t + "\n" for t in tasks]
+    out = model.tokenizer(
+        tasks,
+        max_length=model.config.tokenizer_max_length,
+        truncation=True,
+        padding=model.config.pad_language_to,
+        padding_side="right",
+        return_tensors="pt",
+    )
+    device = model.text.embed_tokens.weight.device
+    return out["input_ids"].to(device), out["attention_mask"].bool().to(device)
+
+
+def present_cameras(config, observation: dict) -> list[str]:
+    """The configured cameras found in the observation; too many missing -> error naming them."""
+    present = [k for k in config.camera_keys if k in observation]
+    missing = [k for k in config.camera_keys if k not in observation]
+    if len(missing) > config.empty_cameras:
+        raise ValueError(
+            f"the observation lacks camera(s) {missing} (has {[k for k in observation if k.startswith(IMAGE_PREFIX)]}); "
+            f"this policy reads {config.camera_keys} and allows {config.empty_cameras} missing "
+            f"(empty_cameras). Rename your cameras to the policy's names or provide them."
+        )
+    return present
+
+
+@torch.no_grad()
+def predict_chunk(model, observation: dict, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One action chunk for one raw observation, in robot units: (1, chunk_size, action_dim).
+
+    observation: {"observation.state": (state_dim,) robot units, "observation.images.<cam>": (3, H, W)
+    float in [0, 1] for the policy's cameras (config.camera_keys), "task": str}.
+    noise: optional (1, chunk_size, max_action_dim) starting noise (for reproducible chunks).
+    """
+    model.eval()
+    config, device = model.config, model.state_proj.weight.device
+    if "task" not in observation or STATE not in observation:
+        raise ValueError(f"the observation needs '{STATE}' and 'task' (got keys {sorted(observation)})")
+    state = torch.as_tensor(observation[STATE], dtype=torch.float32, device=device)
+    if state.shape != (config.state_dim,):
+        raise ValueError(f"'{STATE}' must have shape ({config.state_dim},), got {tuple(state.shape)}")
+    images = []
+    for key in present_cameras(config, observation):
+        img = torch.as_tensor(observation[key], device=device)
+        if img.ndim != 3:
+            raise ValueError(f"'{key}' must be one frame (3, H, W) float in [0, 1], got shape {tuple(img.shape)}")
+        images.append(img[None].float())
+    img_masks = [torch.ones(1, dtype=torch.bool, device=device) for _ in images]
+    tokens, token_masks = tokenize(model, [observation["task"]])
+    state = normalize(model, STATE, "STATE", state[None])  # (1, state_dim)
+    actions = model.sample_actions(images, img_masks, tokens, token_masks, state, noise=noise)
+    return unnormalize(model, ACTION, "ACTION", actions[:, :, : config.action_dim])
+
+
+def training_loss(model, batch: dict, noise=None, time=None) -> torch.Tensor:
+    """Scalar training loss on a collated batch of dataset samples in robot units (data.py):
+    normalizes state and actions, tokenizes the tasks, and averages the flow-matching error over the
+    chunk steps that are inside the episode (not `action_is_pad`) and the real action dims."""
+    device = model.state_proj.weight.device
+    state = normalize(model, STATE, "STATE", batch[STATE].to(device).float())  # (B, state_dim)
+    actions = normalize(model, ACTION, "ACTION", batch[ACTION].to(device).float())  # (B, chunk, action_dim)
+    images = [batch[k].to(device).float() for k in present_cameras(model.config, batch)]
+    img_masks = [torch.ones(state.shape[0], dtype=torch.bool, device=device) for _ in images]
+    tokens, token_masks = tokenize(model, batch["task"])
+    losses = model.compute_loss(images, img_masks, tokens, token_masks, state, actions, noise, time)
+    losses = losses[:, :, : model.config.action_dim]  # (B, chunk, action_dim)
+    valid = torch.ones(losses.shape[:2], dtype=torch.bool, device=device)
+    if "action_is_pad" in batch:
+        valid = ~batch["action_is_pad"].to(device).bool()  # (B, chunk)
+    return (losses * valid[..., None]).sum() / (valid.sum() * losses.shape[-1]).clamp(min=1)
+
+
+def features_from_dataset(dataset):
+    """lerobot's input/output feature dicts describing a dataset's state, cameras and actions (the
+    config of a policy trained from scratch on it)."""
+    sample = dataset[0]
+    inputs = {STATE: {"type": "STATE", "shape": list(sample[STATE].shape)}}
+    for key in dataset.camera_keys:
+        inputs[key] = {"type": "VISUAL", "shape": list(sample[key].shape)}
+    outputs = {ACTION: {"type": "ACTION", "shape": [sample[ACTION].shape[-1]]}}
+    return inputs, outputs
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: lerobot's format.
+
+# config.json's fields that lerobot writes and nothing here reads (training bookkeeping), with lerobot
+# 0.4.4's defaults: a fresh checkpoint carries them so that lerobot's strict config parser loads it.
+LEROBOT_CONFIG_FIELDS = {
+    "n_obs_steps": 1, "device": "cpu", "use_amp": False, "use_peft": False, "push_to_hub": False,
+    "repo_id": None, "private": None, "tags": None, "license": None, "pretrained_path": None,
+    "adapt_to_pi_aloha": False, "use_delta_joint_actions_aloha": False, "use_cache": True,
+    "optimizer_lr": 1e-4, "optimizer_betas": [0.9, 0.95], "optimizer_eps": 1e-8, "optimizer_weight_decay": 1e-10,
+    "optimizer_grad_clip_norm": 10, "scheduler_warmup_steps": 1000, "scheduler_decay_steps": 30000,
+    "scheduler_decay_lr": 2.5e-6, "load_vlm_weights": False, "rtc_config": None, "compile_model": False,
+    "compile_mode": "max-autotune",
+}
+# the files that describe a VLM (architecture, tokenizer, processor), without its weights
+VLM_DESCRIPTION_FILES = ["*.json", "*.txt", "*.model", "*.jinja"]
+
+# Our parameter names differ from the checkpoints' only by these prefixes (the names inside each part
+# follow Hugging Face's). Columns: ours, lerobot's SmolVLA checkpoint, Hugging Face SmolVLM2 weights.
+LEROBOT, HF_VLM = 1, 2
+NAME_PREFIXES = (
+    ("vision.", "model.vlm_with_expert.vlm.model.vision_model.", "model.vision_model."),
+    (
+        "connector.",
+        "model.vlm_with_expert.vlm.model.connector.modality_projection.proj.",
+        "model.connector.modality_projection.proj.",
+    ),
+    ("text.", "model.vlm_with_expert.vlm.model.text_model.", "model.text_model."),
+    ("lm_head.", "model.vlm_with_expert.vlm.lm_head.", "lm_head."),
+    ("expert.", "model.vlm_with_expert.lm_expert.", None),
+    ("", "model.", None),  # state_proj, action_in_proj, action_time_mlp_in/out, action_out_proj
+)
+# old-format normalization buffers, e.g. normalize_inputs.so100-red_buffer_observation_state.mean
+OLD_STATS_NAME = re.compile(
+    r"^(normalize_inputs|normalize_targets|unnormalize_outputs)\.(?:(.+)_)?buffer_(.+)\.(mean|std|min|max)$"
+)
+
+
+
+
+def load_pretrained(model_class, checkpoint: str, vlm: str | None = None):
+    """Load a lerobot SmolVLA checkpoint (a local directory or a Hub id such as "lerobot/smolvla_base").
+
+    vlm: where the VLM's description (config.json + tokenizer) is; default `<checkpoint>/vlm/` if present,
+    else the checkpoint's `vlm_model_name` on the Hub. Weights are loaded strictly by name and shape
+    into a float32 model (bf16 tensors are upcast); the model is returned in eval mode.
+    """
+    ckpt_dir = resolve_dir(checkpoint, "checkpoint", ["*.json", "*.safetensors", "*.md"])
+    config = model_class.config_class.from_json_dict(read_json(os.path.join(ckpt_dir, "config.json"), "checkpoint config"))
+    weights_path = os.path.join(ckpt_dir, "model.safetensors")
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"no model.safetensors in checkpoint directory {ckpt_dir}")
+    if vlm is None:
+        local_vlm = os.path.join(ckpt_dir, "vlm")
+        vlm = local_vlm if os.path.isdir(local_vlm) else config.vlm_model_name
+    hint = "Pass vlm=<a directory with the VLM's config.json and tokenizer files>."
+    vlm_dir = resolve_dir(vlm, "VLM", VLM_DESCRIPTION_FILES, hint=hint)
+    vlm_config, tokenizer = load_vlm_description(vlm_dir)
+    with torch.device("meta"):  # no memory, no random init: every tensor comes from the checkpoint
+        model = model_class(config, vlm_config, tokenizer)
+    model.vlm_dir = vlm_dir
+    tensors = load_file(weights_path)
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
+    buffer_stats = load_policy_tensors(model, tensors)
+    print(f"smolvla: {len(tensors)} tensors ({'/'.join(dtypes)} -> float32) from {weights_path}; VLM from {vlm}")
+    stats, source = read_processor_stats(ckpt_dir)
+    if not stats:
+        stats, source = read_buffer_stats(buffer_stats, config)
+    stats, ignored = usable_stats(stats, config)
+    set_normalization(model, stats)
+    report_normalization(model, source + (f"; ignored: {', '.join(ignored)}" if ignored else ""))
+    return model.eval()
+
+
+def init_from_vlm(model_class, vlm: str, config):
+    """A fresh policy for training from scratch: SmolVLM2's pretrained vision tower, connector and first
+    N text layers (Hugging Face format: model.vision_model.*, model.connector.*, model.text_model.*,
+    lm_head.*) and a newly initialized action expert and projections."""
+    vlm_dir = resolve_dir(vlm, "VLM", VLM_DESCRIPTION_FILES + ["*.safetensors"])
+    vlm_config, tokenizer = load_vlm_description(vlm_dir)
+    model = model_class(config, vlm_config, tokenizer)
+    model.vlm_dir = vlm_dir
+    kept = len(model.text.layers)
+
+    def cut_layer(name: str) -> bool:  # text layers beyond the first N are dropped on purpose
+        m = re.match(r"text\.layers\.(\d+)\.", name)
+        return m is not None and int(m.group(1)) >= kept
+
+    load_weights(model, read_safetensors_dir(vlm_dir), HF_VLM, skip=cut_layer)
+    print(f"smolvla: VLM weights from {vlm_dir} ({kept} text layers kept); expert and projections initialized")
+    return model
+
+
+def save_pretrained(model, directory: str):
+    """Write a checkpoint in lerobot's format (config.json, model.safetensors, the pre/post-processor
+    JSON with their normalization stats) plus vlm/ (the VLM's config.json and tokenizer), so that it
+    loads here without the Hub and in lerobot."""
+    os.makedirs(directory, exist_ok=True)
+    cfg = model.config.to_json_dict()
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=4)
+    weights = {checkpoint_name(k, LEROBOT): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    flat_stats = {f"{feat}.{name}": t.contiguous() for feat, s in model.stats.items() for name, t in s.items()}
+    for name, steps, stats_step, features in (
+        ("policy_preprocessor", preprocessor_steps(cfg), 5, {**cfg["input_features"], **cfg["output_features"]}),
+        ("policy_postprocessor", postprocessor_steps(cfg), 0, cfg["output_features"]),
+    ):
+        step = steps[stats_step]
+        step["config"]["features"] = features
+        if flat_stats:
+            step["state_file"] = f"{name}_step_{stats_step}_{step['registry_name']}.safetensors"
+            save_file(flat_stats, os.path.join(directory, step["state_file"]))
+        with open(os.path.join(directory, f"{name}.json"), "w") as f:
+            json.dump({"name": name, "steps": steps}, f, indent=4)
+    # vlm/: the VLM's description files as they came (config, tokenizer, processor configs), else the
+    # in-memory config and tokenizer
+    vlm_dir = os.path.join(directory, "vlm")
+    os.makedirs(vlm_dir, exist_ok=True)
+    if model.vlm_dir is not None:
+        for name in os.listdir(model.vlm_dir):
+            is_description = any(fnmatch.fnmatch(name, p) for p in VLM_DESCRIPTION_FILES)
+            if is_description and name != "model.safetensors.index.json":
+                shutil.copyfile(os.path.join(model.vlm_dir, name), os.path.join(vlm_dir, name))
+    elif model.tokenizer is not None:
+        model.tokenizer.save_pretrained(vlm_dir)
+    with open(os.path.join(vlm_dir, "config.json"), "w") as f:
+        json.dump(model.vlm_config, f, indent=2)
+
+
+def report_normalization(model, source: str):
+    """Say which statistics the policy will use (silently acting in normalized units would be a bug)."""
+    if model.stats:
+        found = "; ".join(f"{feat} ({', '.join(sorted(s))})" for feat, s in model.stats.items())
+        print(f"smolvla: normalization stats from {source}: {found}")
+    else:
+        print(
+            f"smolvla: no normalization stats found ({source}); call set_normalization(dataset.stats) "
+            "before predict_chunk or training_loss"
+        )
+
+
+def checkpoint_name(name: str, column: int) -> str | None:
+    """Our parameter name -> its name in a lerobot checkpoint (column LEROBOT) or SmolVLM2's weights (HF_VLM)."""
+    for row in NAME_PREFIXES:
+        if name.startswith(row[0]):
+            return None if row[column] is None else row[column] + name[len(row[0]) :]
+    return None
+
+
+def our_name(name: str, column: int) -> str | None:
+    """A checkpoint tensor's name -> ours (None if it belongs to no part we know)."""
+    name = ".".join(p for p in name.split(".") if p != "_orig_mod")  # saved under torch.compile
+    for row in NAME_PREFIXES:
+        if row[column] is not None and name.startswith(row[column]):
+            return row[0] + name[len(row[column]) :]
+    return None
+
+
+def load_weights(model: nn.Module, tensors: dict, column: int, skip=lambda name: False, assign: bool = False):
+    """Copy named tensors into the model, strictly: every parameter the checkpoint should hold must be there
+    with the right shape, and every tensor must have a place. All problems are listed in one error.
+
+    column: LEROBOT (a whole policy: every parameter is expected) or HF_VLM (only the VLM's parts).
+    skip(our_name): tensors deliberately left out (the VLM's text layers beyond the first N).
+    """
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if checkpoint_name(k, column) is not None}
+    found, seen, unexpected, misshaped = {}, set(), [], []
+    for name, tensor in tensors.items():
+        mine = our_name(name, column)
+        if mine is not None and skip(mine):
+            continue
+        if mine not in expected:
+            unexpected.append(name)
+            continue
+        seen.add(mine)
+        if tuple(tensor.shape) != expected[mine]:
+            misshaped.append(f"{name}: checkpoint {tuple(tensor.shape)}, model {expected[mine]}")
+        else:
+            found[mine] = tensor
+    missing = [checkpoint_name(k, column) for k in expected if k not in seen]
+    if missing or unexpected or misshaped:
+        lines = [f"checkpoint does not fit the model built from its config ({len(found)} tensors matched):"]
+        for title, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+            if names:
+                lines.append(f"  {len(names)} {title}: " + ", ".join(names[:20]) + (" …" if len(names) > 20 else ""))
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(found, strict=False, assign=assign)
+
+
+def load_policy_tensors(model: nn.Module, tensors: dict) -> dict:
+    """Load a lerobot checkpoint's tensors into the model as float32 (the published weights mix bfloat16
+    and float32); return the old-format normalization buffers found among them."""
+    buffers = {k: t for k, t in tensors.items() if OLD_STATS_NAME.match(k)}
+    load_weights(model, {k: t.float() for k, t in tensors.items() if k not in buffers}, LEROBOT, assign=True)
+    return buffers
+
+
+def load_vlm_description(source: str) -> tuple[dict, object]:
+    """The VLM's config.json (its architecture) and its tokenizer, from a directory or Hub id."""
+    from transformers import AutoTokenizer
+
+    vlm_dir = resolve_dir(source, "VLM", VLM_DESCRIPTION_FILES)
+    vlm_config = read_json(os.path.join(vlm_dir, "config.json"), "VLM config.json")
+    parse_vlm_config(vlm_config)  # fail early on a config that is not SmolVLM's
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(vlm_dir)
+    except Exception as e:
+        raise ValueError(f"could not load the tokenizer from {vlm_dir}: {e}") from e
+    return vlm_config, tokenizer
+
+
+def read_safetensors_dir(directory: str) -> dict:
+    """All tensors of a Hugging Face model directory: model.safetensors or shards listed in its index."""
+    single = os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):
+        tensors = {}
+        for shard in sorted(set(read_json(index, "weights index")["weight_map"].values())):
+            tensors.update(load_file(os.path.join(directory, shard)))
+        return tensors
+    raise FileNotFoundError(f"no model.safetensors (or model.safetensors.index.json) in {directory}")
+
+
+def read_processor_stats(ckpt_dir: str) -> tuple[dict, str]:
+    """New-format stats: the (un)normalizer steps of policy_pre/postprocessor.json name a safetensors
+    file of flat `<feature>.<stat>` tensors. Returns ({feature: {stat: tensor}}, where they came from)."""
+    stats, sources = {}, []
+    for name in ("policy_preprocessor.json", "policy_postprocessor.json"):
+        path = os.path.join(ckpt_dir, name)
+        if not os.path.isfile(path):
+            continue
+        for step in read_json(path, name).get("steps", []):
+            if "normalizer" not in step.get("registry_name", "") or "state_file" not in step:
+                continue
+            state_path = os.path.join(ckpt_dir, step["state_file"])
+            if not os.path.isfile(state_path):
+                raise FileNotFoundError(f"{name} names the stats file {step['state_file']}, which is missing")
+            for key, value in load_file(state_path).items():
+                feature, stat = key.rsplit(".", 1)
+                stats.setdefault(feature, {}).setdefault(stat, value)
+            sources.append(step["state_file"])
+    return stats, " and ".join(sources) or "no policy_pre/postprocessor stats files"
+
+
+def read_buffer_stats(buffers: dict, config) -> tuple[dict, str]:
+    """Old-format stats: buffers inside model.safetensors such as normalize_inputs.buffer_observation_state.mean,
+    possibly with a dataset prefix (normalize_inputs.so100-red_buffer_…). Buffers left at inf were never set."""
+    features = {k.replace(".", "_"): k for k in {**config.input_features, **config.output_features}}
+    stats = {}
+    for key, value in buffers.items():
+        _, _, feature, stat = OLD_STATS_NAME.match(key).groups()
+        if torch.isfinite(value).all():
+            stats.setdefault(features.get(feature, feature), {}).setdefault(stat, value)
+    return stats, "buffers in model.safetensors" if buffers else "no stats buffers in model.safetensors"
+
+
+def usable_stats(stats: dict, config) -> tuple[dict, list[str]]:
+    """The state/action statistics that fit the config, and a note for each one that does not (statistics
+    of another feature name or another robot's size are reported, not used)."""
+    dims = {STATE: config.state_dim, ACTION: config.action_dim}
+    usable, ignored = {}, []
+    for feature, feature_stats in stats.items():
+        if feature not in dims:
+            if feature not in config.input_features and feature not in config.output_features:
+                ignored.append(f"{feature} (not a feature of this policy)")
+            continue
+        wanted = {k: v for k, v in feature_stats.items() if k in ("mean", "std", "min", "max")}
+        fits = {k: v for k, v in wanted.items() if v.numel() == dims[feature]}
+        misfits = sorted(set(wanted) - set(fits))
+        if misfits:
+            ignored.append(f"{feature} {'/'.join(misfits)} (not {dims[feature]} values)")
+        if fits:
+            usable[feature] = fits
+    return usable, ignored
+
+
+def preprocessor_steps(cfg: dict) -> list:
+    """lerobot's SmolVLA input pipeline, as its policy_preprocessor.json describes it."""
+    return [
+        {"registry_name": "rename_observations_processor", "config": {"rename_map": {}}},
+        {"registry_name": "to_batch_processor", "config": {}},
+        {"registry_name": "smolvla_new_line_processor", "config": {}},
+        {
+            "registry_name": "tokenizer_processor",
+            "config": {
+                "max_length": cfg["tokenizer_max_length"],
+                "task_key": "task",
+                "padding_side": "right",
+                "padding": cfg["pad_language_to"],
+                "truncation": True,
+                "tokenizer_name": cfg["vlm_model_name"],
+            },
+        },
+        {"registry_name": "device_processor", "config": {"device": cfg["device"] or "cpu", "float_dtype": None}},
+        {
+            "registry_name": "normalizer_processor",
+            "config": {"eps": NORM_EPS, "norm_map": cfg["normalization_mapping"]},
+        },
+    ]
+
+
+def postprocessor_steps(cfg: dict) -> list:
+    """lerobot's SmolVLA output pipeline, as its policy_postprocessor.json describes it."""
+    return [
+        {
+            "registry_name": "unnormalizer_processor",
+            "config": {"eps": NORM_EPS, "norm_map": cfg["normalization_mapping"]},
+        },
+        {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}},
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Where files come from: a local directory or the Hugging Face Hub (checkpoints, VLMs, datasets).
 
 
 def resolve_dir(source, what, allow_patterns, repo_type="model", revision=None, hint=None):
@@ -53,14 +550,3 @@ def parse_mapping(text, flag):
                              f"got {item!r}")
         mapping[key.strip()] = value.strip()
     return mapping
-
-
-def features_from_dataset(dataset):
-    """lerobot's input/output feature dicts describing a dataset's state, cameras and actions (the
-    config of a policy trained from scratch on it)."""
-    sample = dataset[0]
-    inputs = {STATE: {"type": "STATE", "shape": list(sample[STATE].shape)}}
-    for key in dataset.camera_keys:
-        inputs[key] = {"type": "VISUAL", "shape": list(sample[key].shape)}
-    outputs = {ACTION: {"type": "ACTION", "shape": [sample[ACTION].shape[-1]]}}
-    return inputs, outputs

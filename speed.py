@@ -1,28 +1,81 @@
-"""Speed: the steps that make SmolVLA fast on a CPU, applied from outside the model by `prepare`.
+"""Speed: the steps that make SmolVLA fast on a CPU, applied to a built model from outside by `prepare`.
 
-(The model files stay the plain path a student steps through; this file changes a built model in place.)
+Asynchronous inference (SmolVLA paper §3.3) keeps the arm busy only if a chunk is ready before the queue
+runs dry: with n = 50 actions at 30 fps and a trigger at g = 0.7, a chunk must take less than
+0.7 × 50 / 30 ≈ 1.17 s. The model files are the plain path a student steps through; the speed comes from
+two kinds of steps.
+
+Written into the model, because they are how SmolVLA is meant to run (each marked "speed:" there):
+the VLM runs once per chunk and leaves a key/value cache, with the cross-attention layers' expert k/v
+projections applied once (smolvla.encode_observation, expert.cache_prefix); all cameras go through the
+vision tower as one batch (SmolVLA.embed_images); attention is one fused kernel with grouped-query heads
+read in place (expert.attention, the formula written out beside it); RoPE angles, masks and flow times
+are made once per chunk, not per layer or step (rope_angles, suffix_layout, flow.euler_sample); RMSNorm
+is one fused kernel; bf16 weights and activations keep float32 for norms, RoPE, softmax and the velocity
+projection.
+
+Applied here, from outside, by `prepare(model, ...)` (infer_async.py/policy_server.py, train.py and
+bench.py call it):
+- inference on a CPU: every linear layer pre-packed for oneDNN (`PackedLinear`), the vision MLP's GELU
+  fused into its first product;
+- training with a frozen VLM: the images and words of the prefix depend on no trained weight, so the VLM
+  runs over them without gradient tracking; only the state token is tracked and backpropagated through
+  the VLM (`untracked_prefix_keys_values`): 1 token per sample instead of P, same loss and gradients;
+- optionally torch.compile of the vision tower and the expert (bench.py --compile).
+
+bench.py measures the result (seconds per chunk and per training step, GFLOP/s against the architecture's
+FLOP count).
 """
+
+import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smolvla import VisionMLP
+from vlm import TextModel, VisionMLP
 
 
-def prepare(model: nn.Module, training: bool = False, pack: bool = True, compile: bool = False) -> nn.Module:
-    """Apply the speed steps to a model whose weights, device and dtype are final; returns it.
+def prepare(model: nn.Module, training: bool = False, pack: bool | None = None, compile: bool = False) -> nn.Module:
+    """Apply the speed steps to a SmolVLA whose weights, device and dtype are final; returns it.
 
-    inference (training=False): linear layers pre-packed for oneDNN on the CPU (pack).
-    compile: torch.compile the vision tower and the expert (inductor packs the weights itself: no pack).
+    training=False (inference): pack the linear layers for oneDNN (pack defaults to True; a no-op off
+    the CPU). training=True: run a frozen VLM over the prefix's images and words untracked; pack defaults
+    to False there (packed, the parts that get no gradient still run packed, the others take the plain path).
+    compile: torch.compile the vision tower and the expert (inductor packs the weights itself).
     """
+    pack = not training if pack is None else pack
+    if training:
+        text = model.text
+        text.keys_values = types.MethodType(
+            lambda self, x, mask, rope: untracked_prefix_keys_values(model, x, mask, rope), text
+        )
     if compile:
         torch._inductor.config.freezing = True  # weights as constants: pre-packed for oneDNN, folded
         model.vision.compile()
         model.expert.compile()
-    elif pack and not training:
-        pack_linear_layers(model)
+    elif pack:
+        # in training only the parts that get no gradient: a trained weight's packed copy would go stale
+        frozen = [part for part in model.children() if not any(p.requires_grad for p in part.parameters())]
+        for part in frozen if training else [model]:
+            pack_linear_layers(part)
     return model
+
+
+def untracked_prefix_keys_values(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, rope: tuple) -> list:
+    """TextModel.keys_values over the prefix x (B, P, D), with the tokens that depend on no trained weight
+    run without gradient tracking: when the vision tower, connector and text model are all frozen, that is
+    every token before the state token (the last real one: its projection is trained). Results and gradients
+    are the same as the plain call's; only the state token is backpropagated through the VLM."""
+    vlm_parts = (model.vision, model.connector, model.text)
+    frozen = not any(p.requires_grad for part in vlm_parts for p in part.parameters())
+    if not (torch.is_grad_enabled() and frozen):
+        return TextModel.keys_values(model.text, x, mask, rope)
+    u = int(mask[0].diagonal().nonzero().max())  # the state token: the last real token of the prefix
+    assert not mask[:, :u, u:].any(), "the tokens before the state token must not attend to it or later"
+    with torch.no_grad():
+        past = TextModel.keys_values(model.text, x[:, :u], mask[:, :u, :u], tuple(r[:, :u] for r in rope))
+    return TextModel.keys_values(model.text, x[:, u:], mask[:, u:], tuple(r[:, u:] for r in rope), past)
 
 
 class PackedLinear(nn.Module):

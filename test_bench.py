@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import speed
 from expert import attention
 from smolvla import SMOLVLM2_500M_VIDEO_INSTRUCT, SmolVLA
 from speed import PackedLinear, pack_linear_layers
@@ -51,6 +52,20 @@ def test_fused_attention_is_the_plain_formula(dtype, tol):
         attention(q, q, q, None).float(),
         plain_sdpa(*(q.transpose(1, 2),) * 3).transpose(1, 2).flatten(2).float(), atol=tol, rtol=tol,
     )
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_attention_written_out_is_the_fused_call(dtype, tol):
+    """expert.attention's two branches: the formula written out (fused=False) and the fused kernel."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 7, 6, 8, generator=g).to(dtype)  # 6 query heads
+    k, v = torch.randn(2, 2, 11, 2, 8, generator=g).to(dtype)  # 2 kv heads: groups of 3
+    mask = torch.rand(2, 7, 11, generator=g) > 0.5
+    mask[1, 2] = False  # a query that may attend to nothing: zeros in both
+    for m in (mask, None):
+        written_out, fused = attention(q, k, v, m, fused=False), attention(q, k, v, m)
+        assert written_out.shape == fused.shape == (2, 7, 6 * 8) and written_out.dtype == fused.dtype == dtype
+        torch.testing.assert_close(written_out.float(), fused.float(), atol=tol, rtol=tol)
 
 
 def sample(model, io):
@@ -130,7 +145,7 @@ def test_untracked_prefix_gives_the_same_loss_and_gradients(io):
     """Training with the frozen VLM tracks only the state token through the VLM; unfreezing the text model
     turns that off. Same loss, same gradients of the trained weights either way (the text model's own
     gradients left aside)."""
-    model = SmolVLA.from_pretrained(CKPT, vlm=VLM)
+    model = speed.prepare(SmolVLA.from_pretrained(CKPT, vlm=VLM), training=True)
     images, masks = [io["image0"], io["image1"]], [torch.ones(2, dtype=torch.bool)] * 2
     args = (images, masks, io["lang_tokens"], io["lang_masks"], io["state"], io["actions"], io["noise"], io["time"])
     grads = []

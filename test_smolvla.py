@@ -12,15 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flow import euler_sample, noisy_actions_and_target, sample_time
-from smolvla import (
-    LEROBOT,
-    SMOLVLM2_500M_VIDEO_INSTRUCT,
-    SmolVLA,
-    SmolVLAConfig,
-    block_attention_mask,
-    checkpoint_name,
-    load_policy_tensors,
-)
+from policy import LEROBOT, checkpoint_name, load_policy_tensors
+from smolvla import SmolVLA, SmolVLAConfig, block_attention_mask
+from vlm import SMOLVLM2_500M_VIDEO_INSTRUCT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = os.path.join(HERE, "testdata", "smolvla_tiny")
