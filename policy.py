@@ -469,36 +469,24 @@ def usable_stats(stats: dict, config) -> tuple[dict, list[str]]:
 
 def preprocessor_steps(cfg: dict) -> list:
     """lerobot's SmolVLA input pipeline, as its policy_preprocessor.json describes it."""
+    tokenizer = {"max_length": cfg["tokenizer_max_length"], "task_key": "task", "padding_side": "right",
+                 "padding": cfg["pad_language_to"], "truncation": True, "tokenizer_name": cfg["vlm_model_name"]}
+    normalizer = {"eps": NORM_EPS, "norm_map": cfg["normalization_mapping"]}
     return [
         {"registry_name": "rename_observations_processor", "config": {"rename_map": {}}},
         {"registry_name": "to_batch_processor", "config": {}},
         {"registry_name": "smolvla_new_line_processor", "config": {}},
-        {
-            "registry_name": "tokenizer_processor",
-            "config": {
-                "max_length": cfg["tokenizer_max_length"],
-                "task_key": "task",
-                "padding_side": "right",
-                "padding": cfg["pad_language_to"],
-                "truncation": True,
-                "tokenizer_name": cfg["vlm_model_name"],
-            },
-        },
+        {"registry_name": "tokenizer_processor", "config": tokenizer},
         {"registry_name": "device_processor", "config": {"device": cfg["device"] or "cpu", "float_dtype": None}},
-        {
-            "registry_name": "normalizer_processor",
-            "config": {"eps": NORM_EPS, "norm_map": cfg["normalization_mapping"]},
-        },
+        {"registry_name": "normalizer_processor", "config": normalizer},
     ]
 
 
 def postprocessor_steps(cfg: dict) -> list:
     """lerobot's SmolVLA output pipeline, as its policy_postprocessor.json describes it."""
     return [
-        {
-            "registry_name": "unnormalizer_processor",
-            "config": {"eps": NORM_EPS, "norm_map": cfg["normalization_mapping"]},
-        },
+        {"registry_name": "unnormalizer_processor",
+         "config": {"eps": NORM_EPS, "norm_map": cfg["normalization_mapping"]}},
         {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}},
     ]
 
