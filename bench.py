@@ -47,6 +47,7 @@ import torch  # noqa: E402
 
 import speed  # noqa: E402
 from data import SUPPORTED_VERSIONS, LeRobotDataset  # noqa: E402
+from policy import IMAGE_PREFIX  # noqa: E402
 from record import CODECS, synthetic_episodes, write_lerobot_dataset  # noqa: E402
 from smolvla import SmolVLA, SmolVLAConfig  # noqa: E402
 from train import RECIPE  # noqa: E402
@@ -64,7 +65,7 @@ def base_config(num_cameras: int) -> SmolVLAConfig:
     """smolvla_base's configuration with `num_cameras` cameras (camera1 = top, camera2 = wrist, ...)."""
     features = {"observation.state": {"type": "STATE", "shape": [6]}}
     for i in range(num_cameras):
-        features[f"observation.images.camera{i + 1}"] = {"type": "VISUAL", "shape": [3, 256, 256]}
+        features[f"{IMAGE_PREFIX}camera{i + 1}"] = {"type": "VISUAL", "shape": [3, 256, 256]}
     return SmolVLAConfig(input_features=features)
 
 

@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from policy import IMAGE_PREFIX, read_json, resolve_dir
+from policy import IMAGE_PREFIX, frame_to_float, read_json, resolve_dir
 
 SUPPORTED_VERSIONS = ("v2.1", "v3.0")
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "smolvla", "frames")
@@ -103,10 +103,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
             "action_is_pad": torch.from_numpy(steps >= end),  # (chunk,)
         }
         for key, name in self._rename.items():
-            frame = self._image(key, i)  # (3, H, W) uint8
-            image = np.empty(frame.shape, dtype=np.float32)
-            np.divide(frame, np.float32(255), out=image)  # (3, H, W) in [0, 1], in one pass
-            item[name] = torch.from_numpy(image)
+            item[name] = frame_to_float(self._image(key, i))  # (3, H, W) uint8 -> float32 in [0, 1]
         item["task"] = self.tasks[self._task_index[i]]
         item["timestamp"] = torch.tensor(self._timestamp[i], dtype=torch.float32)
         for name in ("episode_index", "frame_index", "index", "task_index"):

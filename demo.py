@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from data import LeRobotDataset
-from policy import ACTION, STATE, features_from_dataset, read_json
+from policy import ACTION, STATE, features_from_dataset, frame_to_float, read_json
 from record import write_lerobot_dataset
 from smolvla import SmolVLA, SmolVLAConfig
 
@@ -374,7 +374,7 @@ def evaluate_in_sim(policy, episodes, length, seed, shuffle_images=False):
         queue = []
         for _ in range(length):
             if not queue:
-                image = torch.from_numpy(scene.render(joints, target=shown)).permute(2, 0, 1).float() / 255.0
+                image = frame_to_float(scene.render(joints, target=shown).transpose(2, 0, 1))  # (3, H, W)
                 observation = {STATE: torch.from_numpy(joints), camera: image, "task": DEMO_TASK}
                 tick = time.perf_counter()
                 queue = list(policy.predict_chunk(observation)[0, :steps_per_chunk].float().cpu().numpy())

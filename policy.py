@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -39,6 +40,14 @@ NORM_EPS = 1e-8  # lerobot's normalizer: (x - mean) / (std + 1e-8)
 
 # ----------------------------------------------------------------------------------------------------
 # Robot units in and out.
+
+
+def frame_to_float(frame: np.ndarray) -> torch.Tensor:
+    """A camera frame as the model reads it: uint8 pixels (3, H, W) -> float32 (3, H, W) in [0, 1], in one
+    pass (cameras and decoders deliver (H, W, 3): pass frame.transpose(2, 0, 1), a view)."""
+    out = np.empty(frame.shape, dtype=np.float32)
+    np.divide(frame, np.float32(255), out=out)
+    return torch.from_numpy(out)
 
 
 def set_normalization(model, stats: dict):

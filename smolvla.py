@@ -48,9 +48,7 @@ from vlm import TextModel, VisionTower, parse_vlm_config, pixel_shuffle, resize_
 SMOLVLA_BASE_FEATURES = {
     "input_features": {
         "observation.state": {"type": "STATE", "shape": [6]},
-        "observation.images.camera1": {"type": "VISUAL", "shape": [3, 256, 256]},
-        "observation.images.camera2": {"type": "VISUAL", "shape": [3, 256, 256]},
-        "observation.images.camera3": {"type": "VISUAL", "shape": [3, 256, 256]},
+        **{f"{IMAGE_PREFIX}camera{i}": {"type": "VISUAL", "shape": [3, 256, 256]} for i in (1, 2, 3)},
     },
     "output_features": {"action": {"type": "ACTION", "shape": [6]}},
 }
