@@ -47,10 +47,10 @@ from vlm import TextModel, VisionTower, parse_vlm_config, pixel_shuffle, resize_
 # smolvla_base's camera/state/action features (its camera names: camera1 = top view, camera2 = wrist, ...)
 SMOLVLA_BASE_FEATURES = {
     "input_features": {
-        "observation.state": {"type": "STATE", "shape": [6]},
+        STATE: {"type": "STATE", "shape": [6]},
         **{f"{IMAGE_PREFIX}camera{i}": {"type": "VISUAL", "shape": [3, 256, 256]} for i in (1, 2, 3)},
     },
-    "output_features": {"action": {"type": "ACTION", "shape": [6]}},
+    "output_features": {ACTION: {"type": "ACTION", "shape": [6]}},
 }
 
 
