@@ -15,11 +15,9 @@ dropped, those that overlap the queue are fused with the queued ones (`--aggrega
 
 The file reads top to bottom:
   1. the action queue and the scheduler: pure logic, driven by an injectable clock (unit-tested);
-  2. the inference thread, which runs the policy in the background;
+  2. the inference thread, which runs the policy (policy_server.py: in this process or on a server);
   3. the control loop at --fps, metrics and the queue plot (the paper's Figure 3);
   4. the command line.
-Running the policy itself -- loaded in this process, or on a policy server over the network -- is
-policy_server.py's job.
 
     python infer_async.py --port sim --policy CKPT --vlm VLM --duration 20 --metrics m.json --plot q.png
     python infer_async.py --serve --host 127.0.0.1 --port-server 8765 --policy CKPT
@@ -28,7 +26,7 @@ policy_server.py's job.
 
 Failures never stop the arm: inference runs on a background thread (or a server), at most one request is
 in flight, a failed or lost request is re-armed after an exponential backoff, and meanwhile the loop keeps
-executing the queue and then holds position. The wire carries JSON and raw tensors only (no pickle).
+executing the queue and then holds position.
 """
 
 import argparse
@@ -45,14 +43,14 @@ from dataclasses import asdict, dataclass, field
 
 # OpenMP threads that spin while waiting steal the CPU from the control loop's thread on a busy 2-core laptop:
 # a short spin before sleeping keeps inference speed and the loop's timing (measured in bench.py). Set before
-# torch starts; OMP_WAIT_POLICY or GOMP_SPINCOUNT given by the user win.
+# torch starts (policy.py imports it); OMP_WAIT_POLICY or GOMP_SPINCOUNT given by the user win.
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import numpy as np
 
 from policy import IMAGE_PREFIX, STATE, parse_mapping
-from policy_server import PolicyClient, RemoteError, open_policy, serve
+from policy_server import PolicyClient, RemoteError, add_policy_arguments, open_policy, serve
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. The action queue and the scheduler (pure logic: no threads, no I/O, time from an injectable clock)
@@ -79,13 +77,6 @@ def make_fusion(name, weight_new=0.7):
     raise ValueError(f"unknown aggregate {name!r}: choose one of {', '.join(AGGREGATES)}")
 
 
-@dataclass
-class MergeCounts:
-    dropped: int = 0   # actions for timesteps already executed
-    fused: int = 0     # actions for timesteps still in the queue
-    appended: int = 0  # actions for timesteps after the queue's end
-
-
 class ActionQueue:
     """Pending actions, each meant for one timestep (= number of actions executed before it).
 
@@ -107,21 +98,24 @@ class ActionQueue:
         return self.actions.pop(0)
 
     def merge(self, first_timestep, chunk):
-        """Align a chunk (n, action_dim) whose row k is meant for timestep first_timestep + k."""
-        counts = MergeCounts()
+        """Align a chunk (n, action_dim) whose row k is meant for timestep first_timestep + k.
+
+        Returns how many of its actions were dropped (timestep already executed), fused with the queued
+        action for their timestep, and appended after the queue's end."""
+        dropped = fused = appended = 0
         for k, action in enumerate(chunk):
             # position of this action's timestep in the queue; negative = already executed
             i = first_timestep + k - self.next_timestep
             if i < 0:
-                counts.dropped += 1
+                dropped += 1
             elif i < len(self.actions):
                 self.actions[i] = self.fuse(self.actions[i], action)
-                counts.fused += 1
+                fused += 1
             else:
                 # contiguous by construction: the chunk starts at or before next_timestep
                 self.actions.append(action)
-                counts.appended += 1
-        return counts
+                appended += 1
+        return dropped, fused, appended
 
 
 @dataclass
@@ -265,12 +259,12 @@ class AsyncScheduler:
             return error
         self.consecutive_failures = 0
         self.retry_at = -math.inf
-        counts = self.queue.merge(request.timestep, result.actions)
+        dropped, fused, appended = self.queue.merge(request.timestep, result.actions)
         m.chunks_received += 1
         m.arrival_ticks.append(m.ticks)
-        m.actions_dropped_stale += counts.dropped
-        m.actions_fused += counts.fused
-        m.actions_appended += counts.appended
+        m.actions_dropped_stale += dropped
+        m.actions_fused += fused
+        m.actions_appended += appended
         return None
 
     def chunk_problem(self, actions):
@@ -314,11 +308,9 @@ class InferenceWorker:
     def poll(self):
         """Results finished since the last poll (never blocks)."""
         done = []
-        while True:
-            try:
-                done.append(self.results.get_nowait())
-            except queue.Empty:
-                return done
+        while not self.results.empty():  # one reader, the control loop: a result seen here stays there
+            done.append(self.results.get_nowait())
+        return done
 
     def close(self, timeout_s=2.0):
         self.requests.put(None)
@@ -390,11 +382,6 @@ def control_tick(arm, capture, worker, scheduler, log):
             worker.submit(request, capture(state))
 
 
-def write_metrics(metrics, path):
-    with open(path, "w") as f:
-        json.dump({**asdict(metrics), "summary": metrics.summary()}, f, indent=1)
-
-
 def plot_queue(metrics, path):
     """Queue size per tick, empty ticks included (the paper's Figure 3), with the trigger level g·n."""
     import matplotlib
@@ -414,9 +401,7 @@ def plot_queue(metrics, path):
     ax.scatter(t[idle], sizes[idle], color="tab:red", s=8, zorder=3, label=f"idle ticks ({int(idle.sum())})")
     ax.scatter(np.asarray(metrics.send_ticks) / fps, np.full(len(metrics.send_ticks), -2), marker="^",
                color="tab:green", s=12, label="observation sent")
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("queue size")
-    ax.set_title(metrics.config.get("title", "action queue"))
+    ax.set(xlabel="time (s)", ylabel="queue size", title=metrics.config.get("title", "action queue"))
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -463,10 +448,6 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="examples:\n" + examples,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--port", default="sim", help="serial port of the SO-100 follower, or `sim` (virtual arm)")
-    p.add_argument("--policy", action="append",
-                   help="checkpoint dir or hub id; with --serve repeatable; with --server the name of one "
-                        "of the server's policies (default: its first)")
-    p.add_argument("--vlm", help="VLM dir or hub id (default: <checkpoint>/vlm or the config's)")
     p.add_argument("--task", default="", help="language instruction")
     p.add_argument("--cameras", help="name=/dev/video0,name2=1 (default with --port sim: synthetic cameras)")
     p.add_argument("--rename", help="camera name=policy camera name, e.g. top=camera1,wrist=camera2")
@@ -478,24 +459,17 @@ def build_parser():
     p.add_argument("--aggregate", choices=AGGREGATES, default="weighted", help="fusion of overlapping actions")
     p.add_argument("--aggregate-weight", type=float, default=0.7, help="weight of the new action (weighted)")
     p.add_argument("--extra-latency", type=float, default=0.0, help="seconds added to every inference")
-    p.add_argument("--norm-mode", default="degrees",  # checked by so100 when the arm opens
-                   help="joint units the policy was trained in: degrees or range_m100_100 (see so100.NORM_MODES); "
-                        "printed when the arm connects")
+    # --norm-mode has no `choices`: so100 checks it when the arm opens (this file imports so100 only there)
+    p.add_argument("--norm-mode", default="degrees", help="joint units the policy was trained in: degrees or "
+                   "range_m100_100 (see so100.NORM_MODES); printed when the arm connects")
     p.add_argument("--id", default="my_so100", help="arm name: its calibration file is <id>.json (so100.py)")
     p.add_argument("--calibration", help="calibration JSON of a real arm (default: so100.py's <id>.json)")
     p.add_argument("--max-relative-target", type=float, default=None,
                    help="largest step of any joint per action, robot units (default: no cap)")
-    p.add_argument("--server", help="HOST:PORT of a policy server (default: infer in-process)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per request to the server")
-    p.add_argument("--serve", action="store_true", help="run a policy server instead of an arm")
-    p.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on")
-    p.add_argument("--port-server", type=int, default=8765, help="--serve: TCP port to listen on")
-    p.add_argument("--max-message-mb", type=float, default=64.0, help="largest message accepted")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
     p.add_argument("--metrics", help="write run metrics to this JSON file")
     p.add_argument("--plot", help="draw the queue size over time to this PNG")
+    add_policy_arguments(p)  # --policy, --vlm, --device, --dtype; --server, --timeout; --serve, --host, ...
     return p
 
 
@@ -561,7 +535,8 @@ def run_arm(args):
           f"{summary['idle_stretches']} idle stretches of {summary['mean_idle_stretch_ticks']:.1f} ticks on average; "
           f"{m.wall_s:.1f} s wall, {m.late_ticks} late ticks (max {m.max_lateness_s * 1000:.0f} ms)")
     if args.metrics:
-        write_metrics(m, args.metrics)
+        with open(args.metrics, "w") as f:
+            json.dump({**asdict(m), "summary": summary}, f, indent=1)
     if args.plot:
         plot_queue(m, args.plot)
     return m
@@ -579,10 +554,8 @@ def main(argv=None):
 
 
 def one_line_errors():
-    """The errors the command reports as one `error: ...` line, their message saying what is wrong and what to
-    do: bad input, a missing file or device, no server, a server refusing the warm-up observation
-    (RemoteError, e.g. a state of the wrong size), and the servo bus's FeetechError -- taken from so100 only
-    if run_arm loaded it (importing it here would load pyserial on a policy server)."""
+    """Errors whose message says what is wrong and what to do: reported as one `error: ...` line. RemoteError:
+    the server refused the warm-up observation; so100's FeetechError only once run_arm has loaded so100."""
     so100 = sys.modules.get("so100")
     return (FileNotFoundError, ConnectionError, ValueError, RemoteError) + ((so100.FeetechError,) if so100 else ())
 

@@ -359,6 +359,23 @@ def connect_to_server(client, wait_s=10.0):
             delay = min(2 * delay, 1.0)
 
 
+def add_policy_arguments(parser):
+    """The command-line flags that serve and open_policy read: which policy, where it runs, the wire's limits."""
+    g = parser.add_argument_group("the policy: in this process (default), on a --server, or --serve it")
+    g.add_argument("--policy", action="append",
+                   help="checkpoint dir or hub id; with --serve repeatable; with --server the name of one "
+                        "of the server's policies (default: its first)")
+    g.add_argument("--vlm", help="VLM dir or hub id (default: <checkpoint>/vlm or the config's)")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    g.add_argument("--server", help="HOST:PORT of a policy server (default: infer in-process)")
+    g.add_argument("--timeout", type=float, default=10.0, help="seconds per request to the server")
+    g.add_argument("--serve", action="store_true", help="run a policy server instead of an arm")
+    g.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on")
+    g.add_argument("--port-server", type=int, default=8765, help="--serve: TCP port to listen on")
+    g.add_argument("--max-message-mb", type=float, default=64.0, help="largest message accepted")
+
+
 def open_policy(args):
     """-> (callable observation -> actions, {"chunk_size", "cameras"}): in-process, or a policy server."""
     if args.server:
