@@ -16,7 +16,7 @@ never pickle (a message cannot run code on the receiver), and both lengths in th
 against limits before a single byte of the body is allocated or read.
 
 This file imports numpy and safetensors only: torch and the model are imported where a policy is loaded
-or run, so the arm-side client needs neither; the servo driver (so100, pyserial) is never imported here.
+or run (load_policy, PolicyRunner), and the servo driver (so100, pyserial) never.
 """
 
 import json
@@ -122,7 +122,7 @@ def recv_message(sock, timeout_s=10.0, max_message_bytes=DEFAULT_MAX_MESSAGE_BYT
 
 def load_policy(path, vlm=None, device="cpu", dtype="float32"):
     """A SmolVLA checkpoint (directory or hub id) ready for predict_chunk."""
-    # torch is imported only where a policy runs: the client of a policy server does not need it
+    # torch is imported only where a policy runs: this file imports without it
     import torch
 
     import speed
@@ -276,7 +276,7 @@ def serve(args):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. The client, and the choice: in-process or remote
+# 4. The client, and the command line's choice: in-process or remote
 # ----------------------------------------------------------------------------------------------------------
 
 
