@@ -49,7 +49,7 @@ if "OMP_WAIT_POLICY" not in os.environ:
 
 import numpy as np
 
-from policy import IMAGE_PREFIX, STATE, parse_mapping
+from policy import STATE
 from policy_server import PolicyClient, RemoteError, add_policy_arguments, open_policy, serve
 
 # ----------------------------------------------------------------------------------------------------------
@@ -413,34 +413,18 @@ def plot_queue(metrics, path):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def camera_sources(cameras, rename, policy_cameras):
-    """--cameras "top=/dev/video0,..." and --rename "top=camera1,..." -> {policy camera key: device},
-    checked against the cameras the policy reads before any device is opened."""
-    rename = parse_mapping(rename, "--rename")
-    sources = {IMAGE_PREFIX + rename.get(name, name): source
-               for name, source in parse_mapping(cameras, "--cameras").items()}
-    missing = [key for key in policy_cameras if key not in sources]
-    unknown = [key for key in sources if key not in policy_cameras]
-    if missing or unknown:
-        raise ValueError(f"the policy reads cameras {policy_cameras}; --cameras/--rename give {sorted(sources)} "
-                         f"(missing {missing}, unknown {unknown}). Pass --cameras name=/dev/videoN,... and, where "
-                         f"your names differ from the policy's, --rename name=policy_name,...")
-    return sources
-
-
 def open_cameras(args, policy_cameras, virtual_arm):
     """{policy camera key: object with read() -> (H, W, 3) uint8 RGB}."""
     if virtual_arm is not None and not args.cameras:
-        # --port sim without --cameras: every camera the policy reads films the toy scene of sim.py
-        from sim import ReachScene, SyntheticCamera
+        # --port sim without --cameras: every camera the policy reads films the toy scene of demo.py
+        from demo import ReachScene, SyntheticCamera
 
         scene = ReachScene(seed=0)
         return {key: SyntheticCamera(scene, virtual_arm.joint_positions_deg, name=key.split(".")[-1])
                 for key in policy_cameras}
-    from record import OpenCVCamera  # the recording side, imported only beside the arm (not by a policy server)
+    import record  # the recording side's cameras, imported only beside the arm (not by a policy server)
 
-    sources = camera_sources(args.cameras, args.rename, policy_cameras)
-    return {key: OpenCVCamera(int(source) if source.isdigit() else source) for key, source in sources.items()}
+    return record.open_cameras(record.camera_sources(args.cameras, args.rename, policy_cameras))
 
 
 def build_parser():
@@ -459,9 +443,8 @@ def build_parser():
     p.add_argument("--aggregate", choices=AGGREGATES, default="weighted", help="fusion of overlapping actions")
     p.add_argument("--aggregate-weight", type=float, default=0.7, help="weight of the new action (weighted)")
     p.add_argument("--extra-latency", type=float, default=0.0, help="seconds added to every inference")
-    # --norm-mode has no `choices`: so100 checks it when the arm opens (this file imports so100 only there)
     p.add_argument("--norm-mode", default="degrees", help="joint units the policy was trained in: degrees or "
-                   "range_m100_100 (see so100.NORM_MODES); printed when the arm connects")
+                   "range_m100_100 (checked by so100 when the arm opens); printed when the arm connects")
     p.add_argument("--id", default="my_so100", help="arm name: its calibration file is <id>.json (so100.py)")
     p.add_argument("--calibration", help="calibration JSON of a real arm (default: so100.py's <id>.json)")
     p.add_argument("--max-relative-target", type=float, default=None,
@@ -554,8 +537,7 @@ def main(argv=None):
 
 
 def one_line_errors():
-    """Errors whose message says what is wrong and what to do: reported as one `error: ...` line. RemoteError:
-    the server refused the warm-up observation; so100's FeetechError only once run_arm has loaded so100."""
+    """Errors whose message says what to do, reported as one line (so100's only once run_arm loaded it)."""
     so100 = sys.modules.get("so100")
     return (FileNotFoundError, ConnectionError, ValueError, RemoteError) + ((so100.FeetechError,) if so100 else ())
 

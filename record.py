@@ -5,7 +5,8 @@ result (infer_async.py). SmolVLA learns from such demonstrations (paper §4): so
 cameras film it, and every control step's joint state, commanded action and task sentence are kept.
 This file is the recording side:
 
-- `OpenCVCamera` reads (H, W, 3) uint8 RGB frames from a USB camera or a video file;
+- `OpenCVCamera` reads (H, W, 3) uint8 RGB frames from a USB camera or a video file; `camera_sources`
+  maps `--cameras top=/dev/video0 --rename top=camera1` to the policy's camera names;
 - `write_lerobot_dataset` writes episodes (arrays in memory) as a LeRobot v3.0 (or v2.1) dataset on disk:
   parquet tables of states and actions, one AV1 (or H.264) mp4 per camera, and the metadata lerobot reads
   (info.json, episodes, tasks, normalization statistics). lerobot's reader and data.py read it identically;
@@ -24,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data import SUPPORTED_VERSIONS
-from policy import IMAGE_PREFIX
+from policy import IMAGE_PREFIX, parse_mapping
 from so100 import STATE_NAMES
 
 # SVT-AV1 prints its configuration to stderr for every stream it opens; keep only its errors.
@@ -65,6 +66,26 @@ class OpenCVCamera:
 
     def close(self):
         self._capture.release()
+
+
+def camera_sources(cameras, rename, policy_cameras):
+    """--cameras "top=/dev/video0,..." and --rename "top=camera1,..." -> {policy camera key: device},
+    checked against the cameras the policy reads before any device is opened."""
+    rename = parse_mapping(rename, "--rename")
+    sources = {IMAGE_PREFIX + rename.get(name, name): source
+               for name, source in parse_mapping(cameras, "--cameras").items()}
+    missing = [key for key in policy_cameras if key not in sources]
+    unknown = [key for key in sources if key not in policy_cameras]
+    if missing or unknown:
+        raise ValueError(f"the policy reads cameras {policy_cameras}; --cameras/--rename give {sorted(sources)} "
+                         f"(missing {missing}, unknown {unknown}). Pass --cameras name=/dev/videoN,... and, where "
+                         f"your names differ from the policy's, --rename name=policy_name,...")
+    return sources
+
+
+def open_cameras(sources):
+    """{key: device index or path} (from camera_sources) -> {key: OpenCVCamera}."""
+    return {key: OpenCVCamera(int(source) if source.isdigit() else source) for key, source in sources.items()}
 
 
 # ----------------------------------------------------------------------------------------------------

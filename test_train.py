@@ -1,4 +1,4 @@
-"""Tests of train.py and sim.py: the toy world, the schedule, fine-tuning with save/resume, DDP, bad input."""
+"""Tests of train.py and demo.py: the toy world, the schedule, fine-tuning with save/resume, DDP, bad input."""
 
 import json
 import math
@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import demo
-import sim
+import demo as sim
 import train
 from data import LeRobotDataset
 from record import write_lerobot_dataset
@@ -34,7 +34,7 @@ def frame_cache_in_tmp(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------------------
-# sim.py
+# demo.py's toy world (imported as `sim`, its old name, so the tests read as before)
 # ----------------------------------------------------------------------------------------------------
 
 
