@@ -130,8 +130,8 @@ def load_policy(path, vlm=None, device="cpu", dtype="float32"):
 
     policy = SmolVLA.from_pretrained(path, vlm=vlm)
     policy = policy.to(device=torch.device(device), dtype=getattr(torch, dtype))
-    # speed: on the CPU, pre-pack the linear layers for oneDNN once the dtype is final (same numbers, see
-    # bench.py); a no-op on other devices
+    # the speed steps for inference, once the dtype is final (speed.py: on the CPU, linear layers packed for
+    # oneDNN; same numbers)
     return speed.prepare(policy)
 
 
@@ -151,6 +151,8 @@ class PolicyRunner:
     def __call__(self, observation):
         import torch
 
+        from policy import frame_to_float
+
         inputs = {**observation, "task": str(observation.get("task", ""))}
         for key in self.info["cameras"]:
             frame = observation.get(key)
@@ -158,8 +160,7 @@ class PolicyRunner:
                 continue  # predict_chunk names the cameras it misses
             if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
                 raise ValueError(f"{key}: expected an (H, W, 3) uint8 frame, got {frame.dtype} {frame.shape}")
-            # (H, W, 3) uint8 -> (3, H, W) float in [0, 1]
-            inputs[key] = torch.tensor(frame).permute(2, 0, 1).float() / 255.0
+            inputs[key] = frame_to_float(frame.transpose(2, 0, 1))  # (H, W, 3) uint8 -> (3, H, W) float in [0, 1]
         with self.lock, torch.inference_mode():
             chunk = self.policy.predict_chunk(inputs)  # (1, chunk, action_dim)
         return chunk[0].float().cpu().numpy()
