@@ -447,8 +447,7 @@ def build_parser():
                    "range_m100_100 (checked by so100 when the arm opens); printed when the arm connects")
     p.add_argument("--id", default="my_so100", help="arm name: its calibration file is <id>.json (so100.py)")
     p.add_argument("--calibration", help="calibration JSON of a real arm (default: so100.py's <id>.json)")
-    p.add_argument("--max-relative-target", type=float, default=None,
-                   help="largest step of any joint per action, robot units (default: no cap)")
+    p.add_argument("--max-relative-target", type=float, help="largest joint step per action, robot units (no cap)")
     p.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
     p.add_argument("--metrics", help="write run metrics to this JSON file")
     p.add_argument("--plot", help="draw the queue size over time to this PNG")
