@@ -5,14 +5,14 @@ runs dry: with n = 50 actions at 30 fps and a trigger at g = 0.7, a chunk must t
 0.7 × 50 / 30 ≈ 1.17 s. The model files are the plain path a student steps through; the speed comes from
 two kinds of steps.
 
-Written into the model, because they are how SmolVLA is meant to run (each marked "speed:" there):
-the VLM runs once per chunk and leaves a key/value cache, with the cross-attention layers' expert k/v
-projections applied once (smolvla.encode_observation, expert.cache_prefix); all cameras go through the
-vision tower as one batch (SmolVLA.embed_images); attention is one fused kernel with grouped-query heads
-read in place (expert.attention, the formula written out beside it); RoPE angles, masks and flow times
-are made once per chunk, not per layer or step (rope_angles, suffix_layout, flow.euler_sample); RMSNorm
-is one fused kernel; bf16 weights and activations keep float32 for norms, RoPE, softmax and the velocity
-projection.
+Written into the model, because they are how SmolVLA is meant to run: the VLM runs once per chunk and
+leaves a key/value cache, with the cross-attention layers' expert k/v projections applied once
+(SmolVLA.encode_observation, ActionExpert.cache_prefix). And the implementation choices, each marked
+"speed:" where it is made: all cameras go through the vision tower as one batch (SmolVLA.embed_images);
+attention is one fused kernel with grouped-query heads read in place (expert.attention, the formula
+written out beside it); RoPE angles and flow times are made once per chunk, not per layer or step
+(rope_angles, flow.euler_sample); RMSNorm is one fused kernel. In bf16, norms, RoPE, softmax and the
+velocity projection stay in float32.
 
 Applied here, from outside, by `prepare(model, ...)` (infer_async.py/policy_server.py, train.py and
 bench.py call it):
