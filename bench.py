@@ -1,4 +1,4 @@
-"""Speed: how long SmolVLA takes to turn one observation into an action chunk, and one training step.
+"""Measurement: how long SmolVLA takes for one action chunk and one training step, and how fast data loads.
 
 Asynchronous inference (SmolVLA paper §3.3) only keeps the arm busy if a chunk is ready before the queue
 runs dry: with a chunk of n = 50 actions at 30 fps and a trigger at g = 0.7 of a chunk, a chunk must take

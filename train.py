@@ -47,8 +47,8 @@ DEFAULT_POLICY = "lerobot/smolvla_base"
 
 # ----------------------------------------------------------------------------------------------------
 # The recipe: every default of a training run. Command-line values win; a resumed run takes the values
-# it was started with. (SmolVLAConfig's optimizer_*/scheduler_* fields are lerobot's copy; nothing here
-# reads them.)
+# it was started with. (config.json carries lerobot's own copy of the optimizer fields,
+# policy.LEROBOT_CONFIG_FIELDS; nothing here reads it.)
 # ----------------------------------------------------------------------------------------------------
 
 RECIPE = {
