@@ -525,8 +525,10 @@ def test_ctrl_c_stops_cleanly_with_torque_off(server, monkeypatch, tmp_path):
 
 
 def test_a_policy_server_imports_no_servo_driver():
-    """`infer_async.py --serve` runs on a GPU machine: importing it must not load so100 or pyserial."""
-    code = "import infer_async, policy_server, sys; assert 'serial' not in sys.modules and 'so100' not in sys.modules"
+    """`infer_async.py --serve` and training run on a GPU machine: importing what they use (the policy server,
+    the model, the dataset reader, the training loop) must not load so100 or pyserial."""
+    modules = "infer_async, policy_server, smolvla, data, train, speed"
+    code = f"import {modules}, sys; assert 'serial' not in sys.modules and 'so100' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=HERE)
 
 
