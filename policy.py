@@ -200,8 +200,9 @@ def features_from_dataset(dataset):
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints: lerobot's format.
 
-# config.json's fields that lerobot writes and nothing here reads (training bookkeeping), with lerobot
-# 0.4.4's defaults: a fresh checkpoint carries them so that lerobot's strict config parser loads it.
+# config.json's fields that lerobot writes and the model does not use (training bookkeeping; the Aloha flags
+# must be off, SmolVLAConfig.validate checks), with lerobot 0.4.4's defaults: a fresh checkpoint carries
+# them so that lerobot's strict config parser loads it.
 LEROBOT_CONFIG_FIELDS = {
     "n_obs_steps": 1, "device": "cpu", "use_amp": False, "use_peft": False, "push_to_hub": False,
     "repo_id": None, "private": None, "tags": None, "license": None, "pretrained_path": None,
@@ -233,8 +234,6 @@ NAME_PREFIXES = (
 OLD_STATS_NAME = re.compile(
     r"^(normalize_inputs|normalize_targets|unnormalize_outputs)\.(?:(.+)_)?buffer_(.+)\.(mean|std|min|max)$"
 )
-
-
 
 
 def load_pretrained(model_class, checkpoint: str, vlm: str | None = None):
