@@ -41,7 +41,6 @@ import policy
 from expert import ActionExpert, DecoderConfig, SuffixLayout, expert_mlp_width, rope_angles
 from flow import euler_sample, flow_matching_loss, noisy_actions_and_target, sample_noise, sample_time, time_embedding
 from policy import ACTION, IMAGE_PREFIX, STATE
-from vlm import SMOLVLM2_500M_VIDEO_INSTRUCT  # noqa: F401  (the architecture smolvla_base was built from)
 from vlm import TextModel, VisionTower, parse_vlm_config, pixel_shuffle, resize_with_pad
 
 # smolvla_base's camera/state/action features (its camera names: camera1 = top view, camera2 = wrist, ...)

@@ -13,8 +13,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import bench
 import speed
 from expert import attention
-from smolvla import SMOLVLM2_500M_VIDEO_INSTRUCT, SmolVLA
+from smolvla import SmolVLA
 from speed import PackedLinear, pack_linear_layers
+from vlm import SMOLVLM2_500M_VIDEO_INSTRUCT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = os.path.join(HERE, "testdata", "smolvla_tiny")
