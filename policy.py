@@ -212,6 +212,9 @@ LEROBOT_CONFIG_FIELDS = {
     "scheduler_decay_lr": 2.5e-6, "load_vlm_weights": False, "rtc_config": None, "compile_model": False,
     "compile_mode": "max-autotune",
 }
+# what a checkpoint was trained on (dataset fps, joint units, tasks, training-time RTC): lerobot's strict
+# config parser rejects unknown config.json fields, so these live in a file of their own beside it
+TRAINED_ON_FILE = "trained_on.json"
 # the files that describe a VLM (architecture, tokenizer, processor), without its weights
 VLM_DESCRIPTION_FILES = ["*.json", "*.txt", "*.model", "*.jinja"]
 
@@ -267,6 +270,8 @@ def load_pretrained(model_class, checkpoint: str, vlm: str | None = None):
     stats, ignored = usable_stats(stats, config)
     set_normalization(model, stats)
     report_normalization(model, source + (f"; ignored: {', '.join(ignored)}" if ignored else ""))
+    trained_on = os.path.join(ckpt_dir, TRAINED_ON_FILE)
+    model.trained_on = read_json(trained_on, TRAINED_ON_FILE) if os.path.isfile(trained_on) else {}
     return model.eval()
 
 
@@ -297,6 +302,9 @@ def save_pretrained(model, directory: str):
     cfg = model.config.to_json_dict()
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(cfg, f, indent=4)
+    if model.trained_on:
+        with open(os.path.join(directory, TRAINED_ON_FILE), "w") as f:
+            json.dump(model.trained_on, f, indent=4)
     weights = {checkpoint_name(k, LEROBOT): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(weights, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     flat_stats = {f"{feat}.{name}": t.contiguous() for feat, s in model.stats.items() for name, t in s.items()}

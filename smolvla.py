@@ -218,6 +218,7 @@ class SmolVLA(nn.Module):
         self.action_out_proj = nn.Linear(expert_width, config.max_action_dim)  # expert output -> velocity
         self.stats = {}  # normalization statistics of state and actions (policy.set_normalization)
         self.vlm_dir = None  # where the VLM description came from (copied into saved checkpoints' vlm/)
+        self.trained_on = {}  # what it was trained on (fps, norm mode, tasks, RTC): policy.TRAINED_ON_FILE
         self._init_like_reference()
         self.set_requires_grad()
 

@@ -228,6 +228,19 @@ def test_save_pretrained_round_trip(tmp_path, tiny, io):
     torch.testing.assert_close(chunk, io["policy_expected_chunk"], atol=TOL, rtol=TOL)
 
 
+def test_what_a_checkpoint_was_trained_on_lives_beside_config_json(tmp_path, tiny):
+    assert tiny.trained_on == {}  # lerobot's checkpoints have no such file
+    assert "trained_on.json" not in os.listdir(CKPT)
+    facts = {"fps": 10, "norm_mode": "degrees", "tasks": ["reach the red target"]}
+    tiny.trained_on = dict(facts)
+    try:
+        tiny.save_pretrained(tmp_path / "saved")
+    finally:
+        tiny.trained_on = {}
+    assert json.load(open(tmp_path / "saved" / "config.json")) == json.load(open(os.path.join(CKPT, "config.json")))
+    assert SmolVLA.from_pretrained(tmp_path / "saved").trained_on == facts
+
+
 def test_old_format_stats_buffers_with_dataset_prefix(tmp_path, io):
     stats = load_file(STATS_FILE)
     tensors = load_file(os.path.join(CKPT, "model.safetensors"))
