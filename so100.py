@@ -186,8 +186,8 @@ class SO100Follower:
             self._disable_torque()
             self._configure()
             if self.calibration is None:
-                self._say(f"{self}: connected, torque off, NOT calibrated: call calibrate() "
-                          f"(or run `python so100.py --port {self.port} calibrate`)")
+                self._say(f"{self}: connected, torque off, NOT calibrated: call calibrate() (or run `python so100.py "
+                          f"--port {'sim' if self.port.startswith('/dev/pts/') else self.port} calibrate`)")
                 return self
             self._apply_calibration()
             self._enable_torque()
@@ -346,6 +346,10 @@ class SO100Follower:
             present = {reg: [self.bus.read(i, reg) for i in self.ids] for reg in CALIBRATION_REGISTERS}
             if present == wanted:
                 return
+            seen = (self.read_raw() + present["Homing_Offset"] - wanted["Homing_Offset"]) % (MAX_TICK + 1)  # encoder
+            if bad := [f"{n} {t}" for n, t, a, b in zip(MOTOR_NAMES, seen, *_limits(calibration)) if not a-200 <= t <= b+200]:
+                raise ValueError(f"{self}: the servos read {', '.join(bad)} through this calibration, outside its ranges: made "
+                                 f"on another arm? Not written. Calibrate: python so100.py --port {self.port} --id NAME calibrate")
             self._say(f"{self}: the servos hold another calibration than the file; writing the file's")
         self._write_eeprom(wanted)
 
@@ -448,23 +452,24 @@ def open_arm(port, calibration=None, norm_mode="degrees", max_relative_target=No
 def main(argv=None):
     parser = argparse.ArgumentParser(description="SO-100/SO-101 follower arm over the Feetech bus.")
     parser.add_argument("--port", required=True, help="serial port (/dev/ttyACM0) or 'sim' for the virtual arm")
-    parser.add_argument("--id", default="my_so100", help="arm name: the calibration file is <id>.json")
+    parser.add_argument("--id", default="my_so100", help="arm name: the calibration file is <id>.json (%(default)s)")
     parser.add_argument("--calibration", help=f"calibration JSON (default: {CALIBRATION_DIR}/<id>.json)")
     parser.add_argument("--norm-mode", default="degrees", choices=NORM_MODES,
-                        help="joint units; must match the units the policy's dataset was recorded in")
+                        help="joint units; must match the units the policy's dataset was recorded in (%(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("calibrate", help="record homing offsets and ranges, write them to the servos and the file")
     read = sub.add_parser("read", help="print the joint state")
-    read.add_argument("--seconds", type=float, default=0, help="keep printing for this long (0: once)")
-    read.add_argument("--hz", type=float, default=10)
+    read.add_argument("--seconds", type=float, default=0, help="keep printing for this long (0: once; %(default)s)")
+    read.add_argument("--hz", type=float, default=10, help="readings per second (%(default)s)")
     move = sub.add_parser("move", help="move to a target (6 values, dataset order and units)")
     move.add_argument("target", type=float, nargs=6, metavar="VALUE")
-    move.add_argument("--max-step", type=float, default=5.0, help="largest change per step (units of the mode)")
-    move.add_argument("--hz", type=float, default=30)
-    move.add_argument("--seconds", type=float, default=10, help="give up after this long")
+    move.add_argument("--max-step", type=float, default=5.0, help="largest change per step (units of the mode; %(default)s)")
+    move.add_argument("--hz", type=float, default=30, help="steps per second (%(default)s)")
+    move.add_argument("--seconds", type=float, default=10, help="give up after this long (%(default)s)")
     sub.add_parser("scan", help="list the servos that answer a broadcast PING, with their model numbers")
     args = parser.parse_args(argv)
-
+    if getattr(args, "hz", 1) <= 0 or getattr(args, "seconds", 0) < 0:
+        parser.error("--hz must be positive and --seconds not negative")
     virtual = None
     if args.port == "sim":
         virtual = VirtualArm()
@@ -478,9 +483,10 @@ def main(argv=None):
         calibration = None if calibrating else default_calibration(args.calibration, args.id, virtual)
         with SO100Follower(port, calibration, norm_mode=args.norm_mode) as arm:
             if calibrating:
-                # On the virtual arm a scripted "hand" moves the joints; on a real one, you do.
+                # On the virtual arm a scripted "hand" moves the joints, and the result stays in its servos (or goes
+                # to --calibration), never into a real arm's <id>.json; on a real one, you move them.
                 prompt, wait = virtual.calibration_hand() if virtual is not None else (input, None)
-                arm.calibrate(prompt=prompt, wait=wait, save_to=default_calibration(args.calibration, args.id))
+                arm.calibrate(prompt=prompt, wait=wait, save_to=args.calibration if virtual else default_calibration(args.calibration, args.id))
                 print(json.dumps(arm.calibration, indent=4))
             elif args.command == "read":
                 print_state(arm, args.seconds, args.hz)

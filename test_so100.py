@@ -7,6 +7,8 @@ every kind of injected fault.
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 import tty
@@ -25,6 +27,7 @@ from so100 import (
 from virtual_arm import TRUE_CALIBRATION, VirtualArm
 
 hexbytes = bytes.fromhex
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # -- packets, byte for byte -------------------------------------------------------------------------------------
@@ -436,3 +439,47 @@ def test_opencv_camera_reads_rgb(tmp_path):
     assert frame[..., 0].mean() > 200 and frame[..., 2].mean() < 50  # red comes out in channel 0
     with pytest.raises(ValueError, match="delivers 64x48"):
         record.OpenCVCamera(path, width=640, height=480)
+
+
+# -- the virtual arm never touches a real arm's calibration ------------------------------------------------------
+
+
+def test_sim_calibration_never_reaches_a_real_arms_file(tmp_path):
+    """`--port sim calibrate` in a fresh home directory: the real arm's <id>.json stays as it was, nothing is
+    written under the calibration directory, and the hint names `sim`, not the virtual arm's pty."""
+    real = tmp_path / ".cache" / "huggingface" / "lerobot" / "calibration" / "robots" / "so_follower" / "my_so100.json"
+    real.parent.mkdir(parents=True)
+    real_calibration = {name: {**entry, "homing_offset": entry["homing_offset"] + 7} for name, entry in TRUE_CALIBRATION.items()}
+    real.write_text(json.dumps(real_calibration))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_LEROBOT")} | {"HOME": str(tmp_path)}
+    for extra in ([], ["--id", "my_so100"], ["--id", "other"]):
+        result = subprocess.run([sys.executable, os.path.join(HERE, "so100.py"), "--port", "sim", *extra, "calibrate"],
+                                capture_output=True, text=True, env=env, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert "--port sim calibrate" in result.stdout and "/dev/pts" not in result.stdout.split("NOT calibrated")[1][:80]
+        assert json.loads(real.read_text()) == real_calibration
+        assert sorted(p.name for p in real.parent.iterdir()) == ["my_so100.json"]
+
+
+def test_connect_refuses_a_calibration_made_on_another_arm(sim):
+    """Servos whose encoders, read through the file's offsets, fall outside its ranges are not overwritten."""
+    other = {name: dict(entry) for name, entry in TRUE_CALIBRATION.items()}
+    other["shoulder_pan"]["homing_offset"] += 2000
+    other["elbow_flex"]["homing_offset"] -= 1500
+    arm = SO100Follower(sim.port, calibration=other, verbose=False)
+    with pytest.raises(ValueError, match=r"shoulder_pan \d+, elbow_flex \d+ .* another arm.*so100.py --port .* calibrate"):
+        arm.connect()
+    assert arm.bus is None and all(servo.get("Torque_Enable") == 0 for servo in sim.servos.values())
+    for name, entry in TRUE_CALIBRATION.items():  # untouched
+        assert servo_register(sim, name, "Homing_Offset") == entry["homing_offset"]
+    # a calibration that fits (the same arm, re-centred by a few ticks) is still written
+    close = {name: {**entry, "homing_offset": entry["homing_offset"] + 20} for name, entry in TRUE_CALIBRATION.items()}
+    with SO100Follower(sim.port, calibration=close, verbose=False):
+        assert servo_register(sim, "shoulder_pan", "Homing_Offset") == TRUE_CALIBRATION["shoulder_pan"]["homing_offset"] + 20
+
+
+@pytest.mark.parametrize("argv", [["read", "--hz", "0"], ["read", "--seconds", "-1"], ["move", "0", "0", "0", "0", "0", "50", "--hz", "-2"]])
+def test_cli_bad_rates_are_one_line_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        so100.main(["--port", "sim", *argv])
+    assert exit_info.value.code == 2 and "error: --hz must be positive" in capsys.readouterr().err
