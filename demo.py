@@ -22,6 +22,7 @@ train.py: train.py imports it (only for --demo) and hands it its `train` functio
 import json
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -225,6 +226,55 @@ class SyntheticCamera:
         return self.scene.render(np.asarray(self.state_fn(), dtype=np.float64))
 
 
+class ToyWorld:
+    """A ReachScene around an arm whose pose() it reads, filmed for the policy's cameras; look(), after every
+    action, notes the pose and when the tip first reached the target (`reached`: seconds and action)."""
+
+    def __init__(self, pose, camera_keys, seed=0):
+        self.scene, self.pose, self.looks, self.start, self.reached = ReachScene(seed=seed), pose, [], None, False
+        self.cameras = {key: SyntheticCamera(self.scene, pose, name=key.split(".")[-1]) for key in camera_keys}
+
+    def watch(self, arm):  # the arm, calling look() after every action sent to it (infer_async's control loop)
+        return SimpleNamespace(get_state=arm.get_state, send_action=lambda a: (arm.send_action(a), self.look())[0])
+
+    def look(self):
+        now, joints = time.monotonic(), np.asarray(self.pose(), dtype=np.float64)
+        self.start, self.looks = self.start or now, self.looks + [joints]
+        if not self.reached and self.scene.success(joints):
+            self.reached = {"after_s": round(now - self.start, 2), "action": len(self.looks)}  # since the first
+
+    def save_gif(self, path, fps=DEMO_FPS, before=()):
+        """`before`, then per look the camera's view 4x larger with the tip's path so far (the last held)."""
+        # the tip on the table, in pixels as render() maps it: x to the right, y away from the robot (up)
+        path_px = [(256 * (x - VIEW_X[0]) / (VIEW_X[1] - VIEW_X[0]), 256 * (VIEW_Y[1] - y) / (VIEW_Y[1] - VIEW_Y[0]))
+                   for x, y, _ in map(forward_kinematics, self.looks)]
+        frames = list(before)
+        for n, joints in enumerate(self.looks, 1):
+            frames.append(Image.fromarray(self.scene.render(joints)).resize((256, 256)))
+            ImageDraw.Draw(frames[-1]).line(path_px[:n], fill=(30, 90, 220), width=2)
+            reached = "REACHED" if self.reached and n >= self.reached["action"] else "reaching"
+            ImageDraw.Draw(frames[-1]).text((4, 4), f"action {n}: {reached}", fill=0)
+        frames += frames[-1:] * 5
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
+        return frames
+
+
+@torch.no_grad()
+def animate_episodes(policy, path, episodes=4, length=20, seed=0):
+    """`episodes` closed-loop episodes in new scenes, run as evaluate_in_sim runs them, as one GIF at `path`."""
+    camera, steps, frames = policy.config.camera_keys[0], policy.config.n_action_steps, []
+    for e in range(episodes):
+        world, joints = ToyWorld(lambda: joints[0], [camera], seed=seed + e), [HOME_DEG]
+        for k in range(length):
+            if k % steps == 0:  # a new chunk, from what the camera sees now
+                image = frame_to_float(world.cameras[camera].read().transpose(2, 0, 1))  # (3, H, W)
+                chunk = policy.predict_chunk({STATE: torch.from_numpy(joints[0]), camera: image, "task": DEMO_TASK})
+            joints[0] = step_arm(joints[0], chunk[0, k % steps].float().cpu().numpy())
+            world.look()
+        frames = world.save_gif(path, before=frames)  # the GIF so far, rewritten after each episode
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------
 # The tiny SmolVLA: a word-level tokenizer, and SmolVLM2's architecture at toy widths
 # ----------------------------------------------------------------------------------------------------
@@ -350,7 +400,7 @@ def record_demonstrations(root, episodes, length, seed):
         episode = expert_episode(scene, rng, length)
         episode["task"] = DEMO_TASK
         recorded.append(episode)
-    return write_lerobot_dataset(root, recorded, fps=DEMO_FPS)
+    return write_lerobot_dataset(root, recorded, fps=DEMO_FPS, norm_mode="degrees")  # the toy arm's units
 
 
 @torch.no_grad()
@@ -386,12 +436,12 @@ def evaluate_in_sim(policy, episodes, length, seed, shuffle_images=False):
 
 def prepare_demo(args, processes):
     """The demo's own checks, before anything is written: one process, a known --demo-attention, and a new
-    (or empty) output directory, by default outputs/demo_<date>."""
+    (or empty) output directory, by default outputs/demo/<date> (train.py links outputs/demo/latest to it)."""
     if processes.distributed:
         raise ValueError("--demo runs in one process; run torchrun on the demo's dataset with --repo.")
     if args.demo_attention not in ATTENTION:
         raise ValueError(f"--demo-attention {args.demo_attention!r} is not one of {sorted(ATTENTION)}.")
-    args.output = args.output or os.path.join("outputs", f"demo_{time.strftime('%Y-%m-%d_%H-%M-%S')}")
+    args.output = args.output or os.path.join("outputs", "demo", time.strftime("%Y-%m-%d_%H-%M-%S"))
     if os.path.isdir(args.output) and os.listdir(args.output):
         raise FileExistsError(f"{args.output!r} is not empty; the demo writes a new run: choose another --output.")
 
@@ -434,7 +484,8 @@ def run_demo(args, processes, train):
               "train_steps": args.steps, "train_episodes": args.demo_episodes, "episode_length": args.demo_length,
               "chunk_size": config.chunk_size, "n_action_steps": config.n_action_steps,
               "vlm_layers": config.num_vlm_layers, "attention": args.demo_attention, "checkpoint": checkpoint,
-              "wall_time_s": round(time.perf_counter() - started, 1)}
+              "wall_time_s": round(time.perf_counter() - started, 1),
+              "animation": animate_episodes(policy, os.path.join(args.output, "episodes.gif"), 4, args.demo_length)}
     with open(os.path.join(args.output, "eval.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))

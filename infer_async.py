@@ -49,7 +49,7 @@ if "OMP_WAIT_POLICY" not in os.environ:
 
 import numpy as np
 
-from policy import STATE
+from policy import STATE, settle_run_options
 from policy_server import PolicyClient, RemoteError, add_policy_arguments, open_policy, serve
 
 # ----------------------------------------------------------------------------------------------------------
@@ -416,12 +416,11 @@ def plot_queue(metrics, path):
 def open_cameras(args, policy_cameras, virtual_arm):
     """{policy camera key: object with read() -> (H, W, 3) uint8 RGB}."""
     if virtual_arm is not None and not args.cameras:
-        # --port sim without --cameras: every camera the policy reads films the toy scene of demo.py
-        from demo import ReachScene, SyntheticCamera
+        # --port sim without --cameras: every camera the policy reads films the toy world of demo.py
+        from demo import ToyWorld
 
-        scene = ReachScene(seed=0)
-        return {key: SyntheticCamera(scene, virtual_arm.joint_positions_deg, name=key.split(".")[-1])
-                for key in policy_cameras}
+        args.world = ToyWorld(virtual_arm.joint_positions_deg, policy_cameras)  # also watches the target
+        return args.world.cameras
     import record  # the recording side's cameras, imported only beside the arm (not by a policy server)
 
     return record.open_cameras(record.camera_sources(args.cameras, args.rename, policy_cameras))
@@ -429,13 +428,14 @@ def open_cameras(args, policy_cameras, virtual_arm):
 
 def build_parser():
     examples = __doc__[__doc__.index("    python infer_async.py"):__doc__.index("\nFailures never")]
+    help_format = type("Help", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="examples:\n" + examples,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=help_format)  # the docstring's line breaks, and each default
     p.add_argument("--port", default="sim", help="serial port of the SO-100 follower, or `sim` (virtual arm)")
-    p.add_argument("--task", default="", help="language instruction")
+    p.add_argument("--task", help="language instruction (default: the policy's training task, if it had one)")
     p.add_argument("--cameras", help="name=/dev/video0,name2=1 (default with --port sim: synthetic cameras)")
     p.add_argument("--rename", help="camera name=policy camera name, e.g. top=camera1,wrist=camera2")
-    p.add_argument("--fps", type=float, default=30.0, help="control ticks per second (one action each)")
+    p.add_argument("--fps", type=float, help="control ticks per second, one action each (default: the policy's, or 30)")
     p.add_argument("--threshold", type=float, default=0.7, help="g: ask for a chunk when |queue|/n < g")
     p.add_argument("--sync", action="store_true", help="g = 0: ask only when the queue is empty")
     p.add_argument("--similarity-eps", type=float, default=0.0,
@@ -443,14 +443,15 @@ def build_parser():
     p.add_argument("--aggregate", choices=AGGREGATES, default="weighted", help="fusion of overlapping actions")
     p.add_argument("--aggregate-weight", type=float, default=0.7, help="weight of the new action (weighted)")
     p.add_argument("--extra-latency", type=float, default=0.0, help="seconds added to every inference")
-    p.add_argument("--norm-mode", default="degrees", help="joint units the policy was trained in: degrees or "
-                   "range_m100_100 (checked by so100 when the arm opens); printed when the arm connects")
+    p.add_argument("--norm-mode", help="joint units the policy was trained in: degrees or range_m100_100 (default: "
+                   "the policy's, or degrees); printed when the arm connects")
     p.add_argument("--id", default="my_so100", help="arm name: its calibration file is <id>.json (so100.py)")
     p.add_argument("--calibration", help="calibration JSON of a real arm (default: so100.py's <id>.json)")
     p.add_argument("--max-relative-target", type=float, help="largest joint step per action, robot units (no cap)")
     p.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
     p.add_argument("--metrics", help="write run metrics to this JSON file")
     p.add_argument("--plot", help="draw the queue size over time to this PNG")
+    p.add_argument("--record-video", help="--port sim: the toy world's camera and the gripper's path, to this GIF")
     add_policy_arguments(p)  # --policy, --vlm, --device, --dtype; --server, --timeout; --serve, --host, ...
     return p
 
@@ -463,6 +464,7 @@ def make_async_scheduler(args, chunk_size, action_dim):
         "fps": args.fps, "chunk_size": chunk_size, "threshold": threshold, "aggregate": args.aggregate,
         "aggregate_weight": args.aggregate_weight, "similarity_eps": args.similarity_eps,
         "extra_latency_s": args.extra_latency, "port": args.port, "server": args.server, "policy": args.policy,
+        "task": args.task, "norm_mode": args.norm_mode,
         "title": f"{'sync' if threshold == 0 else f'async g={threshold}'}, "
                  f"extra latency {args.extra_latency} s, {args.fps:g} fps"}
     return scheduler
@@ -473,6 +475,7 @@ def run_arm(args):
     from so100 import open_arm  # the servo driver (and pyserial) only beside the arm: a policy server never loads it
 
     compute, info = open_policy(args)
+    settle_run_options(args, info.get("trained_on", {}))  # --fps, --norm-mode, --task: the policy's by default
     ticks = sys.maxsize if args.duration is None else round(args.duration * args.fps)
     # closed in reverse order: inference thread, cameras, arm (torque off), virtual arm, server connection
     with contextlib.ExitStack() as cleanup:
@@ -506,7 +509,7 @@ def run_arm(args):
         print(f"running {'until Ctrl-C' if args.duration is None else f'{ticks} ticks'} at {args.fps:g} fps, "
               f"g = {scheduler.threshold}, chunk {info['chunk_size']}")
         try:
-            run_control_loop(arm, capture, worker, scheduler, args.fps, ticks)
+            run_control_loop(args.world.watch(arm) if args.world else arm, capture, worker, scheduler, args.fps, ticks)
         except KeyboardInterrupt:
             print("stopped by Ctrl-C")
     m, summary = scheduler.metrics, scheduler.metrics.summary()
@@ -515,18 +518,25 @@ def run_arm(args):
           f"{m.observations_skipped_similar}, failures {m.inference_failures}; mean latency "
           f"{summary['mean_inference_latency_s']:.3f} s = {summary['mean_latency_in_ticks']:.1f} ticks, "
           f"{summary['idle_stretches']} idle stretches of {summary['mean_idle_stretch_ticks']:.1f} ticks on average; "
-          f"{m.wall_s:.1f} s wall, {m.late_ticks} late ticks (max {m.max_lateness_s * 1000:.0f} ms)")
+          f"{m.wall_s:.1f} s wall, {m.late_ticks} late ticks (max {m.max_lateness_s * 1000:.0f} ms)"
+          + (f"; target reached: {args.world.reached or 'no'}" if args.world else ""))
     if args.metrics:
         with open(args.metrics, "w") as f:
-            json.dump({**asdict(m), "summary": summary}, f, indent=1)
+            target = {"target_reached": args.world.reached} if args.world else {}  # --port sim: False or when
+            json.dump({**asdict(m), "summary": summary, **target}, f, indent=1)
     if args.plot:
         plot_queue(m, args.plot)
+    if args.record_video and args.world:
+        args.world.save_gif(args.record_video, fps=args.fps)
     return m
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.fps <= 0:
+    args.world = None  # --port sim's toy world (open_cameras)
+    if args.record_video and (args.port != "sim" or args.cameras):
+        raise ValueError("--record-video films the toy world: it needs --port sim without --cameras")
+    if args.fps is not None and args.fps <= 0:
         raise ValueError(f"--fps must be positive, got {args.fps}")
     if args.extra_latency < 0:
         raise ValueError(f"--extra-latency must be >= 0, got {args.extra_latency}")

@@ -16,8 +16,9 @@ The rest of the file is lerobot's checkpoint format, so that `SmolVLA.from_pretr
 loads the official weights and `save_pretrained` writes what lerobot loads: config.json, model.safetensors
 (our parameter names differ from lerobot's only by a prefix per part; loading is strict by name and
 shape), the normalization statistics (two on-disk formats in the wild), the pre/post-processor JSON, and
-vlm/ (the VLM's config and tokenizer). Last, where files come from: a local directory or the Hugging Face
-Hub, for checkpoints and datasets alike.
+vlm/ (the VLM's config and tokenizer), and trained_on.json: what the policy was trained on, which the
+command line that drives it checks (`settle_run_options`). Where files come from (a local directory or the
+Hugging Face Hub) is vlm.py's `resolve_dir`.
 """
 
 import fnmatch
@@ -26,12 +27,14 @@ import os
 import re
 import shutil
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vlm import parse_vlm_config
+# vlm.py holds the VLM's files and frames, where files come from (a directory or the Hub) and the command line's
+# name=value lists; imported here too, so that `from policy import frame_to_float` (or resolve_dir, ...) works
+from vlm import (VLM_DESCRIPTION_FILES, frame_to_float, load_vlm_description, parse_mapping,  # noqa: F401
+                 read_json, read_safetensors_dir, resolve_dir)
 
 # lerobot's names for what a policy reads and writes (a dataset's columns carry the same names)
 STATE, ACTION, IMAGE_PREFIX = "observation.state", "action", "observation.images."
@@ -40,14 +43,6 @@ NORM_EPS = 1e-8  # lerobot's normalizer: (x - mean) / (std + 1e-8)
 
 # ----------------------------------------------------------------------------------------------------
 # Robot units in and out.
-
-
-def frame_to_float(frame: np.ndarray) -> torch.Tensor:
-    """A camera frame as the model reads it: uint8 pixels (3, H, W) -> float32 (3, H, W) in [0, 1], in one
-    pass (cameras and decoders deliver (H, W, 3): pass frame.transpose(2, 0, 1), a view)."""
-    out = np.empty(frame.shape, dtype=np.float32)
-    np.divide(frame, np.float32(255), out=out)
-    return torch.from_numpy(out)
 
 
 def set_normalization(model, stats: dict):
@@ -197,6 +192,39 @@ def features_from_dataset(dataset):
     return inputs, outputs
 
 
+def check_dataset_fits_policy(config, dataset, rename):
+    """One clear error if the dataset cannot train this policy: cameras named differently, or state/action
+    dims that differ. Policy cameras the dataset does not have at all (smolvla_base reads three, most
+    datasets have two) are dropped from the policy's inputs, as the reference does silently; we say so."""
+    short = lambda key: key[len(IMAGE_PREFIX):]
+    # the dataset's own camera names (before --rename), for the hint
+    original = {new: old for old, new in rename.items()}
+    dataset_name = lambda key: original.get(short(key), short(key))
+    policy_cameras = config.camera_keys
+    missing = [key for key in policy_cameras if key not in dataset.camera_keys]
+    unused = [key for key in dataset.camera_keys if key not in policy_cameras]
+    if unused and (missing or not policy_cameras):
+        pairs = [(dataset_name(old), short(new)) for old, new in zip(unused, missing)]
+        hint = ",".join(f"{old}={new}" for old, new in pairs if old != new)
+        renamed = f" (called {[short(k) for k in dataset.camera_keys]} after --rename)" if rename else ""
+        raise ValueError(f"the dataset's cameras {[dataset_name(k) for k in dataset.camera_keys]}{renamed} are not "
+                         f"the policy's {[short(k) for k in policy_cameras]}: map them with --rename"
+                         + (f", e.g. --rename {hint}" if hint else ""))
+    for key, kind in ((STATE, "input_features"), (ACTION, "output_features")):
+        wanted = int(getattr(config, kind)[key]["shape"][0])
+        found = int(dataset.stats[key]["mean"].shape[0])
+        if wanted != found:
+            raise ValueError(f"the dataset's {key} has {found} dims but the policy's has {wanted}; fine-tuning "
+                             "needs the same robot (or start a new policy with --from-scratch).")
+    if missing:
+        print(f"note: the dataset has no {[short(k) for k in missing]} camera(s); the policy is trained without "
+              "them (they are removed from its input features).")
+        for key in missing:
+            del config.input_features[key]
+    if unused:
+        print(f"note: the policy does not read the dataset's {[dataset_name(k) for k in unused]} camera(s).")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints: lerobot's format.
 
@@ -215,8 +243,6 @@ LEROBOT_CONFIG_FIELDS = {
 # what a checkpoint was trained on (dataset fps, joint units, tasks, training-time RTC): lerobot's strict
 # config parser rejects unknown config.json fields, so these live in a file of their own beside it
 TRAINED_ON_FILE = "trained_on.json"
-# the files that describe a VLM (architecture, tokenizer, processor), without its weights
-VLM_DESCRIPTION_FILES = ["*.json", "*.txt", "*.model", "*.jinja"]
 
 # Our parameter names differ from the checkpoints' only by these prefixes (the names inside each part
 # follow Hugging Face's). Columns: ours, lerobot's SmolVLA checkpoint, Hugging Face SmolVLM2 weights.
@@ -346,6 +372,30 @@ def report_normalization(model, source: str):
         )
 
 
+def settle_run_options(args, trained_on: dict, log=print):
+    """Fill and check the options that drive a policy (infer_async.py's --fps, --norm-mode, --task; None =
+    not given) from what it was trained on (model.trained_on). A checkpoint without that file (lerobot's)
+    gets today's defaults: 30 fps, degrees, an empty task."""
+    fps, mode, tasks = trained_on.get("fps"), trained_on.get("norm_mode"), trained_on.get("tasks")
+    if args.fps is None:
+        args.fps = float(fps or 30)
+    elif fps and args.fps != fps:  # chunks are sequences of actions Δt = 1/fps apart: another rate warps them
+        log(f"warning: --fps {args.fps:g}, but the policy was trained on {fps:g} fps data: it moves "
+            f"{args.fps / fps:.2g}x as fast as it learned to, and g·n ticks last a different time")
+    if args.norm_mode is None:
+        args.norm_mode = mode or "degrees"
+    elif mode and args.norm_mode != mode:
+        raise ValueError(f"--norm-mode {args.norm_mode}: this policy was trained on joints in {mode} (its "
+                         f"dataset's units); drive it with --norm-mode {mode}, or leave the flag out")
+    if args.task is None and tasks is not None:
+        if len(tasks) != 1:
+            listed = "; ".join(f'--task "{task}"' for task in tasks) or "none recorded"
+            raise ValueError(f"give --task: this policy was trained on {len(tasks)} tasks ({listed})")
+        args.task = tasks[0]
+        log(f'task: "{args.task}" (the policy\'s only training task; --task gives another)')
+    args.task = args.task or ""
+
+
 def checkpoint_name(name: str, column: int) -> str | None:
     """Our parameter name -> its name in a lerobot checkpoint (column LEROBOT) or SmolVLM2's weights (HF_VLM)."""
     for row in NAME_PREFIXES:
@@ -400,34 +450,6 @@ def load_policy_tensors(model: nn.Module, tensors: dict) -> dict:
     buffers = {k: t for k, t in tensors.items() if OLD_STATS_NAME.match(k)}
     load_weights(model, {k: t.float() for k, t in tensors.items() if k not in buffers}, LEROBOT, assign=True)
     return buffers
-
-
-def load_vlm_description(source: str) -> tuple[dict, object]:
-    """The VLM's config.json (its architecture) and its tokenizer, from a directory or Hub id."""
-    from transformers import AutoTokenizer
-
-    vlm_dir = resolve_dir(source, "VLM", VLM_DESCRIPTION_FILES)
-    vlm_config = read_json(os.path.join(vlm_dir, "config.json"), "VLM config.json")
-    parse_vlm_config(vlm_config)  # fail early on a config that is not SmolVLM's
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(vlm_dir)
-    except Exception as e:
-        raise ValueError(f"could not load the tokenizer from {vlm_dir}: {e}") from e
-    return vlm_config, tokenizer
-
-
-def read_safetensors_dir(directory: str) -> dict:
-    """All tensors of a Hugging Face model directory: model.safetensors or shards listed in its index."""
-    single = os.path.join(directory, "model.safetensors")
-    index = os.path.join(directory, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        return load_file(single)
-    if os.path.isfile(index):
-        tensors = {}
-        for shard in sorted(set(read_json(index, "weights index")["weight_map"].values())):
-            tensors.update(load_file(os.path.join(directory, shard)))
-        return tensors
-    raise FileNotFoundError(f"no model.safetensors (or model.safetensors.index.json) in {directory}")
 
 
 def read_processor_stats(ckpt_dir: str) -> tuple[dict, str]:
@@ -505,52 +527,3 @@ def postprocessor_steps(cfg: dict) -> list:
          "config": {"eps": NORM_EPS, "norm_map": cfg["normalization_mapping"]}},
         {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}},
     ]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Where files come from: a local directory or the Hugging Face Hub (checkpoints, VLMs, datasets).
-
-
-def resolve_dir(source, what, allow_patterns, repo_type="model", revision=None, hint=None):
-    """A local directory as it is; otherwise a Hugging Face Hub id (`owner/name`), whose files matching
-    `allow_patterns` are downloaded into the local cache (huggingface_hub shows the progress). `what`
-    ("checkpoint", "VLM", "dataset") names it in the errors; `hint` says what to do instead."""
-    source = os.fspath(source)
-    if os.path.isdir(source):
-        return source
-    parts = source.split("/")
-    is_hub_id = len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and not os.path.exists(source)
-    if not is_hub_id:
-        raise FileNotFoundError(f"{what} directory not found: there is no {what} directory {source!r}, and it is "
-                                "not a Hugging Face Hub id of the form owner/name")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(source, repo_type=repo_type, revision=revision, allow_patterns=allow_patterns)
-    except Exception as e:  # offline, unknown repo, no access: one message that says which and what to do
-        reason = str(e).splitlines()[0] if str(e) else ""
-        raise FileNotFoundError(
-            f"{what} '{source}' is not a local directory and could not be fetched as a {what} from the Hugging "
-            f"Face Hub ({type(e).__name__}: {reason}). {hint or f'Pass an existing {what} directory.'}"
-        ) from None
-
-
-def read_json(path, what):
-    """The JSON file at `path`; `what` names it in the error when it is missing."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
-    with open(path) as f:
-        return json.load(f)
-
-
-def parse_mapping(text, flag):
-    """A command line's 'a=x,b=y' -> {"a": "x", "b": "y"} (camera renames, camera devices); `flag` names
-    the option in the error."""
-    mapping = {}
-    for item in filter(None, (text or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise ValueError(f"{flag} expects name=value pairs separated by commas (e.g. top=camera1,wrist=camera2), "
-                             f"got {item!r}")
-        mapping[key.strip()] = value.strip()
-    return mapping

@@ -146,7 +146,8 @@ class PolicyRunner:
         self.policy = policy
         self.lock = threading.Lock()
         # what a client needs to know to drive this policy
-        self.info = {"chunk_size": int(policy.config.chunk_size), "cameras": list(policy.config.camera_keys)}
+        self.info = {"chunk_size": int(policy.config.chunk_size), "cameras": list(policy.config.camera_keys),
+                     "trained_on": dict(getattr(policy, "trained_on", {}))}  # fps, units, tasks (policy.py)
 
     def __call__(self, observation):
         import torch
@@ -293,7 +294,7 @@ class PolicyClient:
         self._next_id = 0
 
     def hello(self):
-        """The info of the chosen policy ({"chunk_size", "cameras"}), from the server."""
+        """The info of the chosen policy ({"chunk_size", "cameras", "trained_on"}), from the server."""
         header, _ = self._exchange({"type": "hello"}, None)
         policies = header.get("policies")
         if header["type"] != "hello" or not isinstance(policies, dict) or not policies:
@@ -378,7 +379,8 @@ def add_policy_arguments(parser):
 
 
 def open_policy(args):
-    """-> (callable observation -> actions, {"chunk_size", "cameras"}): in-process, or a policy server."""
+    """-> (callable observation -> actions, {"chunk_size", "cameras", "trained_on"}): in-process, or a
+    policy server."""
     if args.server:
         if args.policy and len(args.policy) > 1:
             raise ValueError("with --server, --policy names one of the server's policies")

@@ -97,12 +97,13 @@ CODECS = {"libsvtav1": ("libsvtav1", "av1"), "av1": ("libsvtav1", "av1"), "h264"
 
 
 def write_lerobot_dataset(root, episodes, fps=30, robot_type="so100", codec="libsvtav1", joint_names=None,
-                          version="v3.0"):
+                          version="v3.0", norm_mode=None):
     """Write episodes as a LeRobot dataset in `root` (must not exist or be empty); returns root.
 
     episodes: list of {"observation.state": (T,S), "action": (T,A), "task": str,
                        "images": {"top": (T,H,W,3) uint8, ...}}
     codec: "libsvtav1" (AV1, as on the hub) or "h264".  version: "v3.0" (default) or "v2.1".
+    norm_mode: the joints' units (so100.NORM_MODES), kept in info.json: a policy trained on it remembers them.
     """
     if codec not in CODECS:
         raise ValueError(f"codec {codec!r} is not one of {sorted(CODECS)}.")
@@ -118,7 +119,7 @@ def write_lerobot_dataset(root, episodes, fps=30, robot_type="so100", codec="lib
         "total_frames": int(bounds[-1]), "total_tasks": len(tasks), "chunks_size": 1000, "fps": fps,
         "splits": {"train": f"0:{len(episodes)}"},
         "features": _features(episodes, cameras, fps, codec, joint_names),
-    }
+    } | ({"norm_mode": norm_mode} if norm_mode else {})
     os.makedirs(os.path.join(root, "meta"), exist_ok=True)
     if version == "v3.0":
         _write_v3(root, info, episodes, cameras, tasks, lengths, columns, bounds, fps, codec)

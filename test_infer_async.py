@@ -20,7 +20,7 @@ import torch
 import infer_async as ia
 import record
 import policy_server as ps
-from policy import parse_mapping
+from policy import parse_mapping, settle_run_options
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -349,7 +349,7 @@ def server():
 
 def test_server_answers_hello_and_observations(server):
     client = ps.PolicyClient(server.server_address, timeout_s=2)
-    assert client.hello() == {"chunk_size": 8, "cameras": ["observation.images.top"]}
+    assert client.hello() == {"chunk_size": 8, "cameras": ["observation.images.top"], "trained_on": {}}
     assert client.policy == "affine"  # the first one the server names
     for value in (1.0, -2.5):
         np.testing.assert_allclose(client(observation(value)), affine_expected(observation(value)), rtol=1e-6)
@@ -586,3 +586,24 @@ def test_end_to_end_through_a_policy_server(tmp_path):
         server.close_all()
     check_run(metrics, tmp_path / "m.json", tmp_path / "q.png", ticks=60)
     assert metrics.config["threshold"] == 0.0 and metrics.actions_fused == 0  # sync: chunks never overlap
+
+
+def test_run_options_come_from_what_the_policy_was_trained_on():
+    """--fps, --norm-mode and --task default to the checkpoint's trained_on.json; without one, today's defaults."""
+    options = lambda **given: SimpleNamespace(**({"fps": None, "norm_mode": None, "task": None} | given))
+    said = []
+    args = options()
+    settle_run_options(args, {}, said.append)  # lerobot's checkpoints have no trained_on.json
+    assert (args.fps, args.norm_mode, args.task, said) == (30.0, "degrees", "", [])
+    args = options()
+    settle_run_options(args, {"fps": 10, "norm_mode": "range_m100_100", "tasks": ["stack"]}, said.append)
+    assert (args.fps, args.norm_mode, args.task) == (10.0, "range_m100_100", "stack") and "only training task" in said[-1]
+    args = options(fps=30.0, task="other")
+    settle_run_options(args, {"fps": 10, "tasks": ["stack"]}, said.append)
+    assert (args.fps, args.task) == (30.0, "other") and "trained on 10 fps data" in said[-1]
+    with pytest.raises(ValueError, match=r'--norm-mode degrees: .* trained on joints in range_m100_100'):
+        settle_run_options(options(norm_mode="degrees"), {"norm_mode": "range_m100_100"})
+    with pytest.raises(ValueError, match=r'give --task: .* 2 tasks \(--task "pick"; --task "place"\)'):
+        settle_run_options(options(), {"tasks": ["pick", "place"]})
+    with pytest.raises(ValueError, match=r"0 tasks \(none recorded\)"):
+        settle_run_options(options(), {"tasks": []})

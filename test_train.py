@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import demo
@@ -153,6 +154,41 @@ def test_demo_pipeline_end_to_end_in_miniature(tmp_path):
     assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"  # loads in transformers 4 and 5
     policy = SmolVLA.from_pretrained(str(checkpoint))
     assert policy.config.chunk_size == 10 and policy.config.num_vlm_layers == 4
+
+
+def test_a_demo_run_remembers_its_data_resumes_and_drives_the_sim_at_its_fps(tmp_path, monkeypatch, capsys):
+    """A demo in its default place: outputs/demo/latest points to it, its checkpoint knows the data's fps, units
+    and task (infer_async takes them as defaults), its evaluation episodes are a GIF, and it resumes."""
+    import infer_async
+
+    monkeypatch.chdir(tmp_path)
+    train.main(["--demo", "--steps", "2", "--batch-size", "8", "--demo-episodes", "2", "--demo-length", "10",
+                "--demo-eval-episodes", "1"])
+    run = tmp_path / "outputs" / "demo" / "latest"
+    assert run.is_symlink() and (run / "eval.json").is_file()
+    checkpoint = str(run / "checkpoints" / "last" / "pretrained_model")
+    facts = json.load(open(os.path.join(checkpoint, "trained_on.json")))
+    assert facts == {"fps": demo.DEMO_FPS, "norm_mode": "degrees", "tasks": [demo.DEMO_TASK]}
+    with Image.open(run / "episodes.gif") as gif:
+        assert gif.n_frames > 4 and gif.size == (256, 256)
+    # --resume of a demo run trains on the dataset it recorded; --demo --resume does the same
+    train.main(["--resume", str(run), "--steps", "3"])
+    train.main(["--demo", "--resume", str(run), "--steps", "4"])
+    state = torch.load(run / "checkpoints" / "000004" / "training_state.pt", weights_only=True)
+    assert [h["step"] for h in state["history"]] == [1, 2, 3, 4]
+    message = error_of(["--resume", str(run), "--steps", "4"])
+    assert "already at step 4 of 4" in message
+    # the virtual arm, driven at the policy's 10 fps with its task; told otherwise, it warns or refuses
+    capsys.readouterr()
+    infer_async.main(["--port", "sim", "--policy", checkpoint, "--duration", "1", "--metrics", "m.json"])
+    metrics, out = json.load(open("m.json")), capsys.readouterr().out
+    assert metrics["config"]["fps"] == 10 and metrics["config"]["task"] == demo.DEMO_TASK and metrics["ticks"] == 10
+    assert f'task: "{demo.DEMO_TASK}"' in out and "target reached: " in out and "target_reached" in metrics
+    infer_async.main(["--port", "sim", "--policy", checkpoint, "--duration", "0.1", "--fps", "30", "--task", "x",
+                      "--record-video", "v.gif"])
+    assert "trained on 10 fps data" in capsys.readouterr().out and os.path.isfile("v.gif")
+    with pytest.raises(ValueError, match="trained on joints in degrees.*--norm-mode degrees"):
+        infer_async.main(["--port", "sim", "--policy", checkpoint, "--norm-mode", "range_m100_100"])
 
 
 # ----------------------------------------------------------------------------------------------------

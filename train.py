@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 import speed
 from data import LeRobotDataset
-from policy import ACTION, IMAGE_PREFIX, STATE, features_from_dataset, parse_mapping
+from policy import check_dataset_fits_policy, features_from_dataset, parse_mapping
 from smolvla import SmolVLA, SmolVLAConfig
 
 DEFAULT_POLICY = "lerobot/smolvla_base"
@@ -62,7 +62,8 @@ RECIPE = {
     "warmup_steps": 1_000,   # linear warmup from lr / (warmup_steps + 1) to lr
     "decay_steps": 30_000,   # the cosine reaches decay_lr at this step (both shrunk for shorter runs)
     "decay_lr": 2.5e-6,      # the final learning rate
-    "num_workers": 4,        # DataLoader worker processes (video decoding)
+    # DataLoader worker processes (video decoding): 4, or fewer on a machine with fewer usable cores
+    "num_workers": min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1),
     "save_every": 5_000,     # checkpoint period in steps (0: only at the end)
     "log_every": 100,        # progress-bar refresh period in steps
     "seed": 1000,            # data order, flow-matching noise and time, a fresh expert's initialization
@@ -169,41 +170,8 @@ def check_output(output, resume):
         raise PermissionError(f"cannot write to the output directory {output!r} ({existing} is not a writable "
                               "directory); choose another with --output.") from None
     if not resume and os.path.isdir(os.path.join(output, "checkpoints")):
-        raise FileExistsError(f"{output!r} already holds a training run; continue it with --resume, "
-                              "or choose a new --output.")
-
-
-def check_dataset_fits_policy(config, dataset, rename):
-    """One clear error if the dataset cannot train this policy: cameras named differently, or state/action
-    dims that differ. Policy cameras the dataset does not have at all (smolvla_base reads three, most
-    datasets have two) are dropped from the policy's inputs, as the reference does silently; we say so."""
-    short = lambda key: key[len(IMAGE_PREFIX):]
-    # the dataset's own camera names (before --rename), for the hint
-    original = {new: old for old, new in rename.items()}
-    dataset_name = lambda key: original.get(short(key), short(key))
-    policy_cameras = config.camera_keys
-    missing = [key for key in policy_cameras if key not in dataset.camera_keys]
-    unused = [key for key in dataset.camera_keys if key not in policy_cameras]
-    if unused and (missing or not policy_cameras):
-        pairs = [(dataset_name(old), short(new)) for old, new in zip(unused, missing)]
-        hint = ",".join(f"{old}={new}" for old, new in pairs if old != new)
-        renamed = f" (called {[short(k) for k in dataset.camera_keys]} after --rename)" if rename else ""
-        raise ValueError(f"the dataset's cameras {[dataset_name(k) for k in dataset.camera_keys]}{renamed} are not "
-                         f"the policy's {[short(k) for k in policy_cameras]}: map them with --rename"
-                         + (f", e.g. --rename {hint}" if hint else ""))
-    for key, kind in ((STATE, "input_features"), (ACTION, "output_features")):
-        wanted = int(getattr(config, kind)[key]["shape"][0])
-        found = int(dataset.stats[key]["mean"].shape[0])
-        if wanted != found:
-            raise ValueError(f"the dataset's {key} has {found} dims but the policy's has {wanted}; fine-tuning "
-                             "needs the same robot (or start a new policy with --from-scratch).")
-    if missing:
-        print(f"note: the dataset has no {[short(k) for k in missing]} camera(s); the policy is trained without "
-              "them (they are removed from its input features).")
-        for key in missing:
-            del config.input_features[key]
-    if unused:
-        print(f"note: the policy does not read the dataset's {[dataset_name(k) for k in unused]} camera(s).")
+        raise FileExistsError(f"{output!r} already holds a training run; continue it with `python train.py "
+                              f"--resume {output}` (and more --steps), or choose a new --output.")
 
 
 def check_batch_size(samples, batch_size, world_size):
@@ -249,11 +217,16 @@ def save_checkpoint(output, step, policy, optimizer, scheduler, history, options
     if os.path.isdir(final):  # the same step saved again (a resumed run): replace it
         shutil.rmtree(final)
     os.replace(temporary, final)
-    link = os.path.join(checkpoints, f".last-{os.getpid()}")
-    os.symlink(f"{step:06d}", link)
-    os.replace(link, os.path.join(checkpoints, "last"))
+    replace_link(checkpoints, "last", f"{step:06d}")
     plot_losses(history, os.path.join(output, "loss.png"))
     return final
+
+
+def replace_link(directory, name, target):
+    """directory/name -> target (relative to directory), replaced atomically: a reader never finds it missing."""
+    temporary = os.path.join(directory, f".{name}-{os.getpid()}")
+    os.symlink(target, temporary)
+    os.replace(temporary, os.path.join(directory, name))
 
 
 def find_checkpoint(path):
@@ -362,6 +335,10 @@ def train(policy, dataset, args, processes, start=None):
         print(f"training {count:,} of {sum(p.numel() for p in policy.parameters()):,} parameters on "
               f"{processes.world_size} x {device} (bf16 autocast: {'on' if autocast else 'off'}), "
               f"{len(dataset):,} samples, steps {step} -> {args.steps}")
+    # what it learns from, saved beside it (policy.TRAINED_ON_FILE): the defaults and checks of its drivers
+    info = getattr(dataset, "info", {})  # "norm_mode": the joints' units, where the dataset says (record.py)
+    policy.trained_on = {**policy.trained_on, "fps": dataset.fps, "norm_mode": info.get("norm_mode"),
+                         "tasks": list(dataset.tasks)}
     bar = tqdm(total=args.steps, initial=step, disable=not processes.is_main, dynamic_ncols=True)
     tick, tick_step, loss_sum, loss_count = time.perf_counter(), step, 0.0, 0
     while step < args.steps:
@@ -436,15 +413,15 @@ def parse_args(argv=None):
     parser.add_argument("--log-every", type=int, help=f"progress-bar refresh period ({RECIPE['log_every']})")
     parser.add_argument("--seed", type=int, help=f"data order and noise ({RECIPE['seed']})")
     parser.add_argument("--demo", action="store_true", help="the offline toy run (demo.py): CPU, a few minutes")
-    parser.add_argument("--demo-episodes", type=int, default=160, help="demonstrations the demo records")
-    parser.add_argument("--demo-length", type=int, default=20, help="steps per demo episode")
-    parser.add_argument("--demo-eval-episodes", type=int, default=50, help="episodes per demo evaluation")
-    parser.add_argument("--demo-chunk-size", type=int, default=10, help="actions per chunk (demo policy)")
-    parser.add_argument("--demo-action-steps", type=int, default=5, help="actions executed per chunk, open loop")
-    parser.add_argument("--demo-vlm-layers", type=int, default=4, help="VLM layers kept, of the tiny VLM's 8")
+    parser.add_argument("--demo-episodes", type=int, default=160, help="demonstrations the demo records (%(default)s)")
+    parser.add_argument("--demo-length", type=int, default=20, help="steps per demo episode (%(default)s)")
+    parser.add_argument("--demo-eval-episodes", type=int, default=50, help="episodes per demo evaluation (%(default)s)")
+    parser.add_argument("--demo-chunk-size", type=int, default=10, help="actions per chunk (demo policy) (%(default)s)")
+    parser.add_argument("--demo-action-steps", type=int, default=5, help="actions executed per chunk, open loop (%(default)s)")
+    parser.add_argument("--demo-vlm-layers", type=int, default=4, help="VLM layers kept, of the tiny VLM's 8 (%(default)s)")
     parser.add_argument("--demo-attention", default="interleaved",
                         help="expert-VLM attention: interleaved cross/self (SmolVLA), cross only, self only "
-                             "(demo.ATTENTION)")
+                             "(demo.ATTENTION; %(default)s)")
     args = parser.parse_args(argv)
     if not (args.demo or args.repo or args.resume):
         parser.error("give a dataset with --repo (or --resume a run, or run --demo)")
@@ -472,6 +449,10 @@ def prepare(args, processes):
         args.output = args.output or os.path.dirname(os.path.dirname(checkpoint))
         args.policy, args.from_scratch = os.path.join(checkpoint, "pretrained_model"), False
     fill_options(args, start["options"] if start else None)
+    if args.repo is None and args.resume:  # a demo's run (--demo): it recorded its dataset into the run
+        args.repo = os.path.join(args.output, "dataset")
+    if start and start["step"] >= args.steps:
+        raise ValueError(f"the run is already at step {start['step']} of {args.steps}: give more --steps to continue it")
     if args.output is None:
         name = os.path.basename(os.path.normpath(args.repo))
         args.output = os.path.join("outputs", "train", f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{name}")
@@ -492,6 +473,12 @@ def prepare(args, processes):
 def main(argv=None):
     args = parse_args(argv)
     processes = start_processes(args.device)
+    if not processes.is_main:  # under torchrun only rank 0 prints (errors still go to stderr)
+        sys.stdout = open(os.devnull, "w")
+    default_output = args.output is None
+    if args.demo and args.resume:  # a demo's run continues like any run: train.py --resume RUN
+        print("note: --resume continues the demo's training; its evaluation is not run again")
+        args.demo = False
     try:
         if args.demo:
             # The demo's code and its toy world are loaded only for --demo: a training run on a GPU box
@@ -504,6 +491,9 @@ def main(argv=None):
             check_batch_size(args.demo_episodes * args.demo_length, args.batch_size, 1)
         else:
             dataset, policy, start = prepare(args, processes)
+        if default_output and processes.is_main:  # outputs/demo/latest, outputs/train/latest: the newest run
+            os.makedirs(args.output, exist_ok=True)
+            replace_link(os.path.dirname(args.output), "latest", os.path.basename(args.output))
     except (FileNotFoundError, FileExistsError, PermissionError, ValueError) as error:
         sys.exit(f"train.py: error: {error}")
     if args.demo:

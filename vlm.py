@@ -17,14 +17,19 @@ its keys and values over the prefix (`TextModel.keys_values`). The decoder layer
 grouped-query attention, gated MLP) is the same recipe as the expert's and lives in expert.py.
 
 Reading order: the VLM's shape (read from its Hugging Face config.json), the SigLIP tower, pixel shuffle,
-the text stack, and the frames' preprocessing (resize with padding).
+the text stack, and the frames' preprocessing (to floats, resize with padding). Last, the VLM's files and
+where files come from (a local directory or the Hugging Face Hub), which policy.py and data.py use too.
 """
 
+import json
 import math
+import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from expert import DecoderConfig, DecoderLayer, RMSNorm, attention
@@ -249,6 +254,14 @@ class TextModel(nn.Module):
 # The frames' preprocessing.
 
 
+def frame_to_float(frame: np.ndarray) -> torch.Tensor:
+    """A camera frame as the model reads it: uint8 pixels (3, H, W) -> float32 (3, H, W) in [0, 1], in one
+    pass (cameras and decoders deliver (H, W, 3): pass frame.transpose(2, 0, 1), a view)."""
+    out = np.empty(frame.shape, dtype=np.float32)
+    np.divide(frame, np.float32(255), out=out)
+    return torch.from_numpy(out)
+
+
 def resize_with_pad(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """Resize (B, C, h, w) to fit width×height keeping the aspect ratio (bilinear), then pad with zeros on the
     left and top (where the reference puts the padding) to exactly (B, C, height, width)."""
@@ -257,3 +270,88 @@ def resize_with_pad(images: torch.Tensor, width: int, height: int) -> torch.Tens
     new_h, new_w = int(h / ratio), int(w / ratio)
     resized = F.interpolate(images, size=(new_h, new_w), mode="bilinear", align_corners=False)
     return F.pad(resized, (max(0, width - new_w), 0, max(0, height - new_h), 0), value=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The VLM's files: its description (config.json, tokenizer) and its weights (Hugging Face format).
+
+# the files that describe a VLM (architecture, tokenizer, processor), without its weights
+VLM_DESCRIPTION_FILES = ["*.json", "*.txt", "*.model", "*.jinja"]
+
+
+def load_vlm_description(source: str) -> tuple[dict, object]:
+    """The VLM's config.json (its architecture) and its tokenizer, from a directory or Hub id."""
+    from transformers import AutoTokenizer
+
+    vlm_dir = resolve_dir(source, "VLM", VLM_DESCRIPTION_FILES)
+    vlm_config = read_json(os.path.join(vlm_dir, "config.json"), "VLM config.json")
+    parse_vlm_config(vlm_config)  # fail early on a config that is not SmolVLM's
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(vlm_dir)
+    except Exception as e:
+        raise ValueError(f"could not load the tokenizer from {vlm_dir}: {e}") from e
+    return vlm_config, tokenizer
+
+
+def read_safetensors_dir(directory: str) -> dict:
+    """All tensors of a Hugging Face model directory: model.safetensors or shards listed in its index."""
+    single = os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):
+        tensors = {}
+        for shard in sorted(set(read_json(index, "weights index")["weight_map"].values())):
+            tensors.update(load_file(os.path.join(directory, shard)))
+        return tensors
+    raise FileNotFoundError(f"no model.safetensors (or model.safetensors.index.json) in {directory}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Where files come from: a local directory or the Hugging Face Hub (checkpoints, VLMs, datasets); the
+# command line's name=value lists. (policy.py re-exports these: here they sit below the model, importing nothing.)
+
+
+def resolve_dir(source, what, allow_patterns, repo_type="model", revision=None, hint=None):
+    """A local directory as it is; otherwise a Hugging Face Hub id (`owner/name`), whose files matching
+    `allow_patterns` are downloaded into the local cache (huggingface_hub shows the progress). `what`
+    ("checkpoint", "VLM", "dataset") names it in the errors; `hint` says what to do instead."""
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        return source
+    parts = source.split("/")
+    is_hub_id = len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and not os.path.exists(source)
+    if not is_hub_id:
+        raise FileNotFoundError(f"{what} directory not found: there is no {what} directory {source!r}, and it is "
+                                "not a Hugging Face Hub id of the form owner/name")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(source, repo_type=repo_type, revision=revision, allow_patterns=allow_patterns)
+    except Exception as e:  # offline, unknown repo, no access: one message that says which and what to do
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise FileNotFoundError(
+            f"{what} '{source}' is not a local directory and could not be fetched as a {what} from the Hugging "
+            f"Face Hub ({type(e).__name__}: {reason}). {hint or f'Pass an existing {what} directory.'}"
+        ) from None
+
+
+def read_json(path, what):
+    """The JSON file at `path`; `what` names it in the error when it is missing."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def parse_mapping(text, flag):
+    """A command line's 'a=x,b=y' -> {"a": "x", "b": "y"} (camera renames, camera devices); `flag` names
+    the option in the error."""
+    mapping = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"{flag} expects name=value pairs separated by commas (e.g. top=camera1,wrist=camera2), "
+                             f"got {item!r}")
+        mapping[key.strip()] = value.strip()
+    return mapping
