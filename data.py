@@ -76,8 +76,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
         in half the free disk (0 turns the cache off: frames are then decoded on the fly). 480x640 frames
         take 0.92 MB each: svla_so100_stacking (22,956 frames, 2 cameras) needs 42 GB.
     cache_dir: where that cache lives (default $SMOLVLA_CACHE_DIR, else ~/.cache/smolvla/frames). Cache files
-        are named by the video's path, size and modification time, so an edited video is decoded again;
-        delete the folder to free space.
+        are named by the video's path, size and modification time, so an edited video is decoded again. The
+        whole cache stays under max_cache_gb: the least recently used go first (`python data.py --cache`).
 
     Built once by `__init__` (below the items): the chosen episodes' rows as flat arrays with one entry per
     item, `state` (N, S), `action` (N, A), `_start`/`_end` (N,) the rows [start, end) of each item's
@@ -271,6 +271,12 @@ class LeRobotDataset(torch.utils.data.Dataset):
             return False
         self._cache_files = [os.path.join(cache_dir, self._cache_name(path)) for path in self._video_files]
         todo = [i for i, path in enumerate(self._cache_files) if not os.path.exists(path)]
+        for path in self._cache_files:  # <hash>.source names the dataset (for --cache); rewritten: last used now
+            with open(path[:-4] + ".source", "w") as f:
+                f.write(self.root)
+        entries, todo_bytes = cache_entries(cache_dir), sum(int(np.prod(shapes[i])) for i in todo)
+        while entries and sum(entry[1] for entry in entries) + todo_bytes > max_cache_gb * 1e9:
+            os.remove(entries.pop(0)[0])  # the least recently used (ours, just marked, are the newest)
         if todo:
             total = sum(shapes[i][0] for i in todo)
             with tqdm(total=total, desc=f"decoding videos into {cache_dir} ({total_gb:.2f} GB)", unit="frame") as bar:
@@ -292,6 +298,14 @@ class LeRobotDataset(torch.utils.data.Dataset):
         stat = os.stat(path)
         key = f"(N, 3, H, W) uint8|{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"  # layout in the key
         return hashlib.sha1(key.encode()).hexdigest() + ".npy"
+
+
+def cache_entries(cache_dir):
+    """The frame cache's files, least recently used first: [(path, bytes, dataset)], from their .source files."""
+    names = os.listdir(cache_dir) if os.path.isdir(cache_dir) else []
+    sources = [os.path.join(cache_dir, name) for name in names if name.endswith(".source")]
+    pairs = [(source[:-7] + ".npy", source) for source in sorted(sources, key=os.path.getmtime)]
+    return [(npy, os.path.getsize(npy), open(source).read()) for npy, source in pairs if os.path.exists(npy)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -507,3 +521,19 @@ class _StreamingDecoder:
             raise ValueError(f"cannot decode video {path} ({error}): the file is damaged; delete it and download "
                              "or write the dataset again.") from None
         raise ValueError(f"video {path} ended before frame {position}: the file is damaged or incomplete.")
+
+
+if __name__ == "__main__":  # python data.py [--cache] [--clear-cache]: the frame cache
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The frame cache: videos decoded once, for every run.")
+    parser.add_argument("--cache", action="store_true", help="list it by dataset (also the default)")
+    parser.add_argument("--clear-cache", action="store_true", help="empty it (datasets decode their videos again)")
+    args, cache_dir = parser.parse_args(), os.environ.get(CACHE_DIR_VARIABLE) or DEFAULT_CACHE_DIR
+    sizes = collections.Counter()  # dataset -> bytes, least recently used first
+    for _, size, dataset in cache_entries(cache_dir):
+        sizes[dataset] += size
+    print(f"{cache_dir}: {sum(sizes.values()) / 1e9:.3f} GB" + "".join(f"\n{n / 1e9:10.3f} GB  {d}" for d, n in sizes.items()))
+    if args.clear_cache:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        print(f"{cache_dir}: cleared")

@@ -534,8 +534,6 @@ def run_arm(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.world = None  # --port sim's toy world (open_cameras)
-    if args.record_video and (args.port != "sim" or args.cameras):
-        raise ValueError("--record-video films the toy world: it needs --port sim without --cameras")
     if args.fps is not None and args.fps <= 0:
         raise ValueError(f"--fps must be positive, got {args.fps}")
     if args.extra_latency < 0:

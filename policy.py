@@ -16,9 +16,8 @@ The rest of the file is lerobot's checkpoint format, so that `SmolVLA.from_pretr
 loads the official weights and `save_pretrained` writes what lerobot loads: config.json, model.safetensors
 (our parameter names differ from lerobot's only by a prefix per part; loading is strict by name and
 shape), the normalization statistics (two on-disk formats in the wild), the pre/post-processor JSON, and
-vlm/ (the VLM's config and tokenizer), and trained_on.json: what the policy was trained on, which the
-command line that drives it checks (`settle_run_options`). Where files come from (a local directory or the
-Hugging Face Hub) is vlm.py's `resolve_dir`.
+vlm/ (the VLM's config and tokenizer), and trained_on.json: what the policy was trained on, the defaults
+and checks of the command line that drives it (`settle_run_options`).
 """
 
 import fnmatch
@@ -31,8 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-# vlm.py holds the VLM's files and frames, where files come from (a directory or the Hub) and the command line's
-# name=value lists; imported here too, so that `from policy import frame_to_float` (or resolve_dir, ...) works
+# the VLM's files and frames, where files come from, the command line's lists: vlm.py's, importable from here too
 from vlm import (VLM_DESCRIPTION_FILES, frame_to_float, load_vlm_description, parse_mapping,  # noqa: F401
                  read_json, read_safetensors_dir, resolve_dir)
 
@@ -373,9 +371,12 @@ def report_normalization(model, source: str):
 
 
 def settle_run_options(args, trained_on: dict, log=print):
-    """Fill and check the options that drive a policy (infer_async.py's --fps, --norm-mode, --task; None =
-    not given) from what it was trained on (model.trained_on). A checkpoint without that file (lerobot's)
-    gets today's defaults: 30 fps, degrees, an empty task."""
+    """Check infer_async.py's options, and fill --fps, --norm-mode, --task (None: not given) from what the policy
+    was trained on (model.trained_on; without trained_on.json, as lerobot's: 30 fps, degrees, no task)."""
+    if args.duration is not None and args.duration <= 0:
+        raise ValueError(f"--duration must be positive, got {args.duration}")
+    if args.record_video and (args.port != "sim" or args.cameras):
+        raise ValueError("--record-video films the toy world: it needs --port sim without --cameras")
     fps, mode, tasks = trained_on.get("fps"), trained_on.get("norm_mode"), trained_on.get("tasks")
     if args.fps is None:
         args.fps = float(fps or 30)

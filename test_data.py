@@ -3,6 +3,9 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -299,3 +302,24 @@ def test_index_out_of_range(tmp_path):
     assert int(ds[-1]["index"]) == 62
     with pytest.raises(IndexError, match="index 63 is out of range for a dataset of 63 samples"):
         ds[63]
+
+
+def test_frame_cache_keeps_under_its_cap_listing_and_clearing(tmp_path):
+    """The least recently used files of other datasets go when a dataset needs room; `python data.py --cache`
+    lists the cache by dataset and `--clear-cache` empties it."""
+    cache, dataset = tmp_path / "frames", os.path.join(FIXTURE, "dataset")
+    LeRobotDataset(dataset, cache_dir=str(cache))
+    ours = sum(os.path.getsize(cache / name) for name in os.listdir(cache) if name.endswith(".npy"))
+    for age, name in ((300, "old"), (200, "newer")):  # two other datasets' videos of 1 MB, used some time ago
+        (cache / f"{name}.npy").write_bytes(b"\0" * 10**6)
+        (cache / f"{name}.source").write_text(f"/datasets/{name}")
+        os.utime(cache / f"{name}.source", (time.time() - age,) * 2)
+    LeRobotDataset(dataset, cache_dir=str(cache), max_cache_gb=(ours + 1.5e6) / 1e9)
+    assert not (cache / "old.npy").exists() and (cache / "newer.npy").exists()
+    env = {**os.environ, "SMOLVLA_CACHE_DIR": str(cache)}
+    listing = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--cache"], env=env, capture_output=True,
+                             text=True, timeout=60, check=True).stdout.splitlines()
+    assert listing[0] == f"{cache}: {(ours + 1e6) / 1e9:.3f} GB" and listing[1].endswith("GB  /datasets/newer")
+    assert listing[2] == f"{ours / 1e9:10.3f} GB  {dataset}" and len(listing) == 3
+    subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--clear-cache"], env=env, check=True, timeout=60)
+    assert not cache.exists()

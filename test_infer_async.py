@@ -590,7 +590,8 @@ def test_end_to_end_through_a_policy_server(tmp_path):
 
 def test_run_options_come_from_what_the_policy_was_trained_on():
     """--fps, --norm-mode and --task default to the checkpoint's trained_on.json; without one, today's defaults."""
-    options = lambda **given: SimpleNamespace(**({"fps": None, "norm_mode": None, "task": None} | given))
+    unset = {"fps": None, "norm_mode": None, "task": None, "duration": None, "record_video": None, "port": "sim", "cameras": None}
+    options = lambda **given: SimpleNamespace(**(unset | given))
     said = []
     args = options()
     settle_run_options(args, {}, said.append)  # lerobot's checkpoints have no trained_on.json
@@ -607,3 +608,7 @@ def test_run_options_come_from_what_the_policy_was_trained_on():
         settle_run_options(options(), {"tasks": ["pick", "place"]})
     with pytest.raises(ValueError, match=r"0 tasks \(none recorded\)"):
         settle_run_options(options(), {"tasks": []})
+    with pytest.raises(ValueError, match="--duration must be positive, got 0"):
+        settle_run_options(options(duration=0.0), {})
+    with pytest.raises(ValueError, match="--record-video films the toy world"):
+        settle_run_options(options(record_video="v.gif", port="/dev/ttyACM0"), {})
