@@ -47,7 +47,7 @@ import torch  # noqa: E402
 
 import speed  # noqa: E402
 from data import SUPPORTED_VERSIONS, LeRobotDataset  # noqa: E402
-from policy import IMAGE_PREFIX  # noqa: E402
+from policy import IMAGE_PREFIX, HelpFormatter, read_json, resolve_dir  # noqa: E402
 from record import CODECS, synthetic_episodes, write_lerobot_dataset  # noqa: E402
 from smolvla import SmolVLA, SmolVLAConfig  # noqa: E402
 from train import RECIPE  # noqa: E402
@@ -309,12 +309,12 @@ def data_benchmark(repo_or_dir, workers=2, batch_size=32, seconds=20.0, chunk_si
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     ap.add_argument("--checkpoint", help="a SmolVLA checkpoint directory (default: smolvla_base, random weights)")
     ap.add_argument("--vlm", help="the VLM description directory for --checkpoint (default: <checkpoint>/vlm)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                     help="inference: weights and activations; --train: bf16 = autocast, fp32 = none")
-    ap.add_argument("--cameras", type=int, default=2, help="cameras (with --checkpoint: its first N)")
+    ap.add_argument("--cameras", type=int, help="cameras (default: 2, or --checkpoint's; with it: its first N)")
     ap.add_argument("--height", type=int, default=480, help="camera frame height before resize-with-pad")
     ap.add_argument("--width", type=int, default=640)
     ap.add_argument("--steps", type=int, default=10, help="flow (Euler) steps per chunk")
@@ -343,6 +343,11 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.batch is None:
         args.batch = 2 if args.train else 32 if args.data else 1
+    if args.cameras is None and args.checkpoint:  # every camera the checkpoint reads
+        config = read_json(os.path.join(resolve_dir(args.checkpoint, "checkpoint", ["*.json"]), "config.json"), "config")
+        args.cameras = len(SmolVLAConfig.from_json_dict(config).camera_keys)
+    elif args.cameras is None:  # smolvla_base's two
+        args.cameras = 2
     for name in ("cameras", "height", "width", "steps", "repeats", "threads", "batch"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be at least 1")

@@ -49,7 +49,7 @@ if "OMP_WAIT_POLICY" not in os.environ:
 
 import numpy as np
 
-from policy import STATE, settle_run_options
+from policy import STATE, HelpFormatter, settle_run_options
 from policy_server import PolicyClient, RemoteError, add_policy_arguments, open_policy, serve
 
 # ----------------------------------------------------------------------------------------------------------
@@ -428,9 +428,8 @@ def open_cameras(args, policy_cameras, virtual_arm):
 
 def build_parser():
     examples = __doc__[__doc__.index("    python infer_async.py"):__doc__.index("\nFailures never")]
-    help_format = type("Help", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="examples:\n" + examples,
-                                formatter_class=help_format)  # the docstring's line breaks, and each default
+                                formatter_class=HelpFormatter)  # the docstring's line breaks, and each default
     p.add_argument("--port", default="sim", help="serial port of the SO-100 follower, or `sim` (virtual arm)")
     p.add_argument("--task", help="language instruction (default: the policy's training task, if it had one)")
     p.add_argument("--cameras", help="name=/dev/video0,name2=1 (default with --port sim: synthetic cameras)")

@@ -3,6 +3,7 @@ reference's float32 actions, the FLOP count is what the model really multiplies,
 command-line contract (last line a JSON object with "chunk_s")."""
 
 import json
+import shutil
 import os
 
 import pytest
@@ -161,3 +162,15 @@ def test_untracked_prefix_gives_the_same_loss_and_gradients(io):
     for tracked_all, state_only in zip(*grads):
         torch.testing.assert_close(state_only, tracked_all, atol=1e-6, rtol=1e-4)
     assert grads[0][0].abs().max() > 0  # the state projection does get a gradient through the VLM
+
+
+def test_bench_reads_every_camera_of_a_checkpoint_by_default(tmp_path, capsys):
+    """Without --cameras a checkpoint is benchmarked with its own cameras (here one), not smolvla_base's two."""
+    one_camera = tmp_path / "one_camera"
+    shutil.copytree(CKPT, one_camera)
+    config = json.loads((one_camera / "config.json").read_text())
+    del config["input_features"]["observation.images.wrist"]
+    (one_camera / "config.json").write_text(json.dumps(config))
+    bench.main(["--checkpoint", str(one_camera), "--vlm", VLM, "--dtype", "fp32", "--height", "48", "--width", "64",
+                "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    assert f"bench: {one_camera}, 1 cameras 48x64" in capsys.readouterr().out

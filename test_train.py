@@ -278,6 +278,7 @@ def test_ddp_two_processes_agree_on_the_weights(tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "all 2 processes hold identical weights after step 2" in result.stdout
+    assert result.stdout.count("normalization stats from") == 1  # the checkpoint's load lines: rank 0 only
     state = training_state(output, 2)
     assert state["step"] == 2 and len(state["history"]) == 2  # only rank 0 wrote, once
     assert sorted(os.listdir(os.path.join(output, "checkpoints"))) == ["000002", "last"]
@@ -354,3 +355,10 @@ def test_unwritable_output_existing_run_and_too_small_dataset(tmp_path):
     assert "is not empty" in message and (tmp_path / "demo" / "eval.json").read_text() == "{}"
     message = error_of(FINE_TUNE + ["--batch-size", "64", "--output", str(tmp_path / "o")])
     assert "63 samples, fewer than one batch of 64" in message
+
+
+def test_numbers_that_cannot_run_are_one_message(tmp_path):
+    message = error_of(FINE_TUNE + ["--batch-size", "0", "--log-every", "0", "--lr", "-1", "--output", str(tmp_path / "o")])
+    assert "--batch-size 0, --log-every 0, --lr -1.0: counts must be at least 1" in message
+    assert "--demo-action-steps 0" in error_of(["--demo", "--demo-action-steps", "0", "--output", str(tmp_path / "d")])
+    assert 1 <= train.RECIPE["num_workers"] <= min(4, os.cpu_count())  # never more workers than cores

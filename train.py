@@ -438,6 +438,13 @@ def fill_options(args, saved=None):
             setattr(args, name, defaults[name])
     if args.decay_steps is None:
         args.decay_steps = args.steps
+    # numbers that cannot run, all named in one message before anything loads
+    at_least = {"steps": 1, "batch_size": 1, "log_every": 1, "decay_steps": 1, "num_workers": 0, "save_every": 0,
+                "warmup_steps": 0, "demo_episodes": 1, "demo_length": 1, "demo_eval_episodes": 1, "demo_chunk_size": 1,
+                "demo_action_steps": 1, "demo_vlm_layers": 1, "lr": 1e-30, "decay_lr": 0, "grad_clip": 1e-30}
+    wrong = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name, low in at_least.items() if getattr(args, name) < low]
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)}: counts must be at least 1 (workers, periods, warmup: 0), rates positive")
 
 
 def prepare(args, processes):

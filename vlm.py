@@ -21,6 +21,7 @@ the text stack, and the frames' preprocessing (to floats, resize with padding). 
 where files come from (a local directory or the Hugging Face Hub), which policy.py and data.py use too.
 """
 
+import argparse
 import json
 import math
 import os
@@ -342,6 +343,14 @@ def read_json(path, what):
         raise FileNotFoundError(f"{what} not found: {path}")
     with open(path) as f:
         return json.load(f)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help as the command lines here print it: the description's line breaks kept, each option's default
+    shown (but None and False: an option without a default value, or a switch)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 def parse_mapping(text, flag):
