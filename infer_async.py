@@ -50,7 +50,7 @@ if "OMP_WAIT_POLICY" not in os.environ:
 import numpy as np
 
 from policy import STATE, HelpFormatter, settle_run_options
-from policy_server import PolicyClient, RemoteError, add_policy_arguments, open_policy, serve
+from policy_server import PolicyClient, RemoteError, add_policy_arguments, check_arguments, open_policy, serve
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. The action queue and the scheduler (pure logic: no threads, no I/O, time from an injectable clock)
@@ -533,6 +533,7 @@ def run_arm(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.world = None  # --port sim's toy world (open_cameras)
+    check_arguments(args)  # numbers and output folders, before the policy loads
     if args.fps is not None and args.fps <= 0:
         raise ValueError(f"--fps must be positive, got {args.fps}")
     if args.extra_latency < 0:

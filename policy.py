@@ -371,12 +371,8 @@ def report_normalization(model, source: str):
 
 
 def settle_run_options(args, trained_on: dict, log=print):
-    """Check infer_async.py's options, and fill --fps, --norm-mode, --task (None: not given) from what the policy
-    was trained on (model.trained_on; without trained_on.json, as lerobot's: 30 fps, degrees, no task)."""
-    if args.duration is not None and args.duration <= 0:
-        raise ValueError(f"--duration must be positive, got {args.duration}")
-    if args.record_video and (args.port != "sim" or args.cameras):
-        raise ValueError("--record-video films the toy world: it needs --port sim without --cameras")
+    """Fill and check infer_async.py's --fps, --norm-mode, --task (None: not given) from what the policy was
+    trained on (model.trained_on; without trained_on.json, as lerobot's: 30 fps, degrees, no task)."""
     fps, mode, tasks = trained_on.get("fps"), trained_on.get("norm_mode"), trained_on.get("tasks")
     if args.fps is None:
         args.fps = float(fps or 30)

@@ -20,6 +20,7 @@ or run (load_policy, PolicyRunner), and the servo driver (so100, pyserial) never
 """
 
 import json
+import os
 import socket
 import socketserver
 import struct
@@ -376,6 +377,17 @@ def add_policy_arguments(parser):
     g.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on")
     g.add_argument("--port-server", type=int, default=8765, help="--serve: TCP port to listen on")
     g.add_argument("--max-message-mb", type=float, default=64.0, help="largest message accepted")
+
+
+def check_arguments(args):
+    """infer_async.py's numbers and output files, checked before anything loads."""
+    folders = [os.path.dirname(os.path.abspath(p)) for p in (args.metrics, args.plot, args.record_video) if p]
+    if missing := [folder for folder in folders if not os.path.isdir(folder)]:
+        raise ValueError(f"no folder {missing[0]!r} to write --metrics, --plot or --record-video in")
+    if not 0 <= args.port_server <= 65535 or args.duration is not None and args.duration <= 0:
+        raise ValueError(f"--port-server must be 0..65535 and --duration positive (got {args.port_server}, {args.duration})")
+    if args.record_video and (args.port != "sim" or args.cameras):
+        raise ValueError("--record-video films the toy world: it needs --port sim without --cameras")
 
 
 def open_policy(args):

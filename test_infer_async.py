@@ -590,8 +590,7 @@ def test_end_to_end_through_a_policy_server(tmp_path):
 
 def test_run_options_come_from_what_the_policy_was_trained_on():
     """--fps, --norm-mode and --task default to the checkpoint's trained_on.json; without one, today's defaults."""
-    unset = {"fps": None, "norm_mode": None, "task": None, "duration": None, "record_video": None, "port": "sim", "cameras": None}
-    options = lambda **given: SimpleNamespace(**(unset | given))
+    options = lambda **given: SimpleNamespace(**({"fps": None, "norm_mode": None, "task": None} | given))
     said = []
     args = options()
     settle_run_options(args, {}, said.append)  # lerobot's checkpoints have no trained_on.json
@@ -608,7 +607,12 @@ def test_run_options_come_from_what_the_policy_was_trained_on():
         settle_run_options(options(), {"tasks": ["pick", "place"]})
     with pytest.raises(ValueError, match=r"0 tasks \(none recorded\)"):
         settle_run_options(options(), {"tasks": []})
-    with pytest.raises(ValueError, match="--duration must be positive, got 0"):
-        settle_run_options(options(duration=0.0), {})
-    with pytest.raises(ValueError, match="--record-video films the toy world"):
-        settle_run_options(options(record_video="v.gif", port="/dev/ttyACM0"), {})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--duration", "0"], "--duration positive"), (["--serve", "--port-server", "99999"], "--port-server must be 0..65535"),
+    (["--metrics", "/no/such/folder/m.json"], "no folder '/no/such/folder'"),
+    (["--port", "/dev/ttyACM0", "--record-video", "v.gif"], "--record-video films the toy world")])
+def test_bad_values_stop_before_the_policy_loads(argv, message):
+    with pytest.raises(ValueError, match=message):
+        ia.main(["--policy", "/no/such/checkpoint"] + argv)  # a missing policy would fail later, differently
