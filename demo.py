@@ -22,7 +22,6 @@ train.py: train.py imports it (only for --demo) and hands it its `train` functio
 import json
 import os
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -228,40 +227,35 @@ class SyntheticCamera:
 
 class ToyWorld:
     """A ReachScene around an arm whose pose() it reads, filmed for the policy's cameras; look(), after every
-    action, notes the pose and when the tip first reached the target (`reached`: seconds and action)."""
+    action, notes the pose and when the tip first reached the target (`reached`: False, or seconds and action)."""
 
     def __init__(self, pose, camera_keys, seed=0):
         self.scene, self.pose, self.looks, self.start, self.reached = ReachScene(seed=seed), pose, [], None, False
         self.cameras = {key: SyntheticCamera(self.scene, pose, name=key.split(".")[-1]) for key in camera_keys}
 
-    def watch(self, arm):  # the arm, calling look() after every action sent to it (infer_async's control loop)
-        return SimpleNamespace(get_state=arm.get_state, send_action=lambda a: (arm.send_action(a), self.look())[0])
-
     def look(self):
         now, joints = time.monotonic(), np.asarray(self.pose(), dtype=np.float64)
-        self.start, self.looks = self.start or now, self.looks + [joints]
+        self.start = self.start or now
+        self.looks.append(joints)
         if not self.reached and self.scene.success(joints):
             self.reached = {"after_s": round(now - self.start, 2), "action": len(self.looks)}  # since the first
 
     def save_gif(self, path, fps=DEMO_FPS, before=()):
         """`before`, then per look the camera's view 4x larger with the tip's path so far (the last held)."""
-        # the tip on the table, in pixels as render() maps it: x to the right, y away from the robot (up)
         path_px = [(256 * (x - VIEW_X[0]) / (VIEW_X[1] - VIEW_X[0]), 256 * (VIEW_Y[1] - y) / (VIEW_Y[1] - VIEW_Y[0]))
-                   for x, y, _ in map(forward_kinematics, self.looks)]
+                   for x, y, _ in map(forward_kinematics, self.looks)]  # the tip, in pixels as render() maps the table
         frames = list(before)
         for n, joints in enumerate(self.looks, 1):
             frames.append(Image.fromarray(self.scene.render(joints)).resize((256, 256)))
             ImageDraw.Draw(frames[-1]).line(path_px[:n], fill=(30, 90, 220), width=2)
-            reached = "REACHED" if self.reached and n >= self.reached["action"] else "reaching"
-            ImageDraw.Draw(frames[-1]).text((4, 4), f"action {n}: {reached}", fill=0)
-        frames += frames[-1:] * 5
-        frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
-        return frames
+            reached = self.reached and n >= self.reached["action"]
+            ImageDraw.Draw(frames[-1]).text((4, 4), f"action {n}: {'REACHED' if reached else 'reaching'}", fill=0)
+        frames[0].save(path, save_all=True, append_images=frames[1:] + frames[-1:] * 5, duration=round(1000 / fps), loop=0)
+        return frames + frames[-1:] * 5  # the last one held
 
 
-@torch.no_grad()
 def animate_episodes(policy, path, episodes=4, length=20, seed=0):
-    """`episodes` closed-loop episodes in new scenes, run as evaluate_in_sim runs them, as one GIF at `path`."""
+    """`episodes` closed-loop episodes in new scenes, as evaluate_in_sim runs them (from home), as a GIF at `path`."""
     camera, steps, frames = policy.config.camera_keys[0], policy.config.n_action_steps, []
     for e in range(episodes):
         world, joints = ToyWorld(lambda: joints[0], [camera], seed=seed + e), [HOME_DEG]

@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 
 # OpenMP threads that spin while waiting steal the CPU from the control loop's thread on a busy 2-core laptop:
 # a short spin before sleeping keeps inference speed and the loop's timing (measured in bench.py). Set before
@@ -508,7 +509,9 @@ def run_arm(args):
         print(f"running {'until Ctrl-C' if args.duration is None else f'{ticks} ticks'} at {args.fps:g} fps, "
               f"g = {scheduler.threshold}, chunk {info['chunk_size']}")
         try:
-            run_control_loop(args.world.watch(arm) if args.world else arm, capture, worker, scheduler, args.fps, ticks)
+            # --port sim: the toy world looks at the arm after every action (did it reach the target, when)
+            watched = SimpleNamespace(get_state=arm.get_state, send_action=lambda a: (arm.send_action(a), args.world.look()))
+            run_control_loop(watched if args.world else arm, capture, worker, scheduler, args.fps, ticks)
         except KeyboardInterrupt:
             print("stopped by Ctrl-C")
     m, summary = scheduler.metrics, scheduler.metrics.summary()

@@ -453,11 +453,12 @@ def prepare(args, processes):
     if args.resume:
         checkpoint = find_checkpoint(args.resume)
         start = torch.load(os.path.join(checkpoint, "training_state.pt"), weights_only=True)
-        args.output = args.output or os.path.dirname(os.path.dirname(checkpoint))
+        run = os.path.dirname(os.path.dirname(checkpoint))
+        args.output = args.output or run
         args.policy, args.from_scratch = os.path.join(checkpoint, "pretrained_model"), False
     fill_options(args, start["options"] if start else None)
     if args.repo is None and args.resume:  # a demo's run (--demo): it recorded its dataset into the run
-        args.repo = os.path.join(args.output, "dataset")
+        args.repo = os.path.join(run, "dataset")
     if start and start["step"] >= args.steps:
         raise ValueError(f"the run is already at step {start['step']} of {args.steps}: give more --steps to continue it")
     if args.output is None:
@@ -482,7 +483,7 @@ def main(argv=None):
     processes = start_processes(args.device)
     if not processes.is_main:  # under torchrun only rank 0 prints (errors still go to stderr)
         sys.stdout = open(os.devnull, "w")
-    default_output = args.output is None
+    default_output = args.output is None and not args.resume
     if args.demo and args.resume:  # a demo's run continues like any run: train.py --resume RUN
         print("note: --resume continues the demo's training; its evaluation is not run again")
         args.demo = False
