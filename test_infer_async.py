@@ -616,3 +616,9 @@ def test_run_options_come_from_what_the_policy_was_trained_on():
 def test_bad_values_stop_before_the_policy_loads(argv, message):
     with pytest.raises(ValueError, match=message):
         ia.main(["--policy", "/no/such/checkpoint"] + argv)  # a missing policy would fail later, differently
+
+
+def test_help_shows_the_defaults():
+    text = ia.build_parser().format_help()
+    assert "(default: 0.7)" in text and "(default: weighted)" in text and "(default: None)" not in text
+    assert "python infer_async.py --serve" in text  # the examples keep their line breaks
