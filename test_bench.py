@@ -4,6 +4,8 @@ command-line contract (last line a JSON object with "chunk_s")."""
 
 import json
 import shutil
+import subprocess
+import sys
 import os
 
 import pytest
@@ -174,3 +176,10 @@ def test_bench_reads_every_camera_of_a_checkpoint_by_default(tmp_path, capsys):
     bench.main(["--checkpoint", str(one_camera), "--vlm", VLM, "--dtype", "fp32", "--height", "48", "--width", "64",
                 "--repeats", "1", "--warmup", "0", "--threads", "1"])
     assert f"bench: {one_camera}, 1 cameras 48x64" in capsys.readouterr().out
+
+
+def test_data_benchmark_on_a_folder_that_is_no_dataset_is_one_error_line(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py"),
+                             "--data", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        f"bench: error: {tmp_path} is missing meta/info.json: not a complete LeRobot dataset."]

@@ -9,7 +9,7 @@ episode (data.py flags them in `action_is_pad`) are masked out of the loss.
 
     python train.py --repo lerobot/svla_so100_stacking --rename top=camera1,wrist=camera2
     python train.py --repo lerobot/svla_so100_stacking --from-scratch        # fresh expert on SmolVLM2
-    python train.py --resume outputs/train/<run>                             # continue where it stopped
+    python train.py --resume outputs/train/latest --steps 30000              # continue where it stopped
     torchrun --nproc_per_node=4 train.py --repo ...                           # data-parallel, 4 GPUs
     python train.py --demo                                                   # demo.py's offline toy run
 
@@ -31,6 +31,9 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+
+if os.environ.get("RANK", "0") != "0":  # torchrun: only rank 0 shows progress bars (tqdm reads this on import)
+    os.environ["TQDM_DISABLE"] = "1"
 
 import numpy as np
 import torch
@@ -484,9 +487,7 @@ def main(argv=None):
     if not processes.is_main:  # under torchrun only rank 0 prints (errors still go to stderr)
         sys.stdout = open(os.devnull, "w")
     default_output = args.output is None and not args.resume
-    if args.demo and args.resume:  # a demo's run continues like any run: train.py --resume RUN
-        print("note: --resume continues the demo's training; its evaluation is not run again")
-        args.demo = False
+    args.demo = args.demo and not args.resume  # --demo --resume RUN: a demo's run continues like any run
     try:
         if args.demo:
             # The demo's code and its toy world are loaded only for --demo: a training run on a GPU box
