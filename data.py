@@ -273,7 +273,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         todo = [i for i, path in enumerate(self._cache_files) if not os.path.exists(path)]
         for path in self._cache_files:  # <hash>.source names the dataset (for --cache); rewritten: last used now
             with open(path[:-4] + ".source", "w") as f:
-                f.write(self.root)
+                f.write(os.path.realpath(self.root))
         entries, todo_bytes = cache_entries(cache_dir), sum(int(np.prod(shapes[i])) for i in todo)
         while entries and sum(entry[1] for entry in entries) + todo_bytes > max_cache_gb * 1e9:
             os.remove(entries.pop(0)[0])  # the least recently used (ours, just marked, are the newest)
@@ -296,7 +296,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
     @staticmethod
     def _cache_name(path):
         stat = os.stat(path)
-        key = f"(N, 3, H, W) uint8|{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"  # layout in the key
+        key = f"(N, 3, H, W) uint8|{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}"  # layout in the key
         return hashlib.sha1(key.encode()).hexdigest() + ".npy"
 
 

@@ -320,6 +320,6 @@ def test_frame_cache_keeps_under_its_cap_listing_and_clearing(tmp_path):
     listing = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--cache"], env=env, capture_output=True,
                              text=True, timeout=60, check=True).stdout.splitlines()
     assert listing[0] == f"{cache}: {(ours + 1e6) / 1e9:.3f} GB" and listing[1].endswith("GB  /datasets/newer")
-    assert listing[2] == f"{ours / 1e9:10.3f} GB  {dataset}" and len(listing) == 3
+    assert listing[2] == f"{ours / 1e9:10.3f} GB  {os.path.realpath(dataset)}" and len(listing) == 3
     subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--clear-cache"], env=env, check=True, timeout=60)
     assert not cache.exists()
