@@ -17,8 +17,8 @@ its keys and values over the prefix (`TextModel.keys_values`). The decoder layer
 grouped-query attention, gated MLP) is the same recipe as the expert's and lives in expert.py.
 
 Reading order: the VLM's shape (read from its Hugging Face config.json), the SigLIP tower, pixel shuffle,
-the text stack, and the frames' preprocessing (to floats, resize with padding). Last, the VLM's files and
-where files come from (a local directory or the Hugging Face Hub), which policy.py and data.py use too.
+the text stack, and the frames' preprocessing (to floats, resize with padding). Last, the VLM's files, where
+files come from (a local directory or the Hub) and two command-line helpers, which the other files use too.
 """
 
 import argparse
@@ -309,8 +309,8 @@ def read_safetensors_dir(directory: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Where files come from: a local directory or the Hugging Face Hub (checkpoints, VLMs, datasets); the
-# command line's name=value lists. (policy.py re-exports these: here they sit below the model, importing nothing.)
+# Where files come from: a local directory or the Hugging Face Hub (checkpoints, VLMs, datasets); the command
+# lines' --help format and name=value lists. (policy.py re-exports these: here they sit below everything.)
 
 
 def resolve_dir(source, what, allow_patterns, repo_type="model", revision=None, hint=None):
