@@ -390,6 +390,8 @@ def settle_run_options(args, trained_on: dict, log=print):
             raise ValueError(f"give --task: this policy was trained on {len(tasks)} tasks ({listed})")
         args.task = tasks[0]
         log(f'task: "{args.task}" (the policy\'s only training task; --task gives another)')
+    if args.task is None:
+        log("note: no --task, so an empty instruction (this checkpoint does not record its training tasks)")
     args.task = args.task or ""
 
 
