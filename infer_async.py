@@ -414,17 +414,12 @@ def plot_queue(metrics, path):
 
 
 def open_cameras(args, policy_cameras, virtual_arm):
-    """{policy camera key: object with read() -> (H, W, 3) uint8 RGB}."""
-    if virtual_arm is not None and not args.cameras:
-        # --port sim without --cameras: every camera the policy reads films the toy scene of demo.py
-        from demo import ReachScene, SyntheticCamera
-
-        scene = ReachScene(seed=0)
-        return {key: SyntheticCamera(scene, virtual_arm.joint_positions_deg, name=key.split(".")[-1])
-                for key in policy_cameras}
+    """{policy camera key: object with read() -> (H, W, 3) uint8 RGB}; --port sim without --cameras: every
+    camera the policy reads films the toy scene of demo.py."""
     import record  # the recording side's cameras, imported only beside the arm (not by a policy server)
 
-    return record.open_cameras(record.camera_sources(args.cameras, args.rename, policy_cameras))
+    sources = record.camera_sources(args.cameras, args.rename, policy_cameras, sim=virtual_arm is not None)
+    return record.open_cameras(sources, virtual_arm)
 
 
 def build_parser():
@@ -433,7 +428,7 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--port", default="sim", help="serial port of the SO-100 follower, or `sim` (virtual arm)")
     p.add_argument("--task", default="", help="language instruction")
-    p.add_argument("--cameras", help="name=/dev/video0,name2=1 (default with --port sim: synthetic cameras)")
+    p.add_argument("--cameras", help="name=/dev/video0,name2=1 or name=sim (default with --port sim: all sim)")
     p.add_argument("--rename", help="camera name=policy camera name, e.g. top=camera1,wrist=camera2")
     p.add_argument("--fps", type=float, default=30.0, help="control ticks per second (one action each)")
     p.add_argument("--threshold", type=float, default=0.7, help="g: ask for a chunk when |queue|/n < g")
@@ -470,7 +465,7 @@ def make_async_scheduler(args, chunk_size, action_dim):
 
 def run_arm(args):
     """Drive the arm with the policy until --duration or Ctrl-C; torque goes off whatever happens."""
-    from so100 import open_arm  # the servo driver (and pyserial) only beside the arm: a policy server never loads it
+    from record import open_arm  # the servo driver (and pyserial) only beside the arm: a policy server never loads it
 
     compute, info = open_policy(args)
     ticks = sys.maxsize if args.duration is None else round(args.duration * args.fps)

@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 
 from data import SUPPORTED_VERSIONS
 from policy import IMAGE_PREFIX, parse_mapping
-from so100 import STATE_NAMES
+from so100 import STATE_NAMES, SO100Follower, SO100Leader, default_calibration
+from virtual_arm import ScriptedHand, VirtualArm, toy_world_cameras
 
 # SVT-AV1 prints its configuration to stderr for every stream it opens; keep only its errors.
 os.environ.setdefault("SVT_LOG", "1")
@@ -68,24 +69,62 @@ class OpenCVCamera:
         self._capture.release()
 
 
-def camera_sources(cameras, rename, policy_cameras):
+def camera_sources(cameras, rename, policy_cameras, sim=False):
     """--cameras "top=/dev/video0,..." and --rename "top=camera1,..." -> {policy camera key: device},
-    checked against the cameras the policy reads before any device is opened."""
+    checked against the cameras the policy reads before any device is opened. A device "sim" films the toy
+    world; with `sim` (--port sim) and no --cameras, every camera the policy reads does."""
+    if sim and not cameras:
+        return dict.fromkeys(policy_cameras, "sim")
     rename = parse_mapping(rename, "--rename")
     sources = {IMAGE_PREFIX + rename.get(name, name): source
                for name, source in parse_mapping(cameras, "--cameras").items()}
     missing = [key for key in policy_cameras if key not in sources]
     unknown = [key for key in sources if key not in policy_cameras]
-    if missing or unknown:
+    if unknown or len(missing) == len(policy_cameras):  # fewer cameras: the policy runs on those present
         raise ValueError(f"the policy reads cameras {policy_cameras}; --cameras/--rename give {sorted(sources)} "
                          f"(missing {missing}, unknown {unknown}). Pass --cameras name=/dev/videoN,... and, where "
                          f"your names differ from the policy's, --rename name=policy_name,...")
     return sources
 
 
-def open_cameras(sources):
-    """{key: device index or path} (from camera_sources) -> {key: OpenCVCamera}."""
-    return {key: OpenCVCamera(int(source) if source.isdigit() else source) for key, source in sources.items()}
+def open_cameras(sources, virtual_arm=None, scene=None):
+    """{key: device index, path or "sim"} (from camera_sources) -> {key: camera}; "sim" cameras film the toy
+    world (`scene`, or a new one) with `virtual_arm` in it."""
+    simulated = [key for key, source in sources.items() if source == "sim"]
+    if simulated and virtual_arm is None:
+        raise ValueError("camera device 'sim' films the virtual arm: it needs --port sim")
+    cameras = toy_world_cameras(simulated, virtual_arm.joint_positions_deg, scene) if simulated else {}
+    for key, source in sources.items():
+        if source != "sim":
+            cameras[key] = OpenCVCamera(int(source) if source.isdigit() else source)
+    return {key: cameras[key] for key in sources}
+
+
+def open_arm(port, calibration=None, norm_mode="degrees", max_relative_target=None, arm_id="my_so100",
+             verbose=True, leader=False, **sim_options):
+    """Connect to a real arm ("/dev/ttyACM0") or a fresh virtual one ("sim"); `leader`: the leader arm.
+
+    Returns (connected SO100Follower or SO100Leader, VirtualArm or None). A real arm's calibration defaults to
+    the file `<calibration_dir>/<arm_id>.json`; the virtual arm comes calibrated. `sim_options` go to
+    VirtualArm. Close the virtual arm with `.close()` after disconnecting the arm.
+    """
+    arm_class = SO100Leader if leader else SO100Follower
+    virtual = None
+    if port == "sim":
+        virtual = VirtualArm(**sim_options)
+        port = virtual.port
+    elif sim_options:
+        raise ValueError(f"options {sorted(sim_options)} only apply to --port sim")
+    calibration = default_calibration(calibration, arm_id, virtual, arm_class.calibration_dir)
+    try:
+        arm = arm_class(port, calibration, norm_mode=norm_mode, max_relative_target=max_relative_target,
+                        verbose=verbose)
+        arm.connect()
+    except BaseException:
+        if virtual is not None:
+            virtual.close()
+        raise
+    return arm, virtual
 
 
 # ----------------------------------------------------------------------------------------------------
