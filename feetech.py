@@ -521,8 +521,8 @@ def set_id_and_baud(port, servo_id, baudrate=1_000_000, model=STS3215_MODEL_NUMB
     """Give the one servo on `port` the id `servo_id` and the baud rate `baudrate`, kept across power-off.
 
     EEPROM registers are saved only while Lock = 0 (torque off). The servo acknowledges the new id under its
-    old one and the new rate at its old rate, then takes them: what we send next uses the new ones. A servo of another model than `model` is left as it is. Returns what the servo was before: (baud rate, id,
-    model number)."""
+    old one and the new rate at its old rate, then takes them: what we send next uses the new ones. A servo
+    of another model than `model` is left as it is. Returns what it was: (baud rate, id, model number)."""
     if baudrate not in BAUD_RATES:
         raise ValueError(f"{baudrate} is not a Feetech baud rate ({', '.join(map(str, BAUD_RATES))})")
     found = found_baud, old_id, found_model = find_single_servo(port, timeout)

@@ -49,7 +49,7 @@ if "OMP_WAIT_POLICY" not in os.environ:
 
 import numpy as np
 
-from policy import STATE
+from policy import IMAGE_PREFIX, STATE, parse_mapping
 from policy_server import PolicyClient, RemoteError, add_policy_arguments, open_policy, serve
 
 # ----------------------------------------------------------------------------------------------------------
@@ -413,13 +413,21 @@ def plot_queue(metrics, path):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def open_cameras(args, policy_cameras, virtual_arm):
-    """{policy camera key: object with read() -> (H, W, 3) uint8 RGB}; --port sim without --cameras: every
-    camera the policy reads films the toy scene of demo.py."""
-    import record  # the recording side's cameras, imported only beside the arm (not by a policy server)
-
-    sources = record.camera_sources(args.cameras, args.rename, policy_cameras, sim=virtual_arm is not None)
-    return record.open_cameras(sources, virtual_arm)
+def camera_sources(cameras, rename, policy_cameras, sim=False):
+    """--cameras "top=/dev/video0,..." and --rename "top=camera1,..." -> {policy camera key: device}, checked
+    against the cameras the policy reads before any device opens; "sim" (and, with --port sim, no --cameras)
+    films the toy world."""
+    if sim and not cameras:
+        return dict.fromkeys(policy_cameras, "sim")
+    rename, sources = parse_mapping(rename, "--rename"), parse_mapping(cameras, "--cameras")
+    sources = {IMAGE_PREFIX + rename.get(name, name): source for name, source in sources.items()}
+    missing = [key for key in policy_cameras if key not in sources]
+    unknown = [key for key in sources if key not in policy_cameras]
+    if unknown or len(missing) == len(policy_cameras):  # fewer cameras: the policy runs on those present
+        raise ValueError(f"the policy reads cameras {policy_cameras}; --cameras/--rename give {sorted(sources)} "
+                         f"(missing {missing}, unknown {unknown}). Pass --cameras name=/dev/videoN,... and, where "
+                         f"your names differ from the policy's, --rename name=policy_name,...")
+    return sources
 
 
 def build_parser():
@@ -465,7 +473,7 @@ def make_async_scheduler(args, chunk_size, action_dim):
 
 def run_arm(args):
     """Drive the arm with the policy until --duration or Ctrl-C; torque goes off whatever happens."""
-    from record import open_arm  # the servo driver (and pyserial) only beside the arm: a policy server never loads it
+    import record  # the servo driver, pyserial and cameras only beside the arm: a policy server never loads them
 
     compute, info = open_policy(args)
     ticks = sys.maxsize if args.duration is None else round(args.duration * args.fps)
@@ -473,12 +481,13 @@ def run_arm(args):
     with contextlib.ExitStack() as cleanup:
         if isinstance(compute, PolicyClient):
             cleanup.callback(compute.close)
-        arm, virtual_arm = open_arm(args.port, calibration=args.calibration, norm_mode=args.norm_mode,
-                                    max_relative_target=args.max_relative_target, arm_id=args.id)
+        arm, virtual_arm = record.open_arm(args.port, calibration=args.calibration, norm_mode=args.norm_mode,
+                                           max_relative_target=args.max_relative_target, arm_id=args.id)
         if virtual_arm is not None:
             cleanup.callback(virtual_arm.close)
         cleanup.callback(arm.disconnect)
-        cameras = open_cameras(args, info["cameras"], virtual_arm)
+        sources = camera_sources(args.cameras, args.rename, info["cameras"], sim=virtual_arm is not None)
+        cameras = record.open_cameras(sources, virtual_arm)
         cleanup.callback(lambda: [camera.close() for camera in cameras.values() if hasattr(camera, "close")])
 
         def capture(state):

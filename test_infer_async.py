@@ -482,13 +482,13 @@ def test_argument_errors_are_clear():
 
 def test_camera_names_are_mapped_and_checked_before_opening_devices():
     policy = ["observation.images.camera1", "observation.images.camera2"]
-    assert record.camera_sources("top=/dev/video0,wrist=2", "top=camera1,wrist=camera2", policy) == {
+    assert ia.camera_sources("top=/dev/video0,wrist=2", "top=camera1,wrist=camera2", policy) == {
         "observation.images.camera1": "/dev/video0", "observation.images.camera2": "2"}
     with pytest.raises(ValueError, match=r"missing \['observation.images.camera2'\], "
                                          r"unknown \['observation.images.wrist'\]"):
-        record.camera_sources("top=/dev/video0,wrist=/dev/video2", "top=camera1", policy)
+        ia.camera_sources("top=/dev/video0,wrist=/dev/video2", "top=camera1", policy)
     with pytest.raises(ValueError, match="--cameras name=/dev/videoN"):
-        record.camera_sources(None, None, policy)  # a real arm needs real cameras
+        ia.camera_sources(None, None, policy)  # a real arm needs real cameras
 
 
 def test_ctrl_c_stops_cleanly_with_torque_off(server, monkeypatch, tmp_path):
