@@ -112,8 +112,9 @@ def open_arm(port, calibration=None, norm_mode="degrees", max_relative_target=No
     virtual = VirtualArm(**sim_options) if port == "sim" else None
     calibration = default_calibration(calibration, arm_id, virtual, arm_class.calibration_dir)
     try:
+        # (a thread plays the virtual servos: on a busy machine it may answer later than a real servo's 50 ms)
         return arm_class(virtual.port if virtual else port, calibration, norm_mode=norm_mode, verbose=verbose,
-                         max_relative_target=max_relative_target).connect(), virtual
+                         max_relative_target=max_relative_target, timeout=0.3 if virtual else 0.05).connect(), virtual
     except BaseException:
         virtual and virtual.close()
         raise
