@@ -399,15 +399,15 @@ def control_loop(follower, act, cameras, fps, seconds, label):
 def record(args, follower, teleoperate, cameras, hand, done):
     """Episodes `done`..args.episodes: record one, save it in the background while the scene is reset, start
     the next only once it is completely written. Returns {episodes, late_ticks, ticks}."""
-    late_total = ticks_total = 0
+    saving, episode, late_total, ticks_total = None, done, 0, 0
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:  # leaving waits for the last write
-        saving, episode = None, done
         while episode < args.episodes:
             hand and hand.new_episode()
             kept, key, late = control_loop(follower, teleoperate, cameras, args.fps, args.episode_s,
-                                           f"\nepisode {episode + 1}/{args.episodes}")
+                                           f"episode {episode + 1}/{args.episodes}")
             ticks_total, late_total = ticks_total + len(kept[ACTION]), late_total + late
-            print(f"\nepisode {episode + 1}: {len(kept[ACTION])} ticks, {late} late; {'again' * (key == 'redo')}")
+            print("\n" * sys.stdout.isatty() + f"episode {episode + 1}: {len(kept[ACTION])} ticks, {late} late"
+                  + "; recording it again" * (key == "redo"))
             if key != "redo":
                 data = {STATE: np.stack(kept[STATE]), ACTION: np.stack(kept[ACTION]), "task": args.task, "images":
                         {name[len(IMAGE_PREFIX):]: np.stack(frames) for name, frames in kept["images"].items()}}
