@@ -445,8 +445,7 @@ def replay(args, follower):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Record demonstrations on an SO-100/SO-101 (a leader arm moves the "
-                                "follower) into a LeRobot v3.0 dataset; or teleoperate, or replay an episode.")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = p.add_argument
     add("--port", required=True, help="the follower's serial port, or sim (the virtual arm)")
     add("--leader-port", help="the leader arm's serial port, or sim (a scripted hand moves it)")
@@ -496,7 +495,8 @@ def check_dataset(args, frames):
         check_same_features(args.dataset, info, features, args.fps)
     pixels = sum(frame.size for frame in frames.values()) / (480 * 640 * 3)  # in 480x640 frames
     needed = (args.episodes - len(rows)) * args.episode_s * args.fps * (5e4 * pixels + 200)
-    free = shutil.disk_usage(os.path.dirname(os.path.abspath(args.dataset))).free
+    os.makedirs(args.dataset, exist_ok=True)  # (empty: nothing is recorded before these checks pass)
+    free = shutil.disk_usage(args.dataset).free
     if free < needed:
         raise OSError(f"{args.episodes - len(rows)} episodes need about {needed / 1e9:.1f} GB; {free / 1e9:.1f} "
                       f"GB are free where {args.dataset} goes")
