@@ -174,9 +174,9 @@ def write_lerobot_dataset(root, episodes, fps=30, robot_type="so100", codec="lib
 def append_episode(root, episode, fps=30, codec="libsvtav1", robot_type="so100", joint_names=None):
     """Add one episode to the LeRobot v3.0 dataset in `root` (started if there is none); returns its index.
 
-    The episode gets its own parquet file and mp4 per camera, then the metadata is rewritten. Each file goes
-    in by a rename, and meta/episodes (the list readers go by) after the episode's data and videos: a crash
-    at any moment leaves the episodes before it whole, and the next append overwrites what it left."""
+    The episode gets an mp4 per camera, then its parquet file (lerobot reads all of data/), then the metadata,
+    each file by a rename; meta/episodes (the list readers go by) comes last but info.json: a crash at any
+    moment leaves the episodes before it whole, and the next append overwrites what it left."""
     cameras = _check_episodes([episode])
     features = _features([episode], cameras, fps, codec, joint_names)
     info, rows = recorded_episodes(root)
@@ -191,7 +191,6 @@ def append_episode(root, episode, fps=30, codec="libsvtav1", robot_type="so100",
     columns.update(episode_index=np.full(length, e), index=start + np.arange(length),
                    task_index=np.full(length, tasks.index(episode["task"])))
     where = {"chunk_index": e // info["chunks_size"], "file_index": e % info["chunks_size"]}
-    _atomically(os.path.join(root, info["data_path"].format(**where)), lambda p: pq.write_table(_data_table(columns), p))
     row = {"episode_index": e, "tasks": [episode["task"]], "length": length, "meta/episodes/chunk_index": 0,
            "meta/episodes/file_index": 0, **{f"data/{k}": v for k, v in where.items()},
            "dataset_from_index": start, "dataset_to_index": start + length}
@@ -201,6 +200,7 @@ def append_episode(root, episode, fps=30, codec="libsvtav1", robot_type="so100",
                     lambda p: _encode_video(p, [episode["images"][name]], fps, codec))
         row.update({**{f"videos/{key}/{k}": v for k, v in where.items()}, f"videos/{key}/from_timestamp": 0.0,
                     f"videos/{key}/to_timestamp": length / fps})
+    _atomically(os.path.join(root, info["data_path"].format(**where)), lambda p: pq.write_table(_data_table(columns), p))
     row.update({f"stats/{feature}/{name}": value for feature, stats in _all_stats(columns, [episode], cameras).items()
                 for name, value in stats.items()})  # per episode, as lerobot keeps them: pooled into stats.json
     rows.append(row)
@@ -422,7 +422,6 @@ def record(args, follower, teleoperate, cameras, hand, done):
           f"({100 * late_total / max(ticks_total, 1):.1f}%)")
     if args.push:  # lerobot finds a hub dataset's format by its version tag
         from huggingface_hub import HfApi
-
         api = HfApi()
         api.create_repo(args.repo_id, repo_type="dataset", exist_ok=True)
         api.upload_folder(folder_path=args.dataset, repo_id=args.repo_id, repo_type="dataset")
@@ -486,15 +485,16 @@ def check_arguments(args):
 
 def check_dataset(args, frames):
     """The dataset to add to holds the same joints, cameras, frame sizes and fps, and the disk has room for
-    the episodes to record (~25 KB per AV1 frame at 480x640, twice that to be safe); returns those in it."""
+    the episodes to record (AV1: ~25 KB per 480x640 frame, twice that to be safe, and 200 B of parquet per
+    tick); returns the number of episodes already in it."""
     info, rows = recorded_episodes(args.dataset)
     if info is not None:  # the features a one-tick episode of this recording would have
         probe = {STATE: np.zeros((1, 6)), ACTION: np.zeros((1, 6)), "task": "",
                  "images": {key[len(IMAGE_PREFIX):]: frame[None] for key, frame in frames.items()}}
         features = _features([probe], _check_episodes([probe]), args.fps, "libsvtav1", None)
         check_same_features(args.dataset, info, features, args.fps)
-    pixels = sum(frame.size for frame in frames.values()) / (480 * 640 * 3)  # in 480x640 frames
-    needed = (args.episodes - len(rows)) * args.episode_s * args.fps * (5e4 * pixels + 200)
+    raw = sum(frame.size for frame in frames.values())  # bytes per tick, uncompressed (480x640x3: 921,600)
+    needed = (args.episodes - len(rows)) * args.episode_s * args.fps * (5e4 / 921_600 * raw + 200)
     os.makedirs(args.dataset, exist_ok=True)  # (empty: nothing is recorded before these checks pass)
     free = shutil.disk_usage(args.dataset).free
     if free < needed:

@@ -171,6 +171,7 @@ class VirtualArm:
         open, sim.HOME_DEG).
     speed: the servos' maximum speed in ticks/s (4096 ticks = one turn).
     tick: seconds between the servo thread's motor updates (it also wakes at once for an instruction).
+    factory_new: the servos as they come out of the box (all id 1 at 115200 baud, not calibrated), for setup.
     """
 
     def __init__(self, calibrated=True, pose=(0, 0, 0, 0, 0, 50), speed=2400.0, tick=0.002, factory_new=False):
