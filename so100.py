@@ -194,7 +194,7 @@ class SO100Follower:
             self._configure()
             if self.calibration is None:
                 self._say(f"{self}: connected, torque off, NOT calibrated: call calibrate() "
-                          f"(or run `python so100.py --port {self.port} calibrate`)")
+                          f"(or run `python so100.py --port {self.port} {'--leader ' * (not self.holds_pose)}calibrate`)")
                 return self
             self._apply_calibration()
             if self.holds_pose:
