@@ -540,6 +540,6 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        print("\nstopped: the episodes saved so far are in the dataset")
+        print("\nstopped: torque off; a recording keeps every episode finished before")
     except (FileNotFoundError, FileExistsError, ValueError, OSError, RuntimeError, FeetechError) as e:
         sys.exit(f"error: {e}")
