@@ -325,6 +325,16 @@ def _require(root, relative):
     return path
 
 
+def recorded_episodes(root):
+    """(info, all rows of meta/episodes) of the v3.0 dataset record.py appends to; (None, []) if none yet."""
+    path = os.path.join(root, "meta", "info.json")
+    info = read_json(path, "meta/info.json") if os.path.isfile(path) else None
+    if info is not None and info.get("codebase_version") != "v3.0":
+        raise ValueError(f"{root} is a {info.get('codebase_version')} dataset: recording appends to v3.0 ones only")
+    episodes = os.path.join(root, "meta", "episodes", "chunk-000", "file-000.parquet")
+    return info, pq.read_table(episodes).to_pylist() if info and os.path.isfile(episodes) else []
+
+
 def _episodes_v3(root, info):
     """meta/episodes/chunk-*/file-*.parquet -> {episode_index: row dict} (data/video file of each episode)."""
     folder = _require(root, os.path.join("meta", "episodes"))

@@ -4,7 +4,7 @@ SmolVLA (arXiv 2506.01844, §4) was trained on community data recorded on SO-100
 Feetech STS3215 servos chained on one half-duplex UART (a USB adapter such as /dev/ttyACM0 at 1,000,000 baud).
 Half-duplex means one wire for both directions: the computer sends a packet, then listens, and the servos
 answer one at a time. To run the policy on a real arm we must speak that bus ourselves. This file builds it
-up in three layers (the arm on top of it, with joint names, calibration and units, is so100.py):
+up in layers (the arm on top of it, with joint names, calibration and units, is so100.py):
 
 1. The wire format ("protocol 0"): instruction packets `FF FF id len inst params… checksum` going out, status
    packets `FF FF id len error data… checksum` coming back, with `checksum = ~(id + len + inst + Σparams)`.
@@ -15,6 +15,10 @@ up in three layers (the arm on top of it, with joint names, calibration and unit
    buses do (lost replies, corrupted bytes, a servo that is unplugged): every reply is read by exact byte count
    with a deadline, searched for its `FF FF` header, checked (checksum, id, length), and retried; what still
    fails raises a `FeetechError` that names the servo and what went wrong.
+
+4. Servo setup: new servos all answer as id 1 at their factory baud rate, so an arm is set up one servo at a
+   time (`find_single_servo`, `set_id_and_baud`): find it at any standard rate, write its id and 1 Mbaud
+   through the EEPROM lock, check that it answers at the new id.
 
 The servo side of the same protocol (status packets going out) is played by virtual_arm.py, which uses the
 packet builders and the control table from here.
@@ -197,6 +201,8 @@ CONTROL_TABLE = {
 }
 
 STS3215_MODEL_NUMBER = 777
+# The Baud_Rate register's value for each standard rate (a new servo may arrive set to any of them).
+BAUD_RATES = {1_000_000: 0, 500_000: 1, 250_000: 2, 128_000: 3, 115_200: 4, 57_600: 5, 38_400: 6, 19_200: 7}
 RESOLUTION = 4096  # encoder ticks per turn
 MAX_TICK = RESOLUTION - 1  # 4095, the "360°" of lerobot's degree formula
 
@@ -486,3 +492,50 @@ class FeetechBus:
 
     def _name(self, servo_id):
         return f" ({self.names[servo_id]})" if servo_id in self.names else ""
+
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 4. Servo setup: one servo on the bus gets its id and baud rate
+# ------------------------------------------------------------------------------------------------------------
+
+
+def find_single_servo(port, timeout=0.05):
+    """The one servo connected to `port`, found by a broadcast PING at every standard baud rate.
+
+    Returns (baud rate, id, model number). More than one servo answering is an error, so that a servo already
+    set up and still connected is never renamed. (Servos that share an id and a rate answer at once: that
+    collision cannot be told apart from one servo, so the walk asks for one servo at a time.)"""
+    found = []
+    for baudrate in BAUD_RATES:
+        with FeetechBus(port, baudrate=baudrate, timeout=timeout, retries=1) as bus:
+            found += [(baudrate, i, bus.read(i, "Model_Number")) for i in bus.broadcast_ping()]
+    if len(found) != 1:
+        answers = ", ".join(f"id {i} at {baudrate} baud" for baudrate, i, _ in found)
+        raise FeetechError(f"{len(found)} servos answer on {port}{f' ({answers})' if found else ''}: connect exactly "
+                           "one servo, the one being set up, and check that the board is powered")
+    return found[0]
+
+
+def set_id_and_baud(port, servo_id, baudrate=1_000_000, model=STS3215_MODEL_NUMBER, timeout=0.05):
+    """Give the one servo on `port` the id `servo_id` and the baud rate `baudrate`, kept across power-off.
+
+    EEPROM registers are saved only while Lock = 0 (torque off). The servo acknowledges the new id under its
+    old one and the new rate at its old rate, then takes them: what we send next uses the new ones. A servo
+    of another model than `model` is left as it is. Returns what it was: (baud rate, id, model number)."""
+    if baudrate not in BAUD_RATES:
+        raise ValueError(f"{baudrate} is not a Feetech baud rate ({', '.join(map(str, BAUD_RATES))})")
+    found = found_baud, old_id, found_model = find_single_servo(port, timeout)
+    if found_model != model:
+        raise FeetechError(f"the servo on {port} (id {old_id}) is model {found_model}, not {model}: is it the "
+                           "right servo?", old_id)
+    with FeetechBus(port, baudrate=found_baud, timeout=timeout) as bus:
+        bus.write(old_id, "Torque_Enable", 0)
+        bus.write(old_id, "Lock", 0)
+        bus.write(old_id, "ID", servo_id)
+        bus.write(servo_id, "Baud_Rate", BAUD_RATES[baudrate])
+    with FeetechBus(port, baudrate=baudrate, timeout=timeout) as bus:
+        bus.write(servo_id, "Lock", 1)  # the check: it answers at its new id and rate
+        if (bus.read(servo_id, "ID"), bus.read(servo_id, "Baud_Rate")) != (servo_id, BAUD_RATES[baudrate]):
+            raise FeetechError(f"servo {servo_id} on {port} did not keep its new id and baud rate", servo_id)
+    return found

@@ -50,7 +50,7 @@ if "OMP_WAIT_POLICY" not in os.environ:
 
 import numpy as np
 
-from policy import STATE, HelpFormatter, settle_run_options
+from policy import IMAGE_PREFIX, STATE, HelpFormatter, parse_mapping, settle_run_options
 from policy_server import PolicyClient, RemoteError, add_policy_arguments, check_arguments, open_policy, serve
 
 # ----------------------------------------------------------------------------------------------------------
@@ -414,17 +414,21 @@ def plot_queue(metrics, path):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def open_cameras(args, policy_cameras, virtual_arm):
-    """{policy camera key: object with read() -> (H, W, 3) uint8 RGB}."""
-    if virtual_arm is not None and not args.cameras:
-        # --port sim without --cameras: every camera the policy reads films the toy world of demo.py
-        from demo import ToyWorld
-
-        args.world = ToyWorld(virtual_arm.joint_positions_deg, policy_cameras)  # also watches the target
-        return args.world.cameras
-    import record  # the recording side's cameras, imported only beside the arm (not by a policy server)
-
-    return record.open_cameras(record.camera_sources(args.cameras, args.rename, policy_cameras))
+def camera_sources(cameras, rename, policy_cameras, sim=False):
+    """--cameras "top=/dev/video0,..." and --rename "top=camera1,..." -> {policy camera key: device}, checked
+    against the cameras the policy reads before any device opens; "sim" (and, with --port sim, no --cameras)
+    films the toy world."""
+    if sim and not cameras:
+        return dict.fromkeys(policy_cameras, "sim")
+    rename, sources = parse_mapping(rename, "--rename"), parse_mapping(cameras, "--cameras")
+    sources = {IMAGE_PREFIX + rename.get(name, name): source for name, source in sources.items()}
+    missing = [key for key in policy_cameras if key not in sources]
+    unknown = [key for key in sources if key not in policy_cameras]
+    if unknown or len(missing) == len(policy_cameras):  # fewer cameras: the policy runs on those present
+        raise ValueError(f"the policy reads cameras {policy_cameras}; --cameras/--rename give {sorted(sources)} "
+                         f"(missing {missing}, unknown {unknown}). Pass --cameras name=/dev/videoN,... and, where "
+                         f"your names differ from the policy's, --rename name=policy_name,...")
+    return sources
 
 
 def build_parser():
@@ -433,7 +437,7 @@ def build_parser():
                                 formatter_class=HelpFormatter)  # the docstring's line breaks, and each default
     p.add_argument("--port", default="sim", help="serial port of the SO-100 follower, or `sim` (virtual arm)")
     p.add_argument("--task", help="language instruction (default: the policy's training task, if it had one)")
-    p.add_argument("--cameras", help="name=/dev/video0,name2=1 (default with --port sim: synthetic cameras)")
+    p.add_argument("--cameras", help="name=/dev/video0,name2=1 or name=sim (default with --port sim: all sim)")
     p.add_argument("--rename", help="camera name=policy camera name, e.g. top=camera1,wrist=camera2")
     p.add_argument("--fps", type=float, help="control ticks per second, one action each (default: the policy's, or 30)")
     p.add_argument("--threshold", type=float, default=0.7, help="g: ask for a chunk when |queue|/n < g")
@@ -472,7 +476,7 @@ def make_async_scheduler(args, chunk_size, action_dim):
 
 def run_arm(args):
     """Drive the arm with the policy until --duration or Ctrl-C; torque goes off whatever happens."""
-    from so100 import open_arm  # the servo driver (and pyserial) only beside the arm: a policy server never loads it
+    import record  # the servo driver, pyserial and cameras only beside the arm: a policy server never loads them
 
     compute, info = open_policy(args)
     settle_run_options(args, info.get("trained_on", {}))  # --fps, --norm-mode, --task: the policy's by default
@@ -481,12 +485,16 @@ def run_arm(args):
     with contextlib.ExitStack() as cleanup:
         if isinstance(compute, PolicyClient):
             cleanup.callback(compute.close)
-        arm, virtual_arm = open_arm(args.port, calibration=args.calibration, norm_mode=args.norm_mode,
-                                    max_relative_target=args.max_relative_target, arm_id=args.id)
+        arm, virtual_arm = record.open_arm(args.port, calibration=args.calibration, norm_mode=args.norm_mode,
+                                           max_relative_target=args.max_relative_target, arm_id=args.id)
         if virtual_arm is not None:
             cleanup.callback(virtual_arm.close)
         cleanup.callback(arm.disconnect)
-        cameras = open_cameras(args, info["cameras"], virtual_arm)
+        if virtual_arm is not None:  # --port sim: the toy world, whose "sim" cameras film it, watches the target
+            from demo import ToyWorld
+            args.world = ToyWorld(virtual_arm.joint_positions_deg, camera_keys=())
+        sources = camera_sources(args.cameras, args.rename, info["cameras"], sim=virtual_arm is not None)
+        cameras = record.open_cameras(sources, virtual_arm, args.world and args.world.scene)
         cleanup.callback(lambda: [camera.close() for camera in cameras.values() if hasattr(camera, "close")])
 
         def capture(state):
@@ -535,7 +543,7 @@ def run_arm(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    args.world = None  # --port sim's toy world (open_cameras)
+    args.world = None  # --port sim's toy world (run_arm)
     check_arguments(args)  # numbers and output folders, before the policy loads
     if args.fps is not None and args.fps <= 0:
         raise ValueError(f"--fps must be positive, got {args.fps}")

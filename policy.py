@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import sys
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -120,16 +121,23 @@ def tokenize(model, tasks) -> tuple[torch.Tensor, torch.Tensor]:
     return out["input_ids"].to(device), out["attention_mask"].bool().to(device)
 
 
+_UNFILLED_SAID = set()  # the unfilled camera slots already reported (said once per run, not every chunk)
+
+
 def present_cameras(config, observation: dict) -> list[str]:
-    """The configured cameras found in the observation; too many missing -> error naming them."""
+    """The configured cameras found in the observation, in config order. As in lerobot, the policy runs on
+    the cameras it gets (at least one); the slots left unfilled are named once, on stderr."""
     present = [k for k in config.camera_keys if k in observation]
-    missing = [k for k in config.camera_keys if k not in observation]
-    if len(missing) > config.empty_cameras:
+    missing = tuple(k for k in config.camera_keys if k not in observation)
+    if not present:
         raise ValueError(
-            f"the observation lacks camera(s) {missing} (has {[k for k in observation if k.startswith(IMAGE_PREFIX)]}); "
-            f"this policy reads {config.camera_keys} and allows {config.empty_cameras} missing "
-            f"(empty_cameras). Rename your cameras to the policy's names or provide them."
+            f"the observation has none of the policy's cameras {config.camera_keys} (it has "
+            f"{[k for k in observation if k.startswith(IMAGE_PREFIX)]}). Rename your cameras to the policy's names."
         )
+    if missing and missing not in _UNFILLED_SAID:
+        _UNFILLED_SAID.add(missing)
+        print(f"note: camera slot(s) {', '.join(missing)} unfilled: the policy runs on {', '.join(present)} "
+              "(as lerobot does)", file=sys.stderr)
     return present
 
 

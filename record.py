@@ -1,91 +1,123 @@
-"""Recording: cameras, and episodes written as a LeRobot dataset (the first step of the classroom loop).
+"""Recording, the first step of the classroom loop: record demonstrations, train on them, run the result.
 
-The loop a classroom runs is: record demonstrations, train on them (train.py), drive the arm with the
-result (infer_async.py). SmolVLA learns from such demonstrations (paper §4): someone moves the arm, the
-cameras film it, and every control step's joint state, commanded action and task sentence are kept.
-This file is the recording side:
-
-- `OpenCVCamera` reads (H, W, 3) uint8 RGB frames from a USB camera or a video file; `camera_sources`
-  maps `--cameras top=/dev/video0 --rename top=camera1` to the policy's camera names;
-- `write_lerobot_dataset` writes episodes (arrays in memory) as a LeRobot v3.0 (or v2.1) dataset on disk:
-  parquet tables of states and actions, one AV1 (or H.264) mp4 per camera, and the metadata lerobot reads
-  (info.json, episodes, tasks, normalization statistics). lerobot's reader and data.py read it identically;
-- `synthetic_episodes` makes episodes of random motion with camera-like images.
-
-The tests and the offline demo build their datasets here. (A later step adds the recording command line.)
+SmolVLA learns from demonstrations (paper §4): a person moves a leader arm, the follower copies it, cameras
+film it, and every control tick's joint state, commanded action and task sentence are kept. Here: the
+devices (`OpenCVCamera`, read in the background; `open_cameras`, "sim" filming demo.py's toy world;
+`open_arm`, a follower or leader, real or virtual); the writer (`write_lerobot_dataset`: a LeRobot v3.0 or
+v2.1 dataset that lerobot and data.py read alike; `append_episode`: one more episode, and a crash never
+costs the ones before it); the loop and the command line: `python record.py --port P --leader-port P2
+--dataset DIR --task "…"` records (or --teleoperate, or --replay DIR); `--port sim --leader-port sim` needs
+no hardware.
 """
 
+import argparse
+import concurrent.futures
+import contextlib
 import json
 import os
+import select
+import shutil
+import signal
+import sys
+import termios
+import threading
+import time
+import tty
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data import SUPPORTED_VERSIONS
-from policy import IMAGE_PREFIX, parse_mapping
-from so100 import STATE_NAMES
+from data import SUPPORTED_VERSIONS, aggregate_stats, recorded_episodes
+from policy import ACTION, IMAGE_PREFIX, STATE, parse_mapping, read_json
+from so100 import STATE_NAMES, FeetechError, SO100Follower, SO100Leader, default_calibration
+from virtual_arm import ScriptedHand, VirtualArm, synthetic_episodes, toy_world_cameras  # noqa: F401 (re-export)
 
 # SVT-AV1 prints its configuration to stderr for every stream it opens; keep only its errors.
 os.environ.setdefault("SVT_LOG", "1")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Cameras
+# Devices: cameras and arms, real or virtual
 # ----------------------------------------------------------------------------------------------------
 
 class OpenCVCamera:
-    """A USB camera (device index) or a video file, read as (H, W, 3) uint8 RGB frames."""
+    """A USB camera (device index) or a video file, read as (H, W, 3) uint8 RGB frames. A thread takes the
+    frames as the camera delivers them and `read()` returns the latest at once: a control loop never waits
+    up to a frame period for the next one."""
 
-    def __init__(self, index_or_path, width=640, height=480, fps=None):
+    def __init__(self, index_or_path, width=640, height=480):
         import cv2
 
-        self._cv2 = cv2
-        self.source = index_or_path
+        self._cv2, self.source, self._error, self._running = cv2, index_or_path, None, True
         self._capture = cv2.VideoCapture(index_or_path)
         if not self._capture.isOpened():
             raise FileNotFoundError(f"cannot open camera {index_or_path!r}: check `ls /dev/video*` or the path")
         self._capture.set(cv2.CAP_PROP_FRAME_WIDTH, width)
         self._capture.set(cv2.CAP_PROP_FRAME_HEIGHT, height)
-        if fps is not None:
-            self._capture.set(cv2.CAP_PROP_FPS, fps)
-        self.width, self.height = width, height
-        frame = self.read()
-        if frame.shape[:2] != (height, width):
+        self.width, self.height, self._latest = width, height, self._grab()
+        (h, w) = self._latest.shape[:2]
+        if (h, w) != (height, width):
             self.close()
-            raise ValueError(f"camera {index_or_path!r} delivers {frame.shape[1]}x{frame.shape[0]} frames, not "
-                             f"{width}x{height}: pass width={frame.shape[1]}, height={frame.shape[0]}")
+            raise ValueError(f"camera {index_or_path!r} delivers {w}x{h} frames, not {width}x{height}: pass "
+                             f"width={w}, height={h}")
+        self._thread = threading.Thread(target=self._keep_grabbing, name=f"camera {index_or_path}", daemon=True)
+        self._thread.start()
 
-    def read(self):
+    def _grab(self):
         ok, bgr = self._capture.read()
         if not ok:
             raise RuntimeError(f"camera {self.source!r} returned no frame (unplugged, or end of the video)")
         return self._cv2.cvtColor(bgr, self._cv2.COLOR_BGR2RGB)  # OpenCV delivers BGR; datasets are RGB
 
+    def _keep_grabbing(self):
+        try:
+            while self._running:  # a new array each time: frames already handed out never change
+                self._latest = self._grab()
+        except RuntimeError as e:
+            self._error = None if os.path.isfile(str(self.source)) else e  # a video's last frame stays
+
+    def read(self):
+        if self._error:
+            raise self._error
+        return self._latest
+
     def close(self):
+        self._running = False
+        hasattr(self, "_thread") and self._thread.join()
         self._capture.release()
 
 
-def camera_sources(cameras, rename, policy_cameras):
-    """--cameras "top=/dev/video0,..." and --rename "top=camera1,..." -> {policy camera key: device},
-    checked against the cameras the policy reads before any device is opened."""
-    rename = parse_mapping(rename, "--rename")
-    sources = {IMAGE_PREFIX + rename.get(name, name): source
-               for name, source in parse_mapping(cameras, "--cameras").items()}
-    missing = [key for key in policy_cameras if key not in sources]
-    unknown = [key for key in sources if key not in policy_cameras]
-    if missing or unknown:
-        raise ValueError(f"the policy reads cameras {policy_cameras}; --cameras/--rename give {sorted(sources)} "
-                         f"(missing {missing}, unknown {unknown}). Pass --cameras name=/dev/videoN,... and, where "
-                         f"your names differ from the policy's, --rename name=policy_name,...")
-    return sources
+def open_cameras(sources, virtual_arm=None, scene=None):
+    """{key: device index, path or "sim"} (from camera_sources) -> {key: camera}; "sim" cameras film the toy
+    world (`scene`, or a new one) with `virtual_arm` in it."""
+    simulated = [key for key, source in sources.items() if source == "sim"]
+    if simulated and virtual_arm is None:
+        raise ValueError("camera device 'sim' films the virtual arm: it needs --port sim")
+    cameras = toy_world_cameras(simulated, virtual_arm.joint_positions_deg, scene) if simulated else {}
+    return {key: cameras[key] if source == "sim" else OpenCVCamera(int(source) if source.isdigit() else source)
+            for key, source in sources.items()}
 
 
-def open_cameras(sources):
-    """{key: device index or path} (from camera_sources) -> {key: OpenCVCamera}."""
-    return {key: OpenCVCamera(int(source) if source.isdigit() else source) for key, source in sources.items()}
+def open_arm(port, calibration=None, norm_mode="degrees", max_relative_target=None, arm_id="my_so100",
+             verbose=True, leader=False, **sim_options):
+    """(connected SO100Follower, or SO100Leader if `leader`; VirtualArm or None) on a real port (calibration:
+    so100.py's <arm_id>.json by default) or on "sim", a fresh virtual arm (close it after the arm)."""
+    arm_class = SO100Leader if leader else SO100Follower
+    if sim_options and port != "sim":
+        raise ValueError(f"options {sorted(sim_options)} only apply to --port sim")
+    virtual = VirtualArm(**sim_options) if port == "sim" else None
+    calibration = default_calibration(calibration, arm_id, virtual, arm_class.calibration_dir)
+    try:
+        # (a thread plays the virtual servos: on a busy machine it may answer later than a real servo's 50 ms)
+        return arm_class(virtual.port if virtual else port, calibration, norm_mode=norm_mode, verbose=verbose,
+                         max_relative_target=max_relative_target, timeout=0.3 if virtual else 0.05).connect(), virtual
+    except BaseException:
+        virtual and virtual.close()
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -98,13 +130,10 @@ CODECS = {"libsvtav1": ("libsvtav1", "av1"), "av1": ("libsvtav1", "av1"), "h264"
 
 def write_lerobot_dataset(root, episodes, fps=30, robot_type="so100", codec="libsvtav1", joint_names=None,
                           version="v3.0", norm_mode=None):
-    """Write episodes as a LeRobot dataset in `root` (must not exist or be empty); returns root.
-
-    episodes: list of {"observation.state": (T,S), "action": (T,A), "task": str,
-                       "images": {"top": (T,H,W,3) uint8, ...}}
-    codec: "libsvtav1" (AV1, as on the hub) or "h264".  version: "v3.0" (default) or "v2.1".
-    norm_mode: the joints' units (so100.NORM_MODES), kept in info.json: a policy trained on it remembers them.
-    """
+    """Write episodes as a LeRobot dataset in `root` (must not exist or be empty); returns root. episodes: list
+    of {"observation.state": (T,S), "action": (T,A), "task": str, "images": {"top": (T,H,W,3) uint8, ...}}.
+    codec: "libsvtav1" (AV1, as on the hub) or "h264". version: "v3.0" (by `append_episode`) or "v2.1".
+    norm_mode: the joints' units (so100.NORM_MODES), kept in info.json: a policy trained on it remembers them."""
     if codec not in CODECS:
         raise ValueError(f"codec {codec!r} is not one of {sorted(CODECS)}.")
     if version not in SUPPORTED_VERSIONS:
@@ -112,74 +141,102 @@ def write_lerobot_dataset(root, episodes, fps=30, robot_type="so100", codec="lib
     if os.path.isdir(root) and os.listdir(root):
         raise FileExistsError(f"{root} exists and is not empty; choose a new directory for the dataset.")
     cameras = _check_episodes(episodes)
+    if version == "v3.0":
+        for episode in episodes:
+            append_episode(root, episode, fps, codec, robot_type, joint_names, norm_mode)
+        return root
+    # v2.1: one parquet and one mp4 per episode; episodes, tasks and per-episode stats as JSON lines
     tasks, lengths, columns = _episode_columns(episodes, fps)
     bounds = np.r_[0, np.cumsum(lengths)]
-    info = {
-        "codebase_version": version, "robot_type": robot_type, "total_episodes": len(episodes),
-        "total_frames": int(bounds[-1]), "total_tasks": len(tasks), "chunks_size": 1000, "fps": fps,
-        "splits": {"train": f"0:{len(episodes)}"},
-        "features": _features(episodes, cameras, fps, codec, joint_names),
-    } | ({"norm_mode": norm_mode} if norm_mode else {})
-    os.makedirs(os.path.join(root, "meta"), exist_ok=True)
-    if version == "v3.0":
-        _write_v3(root, info, episodes, cameras, tasks, lengths, columns, bounds, fps, codec)
-    else:
-        _write_v2(root, info, episodes, cameras, tasks, lengths, columns, bounds, fps, codec)
-    return root
-
-
-def _write_v3(root, info, episodes, cameras, tasks, lengths, columns, bounds, fps, codec):
-    """All episodes in one parquet file and, per camera, one mp4; meta/episodes says where each one is."""
-    info.update({"data_files_size_in_mb": 100, "video_files_size_in_mb": 200,
-                 "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
-                 "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"})
-    data_path = info["data_path"].format(chunk_index=0, file_index=0)
-    os.makedirs(os.path.dirname(os.path.join(root, data_path)), exist_ok=True)
-    pq.write_table(_data_table(columns), os.path.join(root, data_path))
-    rows = {"episode_index": list(range(len(episodes))), "tasks": [[e["task"]] for e in episodes],
-            "length": lengths, "data/chunk_index": [0] * len(episodes), "data/file_index": [0] * len(episodes),
-            "dataset_from_index": bounds[:-1].tolist(), "dataset_to_index": bounds[1:].tolist()}
-    for name in cameras:
-        key = IMAGE_PREFIX + name
-        _encode_video(os.path.join(root, info["video_path"].format(video_key=key, chunk_index=0, file_index=0)),
-                      [e["images"][name] for e in episodes], fps, codec)
-        rows.update({f"videos/{key}/chunk_index": [0] * len(episodes), f"videos/{key}/file_index": [0] * len(episodes),
-                     f"videos/{key}/from_timestamp": (bounds[:-1] / fps).tolist(),
-                     f"videos/{key}/to_timestamp": (bounds[1:] / fps).tolist()})
-    rows.update({"meta/episodes/chunk_index": [0] * len(episodes), "meta/episodes/file_index": [0] * len(episodes)})
-    os.makedirs(os.path.join(root, "meta", "episodes", "chunk-000"))
-    pq.write_table(pa.table(rows), os.path.join(root, "meta", "episodes", "chunk-000", "file-000.parquet"))
-    pq.write_table(_tasks_table(tasks), os.path.join(root, "meta", "tasks.parquet"))
-    with open(os.path.join(root, "meta", "stats.json"), "w") as f:
-        json.dump(_all_stats(columns, episodes, cameras), f, indent=2)
-    info["total_videos"] = len(cameras)
-    with open(os.path.join(root, "meta", "info.json"), "w") as f:
-        json.dump(info, f, indent=4)
-
-
-def _write_v2(root, info, episodes, cameras, tasks, lengths, columns, bounds, fps, codec):
-    """One parquet and one mp4 per episode; episodes, tasks and per-episode stats as JSON lines."""
-    info.update({"total_chunks": 1, "total_videos": len(episodes) * len(cameras),
-                 "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
-                 "video_path": "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"})
+    info = {"codebase_version": version, "robot_type": robot_type, "total_episodes": len(episodes),
+            "total_frames": int(bounds[-1]), "total_tasks": len(tasks), "chunks_size": 1000, "fps": fps,
+            "splits": {"train": f"0:{len(episodes)}"}, "features": _features(episodes, cameras, fps, codec, joint_names),
+            "total_chunks": 1, "total_videos": len(episodes) * len(cameras),
+            "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
+            "video_path": "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"} | (
+            {"norm_mode": norm_mode} if norm_mode else {})
     meta = {"episodes.jsonl": [], "tasks.jsonl": [{"task_index": i, "task": t} for i, t in enumerate(tasks)],
             "episodes_stats.jsonl": []}
     for e, episode in enumerate(episodes):
         rows = slice(bounds[e], bounds[e + 1])
         path = os.path.join(root, info["data_path"].format(episode_chunk=0, episode_index=e))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        pq.write_table(_data_table(columns, rows), path)
+        _atomically(path, lambda p: pq.write_table(_data_table(columns, rows), p))
         for name in cameras:
             video = info["video_path"].format(episode_chunk=0, video_key=IMAGE_PREFIX + name, episode_index=e)
             _encode_video(os.path.join(root, video), [episode["images"][name]], fps, codec)
         meta["episodes.jsonl"].append({"episode_index": e, "tasks": [episode["task"]], "length": lengths[e]})
         episode_columns = {name: values[rows] for name, values in columns.items()}
         meta["episodes_stats.jsonl"].append({"episode_index": e, "stats": _all_stats(episode_columns, [episode], cameras)})
+    _write_json(os.path.join(root, "meta", "info.json"), info)
     for name, rows in meta.items():
-        with open(os.path.join(root, "meta", name), "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-    with open(os.path.join(root, "meta", "info.json"), "w") as f:
-        json.dump(info, f, indent=4)
+        Path(root, "meta", name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root
+
+
+def append_episode(root, episode, fps=30, codec="libsvtav1", robot_type="so100", joint_names=None, norm_mode=None):
+    """Add one episode to the LeRobot v3.0 dataset in `root` (started if there is none); returns its index.
+
+    The episode gets an mp4 per camera, then its parquet file (lerobot reads all of data/), then the metadata,
+    each file by a rename; meta/episodes (the list readers go by) comes last but info.json: a crash at any
+    moment leaves the episodes before it whole, and the next append overwrites what it left."""
+    cameras = _check_episodes([episode])
+    features = _features([episode], cameras, fps, codec, joint_names)
+    info, rows = recorded_episodes(root)
+    info = info or {"codebase_version": "v3.0", "robot_type": robot_type, "chunks_size": 1000, "fps": fps,
+                    "features": features, "data_files_size_in_mb": 100, "video_files_size_in_mb": 200,
+                    "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+                    "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"} | (
+                    {"norm_mode": norm_mode} if norm_mode else {})
+    check_same_features(root, info, features, fps)
+    tasks = list(dict.fromkeys([task for row in rows for task in row["tasks"]] + [episode["task"]]))
+    e, start = len(rows), rows[-1]["dataset_to_index"] if rows else 0
+    _, (length,), columns = _episode_columns([episode], fps)
+    columns.update(episode_index=np.full(length, e), index=start + np.arange(length),
+                   task_index=np.full(length, tasks.index(episode["task"])))
+    where = {"chunk_index": e // info["chunks_size"], "file_index": e % info["chunks_size"]}
+    row = {"episode_index": e, "tasks": [episode["task"]], "length": length, "meta/episodes/chunk_index": 0,
+           "meta/episodes/file_index": 0, **{f"data/{k}": v for k, v in where.items()},
+           "dataset_from_index": start, "dataset_to_index": start + length}
+    for name in cameras:
+        key = IMAGE_PREFIX + name
+        _atomically(os.path.join(root, info["video_path"].format(video_key=key, **where)),
+                    lambda p: _encode_video(p, [episode["images"][name]], fps, codec))
+        row.update({**{f"videos/{key}/{k}": v for k, v in where.items()}, f"videos/{key}/from_timestamp": 0.0,
+                    f"videos/{key}/to_timestamp": length / fps})
+    _atomically(os.path.join(root, info["data_path"].format(**where)), lambda p: pq.write_table(_data_table(columns), p))
+    row.update({f"stats/{feature}/{name}": value for feature, stats in _all_stats(columns, [episode], cameras).items()
+                for name, value in stats.items()})  # per episode, as lerobot keeps them: pooled into stats.json
+    rows.append(row)
+    stats = aggregate_stats([{feature: {name: row[f"stats/{feature}/{name}"] for name in ("min", "max", "mean", "std",
+                             "count")} for feature in info["features"]} for row in rows])
+    _atomically(os.path.join(root, "meta", "tasks.parquet"), lambda p: pq.write_table(_tasks_table(tasks), p))
+    _write_json(os.path.join(root, "meta", "stats.json"),
+                {feature: {k: np.asarray(v).tolist() for k, v in s.items()} for feature, s in stats.items()})
+    _atomically(os.path.join(root, "meta", "episodes", "chunk-000", "file-000.parquet"),
+                lambda p: pq.write_table(pa.Table.from_pylist(rows), p))
+    info.update(total_episodes=len(rows), total_frames=start + length, total_tasks=len(tasks),
+                total_videos=len(rows) * len(cameras), splits={"train": f"0:{len(rows)}"})
+    _write_json(os.path.join(root, "meta", "info.json"), info)
+    return e
+
+
+def check_same_features(root, info, features, fps):
+    """One dataset, one kind of recording: the same joints, cameras (and frame sizes) and fps throughout."""
+    differ = sorted(k for k in set(info["features"]) | set(features) if info["features"].get(k) != features.get(k))
+    if info["fps"] != fps or differ:
+        raise ValueError(f"{root} holds a recording at {info['fps']} fps of {sorted(info['features'])}; this one "
+                         f"is at {fps} fps and differs in {differ}: record into another --dataset directory")
+
+
+def _atomically(path, write):
+    """write(temporary path), then rename it to `path`: readers see the old file or the whole new one."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write(path + ".partial")
+    os.replace(path + ".partial", path)
+
+
+def _write_json(path, value):  # (atomically)
+    _atomically(path, lambda p: Path(p).write_text(json.dumps(value, indent=4)))
 
 
 # -- the writer's pieces: input checks, columns and features, tables, video, statistics --------------
@@ -204,9 +261,9 @@ def _check_episodes(episodes):
             if image.dtype != np.uint8 or image.shape != (len(state),) + tuple(cameras[name]) + (3,):
                 raise ValueError(f"episode {e} camera {name}: expected uint8 ({len(state)}, H, W, 3) with the "
                                  f"same H, W in every episode, got {image.dtype} {image.shape}.")
-    for name, (height, width) in cameras.items():
-        if height % 2 or width % 2:
-            raise ValueError(f"camera {name}: yuv420p video needs an even height and width, got {height}x{width}.")
+            if image.shape[1] % 2 or image.shape[2] % 2:
+                raise ValueError(f"camera {name}: yuv420p video needs an even height and width, got "
+                                 f"{image.shape[1]}x{image.shape[2]}.")
     return cameras
 
 
@@ -227,11 +284,14 @@ def _episode_columns(episodes, fps):
 
 
 def _features(episodes, cameras, fps, codec, joint_names):
-    state_dim, action_dim = np.shape(episodes[0]["observation.state"])[1], np.shape(episodes[0]["action"])[1]
-    features = {
-        "action": {"dtype": "float32", "shape": [action_dim], "names": _joint_names(action_dim, joint_names)},
-        "observation.state": {"dtype": "float32", "shape": [state_dim], "names": _joint_names(state_dim, joint_names)},
-    }
+    features = {}
+    for key in ("action", "observation.state"):
+        dim = np.shape(episodes[0][key])[1]
+        if joint_names is not None and len(joint_names) != dim:
+            raise ValueError(f"joint_names has {len(joint_names)} names for vectors of {dim} entries.")
+        # the entries' names: given, else the SO-100's for 6 entries, else joint_<j>
+        names = list(joint_names or (STATE_NAMES if dim == 6 else [f"joint_{j}" for j in range(dim)]))
+        features[key] = {"dtype": "float32", "shape": [dim], "names": names}
     for name, (height, width) in cameras.items():
         features[IMAGE_PREFIX + name] = {
             "dtype": "video", "shape": [int(height), int(width), 3], "names": ["height", "width", "channels"],
@@ -239,40 +299,23 @@ def _features(episodes, cameras, fps, codec, joint_names):
                      "video.pix_fmt": "yuv420p", "video.is_depth_map": False, "video.fps": fps,
                      "video.channels": 3, "has_audio": False},
         }
-    for name, dtype in (("timestamp", "float32"), ("frame_index", "int64"), ("episode_index", "int64"),
-                        ("index", "int64"), ("task_index", "int64")):
-        features[name] = {"dtype": dtype, "shape": [1], "names": None}
+    for name in ("timestamp", "frame_index", "episode_index", "index", "task_index"):
+        features[name] = {"dtype": "float32" if name == "timestamp" else "int64", "shape": [1], "names": None}
     return features
 
 
-def _joint_names(dim, joint_names):
-    """Names of a state/action vector's entries: given, else SO-100's for 6 entries, else joint_<j>."""
-    if joint_names is not None:
-        if len(joint_names) != dim:
-            raise ValueError(f"joint_names has {len(joint_names)} names for vectors of {dim} entries.")
-        return list(joint_names)
-    return list(STATE_NAMES) if dim == 6 else [f"joint_{j}" for j in range(dim)]
-
-
 def _data_table(columns, rows=slice(None)):
-    arrays = {}
-    for name, values in columns.items():
-        values = values[rows]
-        if values.ndim == 2:  # vectors: fixed-size lists of float32, as lerobot writes them
-            arrays[name] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
-        else:
-            arrays[name] = pa.array(values)
-    return pa.table(arrays)
+    """The rows' columns; vectors as fixed-size lists of float32, as lerobot writes them."""
+    return pa.table({name: pa.FixedSizeListArray.from_arrays(pa.array(v[rows].reshape(-1)), v.shape[1]) if v.ndim == 2
+                     else pa.array(v[rows]) for name, v in columns.items()})
 
 
 def _tasks_table(tasks):
     """meta/tasks.parquet with the task strings as the pandas index, the way lerobot reads them back."""
     table = pa.table({"task_index": pa.array(range(len(tasks)), pa.int64()), "task": pa.array(tasks, pa.string())})
-    pandas = {"index_columns": ["task"], "column_indexes": [], "pandas_version": "2.2.3",
-              "columns": [{"name": "task_index", "field_name": "task_index", "pandas_type": "int64",
-                           "numpy_type": "int64", "metadata": None},
-                          {"name": "task", "field_name": "task", "pandas_type": "unicode",
-                           "numpy_type": "object", "metadata": None}]}
+    columns = [{"name": name, "field_name": name, "pandas_type": kind, "numpy_type": dtype, "metadata": None}
+               for name, kind, dtype in (("task_index", "int64", "int64"), ("task", "unicode", "object"))]
+    pandas = {"index_columns": ["task"], "column_indexes": [], "pandas_version": "2.2.3", "columns": columns}
     return table.replace_schema_metadata({"pandas": json.dumps(pandas)})
 
 
@@ -282,12 +325,11 @@ def _encode_video(path, videos, fps, codec):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     encoder = CODECS[codec][0]
     options = {"crf": "30", "g": "2", "preset": "10"} if encoder == "libsvtav1" else {"crf": "23", "g": "2", "preset": "veryfast"}
-    with av.open(path, "w") as container:
+    with av.open(path, "w", format="mp4") as container:  # (format: `path` may be a temporary name)
         stream = container.add_stream(encoder, rate=fps, options=options)
         stream.height, stream.width = np.shape(videos[0])[1:3]
         stream.pix_fmt = "yuv420p"
-        images = (image for video in videos for image in video)
-        for k, image in enumerate(images):
+        for k, image in enumerate(image for video in videos for image in video):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
             frame.pts, frame.time_base = k, Fraction(1, fps)
             container.mux(stream.encode(frame))
@@ -296,10 +338,8 @@ def _encode_video(path, videos, fps, codec):
 
 def _all_stats(columns, episodes, cameras):
     """The stats block of `episodes` whose rows are `columns`: every feature, images per channel."""
-    stats = {name: _numeric_stats(values) for name, values in columns.items()}
-    for name in cameras:
-        stats[IMAGE_PREFIX + name] = _image_stats([np.asarray(e["images"][name]) for e in episodes])
-    return stats
+    return {**{name: _numeric_stats(values) for name, values in columns.items()},
+            **{IMAGE_PREFIX + name: _image_stats([np.asarray(e["images"][name]) for e in episodes]) for name in cameras}}
 
 
 def _numeric_stats(values):
@@ -310,65 +350,200 @@ def _numeric_stats(values):
 
 
 def _image_stats(videos, max_frames=300):
-    """Per-channel stats in [0, 1] of a camera's (T, H, W, 3) uint8 videos, shaped (3, 1, 1) as lerobot stores them.
-
-    Computed from at most ~max_frames evenly spaced frames, one frame at a time (images are big).
-    """
+    """Per-channel stats in [0, 1] of a camera's (T, H, W, 3) uint8 videos, shaped (3, 1, 1) as lerobot stores
+    them: from at most ~max_frames evenly spaced frames, one frame at a time (images are big), pooled."""
     step = max(1, sum(len(video) for video in videos) // max_frames)
-    frames = [frame for video in videos for frame in video[::step]]
-    total, squares = np.zeros(3), np.zeros(3)
-    low, high = np.full(3, np.inf), np.full(3, -np.inf)
-    for frame in frames:
-        pixels = frame.reshape(-1, 3).astype(np.float64) / 255.0  # (H*W, 3)
-        total += pixels.sum(0)
-        squares += (pixels ** 2).sum(0)
-        low, high = np.minimum(low, pixels.min(0)), np.maximum(high, pixels.max(0))
-    count = len(frames) * frames[0].shape[0] * frames[0].shape[1]
-    mean = total / count
-    std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
-    stats = {"min": low, "max": high, "mean": mean, "std": std}
-    return {**{name: value.reshape(3, 1, 1).tolist() for name, value in stats.items()}, "count": [len(frames)]}
+    frames = [{"image": _numeric_stats(frame.reshape(-1, 3) / 255.0)} for video in videos for frame in video[::step]]
+    stats = aggregate_stats(frames)["image"]
+    return {**{name: np.reshape(stats[name], (3, 1, 1)).tolist() for name in ("min", "max", "mean", "std")},
+            "count": [len(frames)]}
 
 
 # ----------------------------------------------------------------------------------------------------
-# Synthetic episodes: random motion a camera can see (tests, benchmarks)
+# The recording loop (the leader's positions are the follower's goals, every tick is kept), the command line
 # ----------------------------------------------------------------------------------------------------
 
-def synthetic_episodes(n_episodes, length, height=96, width=128, cameras=("top", "wrist"), state_dim=6, seed=0,
-                       noise=True, tasks=("Pick the red cube and place it in the box.", "Stack the red cube on the blue cube.")):
-    """Episodes of random joint motion with camera-like images that follow it, for tests and benchmarks.
+KEYS = {"n": "next", "\x1b[C": "next", "r": "redo", "\x1b[D": "redo", "q": "stop", "\x1b": "stop"}  # \x1b[C: →
 
-    Each camera sees a textured background (smooth waves plus fixed grain, a table seen by a camera) with
-    sensor noise in every frame and a red square that moves with the joints. At 480x640 this encodes to
-    ~25 KB per AV1 frame and decodes about as fast as real robot footage (flat colours would be far
-    cheaper). noise=False leaves out grain and sensor noise (what a codec would smooth away anyway).
-    `length` is an int or one int per episode.
-    """
-    rng = np.random.default_rng(seed)
-    lengths = [length] * n_episodes if np.isscalar(length) else list(length)
-    rows, cols = np.mgrid[0:height, 0:width]
-    backgrounds = {}
-    for name in cameras:
-        waves = np.zeros((height, width, 3))
-        for _ in range(8):
-            # periods of 40 to 400 pixels, whatever the image size
-            (fy, fx), phase, amplitude = rng.uniform(1 / 400, 1 / 40, 2), rng.uniform(0, 2 * np.pi), rng.uniform(5, 25, 3)
-            waves += np.sin(2 * np.pi * (fy * rows + fx * cols) + phase)[..., None] * amplitude
-        backgrounds[name] = 110 + waves + (rng.normal(0, 6, (height, width, 3)) if noise else 0)  # (H, W, 3)
-    episodes = []
-    for e, n in enumerate(lengths):
-        # state: a random walk in degrees; action: the next state (the arm follows its commands)
-        state = np.cumsum(rng.normal(0, 2.0, (n + 1, state_dim)), axis=0).astype(np.float32)
-        images = {}
-        for c, name in enumerate(cameras):
-            frames = np.empty((n, height, width, 3), dtype=np.uint8)
-            for t in range(n):
-                frame = backgrounds[name] + (rng.normal(0, 2, (height, width, 3)) if noise else 0)
-                y = int(height / 2 + state[t, c % state_dim] * height / 200) % height
-                x = int(width / 2 + state[t, (c + 1) % state_dim] * width / 200) % width
-                frame[max(0, y - height // 8):y + height // 8, max(0, x - width // 8):x + width // 8] = (230, 40, 40)
-                frames[t] = np.clip(frame, 0, 255)
-            images[name] = frames
-        episodes.append({"observation.state": state[:n], "action": state[1:], "task": tasks[e % len(tasks)],
-                         "images": images})
-    return episodes
+
+def control_loop(follower, act, cameras, fps, seconds, label):
+    """`seconds` of ticks at `fps`: read the follower's state and one frame per camera, send act(tick, state),
+    the goal, through the follower's per-step cap. Returns ({state, action, images: {camera: frames}}, the key
+    that ended it early or None, late ticks: ticks ending after the next should have begun (the clock then
+    restarts from now). Frames are kept as the cameras give them: no copy, no encoding in the loop."""
+    period, ticks = 1.0 / fps, round(seconds * fps)
+    kept = {STATE: [], ACTION: [], "images": {key: [] for key in cameras}}
+    late, key, next_tick = 0, None, time.monotonic()
+    for tick in range(ticks):
+        state = follower.get_state()
+        for name, camera in cameras.items():
+            kept["images"][name].append(camera.read())
+        goal = np.asarray(act(tick, state), dtype=np.float32)
+        follower.send_action(goal)
+        kept[STATE].append(state)
+        kept[ACTION].append(goal)
+        if sys.stdin.isatty() and select.select([sys.stdin], [], [], 0)[0]:  # a key (cbreak mode: no ENTER)
+            pressed = os.read(sys.stdin.fileno(), 8).decode(errors="ignore")  # an arrow is 3 bytes: ESC [ C
+            key = KEYS.get(pressed, KEYS.get(pressed[:1]))
+        if sys.stdout.isatty():  # the status line: a bar, seconds left, late ticks, the keys
+            print(f"\r{label} [{'#' * (20 * tick // ticks):20}] {(ticks - tick) / fps:5.1f} s left, {late} late "
+                  "ticks (n/→ next, r/← again, q/Esc stop) ", end="", flush=True)
+        if key is not None:
+            break
+        next_tick += period
+        delay = next_tick - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        else:
+            late, next_tick = late + 1, time.monotonic()
+    return kept, key, late
+
+
+def record(args, follower, teleoperate, cameras, hand, done):
+    """Episodes `done`..args.episodes: record one, save it in the background while the scene is reset, start
+    the next only once it is completely written. Returns {episodes, late_ticks, ticks}."""
+    saving, episode, late_total, ticks_total = None, done, 0, 0
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:  # leaving waits for the last write
+        while episode < args.episodes:
+            hand and hand.new_episode()
+            kept, key, late = control_loop(follower, teleoperate, cameras, args.fps, args.episode_s,
+                                           f"episode {episode + 1}/{args.episodes}")
+            ticks_total, late_total = ticks_total + len(kept[ACTION]), late_total + late
+            print("\n" * sys.stdout.isatty() + f"episode {episode + 1}: {len(kept[ACTION])} ticks, {late} late"
+                  + "; recording it again" * (key == "redo"))
+            if key != "redo":
+                data = {STATE: np.stack(kept[STATE]), ACTION: np.stack(kept[ACTION]), "task": args.task, "images":
+                        {name[len(IMAGE_PREFIX):]: np.stack(frames) for name, frames in kept["images"].items()}}
+                saving, episode = writer.submit(append_episode, args.dataset, data, args.fps,
+                                                           norm_mode=follower.norm_mode), episode + 1
+            if key == "stop" or episode == args.episodes:
+                break
+            hand and hand.go_home()
+            control_loop(follower, teleoperate, {}, args.fps, args.reset_s, "reset the scene")
+            saving and saving.result()  # (raises if the episode could not be written)
+    saving and saving.result()
+    print(f"{episode} episodes in {args.dataset}; late ticks: {late_total} of {ticks_total} "
+          f"({100 * late_total / max(ticks_total, 1):.1f}%)")
+    if args.push:  # lerobot finds a hub dataset's format by its version tag
+        from huggingface_hub import HfApi
+        api = HfApi()
+        api.create_repo(args.repo_id, repo_type="dataset", exist_ok=True)
+        api.upload_folder(folder_path=args.dataset, repo_id=args.repo_id, repo_type="dataset")
+        api.create_tag(args.repo_id, tag="v3.0", repo_type="dataset", exist_ok=True)
+    return {"episodes": episode, "late_ticks": late_total, "ticks": ticks_total}
+
+
+def replay(args, follower):
+    """Drive the follower with the recorded actions of episode --episode of the dataset --replay."""
+    info, rows = recorded_episodes(args.replay)
+    if info is None or not 0 <= args.episode < len(rows):
+        raise ValueError(f"{args.replay} has no episode {args.episode} (it has {len(rows)})")
+    where = {k: rows[args.episode][f"data/{k}"] for k in ("chunk_index", "file_index")}
+    table = pq.read_table(os.path.join(args.replay, info["data_path"].format(**where)),
+                          filters=[("episode_index", "=", args.episode)])
+    actions = np.asarray(table.column(ACTION).to_pylist(), dtype=np.float32)
+    control_loop(follower, lambda tick, state: actions[tick], {}, info["fps"], len(actions) / info["fps"],
+                 f"replaying episode {args.episode}")
+    return actions
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = p.add_argument
+    add("--port", required=True, help="the follower's serial port, or sim (the virtual arm)")
+    add("--leader-port", help="the leader arm's serial port, or sim (a scripted hand moves it)")
+    add("--cameras", help="name=/dev/video0,...; name=sim films the toy world (default with --port sim: top=sim)")
+    add("--dataset", help="the dataset directory to record into")
+    add("--task", help="what the demonstrations do, in words: the policy's instruction")
+    add("--episodes", type=int, default=50, help="episodes in the dataset (with --resume: in all)")
+    add("--episode-s", type=float, default=20, help="seconds per episode")
+    add("--reset-s", type=float, default=10, help="seconds between episodes to reset the scene")
+    add("--fps", type=int, default=30, help="control ticks and dataset frames per second")
+    add("--resume", action="store_true", help="add episodes to the --dataset a crash or a stop left")
+    add("--repo-id", help="user/name on the Hugging Face hub, for --push")
+    add("--push", action="store_true", help="upload the dataset to --repo-id at the end")
+    add("--teleoperate", action="store_true", help="the follower copies the leader, nothing is saved")
+    add("--replay", metavar="DIR", help="drive the follower with the actions of episode --episode of DIR")
+    add("--episode", type=int, default=0, help="the episode --replay plays")
+    add("--max-relative-target", type=float, default=10.0, help="largest joint step per tick (robot units)")
+    add("--id", default="my_so100", help="the arms' calibration name (so100.py --id, and --leader --id)")
+    add("--sim-size", default="64x64", help="HxW of the frames of the sim cameras")
+    return p
+
+
+def check_arguments(args):
+    """What can be checked before a device opens, each with one clear message; True when recording."""
+    recording = not (args.teleoperate or args.replay)
+    if args.fps <= 0 or args.episode_s <= 0 or args.reset_s < 0 or args.episodes < 1:
+        raise ValueError("--fps, --episode-s and --episodes must be positive, --reset-s at least 0")
+    if not args.replay and not args.leader_port or recording and not (args.dataset and args.task):
+        raise ValueError("the leader arm moves the follower: --leader-port (or sim); recording also needs --dataset "
+                         "DIR and --task \"what the robot does\"")
+    if args.push and not args.repo_id:
+        raise ValueError("--push needs --repo-id user/name")
+    if recording and os.path.isdir(args.dataset) and os.listdir(args.dataset) and not args.resume:
+        raise FileExistsError(f"{args.dataset} is not empty: pass --resume to add episodes to it, or choose "
+                              "another --dataset")
+    return recording
+
+
+def check_dataset(args, frames):
+    """The dataset to add to holds the same joints, cameras, frame sizes and fps, and the disk has room for
+    the episodes to record (AV1: ~25 KB per 480x640 frame, twice that to be safe, and 200 B of parquet per
+    tick); returns the number of episodes already in it."""
+    info, rows = recorded_episodes(args.dataset)
+    if info is not None:  # the features a one-tick episode of this recording would have
+        probe = {STATE: np.zeros((1, 6)), ACTION: np.zeros((1, 6)), "task": "",
+                 "images": {key[len(IMAGE_PREFIX):]: frame[None] for key, frame in frames.items()}}
+        features = _features([probe], _check_episodes([probe]), args.fps, "libsvtav1", None)
+        check_same_features(args.dataset, info, features, args.fps)
+    raw = sum(frame.size for frame in frames.values())  # bytes per tick, uncompressed (480x640x3: 921,600)
+    needed = (args.episodes - len(rows)) * args.episode_s * args.fps * (5e4 / 921_600 * raw + 200)
+    os.makedirs(args.dataset, exist_ok=True)  # (empty: nothing is recorded before these checks pass)
+    free = shutil.disk_usage(args.dataset).free
+    if free < needed:
+        raise OSError(f"{args.episodes - len(rows)} episodes need about {needed / 1e9:.1f} GB; {free / 1e9:.1f} "
+                      f"GB are free where {args.dataset} goes")
+    return len(rows)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    recording = check_arguments(args)
+    terminal = termios.tcgetattr(sys.stdin) if sys.stdin.isatty() else None
+    with contextlib.ExitStack() as cleanup:  # unwound in reverse: the arms' torque off, then the virtual arms
+        if terminal is not None:
+            tty.setcbreak(sys.stdin)  # keys without ENTER, until the end
+            cleanup.callback(termios.tcsetattr, sys.stdin, termios.TCSADRAIN, terminal)
+        follower, virtual = open_arm(args.port, arm_id=args.id, max_relative_target=args.max_relative_target,
+                                     verbose=False)
+        cleanup.callback(lambda: virtual and virtual.close())
+        cleanup.callback(follower.disconnect)
+        if args.replay:
+            return replay(args, follower)
+        leader, leader_virtual = open_arm(args.leader_port, arm_id=args.id, leader=True, verbose=False)
+        cleanup.callback(lambda: leader_virtual and leader_virtual.close())
+        cleanup.callback(leader.disconnect)
+        size = [int(n) for n in args.sim_size.split("x")]  # a virtual leader is moved by a scripted hand
+        hand = leader_virtual and ScriptedHand(leader_virtual, args.fps, image_size=size)
+        cleanup.callback(lambda: hand and hand.close())
+        teleoperate = lambda tick, state: leader.get_state()  # noqa: E731 -- the leader's pose is the goal
+        if not recording:
+            while control_loop(follower, teleoperate, {}, args.fps, 3600, "teleoperating")[1] != "stop":
+                pass
+            return None
+        names = parse_mapping(args.cameras or ("top=sim" if virtual else ""), "--cameras").items()
+        cameras = open_cameras({IMAGE_PREFIX + name: source for name, source in names}, virtual, hand and hand.scene)
+        cleanup.callback(lambda: [camera.close() for camera in cameras.values() if hasattr(camera, "close")])
+        done = check_dataset(args, {key: camera.read() for key, camera in cameras.items()})
+        return record(args, follower, teleoperate, cameras, hand, done)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops like Ctrl-C: torque off, saved
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\nstopped: torque off; a recording keeps every episode finished before")
+    except (FileNotFoundError, FileExistsError, ValueError, OSError, RuntimeError, FeetechError) as e:
+        sys.exit(f"error: {e}")

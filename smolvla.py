@@ -254,18 +254,17 @@ class SmolVLA(nn.Module):
 
     def prepare_images(self, images: list, img_masks: list) -> tuple[list, list]:
         """Check the frames, resize-with-pad them and map [0, 1] -> [-1, 1] (SigLIP's range); append the
-        config's blank cameras (all −1, masked out). images: list of (B, 3, H, W), img_masks: list of (B,)."""
+        config's blank cameras (all −1, masked out). images: list of (B, 3, H, W), img_masks: list of (B,):
+        the cameras present, in config order. Like the reference, the model runs on fewer cameras than it
+        configures (smolvla_base reads three, most arms have two): an unfilled slot adds no tokens at all."""
         cfg = self.config
         n_real = len(cfg.camera_keys)
         if len(images) != len(img_masks):
             raise ValueError(f"got {len(images)} images but {len(img_masks)} image masks")
         if not images:
             raise ValueError("at least one camera image is needed")
-        if len(images) > n_real or len(images) < n_real - cfg.empty_cameras:
-            raise ValueError(
-                f"got {len(images)} cameras; this policy reads {n_real} ({', '.join(cfg.camera_keys)}) "
-                f"of which at most empty_cameras={cfg.empty_cameras} may be missing"
-            )
+        if len(images) > n_real:
+            raise ValueError(f"got {len(images)} cameras; this policy reads {n_real} ({', '.join(cfg.camera_keys)})")
         prepared = []
         for img in images:
             if img.ndim != 4 or img.shape[1] != 3 or not img.is_floating_point():

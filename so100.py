@@ -11,10 +11,13 @@ feetech.py speaks the servos' bus; this file turns it into that arm:
 - units: `ticks_to_units` / `units_to_ticks`, raw encoder ticks <-> the dataset's units, with lerobot's formulas;
 - `SO100Follower`: connect, configure and calibrate the servos, read the state, send actions with a per-step
   safety cap, and switch the torque off whatever happens;
-- `open_arm`: a real port, or "sim" for `virtual_arm.VirtualArm`, a simulated bus on a pseudo-terminal.
+- `SO100Leader`: the same arm with the torque off, moved by a person; its positions are the follower's goals;
+- `setup_motors`: new servos all answer as id 1; give each its id and 1 Mbaud, one servo at a time;
+- `default_calibration`: where an arm's calibration is (record.open_arm opens a real arm or "sim", a
+  `virtual_arm.VirtualArm` on a pseudo-terminal).
 
-`python so100.py --port /dev/ttyACM0 scan|calibrate|read|move …` is the lab entry point; `--port sim` runs
-everything against the virtual arm.
+`python so100.py --port /dev/ttyACM0 setup-motors|scan|calibrate|read|move …` is the lab entry point (`--leader`
+for the leader arm); `--port sim` runs everything against the virtual arm.
 """
 
 import argparse
@@ -30,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import serial
 
-from feetech import CALIBRATION_REGISTERS, MAX_TICK, STS3215_MODEL_NUMBER
+from feetech import CALIBRATION_REGISTERS, MAX_TICK, STS3215_MODEL_NUMBER, set_id_and_baud
 from feetech import FeetechBus, FeetechError  # also re-exported: users of the arm catch so100.FeetechError
 from virtual_arm import VirtualArm
 
@@ -50,6 +53,7 @@ CALIBRATION_DIR = Path(
     os.getenv("HF_LEROBOT_CALIBRATION", Path(os.getenv("HF_LEROBOT_HOME", "~/.cache/huggingface/lerobot"))
               / "calibration")
 ).expanduser() / "robots" / "so_follower"
+LEADER_CALIBRATION_DIR = CALIBRATION_DIR.parents[1] / "teleoperators" / "so_leader"  # lerobot's, for leader arms
 
 
 def load_calibration(path_or_dict):
@@ -160,6 +164,9 @@ class SO100Follower:
     reason (an exception, Ctrl-C), and at interpreter exit.
     """
 
+    holds_pose = True  # torque on once connected and calibrated (a leader arm keeps it off)
+    calibration_dir = CALIBRATION_DIR
+
     def __init__(self, port, calibration=None, norm_mode="degrees", max_relative_target=None,
                  timeout=0.05, retries=3, verbose=True):
         _check_norm_mode(norm_mode)
@@ -186,11 +193,13 @@ class SO100Follower:
             self._disable_torque()
             self._configure()
             if self.calibration is None:
-                self._say(f"{self}: connected, torque off, NOT calibrated: call calibrate() (or run `python so100.py "
-                          f"--port {'sim' if self.port.startswith('/dev/pts/') else self.port} calibrate`)")
+                port = "sim" if self.port.startswith("/dev/pts/") else self.port  # (a virtual arm's pty)
+                self._say(f"{self}: connected, torque off, NOT calibrated: call calibrate() "
+                          f"(or run `python so100.py --port {port} {'--leader ' * (not self.holds_pose)}calibrate`)")
                 return self
             self._apply_calibration()
-            self._enable_torque()
+            if self.holds_pose:
+                self._enable_torque()
             self._say(f"{self}: connected; state in {self.units()}:\n{self.describe(self.get_state())}")
         except BaseException:
             self.disconnect()
@@ -306,7 +315,8 @@ class SO100Follower:
         if save_to is not None:
             save_calibration(self.calibration, save_to)
             self._say(f"calibration saved to {save_to}")
-        self._enable_torque()
+        if self.holds_pose:
+            self._enable_torque()
         return self.calibration
 
     # -- servo configuration (what lerobot does on connect) -------------------------------------------------
@@ -405,43 +415,35 @@ class SO100Follower:
             print(message)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Opening a real or virtual arm
-# ------------------------------------------------------------------------------------------------------------
+class SO100Leader(SO100Follower):
+    """The leader arm: the follower's six servos and calibration, with the torque off. A person moves it; read at
+    the control rate (`get_state`), its positions, in the same units, are the follower's goals."""
+
+    holds_pose = False
+    calibration_dir = LEADER_CALIBRATION_DIR
+
+    def send_action(self, action):
+        raise RuntimeError(f"{self} is moved by hand: send actions to the follower")
+
+    def __str__(self):
+        return f"SO100Leader({self.port})"
 
 
-def default_calibration(calibration, arm_id, virtual=None):
+def setup_motors(port, prompt=input):
+    """Give new servos their ids (all answer as id 1): one servo connected at a time, the gripper first as the
+    SO-100 assembly guide does; each is found at any baud rate and set to its id and 1 Mbaud."""
+    for name in reversed(MOTOR_NAMES):
+        prompt(f"Connect the controller board to the {name} servo only and press ENTER...")
+        baudrate, old_id, _ = set_id_and_baud(port, MOTOR_IDS[name])
+        print(f"{name}: id {old_id} at {baudrate} baud -> id {MOTOR_IDS[name]} at 1000000 baud")
+
+
+def default_calibration(calibration, arm_id, virtual=None, directory=CALIBRATION_DIR):
     """`calibration` if given, else the virtual arm's own (its servos come calibrated), else the file
-    `<CALIBRATION_DIR>/<arm_id>.json` that `calibrate` writes for a real arm."""
+    `<directory>/<arm_id>.json` that `calibrate` writes for a real arm."""
     if calibration is not None:
         return calibration
-    return virtual.calibration if virtual is not None else CALIBRATION_DIR / f"{arm_id}.json"
-
-
-def open_arm(port, calibration=None, norm_mode="degrees", max_relative_target=None, arm_id="my_so100",
-             verbose=True, **sim_options):
-    """Connect to a real arm ("/dev/ttyACM0") or a fresh virtual one ("sim").
-
-    Returns (connected SO100Follower, VirtualArm or None). A real arm's calibration defaults to the file
-    `<CALIBRATION_DIR>/<arm_id>.json`; the virtual arm comes calibrated. `sim_options` go to VirtualArm. Close
-    the virtual arm with `.close()` after disconnecting the arm.
-    """
-    virtual = None
-    if port == "sim":
-        virtual = VirtualArm(**sim_options)
-        port = virtual.port
-    elif sim_options:
-        raise ValueError(f"options {sorted(sim_options)} only apply to --port sim")
-    calibration = default_calibration(calibration, arm_id, virtual)
-    try:
-        arm = SO100Follower(port, calibration, norm_mode=norm_mode, max_relative_target=max_relative_target,
-                            verbose=verbose)
-        arm.connect()
-    except BaseException:
-        if virtual is not None:
-            virtual.close()
-        raise
-    return arm, virtual
+    return virtual.calibration if virtual is not None else directory / f"{arm_id}.json"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -452,6 +454,8 @@ def open_arm(port, calibration=None, norm_mode="degrees", max_relative_target=No
 def main(argv=None):
     parser = argparse.ArgumentParser(description="SO-100/SO-101 follower arm over the Feetech bus.")
     parser.add_argument("--port", required=True, help="serial port (/dev/ttyACM0) or 'sim' for the virtual arm")
+    parser.add_argument("--leader", action="store_true", help=f"the leader arm (torque off; calibration in "
+                        f"{LEADER_CALIBRATION_DIR})")
     parser.add_argument("--id", default="my_so100", help="arm name: the calibration file is <id>.json (%(default)s)")
     parser.add_argument("--calibration", help=f"calibration JSON (default: {CALIBRATION_DIR}/<id>.json)")
     parser.add_argument("--norm-mode", default="degrees", choices=NORM_MODES,
@@ -467,26 +471,32 @@ def main(argv=None):
     move.add_argument("--hz", type=float, default=30, help="steps per second (%(default)s)")
     move.add_argument("--seconds", type=float, default=10, help="give up after this long (%(default)s)")
     sub.add_parser("scan", help="list the servos that answer a broadcast PING, with their model numbers")
+    sub.add_parser("setup-motors", help="give new servos their ids and 1 Mbaud, one at a time (gripper first)")
     args = parser.parse_args(argv)
     if getattr(args, "hz", 1) <= 0 or getattr(args, "seconds", 0) < 0:
         parser.error("--hz must be positive and --seconds not negative")
-    virtual = None
-    if args.port == "sim":
-        virtual = VirtualArm()
+    if args.port == "sim" and args.calibration and Path(args.calibration).resolve().parent in {
+            CALIBRATION_DIR.resolve(), LEADER_CALIBRATION_DIR.resolve()}:  # where real arms' files live
+        parser.error("the virtual arm's calibration never goes where real arms' files are: choose another --calibration")
+    virtual = VirtualArm(factory_new=args.command == "setup-motors") if args.port == "sim" else None  # (new servos)
+    arm_class = SO100Leader if args.leader else SO100Follower
     try:
         port = virtual.port if virtual is not None else args.port
-        if args.command == "scan":
-            scan(port)
+        if args.command in ("scan", "setup-motors"):
+            scan(port) if args.command == "scan" else setup_motors(port, virtual.setup_hand() if virtual else input)
             return
         # calibrate makes the calibration (and saves it where read and move will look for it)
         calibrating = args.command == "calibrate"
-        calibration = None if calibrating else default_calibration(args.calibration, args.id, virtual)
-        with SO100Follower(port, calibration, norm_mode=args.norm_mode) as arm:
+        calibration = None if calibrating else default_calibration(args.calibration, args.id, virtual,
+                                                                   arm_class.calibration_dir)
+        with arm_class(port, calibration, norm_mode=args.norm_mode) as arm:
             if calibrating:
                 # On the virtual arm a scripted "hand" moves the joints, and the result stays in its servos (or goes
                 # to --calibration), never into a real arm's <id>.json; on a real one, you move them.
                 prompt, wait = virtual.calibration_hand() if virtual is not None else (input, None)
-                arm.calibrate(prompt=prompt, wait=wait, save_to=args.calibration if virtual else default_calibration(args.calibration, args.id))
+                save_to = args.calibration if virtual else default_calibration(args.calibration, args.id,
+                                                                               directory=arm_class.calibration_dir)
+                arm.calibrate(prompt=prompt, wait=wait, save_to=save_to)
                 print(json.dumps(arm.calibration, indent=4))
             elif args.command == "read":
                 print_state(arm, args.seconds, args.hz)
@@ -531,13 +541,9 @@ def move_to(arm, target, max_step, hz, seconds):
     print(arm.describe(arm.get_state()))
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 if __name__ == "__main__":
     # `kill` (SIGTERM) unwinds like Ctrl-C: the `with` block switches the torque off either way.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         main()
     except (FeetechError, FileNotFoundError, ValueError) as e:

@@ -482,20 +482,18 @@ def test_argument_errors_are_clear():
 
 def test_camera_names_are_mapped_and_checked_before_opening_devices():
     policy = ["observation.images.camera1", "observation.images.camera2"]
-    assert record.camera_sources("top=/dev/video0,wrist=2", "top=camera1,wrist=camera2", policy) == {
+    assert ia.camera_sources("top=/dev/video0,wrist=2", "top=camera1,wrist=camera2", policy) == {
         "observation.images.camera1": "/dev/video0", "observation.images.camera2": "2"}
     with pytest.raises(ValueError, match=r"missing \['observation.images.camera2'\], "
                                          r"unknown \['observation.images.wrist'\]"):
-        record.camera_sources("top=/dev/video0,wrist=/dev/video2", "top=camera1", policy)
+        ia.camera_sources("top=/dev/video0,wrist=/dev/video2", "top=camera1", policy)
     with pytest.raises(ValueError, match="--cameras name=/dev/videoN"):
-        record.camera_sources(None, None, policy)  # a real arm needs real cameras
+        ia.camera_sources(None, None, policy)  # a real arm needs real cameras
 
 
 def test_ctrl_c_stops_cleanly_with_torque_off(server, monkeypatch, tmp_path):
     """Ctrl-C in the middle of a run: the loop stops, metrics are written, every servo's torque is off."""
-    import so100
-
-    open_arm = so100.open_arm  # the real one: run_arm looks it up in so100, where the patch below replaces it
+    open_arm = record.open_arm  # the real one: run_arm looks it up in record, where the patch below replaces it
     opened, sent = [], []
 
     def open_arm_then_interrupt(port, **options):
@@ -512,7 +510,7 @@ def test_ctrl_c_stops_cleanly_with_torque_off(server, monkeypatch, tmp_path):
         arm.send_action = send_or_interrupt
         return arm, virtual
 
-    monkeypatch.setattr(so100, "open_arm", open_arm_then_interrupt)
+    monkeypatch.setattr(record, "open_arm", open_arm_then_interrupt)
     address = "%s:%d" % server.server_address
     start = time.monotonic()
     metrics = ia.main(["--port", "sim", "--server", address, "--fps", "50", "--duration", "60",
@@ -558,8 +556,8 @@ def check_run(metrics, path_json, path_png, ticks):
 def test_runner_leaves_the_observation_checks_to_predict_chunk(tiny):
     runner = ps.PolicyRunner(tiny)
     frame = np.zeros((48, 64, 3), np.uint8)
-    with pytest.raises(ValueError, match=r"lacks camera\(s\) \['observation.images.wrist'\]"):
-        runner({"task": "x", "observation.state": np.zeros(6, np.float32), "observation.images.top": frame})
+    with pytest.raises(ValueError, match=r"none of the policy's cameras"):
+        runner({"task": "x", "observation.state": np.zeros(6, np.float32), "observation.images.side": frame})
     with pytest.raises(ValueError, match=r"must have shape \(6,\)"):
         runner({"task": "x", "observation.state": np.zeros(5, np.float32), "observation.images.top": frame,
                 "observation.images.wrist": frame})

@@ -286,8 +286,8 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
 
 def test_bad_observations_get_clear_errors(tiny, io):
     obs = policy_observation(io)
-    with pytest.raises(ValueError, match=r"lacks camera\(s\) \['observation.images.wrist'\]"):
-        tiny.predict_chunk({k: v for k, v in obs.items() if k != "observation.images.wrist"})
+    with pytest.raises(ValueError, match=r"none of the policy's cameras \[.*\] \(it has \['observation.images.side'\]\)"):
+        tiny.predict_chunk({**{k: v for k, v in obs.items() if "images" not in k}, "observation.images.side": 0})
     with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
         tiny.predict_chunk({**obs, "observation.images.top": obs["observation.images.top"] * 255})
     with pytest.raises(ValueError, match="must have shape"):

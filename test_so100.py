@@ -18,10 +18,11 @@ import pytest
 
 import feetech
 import record
+from record import open_arm
 import so100
 from feetech import CONTROL_TABLE, FeetechBus, decode_sign_magnitude, encode_sign_magnitude, parse_status
 from so100 import (
-    FeetechError, MOTOR_IDS, MOTOR_NAMES, SO100Follower, load_calibration, open_arm,
+    FeetechError, MOTOR_IDS, MOTOR_NAMES, SO100Follower, load_calibration,
     ticks_to_units as normalize, units_to_ticks as unnormalize,
 )
 from virtual_arm import TRUE_CALIBRATION, VirtualArm
@@ -483,3 +484,88 @@ def test_cli_bad_rates_are_one_line_errors(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         so100.main(["--port", "sim", *argv])
     assert exit_info.value.code == 2 and "error: --hz must be positive" in capsys.readouterr().err
+
+
+# -- servo setup and the leader arm ------------------------------------------------------------------------------
+
+
+def test_id_and_baud_rate_writes_are_byte_exact(monkeypatch):
+    sent = []
+    monkeypatch.setattr(FeetechBus, "_transact", lambda bus, servo_id, packet, size, what: sent.append(packet))
+    monkeypatch.setattr(FeetechBus, "__init__", lambda bus, *args, **options: setattr(bus, "_serial", None))
+    monkeypatch.setattr(FeetechBus, "close", lambda bus: None)
+    monkeypatch.setattr(feetech, "find_single_servo", lambda port, timeout: (115_200, 1, 777))
+    monkeypatch.setattr(FeetechBus, "read", lambda bus, servo_id, name: {"ID": 6, "Baud_Rate": 0}[name])
+    assert feetech.set_id_and_baud("port", 6) == (115_200, 1, 777)
+    assert sent == [hexbytes("FF FF 01 04 03 28 00 CF"),  # Torque_Enable (40) of servo 1 := 0
+                    hexbytes("FF FF 01 04 03 37 00 C0"),  # Lock (55) := 0: EEPROM writes are kept
+                    hexbytes("FF FF 01 04 03 05 06 EC"),  # ID (5) := 6, acknowledged under id 1
+                    hexbytes("FF FF 06 04 03 06 00 EC"),  # Baud_Rate (6) of servo 6 := 0 (1 Mbaud)
+                    hexbytes("FF FF 06 04 03 37 01 BA")]  # at 1 Mbaud: Lock := 1, answered at the new id
+
+
+def test_setup_gives_new_servos_ids_one_to_six_at_one_megabaud(monkeypatch, capsys):
+    arms, close = [], VirtualArm.close
+    monkeypatch.setattr(so100, "VirtualArm", lambda **options: arms.append(VirtualArm(**options)) or arms[-1])
+    monkeypatch.setattr(VirtualArm, "close", lambda sim: None)  # kept open to look at it afterwards
+    so100.main(["--port", "sim", "setup-motors"])  # the virtual arm's six servos all answer as id 1 at 115200
+    sim, = arms
+    try:
+        sim.plugged_in = set(sim.servos)  # the whole arm wired back together
+        sim.power_cycle()  # written through the EEPROM lock: kept at power-off
+        with FeetechBus(sim.port, timeout=TEST_TIMEOUT) as bus:
+            assert bus.broadcast_ping() == [1, 2, 3, 4, 5, 6]
+            assert all(bus.read(i, "Baud_Rate") == 0 and bus.read(i, "Lock") == 1 for i in range(1, 7))
+        # each servo got the id of its joint, the gripper first
+        assert {slot: servo.get("ID") for slot, servo in sim.servos.items()} == {i: i for i in range(1, 7)}
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) == 6 and lines[0] == "gripper: id 1 at 115200 baud -> id 6 at 1000000 baud"
+        assert lines[-1] == "shoulder_pan: id 1 at 115200 baud -> id 1 at 1000000 baud"
+    finally:
+        close(sim)
+
+
+def test_setup_refuses_two_servos_at_once_and_says_when_none_answers():
+    sim = VirtualArm(factory_new=True)
+    try:
+        sim.plugged_in = {6}
+        feetech.set_id_and_baud(sim.port, 6, timeout=0.1)
+        sim.plugged_in = {6, 5}  # the gripper, set up, is still connected: it must not be renamed
+        with pytest.raises(FeetechError, match=r"2 servos answer .*\(id 6 at 1000000 baud, id 1 at 115200 baud\)"):
+            feetech.set_id_and_baud(sim.port, 5, timeout=0.1)
+        assert sim.servos[6].get("ID") == 6 and sim.servos[5].get("ID") == 1
+        sim.plugged_in = set()
+        with pytest.raises(FeetechError, match="0 servos answer .*connect exactly one servo"):
+            feetech.find_single_servo(sim.port, timeout=0.1)
+    finally:
+        sim.close()
+
+
+def test_leader_arm_is_read_with_torque_off_and_calibrates_to_its_own_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(so100.SO100Leader, "calibration_dir", tmp_path / "teleoperators" / "so_leader")
+    leader, sim = open_arm("sim", leader=True, verbose=False)
+    try:
+        assert all(servo.get("Torque_Enable") == 0 for servo in sim.servos.values())
+        sim.move_joint("elbow_flex", 30.0)  # a person moves it
+        np.testing.assert_allclose(leader.get_state(), sim.joint_positions_deg(), atol=0.1)
+        with pytest.raises(RuntimeError, match="moved by hand"):
+            leader.send_action(np.zeros(6))
+    finally:
+        leader.disconnect()
+        sim.close()
+    # a real leader's calibration goes to lerobot's layout for leader arms; the virtual one's only where told
+    assert so100.default_calibration(None, "blue", directory=so100.SO100Leader.calibration_dir) == (
+        tmp_path / "teleoperators" / "so_leader" / "blue.json")
+    so100.main(["--port", "sim", "--leader", "--calibration", str(tmp_path / "blue.json"), "calibrate"])
+    assert json.loads((tmp_path / "blue.json").read_text()) == TRUE_CALIBRATION
+    assert not (tmp_path / "teleoperators").exists()
+    assert so100.LEADER_CALIBRATION_DIR.parts[-2:] == ("teleoperators", "so_leader")
+
+
+def test_sim_calibration_is_refused_a_path_among_real_arms_files(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(so100, "CALIBRATION_DIR", tmp_path / "robots" / "so_follower")
+    for real_file in (tmp_path / "robots" / "so_follower" / "my_so100.json", so100.LEADER_CALIBRATION_DIR / "x.json"):
+        with pytest.raises(SystemExit) as exit_info:
+            so100.main(["--port", "sim", "--calibration", str(real_file), "calibrate"])
+        assert exit_info.value.code == 2 and "never goes where real arms' files are" in capsys.readouterr().err
+        assert not real_file.exists()

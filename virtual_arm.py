@@ -9,6 +9,9 @@ SO-100). `VirtualArm` opens a pty pair (os.openpty): the driver opens the slave 
 - with Torque_Enable = 1 the position moves toward Goal_Position (clamped to the position limits) at a
   maximum speed; with torque off the joints stay where a "hand" (`move_joint`, `calibration_hand`) puts them;
 - EEPROM registers (addresses below 40) survive `power_cycle()` only if written while Lock = 0;
+- a servo hears only instructions sent at its own baud rate (the Baud_Rate register; the pty carries the
+  rate the driver set) and answers to its ID register, so servo setup (feetech.set_id_and_baud) runs end to
+  end on servos fresh from the box (`factory_new=True`: all id 1 at 115200) plugged in one at a time;
 - fault injection, for testing the driver's robustness: drop a reply, corrupt its checksum, delay it, send it
   in fragments, precede it with garbage, report error bits, or remove a servo from the bus.
 
@@ -17,11 +20,15 @@ servos start with it written to their EEPROM, so `--port sim` works without cali
 (`joint_positions_deg`, what the synthetic camera draws) is defined here from that calibration alone, so the
 driver's conversion of ticks to units (so100.py) can be checked against it. This file speaks only the protocol
 (feetech.py) and knows nothing of the driver: the joints are the calibration's, in its order.
-A pty has no baud rate: bytes arrive as fast as the two threads pass them.
+A pty moves bytes as fast as the two threads pass them, whatever baud rate the driver set.
+For recording without hardware, `ScriptedHand` moves a virtual leader arm like the scripted expert of the
+toy world (demo.py) reaching its red target, and `toy_world_cameras` film that world; `synthetic_episodes`
+are recordings of random motion, for tests and benchmarks.
 """
 
 import os
 import select
+import termios
 import threading
 import time
 import tty
@@ -29,7 +36,7 @@ import tty
 import numpy as np
 
 from feetech import (
-    BROADCAST_ID, CALIBRATION_REGISTERS, CONTROL_TABLE, HEADER, MAX_TICK, PING, READ, RESOLUTION,
+    BAUD_RATES, BROADCAST_ID, CALIBRATION_REGISTERS, CONTROL_TABLE, HEADER, MAX_TICK, PING, READ, RESOLUTION,
     STS3215_MODEL_NUMBER, SYNC_READ, SYNC_WRITE, WRITE, checksum, decode_value, encode_value, status_packet,
 )
 
@@ -57,9 +64,12 @@ FACTORY_DEFAULTS = {
     "Present_Voltage": 74, "Present_Temperature": 28,
 }
 EEPROM_END = 40  # addresses below this are EEPROM
-# Bytes the instruction WRITE may not change: read-only registers, and ID / baud rate (not modelled).
-PROTECTED = {r.address + k for r in CONTROL_TABLE.values() if r.read_only or r.name in ("ID", "Baud_Rate")
-             for k in range(r.size)}
+# Bytes the instruction WRITE may not change: the read-only registers.
+PROTECTED = {r.address + k for r in CONTROL_TABLE.values() if r.read_only for k in range(r.size)}
+# The pty's speed setting (termios) -> baud rate. 128000 has no constant: a driver sets it as a custom rate,
+# which Linux shows as BOTHER (0o010000).
+TERMIOS_RATES = {getattr(termios, f"B{rate}", 0o010000): rate for rate in BAUD_RATES}
+BAUD_RATES_BY_VALUE = {value: rate for rate, value in BAUD_RATES.items()}
 # Each kind of fault, with its parameters (a default of None means the parameter is required). The default
 # garbage hides a false header (FF FF 07 42: "servo 7, 66 bytes follow") that a driver must not trust.
 FAULT_KINDS = {
@@ -77,7 +87,6 @@ class VirtualServo:
     """One STS3215: its register memory, its EEPROM copy ("flash"), and its physical position."""
 
     def __init__(self, servo_id, actual, stops):
-        self.id = servo_id
         self.regs = bytearray(90)
         for name, value in FACTORY_DEFAULTS.items():
             self.set(name, value)
@@ -121,6 +130,10 @@ class VirtualServo:
         self.set("Present_Position", self.present())
         return bytes(self.regs[address: address + size])
 
+    def hears(self, servo_id, baudrate):
+        """Whether an instruction to `servo_id` sent at `baudrate` reaches this servo (the broadcast id does)."""
+        return servo_id in (BROADCAST_ID, self.get("ID")) and baudrate == BAUD_RATES_BY_VALUE[self.get("Baud_Rate")]
+
     def move_by_hand(self, actual):
         """Put the joint somewhere by hand (it can't go past its mechanical stops)."""
         if self.stops is None:
@@ -158,9 +171,10 @@ class VirtualArm:
         open, sim.HOME_DEG).
     speed: the servos' maximum speed in ticks/s (4096 ticks = one turn).
     tick: seconds between the servo thread's motor updates (it also wakes at once for an instruction).
+    factory_new: the servos as they come out of the box (all id 1 at 115200 baud, not calibrated), for setup.
     """
 
-    def __init__(self, calibrated=True, pose=(0, 0, 0, 0, 0, 50), speed=2400.0, tick=0.002):
+    def __init__(self, calibrated=True, pose=(0, 0, 0, 0, 0, 50), speed=2400.0, tick=0.002, factory_new=False):
         self.calibration = {name: dict(entry) for name, entry in TRUE_CALIBRATION.items()}
         self.speed = speed
         self.tick = tick
@@ -169,11 +183,15 @@ class VirtualArm:
             stops = None if _turns_freely(truth) else (truth["range_min"] + truth["homing_offset"],
                                                        truth["range_max"] + truth["homing_offset"])
             servo = VirtualServo(truth["id"], truth["homing_offset"] + MAX_TICK // 2, stops)
-            if calibrated:
+            if calibrated and not factory_new:
                 for reg, key in CALIBRATION_REGISTERS.items():
                     servo.set(reg, truth[key])
-                servo.save_eeprom()
-            self.servos[truth["id"]] = servo
+            if factory_new:  # as the servos come out of the box (the issue's classroom: id 1 at 115200)
+                servo.set("ID", 1)
+                servo.set("Baud_Rate", BAUD_RATES[115_200])
+            servo.save_eeprom()
+            self.servos[truth["id"]] = servo  # keyed by the joint's place in the arm; its ID register may differ
+        self.plugged_in = set(self.servos)  # the servos wired to the bus (setup connects them one at a time)
         self._faults = []
         self._outbox = []  # (send time, bytes) of replies waiting to go out
         self._lock = threading.RLock()
@@ -255,6 +273,17 @@ class VirtualArm:
             return False
 
         return prompt, wait
+
+    def setup_hand(self):
+        """A `prompt` callback for servo setup (so100.setup_motors) that does what the student is asked: before
+        each prompt, only the next servo is wired to the bus, in the order asked (the gripper first)."""
+        order = iter(reversed(list(self.servos)))
+
+        def prompt(message):
+            with self._lock:
+                self.plugged_in = {next(order)}
+
+        return prompt
 
     def power_cycle(self):
         with self._lock:
@@ -345,29 +374,33 @@ class VirtualArm:
             yield packet[2], packet[4], packet[5:-1]
 
     def _execute(self, servo_id, instruction, params, now):
-        targets = list(self.servos) if servo_id == BROADCAST_ID else [servo_id]
-        targets = [i for i in targets if i in self.servos and not self._is_missing(i)]
+        baudrate = TERMIOS_RATES.get(termios.tcgetattr(self._master)[5])  # the rate the driver set on its side
+        # the servos on the bus that hear this instruction: (their id on the bus, servo)
+        targets = [(servo.get("ID"), servo) for slot, servo in self.servos.items() if slot in self.plugged_in
+                   and not self._is_missing(slot) and servo.hears(servo_id, baudrate)]
         if instruction == PING:
-            for i in targets:
+            for i, servo in targets:
                 self._reply(i, b"", now)
         elif instruction == READ and servo_id != BROADCAST_ID and len(params) == 2:
-            for i in targets:
-                self._reply(i, self.servos[i].read(params[0], params[1]), now)
+            for i, servo in targets:
+                self._reply(i, servo.read(params[0], params[1]), now)
         elif instruction == WRITE and len(params) >= 2:
-            for i in targets:
-                self.servos[i].write(params[0], params[1:])
+            for i, servo in targets:
+                servo.write(params[0], params[1:])
                 if servo_id != BROADCAST_ID:
                     self._reply(i, b"", now)
         elif instruction == SYNC_READ and servo_id == BROADCAST_ID and len(params) >= 2:
             address, size = params[0], params[1]
-            for i in params[2:]:  # in the listed order, each servo its own status packet
-                if i in targets:
-                    self._reply(i, self.servos[i].read(address, size), now)
+            for wanted in params[2:]:  # in the listed order, each servo its own status packet
+                for i, servo in targets:
+                    if i == wanted:
+                        self._reply(i, servo.read(address, size), now)
         elif instruction == SYNC_WRITE and servo_id == BROADCAST_ID and len(params) >= 2:
             address, size = params[0], params[1]
-            for k in range(2, len(params) - size, size + 1):
-                if params[k] in targets:
-                    self.servos[params[k]].write(address, params[k + 1: k + 1 + size])
+            blocks = [(params[k], params[k + 1: k + 1 + size]) for k in range(2, len(params) - size, size + 1)]
+            for i, servo in targets:  # each servo takes its own block (a new ID takes effect after the packet)
+                for data in (data for wanted, data in blocks if wanted == i):
+                    servo.write(address, data)
 
     def _reply(self, servo_id, data, now):
         """Queue a status packet, bent by whatever faults are active for this servo."""
@@ -409,3 +442,92 @@ class VirtualArm:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Recording without hardware: a scripted hand on a virtual leader arm, and cameras filming the toy world
+# ------------------------------------------------------------------------------------------------------------
+
+
+class ScriptedHand:
+    """A person's hand on a virtual leader arm, played by the toy world's scripted expert (demo.py): `hz` times
+    a second it moves the joints one expert step toward the red target (`new_episode()`: a new target) or
+    toward home (`go_home()`: the reset between episodes). `toy_world_cameras` film its `scene`."""
+
+    def __init__(self, arm, hz=30.0, seed=0, image_size=(64, 64)):
+        from demo import HOME_DEG, ReachScene  # the toy world (imported only when a scripted hand is used)
+
+        self.arm, self.home, self.homing = arm, HOME_DEG.astype(np.float64), True
+        # the demo's expert moves 8° per step at 10 steps a second: the same speed at `hz`
+        self.step_deg = 8.0 * 10 / hz
+        self.scene = ReachScene(seed=seed, image_size=image_size, expert_speed_deg=self.step_deg)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._move, args=(1 / hz,), name="scripted-hand", daemon=True)
+        self._thread.start()
+
+    def new_episode(self):
+        self.scene.reset()
+        self.homing = False
+
+    def go_home(self):
+        self.homing = True
+
+    def _move(self, period):
+        while not self._stop.wait(period):
+            pose = self.arm.joint_positions_deg()
+            goal = self.home if self.homing else self.scene.expert_action(pose)
+            for name, value in zip(self.arm.calibration, pose + np.clip(goal - pose, -self.step_deg, self.step_deg)):
+                self.arm.move_joint(name, value)
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+
+
+def toy_world_cameras(names, pose_fn, scene=None, image_size=(64, 64)):
+    """{name: camera} filming the toy world of demo.py (the table, its red target, and the arm whose true pose
+    `pose_fn()` returns, in `joint_positions_deg` units); `scene`: a ScriptedHand's, or a new one."""
+    from demo import ReachScene, SyntheticCamera  # the toy world (imported only when a simulated camera opens)
+
+    scene = scene if scene is not None else ReachScene(seed=0, image_size=image_size)
+    return {name: SyntheticCamera(scene, pose_fn, name=name.split(".")[-1]) for name in names}
+
+
+def synthetic_episodes(n_episodes, length, height=96, width=128, cameras=("top", "wrist"), state_dim=6, seed=0,
+                       noise=True, tasks=("Pick the red cube and place it in the box.", "Stack the red cube on the blue cube.")):
+    """Episodes of random joint motion with camera-like images that follow it, for tests and benchmarks.
+
+    Each camera sees a textured background (smooth waves plus fixed grain, a table seen by a camera) with
+    sensor noise in every frame and a red square that moves with the joints. At 480x640 this encodes to
+    ~25 KB per AV1 frame and decodes about as fast as real robot footage (flat colours would be far
+    cheaper). noise=False leaves out grain and sensor noise (what a codec would smooth away anyway).
+    `length` is an int or one int per episode.
+    """
+    rng = np.random.default_rng(seed)
+    lengths = [length] * n_episodes if np.isscalar(length) else list(length)
+    rows, cols = np.mgrid[0:height, 0:width]
+    backgrounds = {}
+    for name in cameras:
+        waves = np.zeros((height, width, 3))
+        for _ in range(8):
+            # periods of 40 to 400 pixels, whatever the image size
+            (fy, fx), phase, amplitude = rng.uniform(1 / 400, 1 / 40, 2), rng.uniform(0, 2 * np.pi), rng.uniform(5, 25, 3)
+            waves += np.sin(2 * np.pi * (fy * rows + fx * cols) + phase)[..., None] * amplitude
+        backgrounds[name] = 110 + waves + (rng.normal(0, 6, (height, width, 3)) if noise else 0)  # (H, W, 3)
+    episodes = []
+    for e, n in enumerate(lengths):
+        # state: a random walk in degrees; action: the next state (the arm follows its commands)
+        state = np.cumsum(rng.normal(0, 2.0, (n + 1, state_dim)), axis=0).astype(np.float32)
+        images = {}
+        for c, name in enumerate(cameras):
+            frames = np.empty((n, height, width, 3), dtype=np.uint8)
+            for t in range(n):
+                frame = backgrounds[name] + (rng.normal(0, 2, (height, width, 3)) if noise else 0)
+                y = int(height / 2 + state[t, c % state_dim] * height / 200) % height
+                x = int(width / 2 + state[t, (c + 1) % state_dim] * width / 200) % width
+                frame[max(0, y - height // 8):y + height // 8, max(0, x - width // 8):x + width // 8] = (230, 40, 40)
+                frames[t] = np.clip(frame, 0, 255)
+            images[name] = frames
+        episodes.append({"observation.state": state[:n], "action": state[1:], "task": tasks[e % len(tasks)],
+                         "images": images})
+    return episodes
