@@ -2,7 +2,7 @@
 
 SmolVLA learns from demonstrations (paper §4): a person moves a leader arm, the follower copies it, cameras
 film it, and every control tick's joint state, commanded action and task sentence are kept. Here: the
-devices (`OpenCVCamera`, read in the background; `open_cameras`, "sim" filming demo.py's toy world;
+devices (`open_cameras`: USB cameras, vlm.py's `OpenCVCamera`, or "sim" filming demo.py's toy world;
 `open_arm`, a follower or leader, real or virtual); the writer (`write_lerobot_dataset`: a LeRobot v3.0 or
 v2.1 dataset that lerobot and data.py read alike; `append_episode`: one more episode, and a crash never
 costs the ones before it); the loop and the command line: `python record.py --port P --leader-port P2
@@ -20,7 +20,6 @@ import shutil
 import signal
 import sys
 import termios
-import threading
 import time
 import tty
 from fractions import Fraction
@@ -35,6 +34,7 @@ from data import SUPPORTED_VERSIONS, aggregate_stats, recorded_episodes
 from policy import ACTION, IMAGE_PREFIX, STATE, parse_mapping, read_json
 from so100 import STATE_NAMES, FeetechError, SO100Follower, SO100Leader, default_calibration
 from virtual_arm import ScriptedHand, VirtualArm, synthetic_episodes, toy_world_cameras  # noqa: F401 (re-export)
+from vlm import OpenCVCamera  # (a USB camera, read in the background)
 
 # SVT-AV1 prints its configuration to stderr for every stream it opens; keep only its errors.
 os.environ.setdefault("SVT_LOG", "1")
@@ -43,53 +43,6 @@ os.environ.setdefault("SVT_LOG", "1")
 # ----------------------------------------------------------------------------------------------------
 # Devices: cameras and arms, real or virtual
 # ----------------------------------------------------------------------------------------------------
-
-class OpenCVCamera:
-    """A USB camera (device index) or a video file, read as (H, W, 3) uint8 RGB frames. A thread takes the
-    frames as the camera delivers them and `read()` returns the latest at once: a control loop never waits
-    up to a frame period for the next one."""
-
-    def __init__(self, index_or_path, width=640, height=480):
-        import cv2
-
-        self._cv2, self.source, self._error, self._running = cv2, index_or_path, None, True
-        self._capture = cv2.VideoCapture(index_or_path)
-        if not self._capture.isOpened():
-            raise FileNotFoundError(f"cannot open camera {index_or_path!r}: check `ls /dev/video*` or the path")
-        self._capture.set(cv2.CAP_PROP_FRAME_WIDTH, width)
-        self._capture.set(cv2.CAP_PROP_FRAME_HEIGHT, height)
-        self.width, self.height, self._latest = width, height, self._grab()
-        (h, w) = self._latest.shape[:2]
-        if (h, w) != (height, width):
-            self.close()
-            raise ValueError(f"camera {index_or_path!r} delivers {w}x{h} frames, not {width}x{height}: pass "
-                             f"width={w}, height={h}")
-        self._thread = threading.Thread(target=self._keep_grabbing, name=f"camera {index_or_path}", daemon=True)
-        self._thread.start()
-
-    def _grab(self):
-        ok, bgr = self._capture.read()
-        if not ok:
-            raise RuntimeError(f"camera {self.source!r} returned no frame (unplugged, or end of the video)")
-        return self._cv2.cvtColor(bgr, self._cv2.COLOR_BGR2RGB)  # OpenCV delivers BGR; datasets are RGB
-
-    def _keep_grabbing(self):
-        try:
-            while self._running:  # a new array each time: frames already handed out never change
-                self._latest = self._grab()
-        except RuntimeError as e:
-            self._error = None if os.path.isfile(str(self.source)) else e  # a video's last frame stays
-
-    def read(self):
-        if self._error:
-            raise self._error
-        return self._latest
-
-    def close(self):
-        self._running = False
-        hasattr(self, "_thread") and self._thread.join()
-        self._capture.release()
-
 
 def open_cameras(sources, virtual_arm=None, scene=None):
     """{key: device index, path or "sim"} (from camera_sources) -> {key: camera}; "sim" cameras film the toy

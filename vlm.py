@@ -17,7 +17,8 @@ its keys and values over the prefix (`TextModel.keys_values`). The decoder layer
 grouped-query attention, gated MLP) is the same recipe as the expert's and lives in expert.py.
 
 Reading order: the VLM's shape (read from its Hugging Face config.json), the SigLIP tower, pixel shuffle,
-the text stack, and the frames' preprocessing (to floats, resize with padding). Last, the VLM's files, where
+the text stack, and the frames: where they come from (a USB camera) and their preprocessing (to floats,
+resize with padding). Last, the VLM's files, where
 files come from (a local directory or the Hub) and two command-line helpers, which the other files use too.
 """
 
@@ -25,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -252,7 +254,56 @@ class TextModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The frames' preprocessing.
+# The frames: where they come from (a USB camera, read in the background) and their preprocessing.
+
+
+class OpenCVCamera:
+    """A USB camera (device index) or a video file, read as (H, W, 3) uint8 RGB frames. A thread takes the
+    frames as the camera delivers them and `read()` returns the latest at once: a control loop never waits
+    up to a frame period for the next one."""
+
+    def __init__(self, index_or_path, width=640, height=480):
+        import cv2
+
+        self._cv2, self.source, self._error, self._running = cv2, index_or_path, None, True
+        self._capture = cv2.VideoCapture(index_or_path)
+        if not self._capture.isOpened():
+            raise FileNotFoundError(f"cannot open camera {index_or_path!r}: check `ls /dev/video*` or the path")
+        self._capture.set(cv2.CAP_PROP_FRAME_WIDTH, width)
+        self._capture.set(cv2.CAP_PROP_FRAME_HEIGHT, height)
+        self.width, self.height, self._latest = width, height, self._grab()
+        (h, w) = self._latest.shape[:2]
+        if (h, w) != (height, width):
+            self.close()
+            raise ValueError(f"camera {index_or_path!r} delivers {w}x{h} frames, not {width}x{height}: pass "
+                             f"width={w}, height={h}")
+        self._thread = threading.Thread(target=self._keep_grabbing, name=f"camera {index_or_path}", daemon=True)
+        self._thread.start()
+
+    def _grab(self):
+        ok, bgr = self._capture.read()
+        if not ok:
+            raise RuntimeError(f"camera {self.source!r} returned no frame (unplugged, or end of the video)")
+        return self._cv2.cvtColor(bgr, self._cv2.COLOR_BGR2RGB)  # OpenCV delivers BGR; datasets are RGB
+
+    def _keep_grabbing(self):
+        try:
+            while self._running:  # a new array each time: frames already handed out never change
+                self._latest = self._grab()
+        except RuntimeError as e:
+            self._error = None if os.path.isfile(str(self.source)) else e  # a video's last frame stays
+
+    def read(self):
+        if self._error:
+            raise self._error
+        return self._latest
+
+    def close(self):
+        self._running = False
+        hasattr(self, "_thread") and self._thread.join()
+        self._capture.release()
+
+
 
 
 def frame_to_float(frame: np.ndarray) -> torch.Tensor:
