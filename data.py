@@ -533,9 +533,10 @@ class _StreamingDecoder:
         raise ValueError(f"video {path} ended before frame {position}: the file is damaged or incomplete.")
 
 
-if __name__ == "__main__":  # python data.py [--cache] [--clear-cache]: the frame cache
+if __name__ == "__main__":  # python data.py [--cache] [--clear-cache]: the frame cache; --show DIR: an episode sheet
     import argparse
-
+    from record import show_episode_command  # python data.py --show DIR --episode N [--out sheet.png] (exits)
+    show_episode_command()
     parser = argparse.ArgumentParser(description="The frame cache: videos decoded once, for every run.")
     parser.add_argument("--cache", action="store_true", help="list it by dataset (also the default)")
     parser.add_argument("--clear-cache", action="store_true", help="empty it (datasets decode their videos again)")

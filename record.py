@@ -2,12 +2,13 @@
 
 SmolVLA learns from demonstrations (paper §4): a person moves a leader arm, the follower copies it, cameras
 film it, and every control tick's joint state, commanded action and task sentence are kept. Here: the
-devices (`open_cameras`: USB cameras, vlm.py's `OpenCVCamera`, or "sim" filming demo.py's toy world;
-`open_arm`, a follower or leader, real or virtual); the writer (`write_lerobot_dataset`: a LeRobot v3.0 or
-v2.1 dataset that lerobot and data.py read alike; `append_episode`: one more episode, and a crash never
-costs the ones before it); the loop and the command line: `python record.py --port P --leader-port P2
---dataset DIR --task "…"` records (or --teleoperate, or --replay DIR); `--port sim --leader-port sim` needs
-no hardware.
+devices (`open_arm`, a follower or leader, real or virtual; cameras: vlm.py's `open_cameras`); the writer
+(`write_lerobot_dataset`: a LeRobot v3.0 or v2.1 dataset that lerobot and data.py read alike;
+`append_episode`: one more episode, and a crash never costs the ones before it); the loop and the command
+line: `python record.py --port P --leader-port P2 --dataset DIR --task "…"` records (or --teleoperate, or
+--replay DIR); `--policy CKPT` instead of a leader records evaluation episodes, each judged a success or a
+failure; `--port sim --leader-port sim` needs no hardware. Last, `draw_episode`: an episode's sheet to look
+at (`python data.py --show DIR --episode N`).
 """
 
 import argparse
@@ -22,38 +23,25 @@ import sys
 import termios
 import time
 import tty
-from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 
-import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data import SUPPORTED_VERSIONS, aggregate_stats, recorded_episodes
-from policy import ACTION, IMAGE_PREFIX, STATE, parse_mapping, read_json
+from data import SUPPORTED_VERSIONS, LeRobotDataset, aggregate_stats, recorded_episodes
+from infer_async import InferenceWorker, camera_sources, control_tick, make_async_scheduler, build_parser as async_parser
+from policy import ACTION, IMAGE_PREFIX, STATE, parse_mapping, settle_run_options
+from policy_server import add_policy_arguments, open_policy
 from so100 import STATE_NAMES, FeetechError, SO100Follower, SO100Leader, default_calibration
-from virtual_arm import ScriptedHand, VirtualArm, synthetic_episodes, toy_world_cameras  # noqa: F401 (re-export)
-from vlm import OpenCVCamera  # (a USB camera, read in the background)
-
-# SVT-AV1 prints its configuration to stderr for every stream it opens; keep only its errors.
-os.environ.setdefault("SVT_LOG", "1")
+from virtual_arm import ScriptedHand, VirtualArm, synthetic_episodes  # noqa: F401 (re-export)
+from vlm import CODECS, array_stats, encode_video, open_cameras, video_stats, write_atomically, write_json
 
 
 # ----------------------------------------------------------------------------------------------------
 # Devices: cameras and arms, real or virtual
 # ----------------------------------------------------------------------------------------------------
-
-def open_cameras(sources, virtual_arm=None, scene=None):
-    """{key: device index, path or "sim"} (from camera_sources) -> {key: camera}; "sim" cameras film the toy
-    world (`scene`, or a new one) with `virtual_arm` in it."""
-    simulated = [key for key, source in sources.items() if source == "sim"]
-    if simulated and virtual_arm is None:
-        raise ValueError("camera device 'sim' films the virtual arm: it needs --port sim")
-    cameras = toy_world_cameras(simulated, virtual_arm.joint_positions_deg, scene) if simulated else {}
-    return {key: cameras[key] if source == "sim" else OpenCVCamera(int(source) if source.isdigit() else source)
-            for key, source in sources.items()}
-
 
 def open_arm(port, calibration=None, norm_mode="degrees", max_relative_target=None, arm_id="my_so100",
              verbose=True, leader=False, **sim_options):
@@ -76,10 +64,6 @@ def open_arm(port, calibration=None, norm_mode="degrees", max_relative_target=No
 # ----------------------------------------------------------------------------------------------------
 # Writer: arrays -> a LeRobot v3.0 (or v2.1) dataset on disk
 # ----------------------------------------------------------------------------------------------------
-
-CODECS = {"libsvtav1": ("libsvtav1", "av1"), "av1": ("libsvtav1", "av1"), "h264": ("libx264", "h264"),
-          "libx264": ("libx264", "h264")}
-
 
 def write_lerobot_dataset(root, episodes, fps=30, robot_type="so100", codec="libsvtav1", joint_names=None,
                           version="v3.0", norm_mode=None):
@@ -113,14 +97,14 @@ def write_lerobot_dataset(root, episodes, fps=30, robot_type="so100", codec="lib
     for e, episode in enumerate(episodes):
         rows = slice(bounds[e], bounds[e + 1])
         path = os.path.join(root, info["data_path"].format(episode_chunk=0, episode_index=e))
-        _atomically(path, lambda p: pq.write_table(_data_table(columns, rows), p))
+        write_atomically(path, lambda p: pq.write_table(_data_table(columns, rows), p))
         for name in cameras:
             video = info["video_path"].format(episode_chunk=0, video_key=IMAGE_PREFIX + name, episode_index=e)
-            _encode_video(os.path.join(root, video), [episode["images"][name]], fps, codec)
+            encode_video(os.path.join(root, video), [episode["images"][name]], fps, codec)
         meta["episodes.jsonl"].append({"episode_index": e, "tasks": [episode["task"]], "length": lengths[e]})
-        episode_columns = {name: values[rows] for name, values in columns.items()}
-        meta["episodes_stats.jsonl"].append({"episode_index": e, "stats": _all_stats(episode_columns, [episode], cameras)})
-    _write_json(os.path.join(root, "meta", "info.json"), info)
+        stats = _all_stats({name: values[rows] for name, values in columns.items()}, [episode], cameras)
+        meta["episodes_stats.jsonl"].append({"episode_index": e, "stats": stats})
+    write_json(os.path.join(root, "meta", "info.json"), info)
     for name, rows in meta.items():
         Path(root, "meta", name).write_text("".join(json.dumps(row) + "\n" for row in rows))
     return root
@@ -152,24 +136,25 @@ def append_episode(root, episode, fps=30, codec="libsvtav1", robot_type="so100",
            "dataset_from_index": start, "dataset_to_index": start + length}
     for name in cameras:
         key = IMAGE_PREFIX + name
-        _atomically(os.path.join(root, info["video_path"].format(video_key=key, **where)),
-                    lambda p: _encode_video(p, [episode["images"][name]], fps, codec))
+        write_atomically(os.path.join(root, info["video_path"].format(video_key=key, **where)),
+                    lambda p: encode_video(p, [episode["images"][name]], fps, codec))
         row.update({**{f"videos/{key}/{k}": v for k, v in where.items()}, f"videos/{key}/from_timestamp": 0.0,
                     f"videos/{key}/to_timestamp": length / fps})
-    _atomically(os.path.join(root, info["data_path"].format(**where)), lambda p: pq.write_table(_data_table(columns), p))
+    write_atomically(os.path.join(root, info["data_path"].format(**where)), lambda p: pq.write_table(_data_table(columns), p))
     row.update({f"stats/{feature}/{name}": value for feature, stats in _all_stats(columns, [episode], cameras).items()
                 for name, value in stats.items()})  # per episode, as lerobot keeps them: pooled into stats.json
-    rows.append(row)
+    rows.append(row | ({"success": episode["success"]} if "success" in episode else {}))  # an evaluation's verdict
+    columns = dict.fromkeys(name for row in rows for name in row)  # (a recording's rows have no verdict)
     stats = aggregate_stats([{feature: {name: row[f"stats/{feature}/{name}"] for name in ("min", "max", "mean", "std",
                              "count")} for feature in info["features"]} for row in rows])
-    _atomically(os.path.join(root, "meta", "tasks.parquet"), lambda p: pq.write_table(_tasks_table(tasks), p))
-    _write_json(os.path.join(root, "meta", "stats.json"),
+    write_atomically(os.path.join(root, "meta", "tasks.parquet"), lambda p: pq.write_table(_tasks_table(tasks), p))
+    write_json(os.path.join(root, "meta", "stats.json"),
                 {feature: {k: np.asarray(v).tolist() for k, v in s.items()} for feature, s in stats.items()})
-    _atomically(os.path.join(root, "meta", "episodes", "chunk-000", "file-000.parquet"),
-                lambda p: pq.write_table(pa.Table.from_pylist(rows), p))
+    write_atomically(os.path.join(root, "meta", "episodes", "chunk-000", "file-000.parquet"),
+                lambda p: pq.write_table(pa.Table.from_pylist([{k: row.get(k) for k in columns} for row in rows]), p))
     info.update(total_episodes=len(rows), total_frames=start + length, total_tasks=len(tasks),
                 total_videos=len(rows) * len(cameras), splits={"train": f"0:{len(rows)}"})
-    _write_json(os.path.join(root, "meta", "info.json"), info)
+    write_json(os.path.join(root, "meta", "info.json"), info)
     return e
 
 
@@ -181,18 +166,7 @@ def check_same_features(root, info, features, fps):
                          f"is at {fps} fps and differs in {differ}: record into another --dataset directory")
 
 
-def _atomically(path, write):
-    """write(temporary path), then rename it to `path`: readers see the old file or the whole new one."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write(path + ".partial")
-    os.replace(path + ".partial", path)
-
-
-def _write_json(path, value):  # (atomically)
-    _atomically(path, lambda p: Path(p).write_text(json.dumps(value, indent=4)))
-
-
-# -- the writer's pieces: input checks, columns and features, tables, video, statistics --------------
+# -- the writer's pieces: input checks, columns and features, tables, statistics (videos: vlm.py) ------
 
 def _check_episodes(episodes):
     """Validate the writer's input; returns the camera names and their (H, W)."""
@@ -272,66 +246,32 @@ def _tasks_table(tasks):
     return table.replace_schema_metadata({"pandas": json.dumps(pandas)})
 
 
-def _encode_video(path, videos, fps, codec):
-    """Encode (T, H, W, 3) uint8 videos one after the other into one mp4 (yuv420p, a keyframe every 2 frames
-    like lerobot); frame k of the file is shown at k / fps."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    encoder = CODECS[codec][0]
-    options = {"crf": "30", "g": "2", "preset": "10"} if encoder == "libsvtav1" else {"crf": "23", "g": "2", "preset": "veryfast"}
-    with av.open(path, "w", format="mp4") as container:  # (format: `path` may be a temporary name)
-        stream = container.add_stream(encoder, rate=fps, options=options)
-        stream.height, stream.width = np.shape(videos[0])[1:3]
-        stream.pix_fmt = "yuv420p"
-        for k, image in enumerate(image for video in videos for image in video):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-            frame.pts, frame.time_base = k, Fraction(1, fps)
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-
-
 def _all_stats(columns, episodes, cameras):
     """The stats block of `episodes` whose rows are `columns`: every feature, images per channel."""
-    return {**{name: _numeric_stats(values) for name, values in columns.items()},
-            **{IMAGE_PREFIX + name: _image_stats([np.asarray(e["images"][name]) for e in episodes]) for name in cameras}}
-
-
-def _numeric_stats(values):
-    """min/max/mean/std/count over axis 0 of a (T, ...) array."""
-    values = np.asarray(values, dtype=np.float64).reshape(len(values), -1)  # scalars as (T, 1), stats as [x]
-    return {"min": values.min(0).tolist(), "max": values.max(0).tolist(), "mean": values.mean(0).tolist(),
-            "std": values.std(0).tolist(), "count": [len(values)]}
-
-
-def _image_stats(videos, max_frames=300):
-    """Per-channel stats in [0, 1] of a camera's (T, H, W, 3) uint8 videos, shaped (3, 1, 1) as lerobot stores
-    them: from at most ~max_frames evenly spaced frames, one frame at a time (images are big), pooled."""
-    step = max(1, sum(len(video) for video in videos) // max_frames)
-    frames = [{"image": _numeric_stats(frame.reshape(-1, 3) / 255.0)} for video in videos for frame in video[::step]]
-    stats = aggregate_stats(frames)["image"]
-    return {**{name: np.reshape(stats[name], (3, 1, 1)).tolist() for name in ("min", "max", "mean", "std")},
-            "count": [len(frames)]}
+    return {**{name: array_stats(values) for name, values in columns.items()},
+            **{IMAGE_PREFIX + name: video_stats([np.asarray(e["images"][name]) for e in episodes]) for name in cameras}}
 
 
 # ----------------------------------------------------------------------------------------------------
 # The recording loop (the leader's positions are the follower's goals, every tick is kept), the command line
 # ----------------------------------------------------------------------------------------------------
 
-KEYS = {"n": "next", "\x1b[C": "next", "r": "redo", "\x1b[D": "redo", "q": "stop", "\x1b": "stop"}  # \x1b[C: →
+KEYS = {"n": "next", "\x1b[C": "next", "r": "redo", "\x1b[D": "redo", "q": "stop", "\x1b": "stop", "y": "success"}
 
 
 def control_loop(follower, act, cameras, fps, seconds, label):
-    """`seconds` of ticks at `fps`: read the follower's state and one frame per camera, send act(tick, state),
-    the goal, through the follower's per-step cap. Returns ({state, action, images: {camera: frames}}, the key
+    """`seconds` of ticks at `fps`: read the follower's state and one frame per camera, send act(tick, state,
+    frames), the goal, through the follower's per-step cap. Returns ({state, action, images: {camera: frames}}, the key
     that ended it early or None, late ticks: ticks ending after the next should have begun (the clock then
     restarts from now). Frames are kept as the cameras give them: no copy, no encoding in the loop."""
     period, ticks = 1.0 / fps, round(seconds * fps)
     kept = {STATE: [], ACTION: [], "images": {key: [] for key in cameras}}
     late, key, next_tick = 0, None, time.monotonic()
     for tick in range(ticks):
-        state = follower.get_state()
-        for name, camera in cameras.items():
-            kept["images"][name].append(camera.read())
-        goal = np.asarray(act(tick, state), dtype=np.float32)
+        state, frames = follower.get_state(), {name: camera.read() for name, camera in cameras.items()}
+        for name, frame in frames.items():
+            kept["images"][name].append(frame)
+        goal = np.asarray(act(tick, state, frames), dtype=np.float32)
         follower.send_action(goal)
         kept[STATE].append(state)
         kept[ACTION].append(goal)
@@ -352,52 +292,138 @@ def control_loop(follower, act, cameras, fps, seconds, label):
     return kept, key, late
 
 
-def record(args, follower, teleoperate, cameras, hand, done):
-    """Episodes `done`..args.episodes: record one, save it in the background while the scene is reset, start
-    the next only once it is completely written. Returns {episodes, late_ticks, ticks}."""
-    saving, episode, late_total, ticks_total = None, done, 0, 0
+class PolicyDriver:
+    """act(tick, state, frames) for control_loop evaluating a policy: its actions by asynchronous inference
+    (infer_async.py's scheduler and inference thread; the policy in this process or on a --server). Each
+    episode (tick 0) starts a new queue and thread: nothing of the last one is executed. Until a chunk comes,
+    or when the queue runs dry, the goal stays (the arm holds still). `reached`, in the toy world (`scene`,
+    the arm's true pose from `pose()`): whether the gripper touched the target."""
+
+    def __init__(self, args, compute, chunk_size, rename, scene=None, pose=None):
+        self.args, self.compute, self.chunk_size, self.rename = args, compute, chunk_size, rename
+        self.scene, self.pose, self.worker = scene, pose, None
+
+    def __call__(self, tick, state, frames):
+        if tick == 0:
+            self.close()
+            self.scheduler = make_async_scheduler(self.args, self.chunk_size, len(state))
+            self.worker, self.goal, self.reached = InferenceWorker(self.compute), state, self.scene and False
+        arm = SimpleNamespace(get_state=lambda: state, send_action=lambda action: setattr(self, "goal", action))
+        control_tick(arm, lambda _: self.observation(state, frames), self.worker, self.scheduler,
+                     log=lambda text: print("\n" + text))
+        self.reached = self.reached or (self.scene and self.scene.success(self.pose()))
+        return self.goal
+
+    def observation(self, state, frames):  # the frames under the policy's camera names
+        return {"task": self.args.task, STATE: state, **{self.rename[key]: f for key, f in frames.items()}}
+
+    def close(self):
+        self.worker and self.worker.close()
+
+
+def verdict(key, reached):
+    """An evaluation episode's verdict: y (success) or n/→ (failure) pressed while it ran, else asked now on
+    the terminal (the arm holds still); without one, the toy world's `reached`, else None (unknown)."""
+    if key in ("success", "next"):
+        return key == "success"
+    if key is None and sys.stdin.isatty():
+        print("success? y/n ", end="", flush=True)
+        while (answer := os.read(sys.stdin.fileno(), 8).decode(errors="ignore")[:1].lower()) not in ("y", "n"):
+            pass
+        return answer == "y"
+    return reached
+
+
+def record(args, follower, act, cameras, hand, done, driver=None, reset=None):
+    """Episodes `done`..args.episodes: record one (act: the leader's pose, or a PolicyDriver: then each is
+    judged), save it in the background while the scene is reset (by reset, default act), start the next only
+    once it is completely written. Returns {episodes, late_ticks, ticks, successes: the verdicts}."""
+    saving, episode, late_total, ticks_total, verdicts = None, done, 0, 0, []
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:  # leaving waits for the last write
         while episode < args.episodes:
-            hand and hand.new_episode()
-            kept, key, late = control_loop(follower, teleoperate, cameras, args.fps, args.episode_s,
-                                           f"episode {episode + 1}/{args.episodes}")
+            hand.new_episode() if hand else driver and driver.scene and driver.scene.reset()  # sim: a new target
+            kept, key, late = control_loop(follower, act, cameras, args.fps, args.episode_s, f"episode {episode + 1}/"
+                                           f"{args.episodes}" + " (y: success, n: failure)" * bool(driver))
             ticks_total, late_total = ticks_total + len(kept[ACTION]), late_total + late
+            judged = {"success": verdict(key, driver.reached)} if driver and key != "redo" else {}
             print("\n" * sys.stdout.isatty() + f"episode {episode + 1}: {len(kept[ACTION])} ticks, {late} late"
-                  + "; recording it again" * (key == "redo"))
+                  + "; recording it again" * (key == "redo") + {True: "; success", False: "; failure"}.get(
+                      judged.get("success"), "; not judged" * bool(judged)))
             if key != "redo":
                 data = {STATE: np.stack(kept[STATE]), ACTION: np.stack(kept[ACTION]), "task": args.task, "images":
                         {name[len(IMAGE_PREFIX):]: np.stack(frames) for name, frames in kept["images"].items()}}
-                saving, episode = writer.submit(append_episode, args.dataset, data, args.fps,
-                                                           norm_mode=follower.norm_mode), episode + 1
+                saving, episode = writer.submit(append_episode, args.dataset, data | judged, args.fps,
+                                                norm_mode=follower.norm_mode), episode + 1
+                verdicts += judged.values()
             if key == "stop" or episode == args.episodes:
                 break
             hand and hand.go_home()
-            control_loop(follower, teleoperate, {}, args.fps, args.reset_s, "reset the scene")
+            control_loop(follower, reset or act, {}, args.fps, args.reset_s, "reset the scene")
             saving and saving.result()  # (raises if the episode could not be written)
     saving and saving.result()
     print(f"{episode} episodes in {args.dataset}; late ticks: {late_total} of {ticks_total} "
-          f"({100 * late_total / max(ticks_total, 1):.1f}%)")
+          f"({100 * late_total / max(ticks_total, 1):.1f}%)" + (f"; success: {verdicts.count(True)} of {len(verdicts)}"
+          f" ({verdicts.count(None)} not judged)" if driver else ""))
     if args.push:  # lerobot finds a hub dataset's format by its version tag
         from huggingface_hub import HfApi
         api = HfApi()
         api.create_repo(args.repo_id, repo_type="dataset", exist_ok=True)
         api.upload_folder(folder_path=args.dataset, repo_id=args.repo_id, repo_type="dataset")
         api.create_tag(args.repo_id, tag="v3.0", repo_type="dataset", exist_ok=True)
-    return {"episodes": episode, "late_ticks": late_total, "ticks": ticks_total}
+    return {"episodes": episode, "late_ticks": late_total, "ticks": ticks_total, "successes": verdicts}
 
 
 def replay(args, follower):
     """Drive the follower with the recorded actions of episode --episode of the dataset --replay."""
-    info, rows = recorded_episodes(args.replay)
-    if info is None or not 0 <= args.episode < len(rows):
-        raise ValueError(f"{args.replay} has no episode {args.episode} (it has {len(rows)})")
-    where = {k: rows[args.episode][f"data/{k}"] for k in ("chunk_index", "file_index")}
-    table = pq.read_table(os.path.join(args.replay, info["data_path"].format(**where)),
-                          filters=[("episode_index", "=", args.episode)])
-    actions = np.asarray(table.column(ACTION).to_pylist(), dtype=np.float32)
-    control_loop(follower, lambda tick, state: actions[tick], {}, info["fps"], len(actions) / info["fps"],
-                 f"replaying episode {args.episode}")
-    return actions
+    dataset = LeRobotDataset(args.replay, episodes=[args.episode], max_cache_gb=0)
+    control_loop(follower, lambda tick, state, frames: dataset.action[tick], {}, dataset.fps,
+                 len(dataset) / dataset.fps, f"replaying episode {args.episode}")
+    return dataset.action
+
+
+def draw_episode(root, episode, path=None, frames=8):
+    """An episode's sheet, to look at a recording before training on it: per camera a strip of `frames`
+    frames spread over the episode, then per joint the follower's state and the action (the goal sent) over
+    time. PNG at `path` (default: <root>/episode_<N>.png); returns it."""
+    import matplotlib.pyplot as plt
+
+    plt.switch_backend("Agg")  # (a file, no window)
+    dataset, path = LeRobotDataset(root, episodes=[episode], max_cache_gb=0), path or f"{root}/episode_{episode}.png"
+    names, cameras, t = dataset.info["features"][STATE]["names"], dataset.camera_keys, np.arange(len(dataset)) / dataset.fps
+    items = [dataset[int(i)] for i in np.linspace(0, len(dataset) - 1, frames).round()]
+    rows = recorded_episodes(root)[1] if dataset.info["codebase_version"] == "v3.0" else []  # (v3.0: a verdict?)
+    judged = {True: "; success", False: "; failure"}.get(rows and rows[episode].get("success"), "")
+    fig = plt.figure(figsize=(14, 1.8 * len(cameras) + 5), layout="constrained")
+    strips, plots = fig.subfigures(2, 1, height_ratios=[1.8 * len(cameras) + 0.01, 5])
+    fig.suptitle(f"{root} episode {episode}: {len(dataset)} ticks at {dataset.fps} fps{judged}; task: {items[0]['task']!r}")
+    for camera, axes in zip(cameras, strips.subplots(max(len(cameras), 1), frames, squeeze=False)):
+        for ax, item in zip(axes, items):
+            ax.imshow(item[camera].permute(1, 2, 0).numpy())  # (3, H, W) -> (H, W, 3)
+            ax.set_title(f"{camera[len(IMAGE_PREFIX):]}, {item['timestamp']:.1f} s", fontsize=9)
+            ax.axis("off")
+    for j, ax in enumerate(plots.subplots(2, (len(names) + 1) // 2, squeeze=False).flat[:len(names)]):
+        ax.plot(t, dataset.state[:, j], label="state (follower)")
+        ax.plot(t, dataset.action[:, j], "--", label="action (goal sent)")
+        ax.set(title=names[j], xlabel="time (s)")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def show_episode_command(argv=None):
+    """`python data.py --show DIR --episode N [--out sheet.png]`: draw that episode's sheet and exit (nothing
+    without --show: data.py goes on with its own flags)."""
+    if "--show" in (argv := sys.argv[1:] if argv is None else argv):
+        p = argparse.ArgumentParser(prog="data.py", description=draw_episode.__doc__.split("\n\n")[0])
+        p.add_argument("--show", required=True, metavar="DIR", help="the dataset (a directory or a hub id)")
+        p.add_argument("--episode", type=int, default=0, help="the episode to draw")
+        p.add_argument("--out", help="the PNG to write (default: DIR/episode_N.png)")
+        args = p.parse_args(argv)
+        try:
+            sys.exit(print(f"wrote {draw_episode(args.show, args.episode, args.out)}"))
+        except (FileNotFoundError, ValueError, OSError) as e:
+            sys.exit(f"error: {e}")
 
 
 def build_parser():
@@ -421,6 +447,8 @@ def build_parser():
     add("--max-relative-target", type=float, default=10.0, help="largest joint step per tick (robot units)")
     add("--id", default="my_so100", help="the arms' calibration name (so100.py --id, and --leader --id)")
     add("--sim-size", default="64x64", help="HxW of the frames of the sim cameras")
+    add("--rename", help="--policy: camera name=the policy's camera name, e.g. top=camera1,wrist=camera2")
+    add_policy_arguments(p)  # --policy CKPT: record evaluation episodes it drives; --server HOST:PORT, ...
     return p
 
 
@@ -429,9 +457,10 @@ def check_arguments(args):
     recording = not (args.teleoperate or args.replay)
     if args.fps <= 0 or args.episode_s <= 0 or args.reset_s < 0 or args.episodes < 1:
         raise ValueError("--fps, --episode-s and --episodes must be positive, --reset-s at least 0")
-    if not args.replay and not args.leader_port or recording and not (args.dataset and args.task):
-        raise ValueError("the leader arm moves the follower: --leader-port (or sim); recording also needs --dataset "
-                         "DIR and --task \"what the robot does\"")
+    if not (args.replay or args.leader_port or args.policy or args.server) or recording and not (
+            args.dataset and (args.task or args.policy or args.server)):
+        raise ValueError("the leader arm (--leader-port, or sim) or a --policy moves the follower; recording also "
+                         "needs --dataset DIR and --task \"what the robot does\"")
     if args.push and not args.repo_id:
         raise ValueError("--push needs --repo-id user/name")
     if recording and os.path.isdir(args.dataset) and os.listdir(args.dataset) and not args.resume:
@@ -462,34 +491,53 @@ def check_dataset(args, frames):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    recording = check_arguments(args)
+    recording, args.norm_mode = check_arguments(args), None
+    if recording and (args.policy or args.server):  # an evaluation: infer_async.py's defaults for the rest
+        args = argparse.Namespace(**vars(async_parser().parse_args([])) | vars(args))
     terminal = termios.tcgetattr(sys.stdin) if sys.stdin.isatty() else None
     with contextlib.ExitStack() as cleanup:  # unwound in reverse: the arms' torque off, then the virtual arms
         if terminal is not None:
             tty.setcbreak(sys.stdin)  # keys without ENTER, until the end
             cleanup.callback(termios.tcsetattr, sys.stdin, termios.TCSADRAIN, terminal)
+        names = parse_mapping(args.cameras or ("top=sim" if args.port == "sim" else ""), "--cameras").items()
+        if driver := recording and (args.policy or args.server):  # the policy first: its units, fps and cameras
+            compute, info = open_policy(args)
+            hasattr(compute, "close") and cleanup.callback(compute.close)
+            settle_run_options(args, info.get("trained_on", {}))
+            camera_sources(",".join(f"{n}={s}" for n, s in names), args.rename, info["cameras"])  # (checks them)
+            rename = {IMAGE_PREFIX + n: IMAGE_PREFIX + parse_mapping(args.rename, "").get(n, n) for n, _ in names}
         follower, virtual = open_arm(args.port, arm_id=args.id, max_relative_target=args.max_relative_target,
-                                     verbose=False)
+                                     verbose=False, norm_mode=args.norm_mode or "degrees")
         cleanup.callback(lambda: virtual and virtual.close())
         cleanup.callback(follower.disconnect)
         if args.replay:
             return replay(args, follower)
-        leader, leader_virtual = open_arm(args.leader_port, arm_id=args.id, leader=True, verbose=False)
+        leader, leader_virtual = open_arm(args.leader_port, arm_id=args.id, leader=True, verbose=False) if (
+            args.leader_port) else (None, None)
         cleanup.callback(lambda: leader_virtual and leader_virtual.close())
-        cleanup.callback(leader.disconnect)
+        leader and cleanup.callback(leader.disconnect)
         size = [int(n) for n in args.sim_size.split("x")]  # a virtual leader is moved by a scripted hand
         hand = leader_virtual and ScriptedHand(leader_virtual, args.fps, image_size=size)
         cleanup.callback(lambda: hand and hand.close())
-        teleoperate = lambda tick, state: leader.get_state()  # noqa: E731 -- the leader's pose is the goal
+        teleoperate = lambda tick, state, frames: leader.get_state()  # noqa: E731 -- the leader's pose is the goal
         if not recording:
             while control_loop(follower, teleoperate, {}, args.fps, 3600, "teleoperating")[1] != "stop":
                 pass
             return None
-        names = parse_mapping(args.cameras or ("top=sim" if virtual else ""), "--cameras").items()
-        cameras = open_cameras({IMAGE_PREFIX + name: source for name, source in names}, virtual, hand and hand.scene)
+        cameras = open_cameras({IMAGE_PREFIX + name: source for name, source in names}, virtual, hand and hand.scene, size)
+        scene = next((camera.scene for camera in cameras.values() if hasattr(camera, "scene")), None)  # the toy world
         cleanup.callback(lambda: [camera.close() for camera in cameras.values() if hasattr(camera, "close")])
         done = check_dataset(args, {key: camera.read() for key, camera in cameras.items()})
-        return record(args, follower, teleoperate, cameras, hand, done)
+        if not driver:
+            return record(args, follower, teleoperate, cameras, hand, done)
+        driver = PolicyDriver(args, compute, info["chunk_size"], rename, scene, virtual and virtual.joint_positions_deg)
+        cleanup.callback(driver.close)
+        state = follower.get_state()  # warm-up: the first inference is slow; and a policy for another arm fails here
+        chunk = np.asarray(compute(driver.observation(state, {key: c.read() for key, c in cameras.items()})))
+        if chunk.ndim != 2 or chunk.shape[1] != len(state):
+            raise ValueError(f"the policy predicts chunks of shape {chunk.shape}; the arm takes {len(state)} joints")
+        reset = teleoperate if leader else lambda tick, now, frames: state  # (without a leader: back to the start)
+        return record(args, follower, driver, cameras, hand, done, driver, reset)
 
 
 if __name__ == "__main__":

@@ -104,3 +104,88 @@ def test_the_classroom_loop_record_train_run(recorded, tmp_path):
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "ticks 30," in run.stdout and "failures 0" in run.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation episodes (record.py --policy) and the episode sheet (data.py --show)
+# ----------------------------------------------------------------------------------------------------------
+
+EVAL = ["--port", "sim", "--task", "reach the red target", "--fps", "30", "--reset-s", "0.3"]
+
+
+def scripted_policy(monkeypatch, reach):
+    """record.open_policy replaced by a policy that knows the toy world: the expert's next 10 steps toward the
+    target (reach), or the state held (never reaches). Returns the chunks it computed, with their states."""
+    world, chunks = {}, []
+
+    def open_cameras(*args):
+        cameras = record_open_cameras(*args)
+        world["scene"] = cameras["observation.images.top"].scene
+        return cameras
+
+    def compute(observation):
+        joints, chunk = np.asarray(observation["observation.state"], dtype=np.float64), []
+        for _ in range(10):
+            joints = world["scene"].expert_action(joints) if reach else joints
+            chunk.append(joints)
+        chunks.append((observation["observation.state"], np.stack(chunk).astype(np.float32)))
+        return chunks[-1][1]
+
+    record_open_cameras = record.open_cameras
+    monkeypatch.setattr(record, "open_cameras", open_cameras)
+    monkeypatch.setattr(record, "open_policy", lambda args: (compute, {
+        "chunk_size": 10, "cameras": ["observation.images.top"], "trained_on": {}}))
+    return chunks
+
+
+@pytest.mark.parametrize("reach", [True, False])
+def test_without_a_terminal_the_toy_world_judges_each_evaluation_episode(monkeypatch, tmp_path, reach):
+    chunks = scripted_policy(monkeypatch, reach)
+    root = str(tmp_path / "eval")
+    result = record.main([*EVAL, "--dataset", root, "--episodes", "2", "--episode-s", "3", "--policy", "expert"])
+    assert result["episodes"] == 2 and result["successes"] == [reach, reach]
+    episodes = pq.read_table(os.path.join(root, "meta", "episodes", "chunk-000", "file-000.parquet")).to_pydict()
+    assert episodes["success"] == [reach, reach]  # the verdicts are kept with the episodes
+    table = pq.read_table(os.path.join(root, "data", "chunk-000", "file-001.parquet")).to_pydict()
+    state, action = np.array(table["observation.state"]), np.array(table["action"])
+    assert np.allclose(action[0], state[0])  # before its first chunk (the warm-up's is not used) the arm holds
+    if reach:  # then the policy's actions: this episode's first chunk (asked from its first state), executed from
+        # its first step (each episode starts a new queue: nothing of the last one is left)
+        first_chunk = [chunk for observed, chunk in chunks if np.allclose(observed, state[0])][-1]
+        moved = int(np.argmax(~np.isclose(action, state[0], atol=1e-4).all(axis=1)))
+        assert np.allclose(action[moved:moved + 3], first_chunk[:3], atol=1e-4)
+        assert np.abs(state[-1, :3] - state[0, :3]).max() > 20  # the follower went for the target
+    else:  # held (the wrist roll's rounding lets it creep a little)
+        assert np.allclose(state, state[0], atol=2) and np.allclose(action, state[0], atol=2)
+
+
+def test_a_policy_evaluation_appends_to_a_recording_with_its_verdicts(recorded, tmp_path):
+    """The tiny checkpoint, in this process through asynchronous inference, records 2 more episodes into a copy
+    of the sim recording; the demonstrations have no verdict, the evaluation episodes do."""
+    import shutil
+
+    root, tiny = str(tmp_path / "ds"), os.path.join(HERE, "testdata", "smolvla_tiny")
+    shutil.copytree(recorded[0], root)
+    result = record.main([*EVAL, "--dataset", root, "--resume", "--episodes", "5", "--episode-s", "1", "--policy",
+                          os.path.join(tiny, "checkpoint"), "--vlm", os.path.join(tiny, "vlm")])
+    assert result["episodes"] == 5 and len(result["successes"]) == 2
+    episodes = pq.read_table(os.path.join(root, "meta", "episodes", "chunk-000", "file-000.parquet")).to_pydict()
+    assert episodes["success"] == [None, None, None, *result["successes"]]
+    ds = LeRobotDataset(root, max_cache_gb=0)
+    assert len(ds) == 360 + 60 and ds[400]["task"] == "reach the red target"
+    assert not np.allclose(ds.action[360:420], ds.state[360:420])  # the policy's actions, not the state
+
+
+def test_the_episode_sheet_shows_frames_and_joints(recorded, tmp_path):
+    from PIL import Image
+
+    root, sheet = recorded[0], str(tmp_path / "sheet.png")
+    result = subprocess.run([sys.executable, "data.py", "--show", root, "--episode", "1", "--out", sheet], cwd=HERE,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == f"wrote {sheet}", result.stderr
+    image = np.asarray(Image.open(sheet).convert("RGB"))
+    assert image.shape == (round(80 * (1.8 + 5)), 80 * 14, 3)  # a strip for the one camera above the joints
+    assert (np.abs(image[:140].astype(int) - (196, 186, 164)).sum(-1) < 30).mean() > 0.2  # the toy world's table
+    result = subprocess.run([sys.executable, "data.py", "--show", root, "--episode", "7"], cwd=HERE,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr == "error: episodes [7] are not in the dataset (it has episodes 0..2).\n"

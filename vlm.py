@@ -17,8 +17,8 @@ its keys and values over the prefix (`TextModel.keys_values`). The decoder layer
 grouped-query attention, gated MLP) is the same recipe as the expert's and lives in expert.py.
 
 Reading order: the VLM's shape (read from its Hugging Face config.json), the SigLIP tower, pixel shuffle,
-the text stack, and the frames: where they come from (a USB camera) and their preprocessing (to floats,
-resize with padding). Last, the VLM's files, where
+the text stack, and the frames: where they come from (a USB camera), where recordings keep them (mp4)
+and their preprocessing (to floats, resize with padding). Last, the VLM's files, where
 files come from (a local directory or the Hub) and two command-line helpers, which the other files use too.
 """
 
@@ -28,6 +28,8 @@ import math
 import os
 import threading
 from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -254,7 +256,8 @@ class TextModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The frames: where they come from (a USB camera, read in the background) and their preprocessing.
+# The frames: where they come from (a USB camera read in the background, or the toy world), where a recording
+# keeps them (an mp4 file and per-channel statistics: record.py's datasets), their preprocessing for the model.
 
 
 class OpenCVCamera:
@@ -304,6 +307,61 @@ class OpenCVCamera:
         self._capture.release()
 
 
+def open_cameras(sources, virtual_arm=None, scene=None, image_size=(64, 64)):
+    """{key: device index, path or "sim"} (e.g. from infer_async.camera_sources) -> {key: camera}; "sim"
+    cameras film the toy world (`scene`, or a new one of `image_size`) with `virtual_arm` in it."""
+    simulated = [key for key, source in sources.items() if source == "sim"]
+    if simulated and virtual_arm is None:
+        raise ValueError("camera device 'sim' films the virtual arm: it needs --port sim")
+    from virtual_arm import toy_world_cameras  # (the toy world: only when a "sim" camera opens)
+
+    cameras = toy_world_cameras(simulated, virtual_arm.joint_positions_deg, scene, image_size) if simulated else {}
+    return {key: cameras[key] if source == "sim" else OpenCVCamera(int(source) if source.isdigit() else source)
+            for key, source in sources.items()}
+
+
+# the codecs a recording's videos may use: name -> (FFmpeg encoder, the codec name a dataset's info.json gives)
+CODECS = {"libsvtav1": ("libsvtav1", "av1"), "av1": ("libsvtav1", "av1"), "h264": ("libx264", "h264"),
+          "libx264": ("libx264", "h264")}
+
+
+def encode_video(path, videos, fps, codec):
+    """Encode (T, H, W, 3) uint8 videos one after the other into one mp4 (yuv420p, a keyframe every 2 frames
+    like lerobot); frame k of the file is shown at k / fps. codec: a key of CODECS."""
+    import av  # (PyAV: FFmpeg's encoders)
+
+    os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its settings for every stream it opens: errors only
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    encoder = CODECS[codec][0]
+    options = {"crf": "30", "g": "2", "preset": "10"} if encoder == "libsvtav1" else {"crf": "23", "g": "2", "preset": "veryfast"}
+    with av.open(path, "w", format="mp4") as container:  # (format: `path` may be a temporary name)
+        stream = container.add_stream(encoder, rate=fps, options=options)
+        stream.height, stream.width = np.shape(videos[0])[1:3]
+        stream.pix_fmt = "yuv420p"
+        for k, image in enumerate(image for video in videos for image in video):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            frame.pts, frame.time_base = k, Fraction(1, fps)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+def array_stats(values):
+    """min/max/mean/std/count over axis 0 of a (T, ...) array."""
+    values = np.asarray(values, dtype=np.float64).reshape(len(values), -1)  # scalars as (T, 1), stats as [x]
+    return {"min": values.min(0).tolist(), "max": values.max(0).tolist(), "mean": values.mean(0).tolist(),
+            "std": values.std(0).tolist(), "count": [len(values)]}
+
+
+def video_stats(videos, max_frames=300):
+    """Per-channel stats in [0, 1] of a camera's (T, H, W, 3) uint8 videos, shaped (3, 1, 1) as lerobot stores
+    them: from at most ~max_frames evenly spaced frames, one frame at a time (images are big), pooled."""
+    from data import aggregate_stats  # (the dataset reader pools per-episode stats the same way)
+
+    step = max(1, sum(len(video) for video in videos) // max_frames)
+    frames = [{"image": array_stats(frame.reshape(-1, 3) / 255.0)} for video in videos for frame in video[::step]]
+    stats = aggregate_stats(frames)["image"]
+    return {**{name: np.reshape(stats[name], (3, 1, 1)).tolist() for name in ("min", "max", "mean", "std")},
+            "count": [len(frames)]}
 
 
 def frame_to_float(frame: np.ndarray) -> torch.Tensor:
@@ -360,8 +418,9 @@ def read_safetensors_dir(directory: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Where files come from: a local directory or the Hugging Face Hub (checkpoints, VLMs, datasets); the command
-# lines' --help format and name=value lists. (policy.py re-exports these: here they sit below everything.)
+# Where files come from: a local directory or the Hugging Face Hub (checkpoints, VLMs, datasets); files written
+# atomically (record.py's datasets); the command lines' --help format and name=value lists. (policy.py
+# re-exports some of these: here they sit below everything.)
 
 
 def resolve_dir(source, what, allow_patterns, repo_type="model", revision=None, hint=None):
@@ -394,6 +453,18 @@ def read_json(path, what):
         raise FileNotFoundError(f"{what} not found: {path}")
     with open(path) as f:
         return json.load(f)
+
+
+def write_atomically(path, write):
+    """write(temporary path), then rename it to `path`: readers see the old file or the whole new one."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write(path + ".partial")
+    os.replace(path + ".partial", path)
+
+
+def write_json(path, value):
+    """`value` as indented JSON at `path`, written atomically."""
+    write_atomically(path, lambda p: Path(p).write_text(json.dumps(value, indent=4)))
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
