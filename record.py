@@ -317,8 +317,8 @@ class PolicyDriver:
     def observation(self, state, frames):  # the frames under the policy's camera names
         return {"task": self.args.task, STATE: state, **{self.rename[key]: f for key, f in frames.items()}}
 
-    def close(self):
-        self.worker and self.worker.close()
+    def close(self):  # (waits for a request in flight: a --server client carries one request at a time)
+        self.worker and self.worker.close(self.args.timeout + 1)
 
 
 def verdict(key, reached):
@@ -327,7 +327,7 @@ def verdict(key, reached):
     if key in ("success", "next"):
         return key == "success"
     if key is None and sys.stdin.isatty():
-        print("success? y/n ", end="", flush=True)
+        print("\nsuccess? y/n ", end="", flush=True)
         while (answer := os.read(sys.stdin.fileno(), 8).decode(errors="ignore")[:1].lower()) not in ("y", "n"):
             pass
         return answer == "y"

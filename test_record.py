@@ -189,3 +189,32 @@ def test_the_episode_sheet_shows_frames_and_joints(recorded, tmp_path):
     result = subprocess.run([sys.executable, "data.py", "--show", root, "--episode", "7"], cwd=HERE,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and result.stderr == "error: episodes [7] are not in the dataset (it has episodes 0..2).\n"
+
+
+def test_on_a_terminal_the_keys_judge_each_evaluation_episode(tmp_path):
+    """On a terminal: `y` while the policy runs ends the episode as a success; an episode that runs out asks
+    `success? y/n`, here answered `n`; the summary and meta/episodes keep both verdicts."""
+    import pty
+
+    root, tiny = str(tmp_path / "eval"), os.path.join(HERE, "testdata", "smolvla_tiny")
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, "record.py", *EVAL, "--dataset", root, "--episodes", "2", "--episode-s",
+                                "2", "--policy", os.path.join(tiny, "checkpoint"), "--vlm", os.path.join(tiny, "vlm")],
+                               cwd=HERE, stdin=follower, stdout=follower, stderr=follower)
+    os.close(follower)
+    output, answers = b"", {b"episode 1/2": b"y", b"success? y/n": b"n"}
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            output += os.read(leader, 4096)
+        except OSError:  # the command ended: its side of the terminal is closed
+            break
+        for prompt, key in list(answers.items()):
+            if prompt in output:
+                os.write(leader, answers.pop(prompt))
+    process.wait(timeout=30)
+    os.close(leader)
+    assert process.returncode == 0, output.decode(errors="replace")[-2000:]
+    assert b"2 episodes in" in output and b"success: 1 of 2 (0 not judged)" in output
+    episodes = pq.read_table(os.path.join(root, "meta", "episodes", "chunk-000", "file-000.parquet")).to_pydict()
+    assert episodes["success"] == [True, False] and episodes["length"][0] < 60 == episodes["length"][1]

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 import feetech
-import record
 from record import open_arm
 import so100
 from feetech import CONTROL_TABLE, FeetechBus, decode_sign_magnitude, encode_sign_magnitude, parse_status
@@ -26,6 +25,7 @@ from so100 import (
     ticks_to_units as normalize, units_to_ticks as unnormalize,
 )
 from virtual_arm import TRUE_CALIBRATION, VirtualArm
+from vlm import OpenCVCamera
 
 hexbytes = bytes.fromhex
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -433,13 +433,13 @@ def test_opencv_camera_reads_rgb(tmp_path):
     for _ in range(3):
         writer.write(np.full((48, 64, 3), (0, 0, 255), np.uint8))  # BGR red
     writer.release()
-    camera = record.OpenCVCamera(path, width=64, height=48)
+    camera = OpenCVCamera(path, width=64, height=48)
     frame = camera.read()
     camera.close()
     assert frame.shape == (48, 64, 3) and frame.dtype == np.uint8
     assert frame[..., 0].mean() > 200 and frame[..., 2].mean() < 50  # red comes out in channel 0
     with pytest.raises(ValueError, match="delivers 64x48"):
-        record.OpenCVCamera(path, width=640, height=480)
+        OpenCVCamera(path, width=640, height=480)
 
 
 # -- the virtual arm never touches a real arm's calibration ------------------------------------------------------
