@@ -47,7 +47,8 @@ import torch  # noqa: E402
 
 import speed  # noqa: E402
 from data import SUPPORTED_VERSIONS, LeRobotDataset  # noqa: E402
-from policy import IMAGE_PREFIX, HelpFormatter, read_json, resolve_dir  # noqa: E402
+from plumbing import HelpFormatter, read_json, resolve_dir  # noqa: E402
+from policy import IMAGE_PREFIX  # noqa: E402
 from record import CODECS, synthetic_episodes, write_lerobot_dataset  # noqa: E402
 from smolvla import SmolVLA, SmolVLAConfig  # noqa: E402
 from train import RECIPE  # noqa: E402

@@ -36,23 +36,28 @@ the mp4 really holds, so that the small drift of summed durations in long concat
 make a lookup fail.
 
 The writer of such datasets (`write_lerobot_dataset`, used by the tests and the demo) lives in record.py;
-the reader's benchmark (samples per second through a DataLoader) in bench.py.
+mp4 decoding in plumbing.py; the reader's benchmark (samples per second through a DataLoader) in bench.py.
+Last here: an episode's sheet (`python data.py --show DIR --episode N`), to look at a recording before
+training on it.
 """
 
+import argparse
 import collections
 import hashlib
 import json
 import os
 import shutil
+import sys
 
-import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from policy import IMAGE_PREFIX, frame_to_float, read_json, resolve_dir
+from plumbing import StreamingDecoder, aggregate_stats, decode_all, frame_times, read_json, resolve_dir, video_size
+from policy import IMAGE_PREFIX, STATE
+from vlm import frame_to_float
 
 SUPPORTED_VERSIONS = ("v2.1", "v3.0")
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "smolvla", "frames")
@@ -113,12 +118,12 @@ class LeRobotDataset(torch.utils.data.Dataset):
     def _image(self, key, i):
         """(3, H, W) uint8 frame of camera `key` for row i."""
         if self._frames is None or self._frames[0] != os.getpid():  # first use in this process (worker)
-            frames = [np.load(path, mmap_mode="r") for path in self._cache_files] if self._cached else _StreamingDecoder()
+            frames = [np.load(path, mmap_mode="r") for path in self._cache_files] if self._cached else StreamingDecoder()
             self._frames = (os.getpid(), frames)
         file_id, position = self._file_of[key][i], self._position_of[key][i]
         if self._cached:
             return self._frames[1][file_id][position]  # a view into the mapped file
-        frame = self._frames[1].frame(self._video_files[file_id], self._frame_times[file_id], position)
+        frame = self._frames[1].frame(self._video_files[file_id], self.frame_times[file_id], position)
         return frame.transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W), a view
 
     def __getstate__(self):  # sent to DataLoader workers: without open containers or mapped files
@@ -227,7 +232,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
 
     def _locate_frames(self, video_keys):
         """For every (camera, row): which mp4 holds its frame and at which position (nearest frame in time)."""
-        self._video_files, self._frame_times = [], []  # per file id
+        self._video_files, self.frame_times = [], []  # per file id
         self._file_of, self._position_of = {}, {}  # per camera key: (N,) arrays
         file_ids = {}
         for key in video_keys:
@@ -241,9 +246,9 @@ class LeRobotDataset(torch.utils.data.Dataset):
                         raise FileNotFoundError(f"{self.root} is missing {os.path.relpath(path, self.root)}.")
                     file_ids[path] = len(self._video_files)
                     self._video_files.append(path)
-                    self._frame_times.append(_frame_times(path))
+                    self.frame_times.append(frame_times(path))
                 rows = self._rows_of[episode_index]
-                times = self._frame_times[file_ids[path]]
+                times = self.frame_times[file_ids[path]]
                 wanted = _video_start(self.info, episode, key) + self._timestamp[rows].astype(np.float64)
                 # nearest frame: compare the neighbours on both sides of the insertion point
                 right = np.clip(np.searchsorted(times, wanted), 0, len(times) - 1)
@@ -261,7 +266,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         """Decode every needed mp4 once into `<cache_dir>/<hash>.npy` (uint8 frames), if they fit the budget."""
         if not self._video_files or max_cache_gb <= 0:
             return False
-        shapes = [(len(t), 3) + _video_size(path) for path, t in zip(self._video_files, self._frame_times)]
+        shapes = [(len(t), 3) + video_size(path) for path, t in zip(self._video_files, self.frame_times)]
         total_gb = sum(int(np.prod(s)) for s in shapes) / 1e9
         os.makedirs(cache_dir, exist_ok=True)
         free_gb = shutil.disk_usage(cache_dir).free / 1e9
@@ -284,7 +289,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
                     partial = f"{self._cache_files[i]}.{os.getpid()}.partial"
                     out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shapes[i])
                     try:
-                        _decode_all(self._video_files[i], out, bar)
+                        decode_all(self._video_files[i], out, bar)
                         out.flush()
                         del out
                         os.replace(partial, self._cache_files[i])  # atomic: readers never see half a cache
@@ -407,30 +412,6 @@ def _read_tasks(root, info):
 # Machinery the dataset uses, 2/3: normalization statistics (v2.1 stores them per episode: pooled here)
 # ----------------------------------------------------------------------------------------------------
 
-def aggregate_stats(per_episode):
-    """Merge per-episode stats as if computed over all frames at once.
-
-    count-weighted mean; pooled variance  var = sum n_i (std_i^2 + (mean_i - mean)^2) / N;
-    min of mins; max of maxes.
-    """
-    merged = {}
-    for feature in per_episode[0]:
-        parts = [stats[feature] for stats in per_episode]
-        counts = np.array([np.asarray(p["count"], dtype=np.float64).reshape(-1)[0] for p in parts])  # (E,)
-        means = np.stack([np.asarray(p["mean"], dtype=np.float64) for p in parts])  # (E, ...)
-        stds = np.stack([np.asarray(p["std"], dtype=np.float64) for p in parts])
-        weights = (counts / counts.sum()).reshape((-1,) + (1,) * (means.ndim - 1))
-        mean = (weights * means).sum(0)
-        variance = (weights * (stds ** 2 + (means - mean) ** 2)).sum(0)
-        merged[feature] = {
-            "mean": mean, "std": np.sqrt(variance),
-            "min": np.stack([np.asarray(p["min"], dtype=np.float64) for p in parts]).min(0),
-            "max": np.stack([np.asarray(p["max"], dtype=np.float64) for p in parts]).max(0),
-            "count": np.array([counts.sum()]),
-        }
-    return merged
-
-
 def _read_stats(root, info):
     """{feature: {stat: float32 tensor}} from meta/stats.json (v3.0) or merged episodes stats (v2.1)."""
     if info["codebase_version"] == "v3.0":
@@ -443,100 +424,56 @@ def _read_stats(root, info):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Machinery the dataset uses, 3/3: video. The frame times of each mp4, and two ways to its frames: all decoded
-# once into the uint8 cache ((N, 3, H, W) per mp4), or one at a time by a streaming decoder ((H, W, 3))
+# Looking at an episode before training on it: its sheet (python data.py --show DIR --episode N)
 # ----------------------------------------------------------------------------------------------------
 
-def _open_video(path):
-    """Open an mp4 for decoding; the container picks the decoder (libdav1d for AV1)."""
-    try:
-        container = av.open(path)
-        if not container.streams.video:
-            raise ValueError("no video stream")
-    except Exception as error:
-        raise ValueError(f"cannot read video {path} ({error}): the file is damaged or incomplete; delete it and "
-                         "download or write the dataset again.") from None
-    return container, container.streams.video[0]
+def draw_episode(root, episode, path=None, frames=8):
+    """An episode's sheet, to look at a recording before training on it: per camera a strip of `frames`
+    frames spread over the episode, then per joint the follower's state and the action (the goal sent) over
+    time. PNG at `path` (default: <root>/episode_<N>.png); returns it."""
+    import matplotlib.pyplot as plt
+
+    plt.switch_backend("Agg")  # (a file, no window)
+    dataset, path = LeRobotDataset(root, episodes=[episode], max_cache_gb=0), path or f"{root}/episode_{episode}.png"
+    names, cameras, t = dataset.info["features"][STATE]["names"], dataset.camera_keys, np.arange(len(dataset)) / dataset.fps
+    items = [dataset[int(i)] for i in np.linspace(0, len(dataset) - 1, frames).round()]
+    rows = recorded_episodes(root)[1] if dataset.info["codebase_version"] == "v3.0" else []  # (v3.0: a verdict?)
+    judged = {True: "; success", False: "; failure"}.get(rows and rows[episode].get("success"), "")
+    fig = plt.figure(figsize=(14, 1.8 * len(cameras) + 5), layout="constrained")
+    strips, plots = fig.subfigures(2, 1, height_ratios=[1.8 * len(cameras) + 0.01, 5])
+    fig.suptitle(f"{root} episode {episode}: {len(dataset)} ticks at {dataset.fps} fps{judged}; task: {items[0]['task']!r}")
+    for camera, axes in zip(cameras, strips.subplots(max(len(cameras), 1), frames, squeeze=False)):
+        for ax, item in zip(axes, items):
+            ax.imshow(item[camera].permute(1, 2, 0).numpy())  # (3, H, W) -> (H, W, 3)
+            ax.set_title(f"{camera[len(IMAGE_PREFIX):]}, {item['timestamp']:.1f} s", fontsize=9)
+            ax.axis("off")
+    for j, ax in enumerate(plots.subplots(2, (len(names) + 1) // 2, squeeze=False).flat[:len(names)]):
+        ax.plot(t, dataset.state[:, j], label="state (follower)")
+        ax.plot(t, dataset.action[:, j], "--", label="action (goal sent)")
+        ax.set(title=names[j], xlabel="time (s)")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
 
 
-def _frame_times(path):
-    """Presentation time in seconds of every frame of an mp4, read from the packets (nothing decoded)."""
-    container, stream = _open_video(path)
-    with container:
-        seconds_per_tick = float(stream.time_base)
+def show_episode_command(argv=None):
+    """`python data.py --show DIR --episode N [--out sheet.png]`: draw that episode's sheet and exit (nothing
+    without --show: data.py goes on with its own flags)."""
+    if "--show" in (argv := sys.argv[1:] if argv is None else argv):
+        p = argparse.ArgumentParser(prog="data.py", description=draw_episode.__doc__.split("\n\n")[0])
+        p.add_argument("--show", required=True, metavar="DIR", help="the dataset (a directory or a hub id)")
+        p.add_argument("--episode", type=int, default=0, help="the episode to draw")
+        p.add_argument("--out", help="the PNG to write (default: DIR/episode_N.png)")
+        args = p.parse_args(argv)
         try:
-            pts = sorted(packet.pts for packet in container.demux(stream) if packet.pts is not None)
-        except av.error.FFmpegError as error:
-            raise ValueError(f"cannot read video {path} ({error}): the file is damaged or incomplete.") from None
-    if not pts:
-        raise ValueError(f"video {path} holds no frames: the file is damaged or incomplete; delete it and download "
-                         "or write the dataset again.")
-    return np.array(pts, dtype=np.float64) * seconds_per_tick
-
-
-def _video_size(path):
-    """(height, width) of an mp4's frames."""
-    container, stream = _open_video(path)
-    with container:
-        return stream.codec_context.height, stream.codec_context.width
-
-
-def _decode_all(path, out, progress):
-    """Decode every frame of an mp4 in order into `out` (N, 3, H, W) uint8 (planar: converts fastest later)."""
-    container, stream = _open_video(path)
-    stream.thread_type = "AUTO"  # one stream decoded by the main process: let the decoder use threads
-    count = 0
-    with container:
-        try:
-            for frame in container.decode(stream):
-                if count < len(out):
-                    out[count] = frame.to_ndarray(format="rgb24").transpose(2, 0, 1)
-                count += 1
-                progress.update(1)
-        except av.error.FFmpegError as error:
-            raise ValueError(f"cannot decode video {path} ({error}): the file is damaged; delete it and download "
-                             "or write the dataset again.") from None
-    if count != len(out):
-        raise ValueError(f"video {path} decodes to {count} frames but its packets say {len(out)}: the file is damaged.")
-
-
-class _StreamingDecoder:
-    """Frames decoded on demand: containers stay open (a few per worker), reads in order need no seek."""
-
-    def __init__(self, max_open=8):
-        self.max_open = max_open
-        self.open = collections.OrderedDict()  # path -> [container, stream, frame iterator, last position]
-
-    def frame(self, path, times, position):
-        state = self.open.pop(path, None)
-        if state is None:
-            container, stream = _open_video(path)
-            stream.codec_context.thread_count = 1  # parallelism comes from DataLoader workers
-            state = [container, stream, None, None]
-        self.open[path] = state  # most recently used last
-        if len(self.open) > self.max_open:
-            self.open.popitem(last=False)[1][0].close()
-        container, stream, frames, last = state
-        # a short step forward from the last decoded frame: keep decoding; anything else: seek to a keyframe
-        target = int(round(times[position] / float(stream.time_base)))  # pts of the wanted frame
-        if frames is None or last is None or not last < position <= last + 4:
-            container.seek(target, stream=stream, backward=True)  # lands on the keyframe at or before it
-            frames = container.decode(stream)
-        try:
-            for frame in frames:
-                if frame.pts is not None and frame.pts >= target:
-                    state[2], state[3] = frames, position
-                    return frame.to_ndarray(format="rgb24")
-        except av.error.FFmpegError as error:
-            raise ValueError(f"cannot decode video {path} ({error}): the file is damaged; delete it and download "
-                             "or write the dataset again.") from None
-        raise ValueError(f"video {path} ended before frame {position}: the file is damaged or incomplete.")
+            sys.exit(print(f"wrote {draw_episode(args.show, args.episode, args.out)}"))
+        except (FileNotFoundError, ValueError, OSError) as e:
+            sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":  # python data.py [--cache] [--clear-cache]: the frame cache; --show DIR: an episode sheet
-    import argparse
-    from record import show_episode_command  # python data.py --show DIR --episode N [--out sheet.png] (exits)
-    show_episode_command()
+    show_episode_command()  # python data.py --show DIR --episode N [--out sheet.png] (exits)
     parser = argparse.ArgumentParser(description="The frame cache: videos decoded once, for every run.")
     parser.add_argument("--cache", action="store_true", help="list it by dataset (also the default)")
     parser.add_argument("--clear-cache", action="store_true", help="empty it (datasets decode their videos again)")

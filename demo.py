@@ -29,7 +29,9 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from data import LeRobotDataset
-from policy import ACTION, STATE, features_from_dataset, frame_to_float, read_json
+from plumbing import read_json
+from policy import ACTION, STATE, features_from_dataset
+from vlm import frame_to_float
 from record import write_lerobot_dataset
 from smolvla import SmolVLA, SmolVLAConfig
 

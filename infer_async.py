@@ -50,7 +50,9 @@ if "OMP_WAIT_POLICY" not in os.environ:
 
 import numpy as np
 
-from policy import IMAGE_PREFIX, STATE, HelpFormatter, parse_mapping, settle_run_options
+import plumbing
+from plumbing import HelpFormatter, parse_mapping
+from policy import IMAGE_PREFIX, STATE, settle_run_options
 from policy_server import PolicyClient, RemoteError, add_policy_arguments, check_arguments, open_policy, serve
 
 # ----------------------------------------------------------------------------------------------------------
@@ -476,8 +478,6 @@ def make_async_scheduler(args, chunk_size, action_dim):
 
 def run_arm(args):
     """Drive the arm with the policy until --duration or Ctrl-C; torque goes off whatever happens."""
-    import record  # the servo driver, pyserial and cameras only beside the arm: a policy server never loads them
-
     compute, info = open_policy(args)
     settle_run_options(args, info.get("trained_on", {}))  # --fps, --norm-mode, --task: the policy's by default
     ticks = sys.maxsize if args.duration is None else round(args.duration * args.fps)
@@ -485,7 +485,7 @@ def run_arm(args):
     with contextlib.ExitStack() as cleanup:
         if isinstance(compute, PolicyClient):
             cleanup.callback(compute.close)
-        arm, virtual_arm = record.open_arm(args.port, calibration=args.calibration, norm_mode=args.norm_mode,
+        arm, virtual_arm = plumbing.open_arm(args.port, calibration=args.calibration, norm_mode=args.norm_mode,
                                            max_relative_target=args.max_relative_target, arm_id=args.id)
         if virtual_arm is not None:
             cleanup.callback(virtual_arm.close)
@@ -494,7 +494,7 @@ def run_arm(args):
             from demo import ToyWorld
             args.world = ToyWorld(virtual_arm.joint_positions_deg, camera_keys=())
         sources = camera_sources(args.cameras, args.rename, info["cameras"], sim=virtual_arm is not None)
-        cameras = record.open_cameras(sources, virtual_arm, args.world and args.world.scene)
+        cameras = plumbing.open_cameras(sources, virtual_arm, args.world and args.world.scene)
         cleanup.callback(lambda: [camera.close() for camera in cameras.values() if hasattr(camera, "close")])
 
         def capture(state):

@@ -31,9 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-# the VLM's files and frames, where files come from, the command line's lists: vlm.py's, importable from here too
-from vlm import (VLM_DESCRIPTION_FILES, HelpFormatter, frame_to_float, load_vlm_description,  # noqa: F401
-                 parse_mapping, read_json, read_safetensors_dir, resolve_dir)
+from plumbing import read_json, resolve_dir
+from vlm import VLM_DESCRIPTION_FILES, load_vlm_description, read_safetensors_dir
 
 # lerobot's names for what a policy reads and writes (a dataset's columns carry the same names)
 STATE, ACTION, IMAGE_PREFIX = "observation.state", "action", "observation.images."

@@ -153,7 +153,7 @@ class PolicyRunner:
     def __call__(self, observation):
         import torch
 
-        from policy import frame_to_float
+        from vlm import frame_to_float
 
         inputs = {**observation, "task": str(observation.get("task", ""))}
         for key in self.info["cameras"]:

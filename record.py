@@ -1,14 +1,14 @@
 """Recording, the first step of the classroom loop: record demonstrations, train on them, run the result.
 
 SmolVLA learns from demonstrations (paper §4): a person moves a leader arm, the follower copies it, cameras
-film it, and every control tick's joint state, commanded action and task sentence are kept. Here: the
-devices (`open_arm`, a follower or leader, real or virtual; cameras: vlm.py's `open_cameras`); the writer
+film it, and every control tick's joint state, commanded action and task sentence are kept. Here (the devices,
+arms and cameras, real or virtual, are opened by plumbing.py's `open_arm` and `open_cameras`): the writer
 (`write_lerobot_dataset`: a LeRobot v3.0 or v2.1 dataset that lerobot and data.py read alike;
 `append_episode`: one more episode, and a crash never costs the ones before it); the loop and the command
 line: `python record.py --port P --leader-port P2 --dataset DIR --task "…"` records (or --teleoperate, or
 --replay DIR); `--policy CKPT` instead of a leader records evaluation episodes, each judged a success or a
-failure; `--port sim --leader-port sim` needs no hardware. Last, `draw_episode`: an episode's sheet to look
-at (`python data.py --show DIR --episode N`).
+failure; `--port sim --leader-port sim` needs no hardware. To look at what was recorded before training on
+it: `python data.py --show DIR --episode N` (data.py's `draw_episode`).
 """
 
 import argparse
@@ -30,35 +30,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data import SUPPORTED_VERSIONS, LeRobotDataset, aggregate_stats, recorded_episodes
+from data import SUPPORTED_VERSIONS, LeRobotDataset, recorded_episodes
 from infer_async import InferenceWorker, camera_sources, control_tick, make_async_scheduler, build_parser as async_parser
-from policy import ACTION, IMAGE_PREFIX, STATE, parse_mapping, settle_run_options
+from plumbing import (CODECS, aggregate_stats, array_stats, encode_video, open_arm, open_cameras, parse_mapping,
+                      video_stats, write_atomically, write_json)
+from policy import ACTION, IMAGE_PREFIX, STATE, settle_run_options
 from policy_server import add_policy_arguments, open_policy
-from so100 import STATE_NAMES, FeetechError, SO100Follower, SO100Leader, default_calibration
-from virtual_arm import ScriptedHand, VirtualArm, synthetic_episodes  # noqa: F401 (re-export)
-from vlm import CODECS, array_stats, encode_video, open_cameras, video_stats, write_atomically, write_json
-
-
-# ----------------------------------------------------------------------------------------------------
-# Devices: cameras and arms, real or virtual
-# ----------------------------------------------------------------------------------------------------
-
-def open_arm(port, calibration=None, norm_mode="degrees", max_relative_target=None, arm_id="my_so100",
-             verbose=True, leader=False, **sim_options):
-    """(connected SO100Follower, or SO100Leader if `leader`; VirtualArm or None) on a real port (calibration:
-    so100.py's <arm_id>.json by default) or on "sim", a fresh virtual arm (close it after the arm)."""
-    arm_class = SO100Leader if leader else SO100Follower
-    if sim_options and port != "sim":
-        raise ValueError(f"options {sorted(sim_options)} only apply to --port sim")
-    virtual = VirtualArm(**sim_options) if port == "sim" else None
-    calibration = default_calibration(calibration, arm_id, virtual, arm_class.calibration_dir)
-    try:
-        # (a thread plays the virtual servos: on a busy machine it may answer later than a real servo's 50 ms)
-        return arm_class(virtual.port if virtual else port, calibration, norm_mode=norm_mode, verbose=verbose,
-                         max_relative_target=max_relative_target, timeout=0.3 if virtual else 0.05).connect(), virtual
-    except BaseException:
-        virtual and virtual.close()
-        raise
+from so100 import STATE_NAMES, FeetechError
+from virtual_arm import ScriptedHand, synthetic_episodes  # noqa: F401 (re-export)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -166,7 +145,7 @@ def check_same_features(root, info, features, fps):
                          f"is at {fps} fps and differs in {differ}: record into another --dataset directory")
 
 
-# -- the writer's pieces: input checks, columns and features, tables, statistics (videos: vlm.py) ------
+# -- the writer's pieces: input checks, columns and features, tables, statistics (videos: plumbing.py) -
 
 def _check_episodes(episodes):
     """Validate the writer's input; returns the camera names and their (H, W)."""
@@ -379,51 +358,6 @@ def replay(args, follower):
     control_loop(follower, lambda tick, state, frames: dataset.action[tick], {}, dataset.fps,
                  len(dataset) / dataset.fps, f"replaying episode {args.episode}")
     return dataset.action
-
-
-def draw_episode(root, episode, path=None, frames=8):
-    """An episode's sheet, to look at a recording before training on it: per camera a strip of `frames`
-    frames spread over the episode, then per joint the follower's state and the action (the goal sent) over
-    time. PNG at `path` (default: <root>/episode_<N>.png); returns it."""
-    import matplotlib.pyplot as plt
-
-    plt.switch_backend("Agg")  # (a file, no window)
-    dataset, path = LeRobotDataset(root, episodes=[episode], max_cache_gb=0), path or f"{root}/episode_{episode}.png"
-    names, cameras, t = dataset.info["features"][STATE]["names"], dataset.camera_keys, np.arange(len(dataset)) / dataset.fps
-    items = [dataset[int(i)] for i in np.linspace(0, len(dataset) - 1, frames).round()]
-    rows = recorded_episodes(root)[1] if dataset.info["codebase_version"] == "v3.0" else []  # (v3.0: a verdict?)
-    judged = {True: "; success", False: "; failure"}.get(rows and rows[episode].get("success"), "")
-    fig = plt.figure(figsize=(14, 1.8 * len(cameras) + 5), layout="constrained")
-    strips, plots = fig.subfigures(2, 1, height_ratios=[1.8 * len(cameras) + 0.01, 5])
-    fig.suptitle(f"{root} episode {episode}: {len(dataset)} ticks at {dataset.fps} fps{judged}; task: {items[0]['task']!r}")
-    for camera, axes in zip(cameras, strips.subplots(max(len(cameras), 1), frames, squeeze=False)):
-        for ax, item in zip(axes, items):
-            ax.imshow(item[camera].permute(1, 2, 0).numpy())  # (3, H, W) -> (H, W, 3)
-            ax.set_title(f"{camera[len(IMAGE_PREFIX):]}, {item['timestamp']:.1f} s", fontsize=9)
-            ax.axis("off")
-    for j, ax in enumerate(plots.subplots(2, (len(names) + 1) // 2, squeeze=False).flat[:len(names)]):
-        ax.plot(t, dataset.state[:, j], label="state (follower)")
-        ax.plot(t, dataset.action[:, j], "--", label="action (goal sent)")
-        ax.set(title=names[j], xlabel="time (s)")
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
-
-
-def show_episode_command(argv=None):
-    """`python data.py --show DIR --episode N [--out sheet.png]`: draw that episode's sheet and exit (nothing
-    without --show: data.py goes on with its own flags)."""
-    if "--show" in (argv := sys.argv[1:] if argv is None else argv):
-        p = argparse.ArgumentParser(prog="data.py", description=draw_episode.__doc__.split("\n\n")[0])
-        p.add_argument("--show", required=True, metavar="DIR", help="the dataset (a directory or a hub id)")
-        p.add_argument("--episode", type=int, default=0, help="the episode to draw")
-        p.add_argument("--out", help="the PNG to write (default: DIR/episode_N.png)")
-        args = p.parse_args(argv)
-        try:
-            sys.exit(print(f"wrote {draw_episode(args.show, args.episode, args.out)}"))
-        except (FileNotFoundError, ValueError, OSError) as e:
-            sys.exit(f"error: {e}")
 
 
 def build_parser():

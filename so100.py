@@ -13,7 +13,7 @@ feetech.py speaks the servos' bus; this file turns it into that arm:
   safety cap, and switch the torque off whatever happens;
 - `SO100Leader`: the same arm with the torque off, moved by a person; its positions are the follower's goals;
 - `setup_motors`: new servos all answer as id 1; give each its id and 1 Mbaud, one servo at a time;
-- `default_calibration`: where an arm's calibration is (record.open_arm opens a real arm or "sim", a
+- `default_calibration`: where an arm's calibration is (plumbing.open_arm opens a real arm or "sim", a
   `virtual_arm.VirtualArm` on a pseudo-terminal).
 
 `python so100.py --port /dev/ttyACM0 setup-motors|scan|calibrate|read|move …` is the lab entry point (`--leader`

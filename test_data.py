@@ -165,7 +165,7 @@ def test_on_the_fly_decoding_equals_the_cache(written):
 def test_without_cache_no_video_is_probed_for_its_size(written, monkeypatch):
     """max_cache_gb=0 decodes on the fly: opening the dataset needs no frame sizes (no extra mp4 opens)."""
     _, v3, _, _ = written
-    monkeypatch.setattr("data._video_size", lambda path: pytest.fail(f"{path} opened for its size"))
+    monkeypatch.setattr("data.video_size", lambda path: pytest.fail(f"{path} opened for its size"))
     assert not LeRobotDataset(v3, chunk_size=4, max_cache_gb=0)._cached
 
 

@@ -18,9 +18,10 @@ import pytest
 import torch
 
 import infer_async as ia
-import record
+import plumbing
 import policy_server as ps
-from policy import parse_mapping, settle_run_options
+from plumbing import parse_mapping
+from policy import settle_run_options
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -493,7 +494,7 @@ def test_camera_names_are_mapped_and_checked_before_opening_devices():
 
 def test_ctrl_c_stops_cleanly_with_torque_off(server, monkeypatch, tmp_path):
     """Ctrl-C in the middle of a run: the loop stops, metrics are written, every servo's torque is off."""
-    open_arm = record.open_arm  # the real one: run_arm looks it up in record, where the patch below replaces it
+    open_arm = plumbing.open_arm  # the real one: run_arm looks it up in plumbing, where the patch below replaces it
     opened, sent = [], []
 
     def open_arm_then_interrupt(port, **options):
@@ -510,7 +511,7 @@ def test_ctrl_c_stops_cleanly_with_torque_off(server, monkeypatch, tmp_path):
         arm.send_action = send_or_interrupt
         return arm, virtual
 
-    monkeypatch.setattr(record, "open_arm", open_arm_then_interrupt)
+    monkeypatch.setattr(plumbing, "open_arm", open_arm_then_interrupt)
     address = "%s:%d" % server.server_address
     start = time.monotonic()
     metrics = ia.main(["--port", "sim", "--server", address, "--fps", "50", "--duration", "60",

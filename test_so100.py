@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import feetech
-from record import open_arm
+from plumbing import open_arm
 import so100
 from feetech import CONTROL_TABLE, FeetechBus, decode_sign_magnitude, encode_sign_magnitude, parse_status
 from so100 import (
@@ -25,7 +25,7 @@ from so100 import (
     ticks_to_units as normalize, units_to_ticks as unnormalize,
 )
 from virtual_arm import TRUE_CALIBRATION, VirtualArm
-from vlm import OpenCVCamera
+from plumbing import OpenCVCamera
 
 hexbytes = bytes.fromhex
 HERE = os.path.dirname(os.path.abspath(__file__))

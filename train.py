@@ -43,7 +43,8 @@ from tqdm import tqdm
 
 import speed
 from data import LeRobotDataset
-from policy import check_dataset_fits_policy, features_from_dataset, parse_mapping
+from plumbing import parse_mapping
+from policy import check_dataset_fits_policy, features_from_dataset
 from smolvla import SmolVLA, SmolVLAConfig
 
 DEFAULT_POLICY = "lerobot/smolvla_base"

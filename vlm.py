@@ -17,19 +17,12 @@ its keys and values over the prefix (`TextModel.keys_values`). The decoder layer
 grouped-query attention, gated MLP) is the same recipe as the expert's and lives in expert.py.
 
 Reading order: the VLM's shape (read from its Hugging Face config.json), the SigLIP tower, pixel shuffle,
-the text stack, and the frames: where they come from (a USB camera), where recordings keep them (mp4)
-and their preprocessing (to floats, resize with padding). Last, the VLM's files, where
-files come from (a local directory or the Hub) and two command-line helpers, which the other files use too.
+the text stack, the frames' preprocessing (to floats, resize with padding) and, last, the VLM's files.
 """
 
-import argparse
-import json
 import math
 import os
-import threading
 from dataclasses import dataclass
-from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,6 +31,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from expert import DecoderConfig, DecoderLayer, RMSNorm, attention
+from plumbing import read_json, resolve_dir
 
 # The VLM smolvla_base was built from, HuggingFaceTB/SmolVLM2-500M-Video-Instruct, in its config.json
 # format (only the fields this file reads). It lets the full architecture be built without a download.
@@ -256,112 +250,7 @@ class TextModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The frames: where they come from (a USB camera read in the background, or the toy world), where a recording
-# keeps them (an mp4 file and per-channel statistics: record.py's datasets), their preprocessing for the model.
-
-
-class OpenCVCamera:
-    """A USB camera (device index) or a video file, read as (H, W, 3) uint8 RGB frames. A thread takes the
-    frames as the camera delivers them and `read()` returns the latest at once: a control loop never waits
-    up to a frame period for the next one."""
-
-    def __init__(self, index_or_path, width=640, height=480):
-        import cv2
-
-        self._cv2, self.source, self._error, self._running = cv2, index_or_path, None, True
-        self._capture = cv2.VideoCapture(index_or_path)
-        if not self._capture.isOpened():
-            raise FileNotFoundError(f"cannot open camera {index_or_path!r}: check `ls /dev/video*` or the path")
-        self._capture.set(cv2.CAP_PROP_FRAME_WIDTH, width)
-        self._capture.set(cv2.CAP_PROP_FRAME_HEIGHT, height)
-        self.width, self.height, self._latest = width, height, self._grab()
-        (h, w) = self._latest.shape[:2]
-        if (h, w) != (height, width):
-            self.close()
-            raise ValueError(f"camera {index_or_path!r} delivers {w}x{h} frames, not {width}x{height}: pass "
-                             f"width={w}, height={h}")
-        self._thread = threading.Thread(target=self._keep_grabbing, name=f"camera {index_or_path}", daemon=True)
-        self._thread.start()
-
-    def _grab(self):
-        ok, bgr = self._capture.read()
-        if not ok:
-            raise RuntimeError(f"camera {self.source!r} returned no frame (unplugged, or end of the video)")
-        return self._cv2.cvtColor(bgr, self._cv2.COLOR_BGR2RGB)  # OpenCV delivers BGR; datasets are RGB
-
-    def _keep_grabbing(self):
-        try:
-            while self._running:  # a new array each time: frames already handed out never change
-                self._latest = self._grab()
-        except RuntimeError as e:
-            self._error = None if os.path.isfile(str(self.source)) else e  # a video's last frame stays
-
-    def read(self):
-        if self._error:
-            raise self._error
-        return self._latest
-
-    def close(self):
-        self._running = False
-        hasattr(self, "_thread") and self._thread.join()
-        self._capture.release()
-
-
-def open_cameras(sources, virtual_arm=None, scene=None, image_size=(64, 64)):
-    """{key: device index, path or "sim"} (e.g. from infer_async.camera_sources) -> {key: camera}; "sim"
-    cameras film the toy world (`scene`, or a new one of `image_size`) with `virtual_arm` in it."""
-    simulated = [key for key, source in sources.items() if source == "sim"]
-    if simulated and virtual_arm is None:
-        raise ValueError("camera device 'sim' films the virtual arm: it needs --port sim")
-    from virtual_arm import toy_world_cameras  # (the toy world: only when a "sim" camera opens)
-
-    cameras = toy_world_cameras(simulated, virtual_arm.joint_positions_deg, scene, image_size) if simulated else {}
-    return {key: cameras[key] if source == "sim" else OpenCVCamera(int(source) if source.isdigit() else source)
-            for key, source in sources.items()}
-
-
-# the codecs a recording's videos may use: name -> (FFmpeg encoder, the codec name a dataset's info.json gives)
-CODECS = {"libsvtav1": ("libsvtav1", "av1"), "av1": ("libsvtav1", "av1"), "h264": ("libx264", "h264"),
-          "libx264": ("libx264", "h264")}
-
-
-def encode_video(path, videos, fps, codec):
-    """Encode (T, H, W, 3) uint8 videos one after the other into one mp4 (yuv420p, a keyframe every 2 frames
-    like lerobot); frame k of the file is shown at k / fps. codec: a key of CODECS."""
-    import av  # (PyAV: FFmpeg's encoders)
-
-    os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its settings for every stream it opens: errors only
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    encoder = CODECS[codec][0]
-    options = {"crf": "30", "g": "2", "preset": "10"} if encoder == "libsvtav1" else {"crf": "23", "g": "2", "preset": "veryfast"}
-    with av.open(path, "w", format="mp4") as container:  # (format: `path` may be a temporary name)
-        stream = container.add_stream(encoder, rate=fps, options=options)
-        stream.height, stream.width = np.shape(videos[0])[1:3]
-        stream.pix_fmt = "yuv420p"
-        for k, image in enumerate(image for video in videos for image in video):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-            frame.pts, frame.time_base = k, Fraction(1, fps)
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-
-
-def array_stats(values):
-    """min/max/mean/std/count over axis 0 of a (T, ...) array."""
-    values = np.asarray(values, dtype=np.float64).reshape(len(values), -1)  # scalars as (T, 1), stats as [x]
-    return {"min": values.min(0).tolist(), "max": values.max(0).tolist(), "mean": values.mean(0).tolist(),
-            "std": values.std(0).tolist(), "count": [len(values)]}
-
-
-def video_stats(videos, max_frames=300):
-    """Per-channel stats in [0, 1] of a camera's (T, H, W, 3) uint8 videos, shaped (3, 1, 1) as lerobot stores
-    them: from at most ~max_frames evenly spaced frames, one frame at a time (images are big), pooled."""
-    from data import aggregate_stats  # (the dataset reader pools per-episode stats the same way)
-
-    step = max(1, sum(len(video) for video in videos) // max_frames)
-    frames = [{"image": array_stats(frame.reshape(-1, 3) / 255.0)} for video in videos for frame in video[::step]]
-    stats = aggregate_stats(frames)["image"]
-    return {**{name: np.reshape(stats[name], (3, 1, 1)).tolist() for name in ("min", "max", "mean", "std")},
-            "count": [len(frames)]}
+# The frames' preprocessing: camera pixels to what the vision tower reads.
 
 
 def frame_to_float(frame: np.ndarray) -> torch.Tensor:
@@ -415,74 +304,3 @@ def read_safetensors_dir(directory: str) -> dict:
             tensors.update(load_file(os.path.join(directory, shard)))
         return tensors
     raise FileNotFoundError(f"no model.safetensors (or model.safetensors.index.json) in {directory}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Where files come from: a local directory or the Hugging Face Hub (checkpoints, VLMs, datasets); files written
-# atomically (record.py's datasets); the command lines' --help format and name=value lists. (policy.py
-# re-exports some of these: here they sit below everything.)
-
-
-def resolve_dir(source, what, allow_patterns, repo_type="model", revision=None, hint=None):
-    """A local directory as it is; otherwise a Hugging Face Hub id (`owner/name`), whose files matching
-    `allow_patterns` are downloaded into the local cache (huggingface_hub shows the progress). `what`
-    ("checkpoint", "VLM", "dataset") names it in the errors; `hint` says what to do instead."""
-    source = os.fspath(source)
-    if os.path.isdir(source):
-        return source
-    parts = source.split("/")
-    is_hub_id = len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and not os.path.exists(source)
-    if not is_hub_id:
-        raise FileNotFoundError(f"{what} directory not found: there is no {what} directory {source!r}, and it is "
-                                "not a Hugging Face Hub id of the form owner/name")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(source, repo_type=repo_type, revision=revision, allow_patterns=allow_patterns)
-    except Exception as e:  # offline, unknown repo, no access: one message that says which and what to do
-        reason = str(e).splitlines()[0] if str(e) else ""
-        raise FileNotFoundError(
-            f"{what} '{source}' is not a local directory and could not be fetched as a {what} from the Hugging "
-            f"Face Hub ({type(e).__name__}: {reason}). {hint or f'Pass an existing {what} directory.'}"
-        ) from None
-
-
-def read_json(path, what):
-    """The JSON file at `path`; `what` names it in the error when it is missing."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_atomically(path, write):
-    """write(temporary path), then rename it to `path`: readers see the old file or the whole new one."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write(path + ".partial")
-    os.replace(path + ".partial", path)
-
-
-def write_json(path, value):
-    """`value` as indented JSON at `path`, written atomically."""
-    write_atomically(path, lambda p: Path(p).write_text(json.dumps(value, indent=4)))
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help as the command lines here print it: the description's line breaks kept, each option's default
-    shown (but None and False: an option without a default value, or a switch)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
-
-
-def parse_mapping(text, flag):
-    """A command line's 'a=x,b=y' -> {"a": "x", "b": "y"} (camera renames, camera devices); `flag` names
-    the option in the error."""
-    mapping = {}
-    for item in filter(None, (text or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise ValueError(f"{flag} expects name=value pairs separated by commas (e.g. top=camera1,wrist=camera2), "
-                             f"got {item!r}")
-        mapping[key.strip()] = value.strip()
-    return mapping
