@@ -7,7 +7,7 @@ policy sees at that step plus what it must predict: the next `chunk_size` action
 the same episode ("action chunking"):
 
     dataset[i] = {"observation.state": (S,) float32,
-                  "observation.images.<camera>": (3, H, W) float32 in [0, 1], one per camera,
+                  "observation.images.<camera>": (3, H, W) uint8, one per camera,
                   "action": (chunk_size, A) float32        actions i .. i + chunk_size - 1 of i's episode,
                   "action_is_pad": (chunk_size,) bool      True where that step lies past the episode's end,
                   "task": str, and the row's timestamp, episode_index, frame_index, index, task_index}
@@ -25,11 +25,11 @@ Two on-disk layouts exist in the wild, and both are read here, every path coming
   v2.1  one parquet and one mp4 per episode; `meta/episodes.jsonl` lists the episodes in order.
 
 Speed. Decoding video is what starves training: the reference reader opens the mp4, seeks and decodes
-for every sample. Here every frame a dataset needs is decoded once, sequentially (the cheapest way
-to decode), into a uint8 memory-mapped cache on disk (planar, (3, H, W) per frame); a sample then costs
-a memory copy and a conversion to float. Datasets whose decoded frames would not fit `max_cache_gb` (or
-half the free disk) are decoded on the fly instead, with the containers kept open per worker and
-sequential reads continuing without a seek.
+for every sample. Here every frame a dataset needs is decoded once, sequentially (the cheapest way to
+decode), into a uint8 memory-mapped cache on disk (planar, (3, H, W) per frame); a sample then costs a
+memory copy, and frames stay uint8 through the DataLoader (a quarter of float32's bytes between processes)
+until the batch lands (SmolVLA.prepare_images converts them). Datasets whose frames would not fit
+`max_cache_gb` (or half the free disk) are decoded on the fly, containers kept open per worker.
 
 Video frames are looked up by time (`from_timestamp + timestamp`) and snapped to the nearest frame that
 the mp4 really holds, so that the small drift of summed durations in long concatenated files cannot
@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from policy import IMAGE_PREFIX, frame_to_float, read_json, resolve_dir
+from policy import IMAGE_PREFIX, read_json, resolve_dir
 
 SUPPORTED_VERSIONS = ("v2.1", "v3.0")
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "smolvla", "frames")
@@ -103,7 +103,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
             "action_is_pad": torch.from_numpy(steps >= end),  # (chunk,)
         }
         for key, name in self._rename.items():
-            item[name] = frame_to_float(self._image(key, i))  # (3, H, W) uint8 -> float32 in [0, 1]
+            item[name] = torch.from_numpy(np.array(self._image(key, i)))  # (3, H, W) uint8, a copy
         item["task"] = self.tasks[self._task_index[i]]
         item["timestamp"] = torch.tensor(self._timestamp[i], dtype=torch.float32)
         for name in ("episode_index", "frame_index", "index", "task_index"):
@@ -130,9 +130,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
 
     def __init__(self, repo_id_or_path, chunk_size=50, episodes=None, rename=None, revision=None,
                  max_cache_gb=64.0, cache_dir=None):
-        self.chunk_size = chunk_size
         root, download = self._locate(str(repo_id_or_path), revision)
-        self.root = root
+        self.chunk_size, self.root = chunk_size, root
         info = read_json(_require(root, os.path.join("meta", "info.json")), "meta/info.json")
         version = info.get("codebase_version")
         if version not in SUPPORTED_VERSIONS:
@@ -211,8 +210,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         # rows are grouped by episode (sorted by global index): [start, end) of each row's episode
         change = np.flatnonzero(np.diff(self._episode_index)) + 1
         starts, ends = np.r_[0, change], np.r_[change, len(table)]
-        self._start = np.repeat(starts, ends - starts)
-        self._end = np.repeat(ends, ends - starts)
+        self._start, self._end = np.repeat(starts, ends - starts), np.repeat(ends, ends - starts)
         self._rows_of = {int(self._episode_index[a]): slice(a, b) for a, b in zip(starts, ends)}
 
     @staticmethod
@@ -231,8 +229,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         self._file_of, self._position_of = {}, {}  # per camera key: (N,) arrays
         file_ids = {}
         for key in video_keys:
-            files = np.empty(len(self._index), dtype=np.int32)
-            positions = np.empty(len(self._index), dtype=np.int64)
+            files, positions = np.empty(len(self._index), dtype=np.int32), np.empty(len(self._index), dtype=np.int64)
             for episode in self.episodes:
                 episode_index = episode["episode_index"]
                 path = os.path.join(self.root, _video_path(self.info, episode, key))
@@ -242,8 +239,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
                     file_ids[path] = len(self._video_files)
                     self._video_files.append(path)
                     self._frame_times.append(_frame_times(path))
-                rows = self._rows_of[episode_index]
-                times = self._frame_times[file_ids[path]]
+                rows, times = self._rows_of[episode_index], self._frame_times[file_ids[path]]
                 wanted = _video_start(self.info, episode, key) + self._timestamp[rows].astype(np.float64)
                 # nearest frame: compare the neighbours on both sides of the insertion point
                 right = np.clip(np.searchsorted(times, wanted), 0, len(times) - 1)

@@ -254,7 +254,8 @@ class SmolVLA(nn.Module):
 
     def prepare_images(self, images: list, img_masks: list) -> tuple[list, list]:
         """Check the frames, resize-with-pad them and map [0, 1] -> [-1, 1] (SigLIP's range); append the
-        config's blank cameras (all −1, masked out). images: list of (B, 3, H, W), img_masks: list of (B,)."""
+        config's blank cameras (all −1, masked out). images: list of (B, 3, H, W) float in [0, 1] or uint8
+        (0..255, converted here), img_masks: list of (B,)."""
         cfg = self.config
         n_real = len(cfg.camera_keys)
         if len(images) != len(img_masks):
@@ -268,8 +269,10 @@ class SmolVLA(nn.Module):
             )
         prepared = []
         for img in images:
+            if img.dtype == torch.uint8:  # frames as the dataset reader gives them: to float here, where they land
+                img = img.float() / 255
             if img.ndim != 4 or img.shape[1] != 3 or not img.is_floating_point():
-                raise ValueError(f"images must be float (B, 3, H, W), got {tuple(img.shape)} {img.dtype}")
+                raise ValueError(f"images must be float or uint8 (B, 3, H, W), got {tuple(img.shape)} {img.dtype}")
             lo, hi = img.min().item(), img.max().item()
             if lo < 0 or hi > 1:
                 raise ValueError(
