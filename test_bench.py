@@ -161,6 +161,7 @@ def test_bench_times_train_py_s_step_and_reports_errors(monkeypatch):
     result = bench.main(common + ["--train", "--dtype", "bf16", "--repeats", "1", "--warmup", "0"])
     assert result["train_step_s"] > 0 and result["batch"] == 2 and result["trained_params"] > 0
     assert len(calls) == 1 and calls[0]["task"] == [bench.TASK] * 2 and calls[0]["action_is_pad"].shape == (2, 50)
+    assert all(calls[0][k].dtype == torch.uint8 for k in ("observation.images.top", "observation.images.wrist"))
     assert 0 < result["peak_fraction"] and result["peak_gflops"] > 0
     assert result["packed"] and not result["compiled"]
     with pytest.raises(ValueError, match="the checkpoint reads 2"):
