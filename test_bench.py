@@ -209,3 +209,24 @@ def test_untracked_prefix_gives_the_same_loss_and_gradients(io):
     for tracked_all, state_only in zip(*grads):
         torch.testing.assert_close(state_only, tracked_all, atol=1e-6, rtol=1e-4)
     assert grads[0][0].abs().max() > 0  # the state projection does get a gradient through the VLM
+
+
+def test_bf16_training_keeps_the_frozen_vlm_in_bf16_and_stays_near_the_fp32_reference(io):
+    """train.py --bf16: speed.prepare(training=True, autocast=True) casts the frozen parts to bf16 once (what
+    autocast multiplies with anyway; smolvla_base stores its VLM in bf16) and keeps the trained ones in
+    float32 for the optimizer. Losses stay within bf16 rounding of the reference's float32 losses."""
+    model = speed.prepare(SmolVLA.from_pretrained(CKPT, vlm=VLM), training=True, autocast=True).train()
+    assert model.vision.encoder["layers"][0].mlp.fc1.weight.dtype == torch.bfloat16
+    assert model.text.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert model.expert.layers[0].mlp.up_proj.weight.dtype == model.state_proj.weight.dtype == torch.float32
+    images, masks = [io["image0"], io["image1"]], [torch.ones(2, dtype=torch.bool)] * 2
+    args = (images, masks, io["lang_tokens"], io["lang_masks"], io["state"], io["actions"], io["noise"], io["time"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model.compute_loss(*args)
+    expected = io["expected_losses"]
+    error = (losses.float() - expected).abs().max().item()
+    assert 1e-5 < error < 0.01 * expected.abs().max().item()  # really bf16, within 1% of the largest loss
+    assert abs(losses.float().mean() - expected.mean()) < 1e-3 * expected.mean()
+    losses.mean().backward()
+    assert model.expert.layers[0].mlp.up_proj.weight.grad.dtype == torch.float32
+    assert model.text.layers[0].mlp.up_proj.weight.grad is None
