@@ -418,17 +418,17 @@ def measure(args) -> dict:
 
 
 def print_table(results: list):
-    """The one table: per measurement our seconds and lerobot's, the ratio, our GFLOP/s, the machine's matmul
-    peak in the same dtype and the fraction of it we reach; then the machine and the choices made on it."""
+    """The one table: per measurement our seconds and lerobot's, the ratio (and the ratio of CPU-seconds, which
+    other programs on a shared machine disturb less), our GFLOP/s, the machine's matmul peak in the same dtype
+    and the fraction of it we reach; then the machine and the choices made on it."""
     m = results[0]["machine"]
-    print(f"\n{'':22}{'ours':>9}{'lerobot':>9}{'ratio':>7}{'GFLOP/s':>9}{'peak':>7}{'of peak':>8}")
+    print(f"\n{'':26}{'ours':>8}{'lerobot':>9}{'ratio':>7}{'CPU-s ratio':>12}{'GFLOP/s':>8}{'peak':>6}{'of peak':>8}")
     for r in results:
         key, ref = ("train_step_s", "train step") if r["mode"] == "train" else ("chunk_s", "chunk")
-        row = f"{ref} {r['dtype']}, batch {r['batch']}"
-        ref = r.get("reference", {}).get(key)
-        row = f"{row:22}{r[key]:8.2f}s" + (f"{ref:8.2f}s{r[key] / ref:6.2f}x" if ref else f"{'-':>9}{'-':>7}")
-        row += f"{r['gflops']:9.0f}" + (f"{r['peak_gflops']:7.0f}{r['peak_fraction']:8.0%}" if "peak_gflops" in r else "")
-        print(row)
+        row, ref = f"{ref} {r['dtype']}, batch {r['batch']}", r.get("reference", {})
+        row = f"{row:26}{r[key]:7.2f}s" + (f"{ref[key]:8.2f}s{r[key] / ref[key]:6.2f}x" if key in ref else f"{'-':>9}{'-':>7}")
+        cpu = f"{statistics.median(r['cpu_s']) / statistics.median(ref['cpu_s']):11.2f}x" if "cpu_s" in ref else f"{'-':>12}"
+        print(row + cpu + f"{r['gflops']:8.0f}" + (f"{r['peak_gflops']:6.0f}{r['peak_fraction']:8.0%}" if "peak_gflops" in r else ""))
     print(f"machine: {m['cpu']}, {m['threads']} threads, AMX {'yes' if m['amx'] else 'no'}, AVX-512 BF16 "
           f"{'yes' if m['avx512_bf16'] else 'no'}; load average {results[0]['load_before']:.1f} -> "
           f"{results[-1]['load_after']:.1f}")

@@ -151,16 +151,19 @@ def machine() -> dict:
             "avx512_bf16": "avx512_bf16" in flags, "threads": torch.get_num_threads()}
 
 
-def best_seconds(fn, repeats: int = 3) -> float:
-    """The fastest of `repeats` timed calls after one untimed call (oneDNN builds its kernel then); the
-    fastest is what the machine can do, the others were disturbed (by other programs on a shared machine)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def fastest_seconds(candidates: dict, repeats: int = 5) -> dict:
+    """{name: the fastest of `repeats` timed calls of that candidate}, after one untimed call of each (oneDNN
+    builds its kernel then). The candidates take turns, so that other programs on a shared machine disturb
+    them alike; the fastest call is what the machine can do, slower ones were disturbed."""
+    for fn in candidates.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    best = dict.fromkeys(candidates, float("inf"))
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def linear_candidates(tokens: int, fan_in: int, fan_out: int, dtype: torch.dtype, gelu: bool = False) -> dict:
@@ -173,9 +176,8 @@ def linear_candidates(tokens: int, fan_in: int, fan_out: int, dtype: torch.dtype
     packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
     run = lambda post: torch.ops.mkldnn._linear_pointwise(x, packed, b, post, [], "tanh" if post == "gelu" else "")  # noqa: E731
     if gelu:
-        return {"fused": best_seconds(lambda: run("gelu")),
-                "separate": best_seconds(lambda: F.gelu(run("none"), approximate="tanh"))}
-    return {"plain": best_seconds(lambda: F.linear(x, w, b)), "packed": best_seconds(lambda: run("none"))}
+        return fastest_seconds({"fused": lambda: run("gelu"), "separate": lambda: F.gelu(run("none"), approximate="tanh")})
+    return fastest_seconds({"plain": lambda: F.linear(x, w, b), "packed": lambda: run("none")})
 
 
 def matmul_peak(shapes: list, dtype: torch.dtype) -> float:
