@@ -346,10 +346,12 @@ def parse_args(argv=None):
     if args.batch is None and (args.data or args.lerobot and not args.table):
         args.batch = 32 if args.data else 2 if args.train else 1
     for name in ("cameras", "height", "width", "steps", "repeats", "threads", "batch"):
-        if (getattr(args, name) or 1) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name} must be at least 1")
     if args.warmup < 0:
         ap.error("--warmup must be 0 or more")
+    if args.lerobot and args.checkpoint:
+        ap.error("--lerobot times lerobot's SmolVLA at smolvla_base's size with random weights (no --checkpoint)")
     if args.vlm and not args.checkpoint:
         ap.error("--vlm goes with --checkpoint (the random model has SmolVLM2-500M's architecture built in)")
     return args
