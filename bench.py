@@ -12,28 +12,34 @@ less than 0.7 × 50 / 30 ≈ 1.17 s. This script measures it, at the size that m
     python bench.py --write-dataset /tmp/ds --episodes 6 --frames 300            # two 480×640 AV1 cameras
     python bench.py --data /tmp/ds --workers 2 --batch 8                         # the dataset reader
 
-It reports the median seconds per chunk after warm-up and the achieved GFLOP/s, against a FLOP count
-worked out from the architecture (`chunk_flops`: ≈ 580 GFLOP for smolvla_base with two cameras, three
-quarters of it in the vision tower). With --json the last line printed is a JSON object ("chunk_s", ...).
+    python bench.py --table --reference "/work/lerobot-venv/bin/python bench.py --lerobot"  # the README's table
 
-`--reference CMD` runs another command with the same shape arguments first (e.g. lerobot's SmolVLA in its
-own environment) and reports our time as a fraction of its "chunk_s" / "train_step_s", measured in the
-same sitting: on a shared machine, only timings taken together compare.
+It reports the median seconds per chunk after warm-up and the achieved GFLOP/s, against a FLOP count
+worked out from the architecture (`speed.chunk_flops`: ≈ 580 GFLOP for smolvla_base with two cameras, three
+quarters of it in the vision tower), and the fraction of this machine's matmul peak that is (the best rate of
+the model's largest products, the vision MLP's, timed in the same run: `speed.matmul_peak`). With --json the
+last line printed is a JSON object ("chunk_s" or "train_step_s", "gflops", "peak_gflops", "peak_fraction", ...).
+
+`--reference CMD` runs another command with the same arguments first and reports our time as a fraction of
+its: `bench.py --lerobot` run by a Python that has lerobot 0.4.4 times lerobot's SmolVLA (or its dataset
+reader, with --data) on the same shapes. On a shared machine only timings taken together compare.
 
 What makes it fast is speed.py's subject (the steps written into the model, and those `speed.prepare`
-applies from outside); this file only measures. It also measures the dataset reader as training uses it
-(`--data DIR`: samples/s through a shuffled DataLoader) and writes synthetic datasets to measure on
-(`--write-dataset DIR`).
+applies from outside); this file only measures. `--train` times train.py's own step (its preparation
+`prepare_training`, its `training_step`) on a batch as its loop receives it.
 """
 
 import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import types
 
 # On a machine shared with other work, OpenMP threads that spin long while waiting for a descheduled partner
 # turn every parallel operator into a wait for the scheduler (measured here: an expert step 12x slower with
@@ -46,16 +52,17 @@ if "OMP_WAIT_POLICY" not in os.environ:
 import torch  # noqa: E402
 
 import speed  # noqa: E402
+from speed import LANG_TOKENS, chunk_flops, train_step_flops  # noqa: E402  (the FLOP count, beside the peak)
 from data import SUPPORTED_VERSIONS, LeRobotDataset  # noqa: E402
 from plumbing import HelpFormatter, read_json, resolve_dir  # noqa: E402
-from policy import IMAGE_PREFIX  # noqa: E402
+from policy import ACTION, IMAGE_PREFIX, STATE  # noqa: E402
 from record import CODECS, synthetic_episodes, write_lerobot_dataset  # noqa: E402
 from smolvla import SmolVLA, SmolVLAConfig  # noqa: E402
-from train import RECIPE  # noqa: E402
+from train import RECIPE, TrainingLoss, prepare_training, training_step  # noqa: E402
 from vlm import SMOLVLM2_500M_VIDEO_INSTRUCT, parse_vlm_config  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-LANG_TOKENS = 20  # a short task sentence ("pick up the red cube and put it in the box\n") in tokens
+TASK = "pick up the red cube and put it in the box"  # LANG_TOKENS = 20 tokens, with its "\n", in SmolVLM2's tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -105,80 +112,6 @@ def make_inputs(model: SmolVLA, batch: int, height: int, width: int, lang_tokens
 
 
 # ----------------------------------------------------------------------------------------------------
-# FLOP count from the architecture (multiply-adds × 2; norms, softmax and other elementwise work left out).
-
-
-def linear_flops(tokens: int, fan_in: int, fan_out: int) -> int:
-    return 2 * tokens * fan_in * fan_out
-
-
-def attention_flops(q_len: int, k_len: int, heads: int, head_dim: int) -> int:
-    return 2 * 2 * q_len * k_len * heads * head_dim  # scores q·kᵀ, then probabilities · v
-
-
-def chunk_flops(model: SmolVLA, height: int, width: int, lang_tokens: int = LANG_TOKENS) -> dict:
-    """FLOPs of one chunk for one observation, by part: {"vision", "vlm_prefix", "expert_step", "expert",
-    "total"}. Counts what the model computes: the vision tower per camera, the connector, the VLM over the
-    prefix (the last layer only up to its keys/values), the cross-attention layers' k/v projections of the
-    prefix (once per chunk), and per flow step the suffix embedding, the expert and the velocity projection."""
-    cfg = model.config
-    vision, text, factor, _ = parse_vlm_config(model.vlm_config)
-    if cfg.resize_imgs_with_padding is not None:
-        width, height = cfg.resize_imgs_with_padding
-    patches = (height // vision.patch_size) * (width // vision.patch_size)
-    d, mlp = vision.hidden_size, vision.intermediate_size
-    per_layer = 4 * linear_flops(patches, d, d) + linear_flops(patches, d, mlp) + linear_flops(patches, mlp, d)
-    per_layer += attention_flops(patches, patches, vision.num_heads, d // vision.num_heads)
-    patch_embed = linear_flops(patches, vision.num_channels * vision.patch_size**2, d)
-    image_tokens = patches // factor**2
-    connector = linear_flops(image_tokens, d * factor**2, text.hidden_size)
-    cameras = len(cfg.camera_keys) + cfg.empty_cameras
-    vision_total = cameras * (patch_embed + vision.num_layers * per_layer + connector)
-
-    # the prefix: 64 tokens per camera (+3 marker tokens each if configured), the words, the state token
-    prefix = cameras * (image_tokens + 3 * cfg.add_image_special_tokens) + lang_tokens + 1
-    prefix = max(prefix, cfg.prefix_length)
-    w, heads, kv_heads, hd = text.hidden_size, text.num_heads, text.num_kv_heads, text.head_dim
-    qkv = linear_flops(prefix, w, heads * hd) + 2 * linear_flops(prefix, w, kv_heads * hd)
-    rest = attention_flops(prefix, prefix, heads, hd) + linear_flops(prefix, heads * hd, w)
-    rest += 3 * linear_flops(prefix, w, text.intermediate_size)
-    layers = len(model.text.layers)
-    vlm_total = layers * qkv + (layers - 1) * rest  # the last layer's output is never used
-    vlm_total += linear_flops(1, cfg.max_state_dim, w)  # the state token
-    # expert: joint layers see prefix + suffix, cross layers the prefix through their own k/v projections
-    expert = model.expert.layers[0]
-    we, e_mlp = expert.self_attn.q_proj.in_features, expert.mlp.up_proj.out_features
-    steps = cfg.chunk_size
-    step_total = linear_flops(steps, cfg.max_action_dim, we) + linear_flops(steps, 2 * we, we)
-    step_total += linear_flops(steps, we, we) + linear_flops(steps, we, cfg.max_action_dim)
-    for j, cross in model.expert.plan:
-        if j is None:
-            continue
-        step_total += 2 * linear_flops(steps, we, heads * hd) + 3 * linear_flops(steps, we, e_mlp)  # q, o, MLP
-        if cross:
-            vlm_total += 2 * linear_flops(prefix, kv_heads * hd, kv_heads * hd)  # once per chunk
-            step_total += attention_flops(steps, prefix, heads, hd)
-        else:
-            step_total += 2 * linear_flops(steps, we, kv_heads * hd)
-            step_total += attention_flops(steps, prefix + steps, heads, hd)
-    expert_total = cfg.num_steps * step_total
-    return {
-        "vision": vision_total,
-        "vlm_prefix": vlm_total,
-        "expert_step": step_total,
-        "expert": expert_total,
-        "total": vision_total + vlm_total + expert_total,
-    }
-
-
-def train_step_flops(flops: dict, batch: int) -> int:
-    """Approximate FLOPs of a training step (train_expert_only): the frozen vision tower and VLM forward
-    (the VLM's backward covers only the state token, negligible); the expert forward, input and weight
-    gradients (≈ 3× forward) for one flow time per sample."""
-    return batch * (flops["vision"] + flops["vlm_prefix"] + 3 * flops["expert_step"])
-
-
-# ----------------------------------------------------------------------------------------------------
 # Timing.
 
 
@@ -203,20 +136,20 @@ def sample_chunk(model: SmolVLA, inputs: dict) -> torch.Tensor:
     )
 
 
-def train_step(model: SmolVLA, optimizer, inputs: dict, autocast_dtype) -> float:
-    """Forward, backward (gradients clipped as train.RECIPE says) and AdamW step of the flow-matching loss
-    (mean over steps and action dims), as train.py does."""
-    with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        losses = model.compute_loss(
-            inputs["images"], inputs["img_masks"], inputs["lang_tokens"], inputs["lang_masks"], inputs["state"],
-            inputs["actions"],
-        )
-    loss = losses[:, :, : model.config.action_dim].mean()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], RECIPE["grad_clip"])
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+def training_batch(model: SmolVLA, inputs: dict) -> dict:
+    """The inputs as train.py's loop receives them: a collated batch of the dataset reader's samples (uint8
+    frames, robot units; a random model gets unit statistics and a word tokenizer for the task)."""
+    if model.tokenizer is None:
+        from demo import word_tokenizer
+
+        model.tokenizer = word_tokenizer([TASK])
+    for key, dim in ((STATE, model.config.state_dim), (ACTION, model.config.action_dim)):
+        model.stats.setdefault(key, {"mean": torch.zeros(dim), "std": torch.ones(dim), "min": -torch.ones(dim),
+                                     "max": torch.ones(dim)})
+    frames = [(img * 255).round().to(torch.uint8) for img in inputs["images"]]  # uint8, as data.py reads them
+    batch = dict(zip(model.config.camera_keys, frames), task=[TASK] * len(inputs["state"]))
+    return {**batch, STATE: inputs["state"], ACTION: inputs["actions"],
+            "action_is_pad": torch.zeros(inputs["actions"].shape[:2], dtype=torch.bool)}
 
 
 def stage_times(model: SmolVLA, inputs: dict, repeats: int) -> dict:
@@ -247,12 +180,13 @@ def profile_run(fn, rows: int = 25):
 
 
 def run_reference(command: str, args) -> dict:
-    """Run the reference timing command with our shape arguments; its last output line is a JSON object."""
-    cmd = shlex.split(command) + [
-        "--cameras", str(args.cameras), "--height", str(args.height), "--width", str(args.width),
-        "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads),
-        "--batch", str(args.batch), "--json",
-    ] + (["--train"] if args.train else [])
+    """Run the reference timing command with our arguments; its last output line is a JSON object."""
+    shape = ["--cameras", args.cameras, "--height", args.height, "--width", args.width, "--steps", args.steps,
+             "--repeats", args.repeats, "--warmup", args.warmup, "--threads", args.threads, "--dtype", args.dtype]
+    data = ["--data", args.data, "--workers", args.workers, "--seconds", args.seconds, "--chunk-size",
+            args.chunk_size]
+    cmd = shlex.split(command) + [str(a) for a in (data if args.data else shape) + ["--batch", args.batch]]
+    cmd += ["--json"] + (["--train"] if args.train else [])
     print("reference:", " ".join(cmd), flush=True)
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
@@ -261,6 +195,69 @@ def run_reference(command: str, args) -> dict:
     if not lines:
         raise RuntimeError(f"the reference command printed nothing; stderr:\n{out.stderr[-3000:]}")
     return json.loads(lines[-1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The reference, lerobot 0.4.4, timed by this same script (--lerobot, run by a Python where lerobot
+# imports; our run calls it through --reference "PYTHON bench.py --lerobot").
+
+# smolvla_base's projections that the published checkpoint stores in float32 (the rest is bfloat16)
+LEROBOT_FP32 = ("state_proj", "action_in_proj", "action_out_proj", "action_time_mlp_in", "action_time_mlp_out")
+
+
+def lerobot_run(inputs: dict, cameras: int, dtype: torch.dtype, train: bool):
+    """lerobot's SmolVLAPolicy at smolvla_base's size with random weights, built offline from a VLM
+    description in a temporary folder (SmolVLM2-500M's config, the demo's tokenizer); for inference in
+    dtype as smolvla_base is stored, for training in float32 with autocast in bf16 (lerobot's use_amp).
+    Returns a closure running one chunk or one training step (lerobot's optimizer preset, clipping)."""
+    from lerobot.configs.types import FeatureType, PolicyFeature
+    from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig as LerobotConfig
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    from demo import write_tiny_vlm
+
+    directory = tempfile.mkdtemp()
+    config, _ = write_tiny_vlm(directory, [TASK], image_size=512)
+    for part in ("vision_config", "text_config"):
+        config[part].update(SMOLVLM2_500M_VIDEO_INSTRUCT[part])
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f)
+    keys = [f"{IMAGE_PREFIX}camera{i + 1}" for i in range(cameras)]
+    features = {STATE: PolicyFeature(FeatureType.STATE, (6,))}
+    features.update({key: PolicyFeature(FeatureType.VISUAL, (3, 256, 256)) for key in keys})
+    policy = SmolVLAPolicy(LerobotConfig(vlm_model_name=directory, load_vlm_weights=False, input_features=features,
+                                         output_features={ACTION: PolicyFeature(FeatureType.ACTION, (6,))}))
+    shutil.rmtree(directory)
+    batch = {STATE: inputs["state"], ACTION: inputs["actions"], **dict(zip(keys, inputs["images"])),
+             "observation.language.tokens": inputs["lang_tokens"],
+             "observation.language.attention_mask": inputs["lang_masks"]}
+    if not train:
+        policy.eval().to(dtype)
+        for name in LEROBOT_FP32:
+            getattr(policy.model, name).float()
+        return lambda: policy.predict_action_chunk(dict(batch), noise=inputs["noise"])
+    policy.train()
+    optimizer = torch.optim.AdamW(policy.get_optim_params(), lr=RECIPE["lr"], betas=RECIPE["betas"],
+                                  eps=RECIPE["eps"], weight_decay=RECIPE["weight_decay"])
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
+            loss, _ = policy.forward(dict(batch))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), RECIPE["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def lerobot_dataset(root: str, chunk_size: int):
+    """lerobot's LeRobotDataset over a local dataset, with chunk_size-action chunks (delta_timestamps)."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset as LerobotDataset
+
+    with open(os.path.join(root, "meta", "info.json")) as f:
+        fps = json.load(f)["fps"]
+    return LerobotDataset("local/bench", root=root, delta_timestamps={ACTION: [i / fps for i in range(chunk_size)]})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -273,17 +270,20 @@ def _cpu_seconds():
     return times.user + times.system + times.children_user + times.children_system
 
 
-def data_benchmark(repo_or_dir, workers=2, batch_size=32, seconds=20.0, chunk_size=50, max_cache_gb=64.0):
-    """Samples per second through a shuffled DataLoader, as training reads them.
+def data_benchmark(repo_or_dir, workers=2, batch_size=32, seconds=20.0, chunk_size=50, max_cache_gb=64.0,
+                   lerobot=False):
+    """Samples per second through a shuffled DataLoader, as training reads them (lerobot: lerobot's reader).
 
     Also samples per CPU-second (main process and workers together), a figure that other programs
     running on the same machine disturb much less than the wall-clock rate.
     """
     start = time.perf_counter()
-    dataset = LeRobotDataset(repo_or_dir, chunk_size=chunk_size, max_cache_gb=max_cache_gb)
-    opened = time.perf_counter() - start
-    mode = "pre-decoded cache" if dataset._cached else "on-the-fly decoding"
-    print(f"{repo_or_dir}: {len(dataset)} samples, cameras {dataset.camera_keys}, opened in {opened:.1f} s ({mode})")
+    if lerobot:
+        dataset, mode = lerobot_dataset(repo_or_dir, chunk_size), "lerobot's reader"
+    else:
+        dataset = LeRobotDataset(repo_or_dir, chunk_size=chunk_size, max_cache_gb=max_cache_gb)
+        mode = "pre-decoded cache" if dataset._cached else "on-the-fly decoding"
+    print(f"{repo_or_dir}: {len(dataset)} samples, opened in {time.perf_counter() - start:.1f} s ({mode})")
     if len(dataset) < 2 * batch_size:
         raise ValueError(f"the benchmark needs at least two batches: {len(dataset)} samples < 2 x batch size {batch_size}.")
     cpu_start = _cpu_seconds()
@@ -303,7 +303,7 @@ def data_benchmark(repo_or_dir, workers=2, batch_size=32, seconds=20.0, chunk_si
     per_cpu_second = (samples + batch_size) / (_cpu_seconds() - cpu_start)
     print(f"{rate:.1f} samples/s, {per_cpu_second:.1f} samples per CPU-second  ({samples} samples, {workers} workers, "
           f"batch {batch_size}, chunk {chunk_size})")
-    return rate
+    return {"samples_per_s": rate, "samples_per_cpu_s": per_cpu_second}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -328,6 +328,8 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true", help="torch.compile the vision tower and the expert's step")
     ap.add_argument("--profile", action="store_true", help="print stage timings and the top operators")
     ap.add_argument("--reference", metavar="CMD", help="a command timing the reference on the same shapes first")
+    ap.add_argument("--lerobot", action="store_true", help="time lerobot's SmolVLA or dataset reader instead of ours")
+    ap.add_argument("--table", action="store_true", help="the bf16 and fp32 chunks and train.py's step, one table")
     ap.add_argument("--json", action="store_true", help="print the results as a JSON object on the last line")
     data = ap.add_argument_group("the dataset reader (--data) and synthetic datasets (--write-dataset)")
     data.add_argument("--data", metavar="REPO_OR_DIR", help="samples/s of a shuffled DataLoader over this dataset")
@@ -342,94 +344,119 @@ def parse_args(argv=None):
     data.add_argument("--codec", default="libsvtav1", choices=sorted(CODECS))
     data.add_argument("--version", default="v3.0", choices=SUPPORTED_VERSIONS)
     args = ap.parse_args(argv)
-    if args.batch is None:
-        args.batch = 2 if args.train else 32 if args.data else 1
+    if args.batch is None and (args.data or args.lerobot and not args.table):
+        args.batch = 32 if args.data else 2 if args.train else 1
     if args.cameras is None and args.checkpoint:  # every camera the checkpoint reads
         config = read_json(os.path.join(resolve_dir(args.checkpoint, "checkpoint", ["*.json"]), "config.json"), "config")
         args.cameras = len(SmolVLAConfig.from_json_dict(config).camera_keys)
     elif args.cameras is None:  # smolvla_base's two
         args.cameras = 2
     for name in ("cameras", "height", "width", "steps", "repeats", "threads", "batch"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name} must be at least 1")
     if args.warmup < 0:
         ap.error("--warmup must be 0 or more")
+    if args.lerobot and args.checkpoint:
+        ap.error("--lerobot times lerobot's SmolVLA at smolvla_base's size with random weights (no --checkpoint)")
     if args.vlm and not args.checkpoint:
         ap.error("--vlm goes with --checkpoint (the random model has SmolVLM2-500M's architecture built in)")
     return args
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.write_dataset or args.data:
-        return dataset_main(args)
+def measure(args) -> dict:
+    """One measurement, a chunk or a training step (--train), of our model or lerobot's (--lerobot), with the
+    reference command's first (--reference) and this machine's matmul peak in the same dtype after it."""
     torch.set_num_threads(args.threads)
-    pack = not (args.no_pack or args.compile)  # compiled: inductor packs the weights itself ("freezing")
+    pack, dtype = not (args.no_pack or args.compile), DTYPES[args.dtype]  # compiled: inductor packs itself
     result = {"threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-              "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
-              "dtype": args.dtype, "batch": args.batch,
+              "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"), "dtype": args.dtype, "batch": args.batch,
               "mode": "train" if args.train else "chunk", "packed": pack, "compiled": args.compile}
     if args.reference:
-        reference = run_reference(args.reference, args)
-        result["reference"] = reference
-
-    model = build_model(args.checkpoint, args.vlm, args.cameras)
+        result["reference"] = run_reference(args.reference, args)
+    if args.lerobot:  # our model on the meta device: the inputs' and FLOP count's shapes only
+        with torch.device("meta"):
+            model = SmolVLA(base_config(args.cameras), SMOLVLM2_500M_VIDEO_INSTRUCT)
+    else:
+        model = build_model(args.checkpoint, args.vlm, args.cameras)
     model.config.num_steps = args.steps
     inputs = make_inputs(model, args.batch, args.height, args.width)
     flops = chunk_flops(model, args.height, args.width)
     cameras = len(model.config.camera_keys)
-    print(f"bench: {'random smolvla_base' if args.checkpoint is None else args.checkpoint}, {cameras} cameras "
-          f"{args.height}x{args.width}, batch {args.batch}, {args.steps} flow steps, {args.dtype}, "
+    print(f"bench: {'lerobot' if args.lerobot else 'ours'}, {args.checkpoint or 'random smolvla_base'}, {cameras} "
+          f"cameras {args.height}x{args.width}, batch {args.batch}, {args.steps} flow steps, {args.dtype}, "
           f"{torch.get_num_threads()} threads; FLOPs per chunk and observation: "
           + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in flops.items()), flush=True)
 
     result["load_before"] = os.getloadavg()[0]
-    if args.train:
-        model.train()
-        trained = [p for p in model.parameters() if p.requires_grad]
-        # the optimizer of train.py's recipe (fused: one kernel per parameter updates it and both moments)
-        optimizer = torch.optim.AdamW(trained, lr=RECIPE["lr"], betas=RECIPE["betas"], eps=RECIPE["eps"],
-                                      weight_decay=RECIPE["weight_decay"], fused=True)
-        autocast = DTYPES[args.dtype] if args.dtype != "fp32" else None
-        # the frozen parts (train_expert_only: vision, connector, text model) never change: under autocast keep
-        # them in bf16, as lerobot keeps smolvla_base's VLM, so that autocast neither re-casts their weights nor
-        # converts activations back and forth (the trained parts keep float32 master weights)
-        for part in model.children():
-            if autocast is not None and not any(p.requires_grad for p in part.parameters()):
-                part.to(autocast)
-        speed.prepare(model, training=True, pack=pack, compile=args.compile)
-        run = lambda: train_step(model, optimizer, inputs, autocast)  # noqa: E731
-        wall, cpu = timed(run, args.repeats, args.warmup)
-        result["train_step_s"] = statistics.median(wall)
-        result["train_gflops"] = train_step_flops(flops, args.batch) / result["train_step_s"] / 1e9
-        result["trained_params"] = sum(p.numel() for p in trained)
+    if args.lerobot:
+        run = lerobot_run(inputs, cameras, dtype, args.train)
+    elif args.train:  # exactly what train.py does: its preparation, its step, on a batch as its loop gets it
+        recipe, autocast = types.SimpleNamespace(**RECIPE, train_vlm=False), args.dtype == "bf16"
+        trainable, optimizer = prepare_training(model, recipe, torch.device("cpu"), autocast)
+        loss, batch = TrainingLoss(model), training_batch(model, inputs)
+        run = lambda: training_step(loss, optimizer, trainable, batch, RECIPE["grad_clip"], autocast)  # noqa: E731
+        result["trained_params"] = sum(p.numel() for p in trainable)
     else:
-        model.to(DTYPES[args.dtype])
+        model.to(dtype)
         speed.prepare(model, pack=pack, compile=args.compile)
         run = lambda: sample_chunk(model, inputs)  # noqa: E731
-        wall, cpu = timed(run, args.repeats, args.warmup)
-        result["chunk_s"] = statistics.median(wall)
-        result["gflops"] = args.batch * flops["total"] / result["chunk_s"] / 1e9
-        result["gflop_per_chunk"] = flops["total"] / 1e9
-        if args.profile:
-            result.update(stage_times(model, inputs, args.repeats))
+    wall, cpu = timed(run, args.repeats, args.warmup)
+    key = "train_step_s" if args.train else "chunk_s"
+    result[key] = statistics.median(wall)
+    result["gflops"] = (train_step_flops(flops, args.batch) if args.train else args.batch * flops["total"]) / result[key] / 1e9
+    result["gflop_per_chunk"] = flops["total"] / 1e9
+    if args.profile and not args.train and not args.lerobot:
+        result.update(stage_times(model, inputs, args.repeats))
     if args.profile:
         profile_run(run)
-    result["wall_s"] = wall
-    result["cpu_s"] = cpu
-    result["load_after"] = os.getloadavg()[0]
-
-    key = "train_step_s" if args.train else "chunk_s"
-    summary = f"{key} {result[key]:.3f} s (median of {args.repeats}; all {', '.join(f'{t:.3f}' for t in wall)}), " + (
-        f"{result['train_gflops' if args.train else 'gflops']:.0f} GFLOP/s, load average {result['load_after']:.1f}"
-    )
-    if args.reference and key in result.get("reference", {}):
+    if not args.lerobot:  # the machine's peak on the model's largest products: the vision MLP's, all frames at once
+        vision = parse_vlm_config(model.vlm_config)[0]
+        tokens, d, mlp = args.batch * cameras * (vision.image_size // vision.patch_size) ** 2, vision.hidden_size, vision.intermediate_size
+        result["peak_gflops"] = speed.matmul_peak([(tokens, d, mlp), (tokens, mlp, d)], dtype)
+        result["peak_fraction"] = result["gflops"] / result["peak_gflops"]
+        result["choices"] = {" ".join(map(str, k)): v for k, v in speed.CHOICES.items()}
+    result.update(wall_s=wall, cpu_s=cpu, load_after=os.getloadavg()[0], machine=speed.machine())
+    summary = f"{key} {result[key]:.3f} s (median of {args.repeats}; all {', '.join(f'{t:.3f}' for t in wall)}), "
+    summary += f"{result['gflops']:.0f} GFLOP/s, load average {result['load_after']:.1f}"
+    if key in result.get("reference", {}):
         result["vs_reference"] = result[key] / result["reference"][key]
         summary += f"; reference {result['reference'][key]:.3f} s -> {result['vs_reference']:.2f}x"
     print(f"bench: {summary}", flush=True)
-    if args.json:
-        print(json.dumps(result))
     return result
+
+
+def print_table(results: list):
+    """The one table: per measurement our seconds and lerobot's, the ratio (and the ratio of CPU-seconds, which
+    other programs on a shared machine disturb less), our GFLOP/s, the machine's matmul peak in the same dtype
+    and the fraction of it we reach; then the machine and the choices made on it."""
+    m = results[0]["machine"]
+    print(f"\n{'':26}{'ours':>8}{'lerobot':>9}{'ratio':>7}{'CPU-s ratio':>12}{'GFLOP/s':>8}{'peak':>6}{'of peak':>8}")
+    for r in results:
+        key, ref = ("train_step_s", "train step") if r["mode"] == "train" else ("chunk_s", "chunk")
+        row, ref = f"{ref} {r['dtype']}, batch {r['batch']}", r.get("reference", {})
+        row = f"{row:26}{r[key]:7.2f}s" + (f"{ref[key]:8.2f}s{r[key] / ref[key]:6.2f}x" if key in ref else f"{'-':>9}{'-':>7}")
+        cpu = f"{statistics.median(r['cpu_s']) / statistics.median(ref['cpu_s']):11.2f}x" if "cpu_s" in ref else f"{'-':>12}"
+        print(row + cpu + f"{r['gflops']:8.0f}" + (f"{r['peak_gflops']:6.0f}{r['peak_fraction']:8.0%}" if "peak_gflops" in r else ""))
+    print(f"machine: {m['cpu']}, {m['threads']} threads, AMX {'yes' if m['amx'] else 'no'}, AVX-512 BF16 "
+          f"{'yes' if m['avx512_bf16'] else 'no'}; load average {results[0]['load_before']:.1f} -> "
+          f"{results[-1]['load_after']:.1f}")
+    for what, c in results[-1].get("choices", {}).items():
+        print(f"chose {what}: {c['choice']} (" + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in c.items() if k != "choice") + ")")
+
+
+def main(argv=None):
+    """One measurement, or with --table the three of the README's table; returns the result(s)."""
+    args = parse_args(argv)
+    if args.write_dataset or args.data:
+        return dataset_main(args)
+    runs = [(False, "bf16"), (False, "fp32"), (True, "fp32")] if args.table else [(args.train, args.dtype)]
+    results = [measure(argparse.Namespace(**{**vars(args), "train": train, "dtype": dtype,
+                                             "batch": args.batch or (2 if train else 1)})) for train, dtype in runs]
+    if not args.lerobot:  # (lerobot's run only reports to ours, in its JSON line)
+        print_table(results)
+    if args.json:
+        print(json.dumps(results if args.table else results[0]))
+    return results if args.table else results[0]
 
 
 def dataset_main(args) -> dict:
@@ -441,9 +468,17 @@ def dataset_main(args) -> dict:
         episodes = synthetic_episodes(args.episodes, args.frames, args.height, args.width, names)
         write_lerobot_dataset(args.write_dataset, episodes, codec=args.codec, version=args.version)
         print(f"wrote {args.write_dataset} in {time.perf_counter() - start:.1f} s")
+    if args.data and args.reference:
+        result["reference"] = run_reference(args.reference, args)
     if args.data:
-        result["samples_per_s"] = data_benchmark(args.data, args.workers, args.batch, args.seconds, args.chunk_size,
-                                                 args.max_cache_gb)
+        result.update(data_benchmark(args.data, args.workers, args.batch, args.seconds, args.chunk_size,
+                                     args.max_cache_gb, args.lerobot))
+        if "reference" in result:  # per CPU-second: what other programs on a shared machine disturb least
+            ref = result["reference"]
+            result["vs_reference"] = result["samples_per_s"] / ref["samples_per_s"]
+            result["vs_reference_per_cpu_s"] = result["samples_per_cpu_s"] / ref["samples_per_cpu_s"]
+            print(f"bench: {result['vs_reference']:.2f}x the reference's {ref['samples_per_s']:.1f} samples/s, "
+                  f"{result['vs_reference_per_cpu_s']:.2f}x per CPU-second; load average {os.getloadavg()[0]:.1f}")
     if args.json:
         print(json.dumps(result))
     return result

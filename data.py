@@ -7,7 +7,7 @@ policy sees at that step plus what it must predict: the next `chunk_size` action
 the same episode ("action chunking"):
 
     dataset[i] = {"observation.state": (S,) float32,
-                  "observation.images.<camera>": (3, H, W) float32 in [0, 1], one per camera,
+                  "observation.images.<camera>": (3, H, W) uint8, one per camera,
                   "action": (chunk_size, A) float32        actions i .. i + chunk_size - 1 of i's episode,
                   "action_is_pad": (chunk_size,) bool      True where that step lies past the episode's end,
                   "task": str, and the row's timestamp, episode_index, frame_index, index, task_index}
@@ -25,11 +25,11 @@ Two on-disk layouts exist in the wild, and both are read here, every path coming
   v2.1  one parquet and one mp4 per episode; `meta/episodes.jsonl` lists the episodes in order.
 
 Speed. Decoding video is what starves training: the reference reader opens the mp4, seeks and decodes
-for every sample. Here every frame a dataset needs is decoded once, sequentially (the cheapest way
-to decode), into a uint8 memory-mapped cache on disk (planar, (3, H, W) per frame); a sample then costs
-a memory copy and a conversion to float. Datasets whose decoded frames would not fit `max_cache_gb` (or
-half the free disk) are decoded on the fly instead, with the containers kept open per worker and
-sequential reads continuing without a seek.
+for every sample. Here every frame a dataset needs is decoded once, sequentially (the cheapest way to
+decode), into a uint8 memory-mapped cache on disk (planar, (3, H, W) per frame); a sample then costs a
+memory copy, and frames stay uint8 through the DataLoader (a quarter of float32's bytes between processes)
+until the batch lands (SmolVLA.prepare_images converts them). Datasets whose frames would not fit
+`max_cache_gb` (or half the free disk) are decoded on the fly, containers kept open per worker.
 
 Video frames are looked up by time (`from_timestamp + timestamp`) and snapped to the nearest frame that
 the mp4 really holds, so that the small drift of summed durations in long concatenated files cannot
@@ -57,7 +57,6 @@ from tqdm import tqdm
 
 from plumbing import StreamingDecoder, aggregate_stats, decode_all, frame_times, read_json, resolve_dir, video_size
 from policy import IMAGE_PREFIX, STATE
-from vlm import frame_to_float
 
 SUPPORTED_VERSIONS = ("v2.1", "v3.0")
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "smolvla", "frames")
@@ -108,7 +107,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
             "action_is_pad": torch.from_numpy(steps >= end),  # (chunk,)
         }
         for key, name in self._rename.items():
-            item[name] = frame_to_float(self._image(key, i))  # (3, H, W) uint8 -> float32 in [0, 1]
+            item[name] = torch.from_numpy(np.array(self._image(key, i)))  # (3, H, W) uint8, a copy
         item["task"] = self.tasks[self._task_index[i]]
         item["timestamp"] = torch.tensor(self._timestamp[i], dtype=torch.float32)
         for name in ("episode_index", "frame_index", "index", "task_index"):
@@ -123,7 +122,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         file_id, position = self._file_of[key][i], self._position_of[key][i]
         if self._cached:
             return self._frames[1][file_id][position]  # a view into the mapped file
-        frame = self._frames[1].frame(self._video_files[file_id], self.frame_times[file_id], position)
+        frame = self._frames[1].frame(self._video_files[file_id], self._frame_times[file_id], position)
         return frame.transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W), a view
 
     def __getstate__(self):  # sent to DataLoader workers: without open containers or mapped files
@@ -135,9 +134,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
 
     def __init__(self, repo_id_or_path, chunk_size=50, episodes=None, rename=None, revision=None,
                  max_cache_gb=64.0, cache_dir=None):
-        self.chunk_size = chunk_size
         root, download = self._locate(str(repo_id_or_path), revision)
-        self.root = root
+        self.chunk_size, self.root = chunk_size, root
         info = read_json(_require(root, os.path.join("meta", "info.json")), "meta/info.json")
         version = info.get("codebase_version")
         if version not in SUPPORTED_VERSIONS:
@@ -216,8 +214,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         # rows are grouped by episode (sorted by global index): [start, end) of each row's episode
         change = np.flatnonzero(np.diff(self._episode_index)) + 1
         starts, ends = np.r_[0, change], np.r_[change, len(table)]
-        self._start = np.repeat(starts, ends - starts)
-        self._end = np.repeat(ends, ends - starts)
+        self._start, self._end = np.repeat(starts, ends - starts), np.repeat(ends, ends - starts)
         self._rows_of = {int(self._episode_index[a]): slice(a, b) for a, b in zip(starts, ends)}
 
     @staticmethod
@@ -232,12 +229,11 @@ class LeRobotDataset(torch.utils.data.Dataset):
 
     def _locate_frames(self, video_keys):
         """For every (camera, row): which mp4 holds its frame and at which position (nearest frame in time)."""
-        self._video_files, self.frame_times = [], []  # per file id
+        self._video_files, self._frame_times = [], []  # per file id
         self._file_of, self._position_of = {}, {}  # per camera key: (N,) arrays
         file_ids = {}
         for key in video_keys:
-            files = np.empty(len(self._index), dtype=np.int32)
-            positions = np.empty(len(self._index), dtype=np.int64)
+            files, positions = np.empty(len(self._index), dtype=np.int32), np.empty(len(self._index), dtype=np.int64)
             for episode in self.episodes:
                 episode_index = episode["episode_index"]
                 path = os.path.join(self.root, _video_path(self.info, episode, key))
@@ -246,9 +242,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
                         raise FileNotFoundError(f"{self.root} is missing {os.path.relpath(path, self.root)}.")
                     file_ids[path] = len(self._video_files)
                     self._video_files.append(path)
-                    self.frame_times.append(frame_times(path))
-                rows = self._rows_of[episode_index]
-                times = self.frame_times[file_ids[path]]
+                    self._frame_times.append(frame_times(path))
+                rows, times = self._rows_of[episode_index], self._frame_times[file_ids[path]]
                 wanted = _video_start(self.info, episode, key) + self._timestamp[rows].astype(np.float64)
                 # nearest frame: compare the neighbours on both sides of the insertion point
                 right = np.clip(np.searchsorted(times, wanted), 0, len(times) - 1)
@@ -266,7 +261,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         """Decode every needed mp4 once into `<cache_dir>/<hash>.npy` (uint8 frames), if they fit the budget."""
         if not self._video_files or max_cache_gb <= 0:
             return False
-        shapes = [(len(t), 3) + video_size(path) for path, t in zip(self._video_files, self.frame_times)]
+        shapes = [(len(t), 3) + video_size(path) for path, t in zip(self._video_files, self._frame_times)]
         total_gb = sum(int(np.prod(s)) for s in shapes) / 1e9
         os.makedirs(cache_dir, exist_ok=True)
         free_gb = shutil.disk_usage(cache_dir).free / 1e9

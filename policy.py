@@ -175,7 +175,7 @@ def training_loss(model, batch: dict, noise=None, time=None) -> torch.Tensor:
     device = model.state_proj.weight.device
     state = normalize(model, STATE, "STATE", batch[STATE].to(device).float())  # (B, state_dim)
     actions = normalize(model, ACTION, "ACTION", batch[ACTION].to(device).float())  # (B, chunk, action_dim)
-    images = [batch[k].to(device).float() for k in present_cameras(model.config, batch)]
+    images = [batch[k].to(device) for k in present_cameras(model.config, batch)]  # uint8 or float, as read
     img_masks = [torch.ones(state.shape[0], dtype=torch.bool, device=device) for _ in images]
     tokens, token_masks = tokenize(model, batch["task"])
     losses = model.compute_loss(images, img_masks, tokens, token_masks, state, actions, noise, time)

@@ -254,9 +254,10 @@ class SmolVLA(nn.Module):
 
     def prepare_images(self, images: list, img_masks: list) -> tuple[list, list]:
         """Check the frames, resize-with-pad them and map [0, 1] -> [-1, 1] (SigLIP's range); append the
-        config's blank cameras (all −1, masked out). images: list of (B, 3, H, W), img_masks: list of (B,):
-        the cameras present, in config order. Like the reference, the model runs on fewer cameras than it
-        configures (smolvla_base reads three, most arms have two): an unfilled slot adds no tokens at all."""
+        config's blank cameras (all −1, masked out). images: list of (B, 3, H, W) float in [0, 1] or uint8
+        (0..255, converted here), img_masks: list of (B,): the cameras present, in config order. Like the
+        reference, the model runs on fewer cameras than it configures (smolvla_base reads three, most arms have
+        two): an unfilled slot adds no tokens at all."""
         cfg = self.config
         n_real = len(cfg.camera_keys)
         if len(images) != len(img_masks):
@@ -267,8 +268,10 @@ class SmolVLA(nn.Module):
             raise ValueError(f"got {len(images)} cameras; this policy reads {n_real} ({', '.join(cfg.camera_keys)})")
         prepared = []
         for img in images:
+            if img.dtype == torch.uint8:  # frames as the dataset reader gives them: to float here, where they land
+                img = img.float() / 255
             if img.ndim != 4 or img.shape[1] != 3 or not img.is_floating_point():
-                raise ValueError(f"images must be float (B, 3, H, W), got {tuple(img.shape)} {img.dtype}")
+                raise ValueError(f"images must be float or uint8 (B, 3, H, W), got {tuple(img.shape)} {img.dtype}")
             lo, hi = img.min().item(), img.max().item()
             if lo < 0 or hi > 1:
                 raise ValueError(

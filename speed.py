@@ -17,34 +17,50 @@ velocity projection stay in float32.
 Applied here, from outside, by `prepare(model, ...)` (infer_async.py/policy_server.py, train.py and
 bench.py call it):
 - inference on a CPU: every linear layer pre-packed for oneDNN (`PackedLinear`), the vision MLP's GELU
-  fused into its first product;
+  fused into its first product where that measures faster on the machine (`fuse_gelu`);
 - training with a frozen VLM: the images and words of the prefix depend on no trained weight, so the VLM
   runs over them without gradient tracking; only the state token is tracked and backpropagated through
   the VLM (`untracked_prefix_keys_values`): 1 token per sample instead of P, same loss and gradients;
+  under bf16 autocast (train.py --bf16) the frozen parts are cast to bf16 once;
 - optionally torch.compile of the vision tower and the expert (bench.py --compile).
 
 bench.py measures the result (seconds per chunk and per training step, GFLOP/s against the architecture's
-FLOP count).
+FLOP count `chunk_flops`, and the fraction of this machine's matmul peak `matmul_peak`, measured in the run).
 """
 
+import time
 import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm import TextModel, VisionMLP
+from vlm import TextModel, VisionMLP, parse_vlm_config
 
 
-def prepare(model: nn.Module, training: bool = False, pack: bool | None = None, compile: bool = False) -> nn.Module:
+def prepare(model: nn.Module, training: bool = False, pack: bool | None = None, compile: bool = False,
+            autocast: bool = False) -> nn.Module:
     """Apply the speed steps to a SmolVLA whose weights, device and dtype are final; returns it.
 
     training=False (inference): pack the linear layers for oneDNN (pack defaults to True; a no-op off
-    the CPU). training=True: run a frozen VLM over the prefix's images and words untracked; pack defaults
-    to False there (packed, the parts that get no gradient still run packed, the others take the plain path).
-    compile: torch.compile the vision tower and the expert (inductor packs the weights itself).
+    the CPU). training=True (train.py's prepare_training): run a frozen VLM over the prefix's images and
+    words untracked; pack defaults to False there (packed, the parts that get no gradient still run packed,
+    the others take the plain path). autocast (training under bf16 autocast): the parts that get no gradient
+    are cast to bf16 once. compile: torch.compile the vision tower and the expert (inductor packs the
+    weights itself).
     """
+    # training: packing the frozen parts measured slower (train.py's fp32 step, smolvla_base, batch 2, interleaved
+    # on 2 shared EPYC cores at load 5-6: 40.7 s median, 32.9 s best, against 34.1 s and 27.3 s unpacked)
     pack = not training if pack is None else pack
+    if training and autocast:
+        # autocast re-casts a weight to bf16 at every use unless it is a trained leaf (those casts are cached
+        # per step): a frozen VLM's 350M weights would be converted every step. Cast once, as smolvla_base
+        # stores its VLM anyway; the trained parts keep float32 for the optimizer. Measured (train.py's step,
+        # smolvla_base, batch 2, interleaved on 2 shared EPYC cores at load 5-7): 19.7 s median, 8.9 s best
+        # per step, against 22.2 s and 18.4 s with the frozen parts left in float32.
+        for part in model.children():
+            if not any(p.requires_grad for p in part.parameters()):
+                part.to(torch.bfloat16)
     if training:
         text = model.text
         text.keys_values = types.MethodType(
@@ -113,6 +129,80 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+# ----------------------------------------------------------------------------------------------------
+# What is fastest depends on the CPU (AMX or not, AVX-512 BF16 or not): the few choices that do are made by
+# timing the shapes that matter on the machine itself, once per process, and remembered here for bench.py
+# to report. The same timings give the machine's matmul peak that bench.py compares a chunk against.
+
+CHOICES = {}  # (what, dtype name, shape) -> {"choice": ..., the seconds each candidate took}
+VISION_TOKENS = 1024  # one 512×512 frame's patches: the shape the vision MLP's choice is timed at
+
+
+def machine() -> dict:
+    """The CPU bench.py measured on: its model name, whether it has AMX tiles or AVX-512 BF16, torch's threads."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())  # the first processor's lines
+    except OSError:
+        pass
+    flags = info.get("flags", "").split()
+    return {"cpu": info.get("model name", "unknown CPU"), "amx": "amx_bf16" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "threads": torch.get_num_threads()}
+
+
+def fastest_seconds(candidates: dict, repeats: int = 5) -> dict:
+    """{name: the fastest of `repeats` timed calls of that candidate}, after one untimed call of each (oneDNN
+    builds its kernel then). The candidates take turns, so that other programs on a shared machine disturb
+    them alike; the fastest call is what the machine can do, slower ones were disturbed."""
+    for fn in candidates.values():
+        fn()
+    best = dict.fromkeys(candidates, float("inf"))
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def linear_candidates(tokens: int, fan_in: int, fan_out: int, dtype: torch.dtype, gelu: bool = False) -> dict:
+    """Seconds of y = x·Wᵀ + b, (tokens, fan_in) -> (tokens, fan_out) in dtype, by each kernel: "plain"
+    (F.linear), "packed" (oneDNN, weight packed once), and with gelu the tanh GELU after it "fused" into the
+    packed kernel or as a "separate" pass."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, fan_in, generator=g).to(dtype)
+    w, b = (torch.randn(fan_out, fan_in, generator=g) / fan_in**0.5).to(dtype), torch.zeros(fan_out, dtype=dtype)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+    run = lambda post: torch.ops.mkldnn._linear_pointwise(x, packed, b, post, [], "tanh" if post == "gelu" else "")  # noqa: E731
+    if gelu:
+        return fastest_seconds({"fused": lambda: run("gelu"), "separate": lambda: F.gelu(run("none"), approximate="tanh")})
+    return fastest_seconds({"plain": lambda: F.linear(x, w, b), "packed": lambda: run("none")})
+
+
+def matmul_peak(shapes: list, dtype: torch.dtype) -> float:
+    """This machine's matmul peak in GFLOP/s for dtype, measured now on the model's own largest products
+    (shapes: (tokens, fan_in, fan_out)): the best rate of the plain and the packed kernel over them."""
+    best = 0.0
+    for tokens, fan_in, fan_out in shapes:
+        seconds = linear_candidates(tokens, fan_in, fan_out, dtype)
+        best = max(best, 2 * tokens * fan_in * fan_out / min(seconds.values()) / 1e9)
+    return best
+
+
+def fuse_gelu(tokens: int, fan_in: int, fan_out: int, dtype: torch.dtype) -> bool:
+    """Whether the GELU after a packed product of this shape is faster fused into it (oneDNN's post-op) than
+    applied as a separate pass, timed once per process (CHOICES). The fused kernel is 2.8x slower than the
+    plain product on AMX (the issue's profile); on AVX-512 without AMX it may win."""
+    key = ("vision MLP GELU", str(dtype).removeprefix("torch."), (tokens, fan_in, fan_out))
+    if key not in CHOICES:
+        seconds = linear_candidates(tokens, fan_in, fan_out, dtype, gelu=True)
+        CHOICES[key] = {"choice": min(seconds, key=seconds.get), **seconds}
+    return CHOICES[key]["choice"] == "fused"
+
+
 def pack_linear_layers(model: nn.Module) -> nn.Module:
     """speed (CPU inference): replace every nn.Linear of the model (or of a frozen part of it) by a
     PackedLinear, in place, once the weights and dtype are final (load, .to(torch.bfloat16) if wanted,
@@ -121,9 +211,12 @@ def pack_linear_layers(model: nn.Module) -> nn.Module:
     if not torch.backends.mkldnn.is_available():
         return model
     for mlp in [m for m in model.modules() if isinstance(m, VisionMLP)]:
-        # the vision MLP's GELU moves into its packed first product (an identity takes its place)
-        if type(mlp.fc1) is nn.Linear and mlp.fc1.weight.device.type == "cpu":
-            mlp.fc1, mlp.activation = PackedLinear(mlp.fc1, gelu_tanh=True), nn.Identity()
+        # the vision MLP's GELU moves into its packed first product (an identity takes its place) where
+        # that measures faster on this machine, for one frame's tokens
+        fc1 = mlp.fc1
+        if type(fc1) is nn.Linear and fc1.weight.device.type == "cpu" and fuse_gelu(
+                VISION_TOKENS, fc1.in_features, fc1.out_features, fc1.weight.dtype):
+            mlp.fc1, mlp.activation = PackedLinear(fc1, gelu_tanh=True), nn.Identity()
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.Linear and child.weight.device.type == "cpu":
@@ -131,3 +224,78 @@ def pack_linear_layers(model: nn.Module) -> nn.Module:
     return model
 
 
+# ----------------------------------------------------------------------------------------------------
+# FLOP count from the architecture (multiply-adds × 2; norms, softmax and other elementwise work left out):
+# what bench.py divides by a chunk's seconds and compares with matmul_peak.
+
+LANG_TOKENS = 20  # a short task sentence ("pick up the red cube and put it in the box\n") in tokens
+
+
+def linear_flops(tokens: int, fan_in: int, fan_out: int) -> int:
+    return 2 * tokens * fan_in * fan_out
+
+
+def attention_flops(q_len: int, k_len: int, heads: int, head_dim: int) -> int:
+    return 2 * 2 * q_len * k_len * heads * head_dim  # scores q·kᵀ, then probabilities · v
+
+
+def chunk_flops(model: nn.Module, height: int, width: int, lang_tokens: int = LANG_TOKENS) -> dict:
+    """FLOPs of one chunk for one observation, by part: {"vision", "vlm_prefix", "expert_step", "expert",
+    "total"}. Counts what the model computes: the vision tower per camera, the connector, the VLM over the
+    prefix (the last layer only up to its keys/values), the cross-attention layers' k/v projections of the
+    prefix (once per chunk), and per flow step the suffix embedding, the expert and the velocity projection."""
+    cfg = model.config
+    vision, text, factor, _ = parse_vlm_config(model.vlm_config)
+    if cfg.resize_imgs_with_padding is not None:
+        width, height = cfg.resize_imgs_with_padding
+    patches = (height // vision.patch_size) * (width // vision.patch_size)
+    d, mlp = vision.hidden_size, vision.intermediate_size
+    per_layer = 4 * linear_flops(patches, d, d) + linear_flops(patches, d, mlp) + linear_flops(patches, mlp, d)
+    per_layer += attention_flops(patches, patches, vision.num_heads, d // vision.num_heads)
+    patch_embed = linear_flops(patches, vision.num_channels * vision.patch_size**2, d)
+    image_tokens = patches // factor**2
+    connector = linear_flops(image_tokens, d * factor**2, text.hidden_size)
+    cameras = len(cfg.camera_keys) + cfg.empty_cameras
+    vision_total = cameras * (patch_embed + vision.num_layers * per_layer + connector)
+
+    # the prefix: 64 tokens per camera (+3 marker tokens each if configured), the words, the state token
+    prefix = cameras * (image_tokens + 3 * cfg.add_image_special_tokens) + lang_tokens + 1
+    prefix = max(prefix, cfg.prefix_length)
+    w, heads, kv_heads, hd = text.hidden_size, text.num_heads, text.num_kv_heads, text.head_dim
+    qkv = linear_flops(prefix, w, heads * hd) + 2 * linear_flops(prefix, w, kv_heads * hd)
+    rest = attention_flops(prefix, prefix, heads, hd) + linear_flops(prefix, heads * hd, w)
+    rest += 3 * linear_flops(prefix, w, text.intermediate_size)
+    layers = len(model.text.layers)
+    vlm_total = layers * qkv + (layers - 1) * rest  # the last layer's output is never used
+    vlm_total += linear_flops(1, cfg.max_state_dim, w)  # the state token
+    # expert: joint layers see prefix + suffix, cross layers the prefix through their own k/v projections
+    expert = model.expert.layers[0]
+    we, e_mlp = expert.self_attn.q_proj.in_features, expert.mlp.up_proj.out_features
+    steps = cfg.chunk_size
+    step_total = linear_flops(steps, cfg.max_action_dim, we) + linear_flops(steps, 2 * we, we)
+    step_total += linear_flops(steps, we, we) + linear_flops(steps, we, cfg.max_action_dim)
+    for j, cross in model.expert.plan:
+        if j is None:
+            continue
+        step_total += 2 * linear_flops(steps, we, heads * hd) + 3 * linear_flops(steps, we, e_mlp)  # q, o, MLP
+        if cross:
+            vlm_total += 2 * linear_flops(prefix, kv_heads * hd, kv_heads * hd)  # once per chunk
+            step_total += attention_flops(steps, prefix, heads, hd)
+        else:
+            step_total += 2 * linear_flops(steps, we, kv_heads * hd)
+            step_total += attention_flops(steps, prefix + steps, heads, hd)
+    expert_total = cfg.num_steps * step_total
+    return {
+        "vision": vision_total,
+        "vlm_prefix": vlm_total,
+        "expert_step": step_total,
+        "expert": expert_total,
+        "total": vision_total + vlm_total + expert_total,
+    }
+
+
+def train_step_flops(flops: dict, batch: int) -> int:
+    """Approximate FLOPs of a training step (train_expert_only): the frozen vision tower and VLM forward
+    (the VLM's backward covers only the state token, negligible); the expert forward, input and weight
+    gradients (≈ 3× forward) for one flow time per sample."""
+    return batch * (flops["vision"] + flops["vlm_prefix"] + 3 * flops["expert_step"])

@@ -92,10 +92,15 @@ def test_bf16_sampled_actions_within_0_05_of_the_fp32_reference(io, packed):
     assert 1e-5 < error < 0.05  # really computed in bf16, and close to the reference
 
 
-def test_packed_fp32_model_is_the_reference_to_1e_5(io):
+@pytest.mark.parametrize("fused", [True, False])
+def test_packed_fp32_model_is_the_reference_to_1e_5(io, fused, monkeypatch):
+    """Either choice of the vision MLP's GELU (fused into the packed product or a separate pass, which
+    speed.fuse_gelu makes by timing both on the machine) computes the reference's actions."""
+    monkeypatch.setattr(speed, "fuse_gelu", lambda *shape: fused)
     model = pack_linear_layers(SmolVLA.from_pretrained(CKPT, vlm=VLM))
     mlp = model.vision.encoder["layers"][0].mlp
-    assert mlp.fc1.gelu_tanh and isinstance(mlp.activation, torch.nn.Identity)  # GELU fused into the product
+    assert isinstance(mlp.fc1, PackedLinear) and mlp.fc1.gelu_tanh == fused
+    assert isinstance(mlp.activation, torch.nn.Identity) == fused  # the GELU moved into the product, or not
     torch.testing.assert_close(sample(model, io), io["expected_sampled"], atol=1e-5, rtol=0)
     # same names and tensors in the state dict: a packed model saves like any other
     assert model.state_dict().keys() == SmolVLA.from_pretrained(CKPT, vlm=VLM).state_dict().keys()
@@ -136,13 +141,55 @@ def test_bench_contract_last_line_is_json_with_chunk_s(capsys):
     assert result["threads"] == 1 and result["dtype"] == "bf16" and result["batch"] == 1
 
 
-def test_bench_times_a_training_step_and_reports_errors():
+def test_fuse_gelu_is_timed_once_and_remembered(monkeypatch):
+    """The choice is the faster candidate, measured on the first call for a shape and dtype only."""
+    timings = []
+    fake = {"fused": 0.2, "separate": 0.1}
+    monkeypatch.setattr(speed, "linear_candidates", lambda *shape, gelu: timings.append(shape) or dict(fake))
+    monkeypatch.setattr(speed, "CHOICES", {})
+    assert not speed.fuse_gelu(8, 4, 16, torch.float32) and not speed.fuse_gelu(8, 4, 16, torch.float32)
+    fake["fused"] = 0.05
+    assert speed.fuse_gelu(8, 4, 16, torch.bfloat16) and len(timings) == 2
+    assert speed.CHOICES[("vision MLP GELU", "bfloat16", (8, 4, 16))]["choice"] == "fused"
+
+
+def test_bench_times_train_py_s_step_and_reports_errors(monkeypatch):
+    """--train runs train.py's own preparation and step (a spy counts them) on a batch as its loop gets it."""
+    import train
+
+    calls = []
+    monkeypatch.setattr(bench, "training_step", lambda *a: calls.append(a[3]) or train.training_step(*a))
     common = ["--checkpoint", CKPT, "--vlm", VLM, "--height", "48", "--width", "64", "--threads", "1"]
     result = bench.main(common + ["--train", "--dtype", "bf16", "--repeats", "1", "--warmup", "0"])
     assert result["train_step_s"] > 0 and result["batch"] == 2 and result["trained_params"] > 0
+    assert len(calls) == 1 and calls[0]["task"] == [bench.TASK] * 2 and calls[0]["action_is_pad"].shape == (2, 50)
+    assert all(calls[0][k].dtype == torch.uint8 for k in ("observation.images.top", "observation.images.wrist"))
+    assert 0 < result["peak_fraction"] and result["peak_gflops"] > 0
     assert result["packed"] and not result["compiled"]
     with pytest.raises(ValueError, match="the checkpoint reads 2"):
         bench.main(common + ["--cameras", "3"])
+
+
+def test_table_has_both_dtypes_the_training_step_the_reference_and_the_machine(capsys):
+    """--table with a reference command (a stand-in for `bench.py --lerobot` that echoes its arguments and
+    reports 2 s a chunk and 4 s a training step)."""
+    common = ["--checkpoint", CKPT, "--vlm", VLM, "--height", "48", "--width", "64", "--threads", "1",
+              "--repeats", "1", "--warmup", "0"]
+    echo = "import json, sys; print(json.dumps({'chunk_s': 2.0, 'train_step_s': 4.0, 'cpu_s': [4.0], 'argv': sys.argv[1:]}))"
+    results = bench.main(common + ["--table", "--json", "--reference", f"{sys.executable} -c \"{echo}\""])
+    out = capsys.readouterr().out.splitlines()
+    assert [(r["mode"], r["dtype"]) for r in results] == [("chunk", "bf16"), ("chunk", "fp32"), ("train", "fp32")]
+    assert json.loads(out[-1])[0]["chunk_s"] == results[0]["chunk_s"]
+    for r in results:  # the reference ran with the same shapes, dtype and mode
+        argv = r["reference"]["argv"]
+        assert argv[argv.index("--dtype") + 1] == r["dtype"] and ("--train" in argv) == (r["mode"] == "train")
+        assert argv[argv.index("--height") + 1] == "48" and argv[argv.index("--batch") + 1] == str(r["batch"])
+        assert r["vs_reference"] == r["train_step_s" if r["mode"] == "train" else "chunk_s"] / (4 if r["mode"] == "train" else 2)
+        assert r["peak_gflops"] > 0 and r["peak_fraction"] == r["gflops"] / r["peak_gflops"]
+    rows = [line for line in out if line.startswith(("chunk bf16", "chunk fp32", "train step fp32"))]
+    assert len(rows) == 3 and all(line.count("s") >= 2 and line.count("x") == 2 and "%" in line for line in rows)
+    machine = speed.machine()
+    assert any(line.startswith(f"machine: {machine['cpu']}") and "AMX" in line for line in out)
 
 
 def test_untracked_prefix_gives_the_same_loss_and_gradients(io):
@@ -183,3 +230,24 @@ def test_data_benchmark_on_a_folder_that_is_no_dataset_is_one_error_line(tmp_pat
                              "--data", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
         f"bench: error: {tmp_path} is missing meta/info.json: not a complete LeRobot dataset."]
+
+
+def test_bf16_training_keeps_the_frozen_vlm_in_bf16_and_stays_near_the_fp32_reference(io):
+    """train.py --bf16: speed.prepare(training=True, autocast=True) casts the frozen parts to bf16 once (what
+    autocast multiplies with anyway; smolvla_base stores its VLM in bf16) and keeps the trained ones in
+    float32 for the optimizer. Losses stay within bf16 rounding of the reference's float32 losses."""
+    model = speed.prepare(SmolVLA.from_pretrained(CKPT, vlm=VLM), training=True, autocast=True).train()
+    assert model.vision.encoder["layers"][0].mlp.fc1.weight.dtype == torch.bfloat16
+    assert model.text.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert model.expert.layers[0].mlp.up_proj.weight.dtype == model.state_proj.weight.dtype == torch.float32
+    images, masks = [io["image0"], io["image1"]], [torch.ones(2, dtype=torch.bool)] * 2
+    args = (images, masks, io["lang_tokens"], io["lang_masks"], io["state"], io["actions"], io["noise"], io["time"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model.compute_loss(*args)
+    expected = io["expected_losses"]
+    error = (losses.float() - expected).abs().max().item()
+    assert 1e-5 < error < 0.01 * expected.abs().max().item()  # really bf16, within 1% of the largest loss
+    assert abs(losses.float().mean() - expected.mean()) < 1e-3 * expected.mean()
+    losses.mean().backward()
+    assert model.expert.layers[0].mlp.up_proj.weight.grad.dtype == torch.float32
+    assert model.text.layers[0].mlp.up_proj.weight.grad is None

@@ -13,6 +13,7 @@ import torch
 from safetensors.numpy import load_file
 
 from data import LeRobotDataset
+from vlm import frame_to_float
 from record import synthetic_episodes, write_lerobot_dataset
 from so100 import MOTOR_NAMES
 
@@ -48,8 +49,9 @@ def test_fixture_samples_match_reference(expected, max_cache_gb, tmp_path):
         assert item["task"] == meta["tasks"][int(samples[f"{j}.task_id"][0])]
         for camera in meta["cameras"]:
             image = item["observation.images." + camera]
-            assert image.dtype == torch.float32 and image.shape == samples[f"{j}.image.{camera}"].shape
-            assert (image - torch.from_numpy(samples[f"{j}.image.{camera}"])).abs().mean() < 2 / 255
+            # uint8 as read (the model converts them where the batch lands), the reference's floats × 255
+            assert image.dtype == torch.uint8 and image.shape == samples[f"{j}.image.{camera}"].shape
+            assert (image / 255 - torch.from_numpy(samples[f"{j}.image.{camera}"])).abs().mean() < 2 / 255
 
 
 def test_fixture_stats_are_float32_tensors_of_stats_json(expected, tmp_path):
@@ -121,7 +123,7 @@ def check_against_episodes(ds, episodes, chunk_size):
         assert torch.equal(item["action_is_pad"], torch.from_numpy(steps >= length))
         assert item["task"] == episode["task"]
         for camera in CAMERAS:
-            decoded = item["observation.images." + camera].permute(1, 2, 0).numpy() * 255  # (H, W, 3)
+            decoded = item["observation.images." + camera].permute(1, 2, 0).numpy().astype(float)  # (H, W, 3)
             errors = [np.abs(decoded - f).mean() if 0 <= t < length else np.inf
                       for t, f in ((t, episode["images"][camera][min(max(t, 0), length - 1)]) for t in (frame - 1, frame, frame + 1))]
             # within compression error of the frame written there, and nearer to it than to its neighbours
@@ -323,3 +325,18 @@ def test_frame_cache_keeps_under_its_cap_listing_and_clearing(tmp_path):
     assert listing[2] == f"{ours / 1e9:10.3f} GB  {os.path.realpath(dataset)}" and len(listing) == 3
     subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--clear-cache"], env=env, check=True, timeout=60)
     assert not cache.exists()
+
+
+def test_uint8_frames_reach_the_model_as_the_floats_they_stand_for(tiny, io):
+    """The reader's uint8 frames are converted where the batch lands (SmolVLA.prepare_images): the same
+    pixels as float32 / 255 (vlm.frame_to_float), so the training loss is the same either way."""
+    frames = [(img * 255).round().to(torch.uint8) for img in (io["image0"], io["image1"])]
+    masks = [torch.ones(2, dtype=torch.bool)] * 2
+    as_float = [frame_to_float(f.numpy()) for f in frames]
+    for converted, expected in zip(tiny.prepare_images(frames, masks)[0], tiny.prepare_images(as_float, masks)[0]):
+        assert torch.equal(converted, expected)
+    batch = {"observation.state": io["state"], "action": io["actions"], "task": ["pick", "place"],
+             "observation.images.top": frames[0], "observation.images.wrist": frames[1]}
+    losses = [tiny.training_loss(b, noise=io["noise"], time=io["time"]) for b in
+              (batch, {**batch, "observation.images.top": as_float[0], "observation.images.wrist": as_float[1]})]
+    assert torch.equal(*losses)

@@ -194,12 +194,20 @@ def policy_to_train(args, dataset):
     return SmolVLA.from_pretrained(args.policy, vlm=args.vlm)
 
 
-def choose_trainable(policy, train_vlm):
-    """Freeze what the recipe freezes (the config says it: freeze_vision_encoder, train_expert_only) and
-    return the parameters that learn: by default the expert and the projections (99.9M of 450M)."""
-    policy.config.train_expert_only = not train_vlm
+def prepare_training(policy, args, device, autocast):
+    """The policy as training runs it (bench.py --train times the same): on its device, frozen where the
+    recipe freezes (the config says it: freeze_vision_encoder, train_expert_only), the speed steps applied
+    from outside the model (speed.py). Returns the parameters that learn (by default the expert and the
+    projections, 99.9M of 450M) and their optimizer."""
+    policy.to(device)
+    policy.config.train_expert_only = not args.train_vlm
     policy.set_requires_grad()
-    return [p for p in policy.parameters() if p.requires_grad]
+    speed.prepare(policy, training=True, autocast=autocast)
+    policy.train()
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    # fused: one kernel updates each tensor and both its moments (instead of a dozen elementwise passes)
+    return trainable, torch.optim.AdamW(trainable, lr=args.lr, betas=args.betas, eps=args.eps,
+                                        weight_decay=args.weight_decay, fused=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -310,20 +318,25 @@ def use_autocast(device):
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
+def training_step(model, optimizer, trainable, batch, grad_clip, autocast):
+    """One optimizer step (bench.py --train times it): the loss (bf16 autocast if on), clipped gradients."""
+    with torch.autocast(trainable[0].device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = model(batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    optimizer.step()
+    return loss
+
+
 def train(policy, dataset, args, processes, start=None):
     """Run the optimization; returns the history [{"step", "loss", "lr"}]. `start`: a loaded training state."""
     device = processes.device
-    policy.to(device)
-    trainable = choose_trainable(policy, args.train_vlm)
-    # the speed steps, applied from outside the model (speed.py) once its device and trainable parts are set
-    speed.prepare(policy, training=True)
-    policy.train()
+    autocast = use_autocast(device) if args.bf16 is None else args.bf16
+    trainable, optimizer = prepare_training(policy, args, device, autocast)
     model = TrainingLoss(policy)
     if processes.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    # fused: one kernel updates each tensor and both its moments (instead of a dozen elementwise passes)
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=args.betas, eps=args.eps,
-                                  weight_decay=args.weight_decay, fused=True)
     warmup, decay = fit_schedule(args.warmup_steps, args.decay_steps, args.steps)
     scheduler = make_lr_scheduler(optimizer, args.lr, args.decay_lr, warmup, decay)
     step, history = 0, []
@@ -331,7 +344,6 @@ def train(policy, dataset, args, processes, start=None):
         optimizer.load_state_dict(start["optimizer"])
         scheduler.load_state_dict(start["scheduler"])
         step, history = start["step"], start["history"]
-    autocast = use_autocast(device) if args.bf16 is None else args.bf16
     data = batches(dataset, args.batch_size, processes, args.seed, args.num_workers, step)
     samples_per_step = args.batch_size * processes.world_size
     if processes.is_main:
@@ -350,13 +362,8 @@ def train(policy, dataset, args, processes, start=None):
         # The flow-matching noise and time of step k depend only on (seed, k, rank): a resumed run
         # draws exactly what the first run would have drawn, without storing random-generator states.
         torch.manual_seed(args.seed * 1_000_003 + step * processes.world_size + processes.rank)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = model(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
+        loss = training_step(model, optimizer, trainable, batch, args.grad_clip, autocast)
         scheduler.step()
         step += 1
         # log the loss averaged over all processes (what the update used)
