@@ -222,7 +222,7 @@ def test_bench_reads_every_camera_of_a_checkpoint_by_default(tmp_path, capsys):
     (one_camera / "config.json").write_text(json.dumps(config))
     bench.main(["--checkpoint", str(one_camera), "--vlm", VLM, "--dtype", "fp32", "--height", "48", "--width", "64",
                 "--repeats", "1", "--warmup", "0", "--threads", "1"])
-    assert f"bench: {one_camera}, 1 cameras 48x64" in capsys.readouterr().out
+    assert f"bench: ours, {one_camera}, 1 cameras 48x64" in capsys.readouterr().out
 
 
 def test_data_benchmark_on_a_folder_that_is_no_dataset_is_one_error_line(tmp_path):
