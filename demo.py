@@ -121,29 +121,39 @@ def step_arm(joints_deg, action_deg, max_step_deg=15.0):
 
 
 class ReachScene:
-    """A table with one target; renders the arm over it and tells whether the tip touches the target."""
+    """A table with `targets` interchangeable targets (1 by default; 2 for the RTC lab: a policy that does not
+    commit to one dithers between them); renders the arm over them and tells whether the tip touches one."""
 
-    def __init__(self, seed=0, image_size=(64, 64), success_radius=0.03, expert_speed_deg=8.0):
+    def __init__(self, seed=0, image_size=(64, 64), success_radius=0.03, expert_speed_deg=8.0, targets=1):
         self.rng = np.random.default_rng(seed)
         self.height, self.width = image_size
         self.success_radius = success_radius
         self.expert_speed_deg = expert_speed_deg
-        self.target = None
+        self.num_targets = targets
+        self.target, self.distractors = None, np.zeros((0, 2))  # the expert's choice, the other targets
         self.reset()
 
     def reset(self, rng=None):
-        """Place the target at a random grid spot (plus jitter); returns its (x, y) in metres."""
+        """Place the targets at distinct random grid spots (plus jitter); the expert picks one at random.
+        Returns all of them, (targets, 2) metres, the expert's choice first."""
         rng = self.rng if rng is None else rng
-        pan = np.radians(TARGET_PAN_DEG[rng.integers(len(TARGET_PAN_DEG))])
-        reach = TARGET_REACH_M[rng.integers(len(TARGET_REACH_M))]
-        jitter = rng.uniform(-TARGET_JITTER_M, TARGET_JITTER_M, size=2)
-        self.target = np.array([-reach * np.sin(pan), reach * np.cos(pan)]) + jitter
-        return self.target
+        spots = []
+        while len(spots) < self.num_targets:
+            spot = (rng.integers(len(TARGET_PAN_DEG)), rng.integers(len(TARGET_REACH_M)))
+            spots += [spot] if spot not in spots else []
+        pan = np.radians(np.array(TARGET_PAN_DEG)[[p for p, _ in spots]])  # (targets,)
+        reach = np.array(TARGET_REACH_M)[[r for _, r in spots]]
+        jitter = rng.uniform(-TARGET_JITTER_M, TARGET_JITTER_M, size=(len(spots), 2))
+        targets = np.stack([-reach * np.sin(pan), reach * np.cos(pan)], 1) + jitter  # (targets, 2)
+        chosen = rng.integers(len(spots)) if len(spots) > 1 else 0
+        self.target, self.distractors = targets[chosen], np.delete(targets, chosen, axis=0)
+        return np.vstack([self.target, self.distractors])
 
     def success(self, joints_deg):
-        """True when the gripper tip is within success_radius of the target, touching the table (3-D distance)."""
+        """True when the gripper tip is within success_radius of a target, touching the table (3-D distance)."""
         tip = forward_kinematics(joints_deg)
-        return bool(np.linalg.norm(tip - np.array([*self.target, 0.0])) < self.success_radius)
+        targets = np.vstack([self.target, self.distractors])
+        return bool(np.min(np.linalg.norm(tip - np.pad(targets, ((0, 0), (0, 1))), axis=1)) < self.success_radius)
 
     def expert_action(self, joints_deg):
         """The scripted demonstrator: step all joints along a straight line (in joint space) toward the
@@ -162,7 +172,7 @@ class ReachScene:
         """The top camera: an (H, W, 3) uint8 RGB image of the table, the target and the arm.
 
         Drawn at 4x the resolution and averaged down, so that sub-pixel motions change the pixels smoothly.
-        `target` overrides the scene's target (the demo's shuffled-image evaluation draws another scene).
+        `target` (one (x, y) or several) overrides the scene's targets (the shuffled-image evaluation).
         """
         scale = 4
         width, height = self.width * scale, self.height * scale
@@ -180,7 +190,8 @@ class ReachScene:
             draw.ellipse([column - radius, row - radius, column + radius, row + radius], fill=color)
 
         pixels_per_metre = width / (VIEW_X[1] - VIEW_X[0])
-        disc(self.target if target is None else target, 0.02, (215, 30, 30))
+        for point in np.vstack([self.target, self.distractors]) if target is None else np.atleast_2d(target):
+            disc(point, 0.02, (215, 30, 30))
         base, elbow, tip = np.zeros(3), elbow_position(joints_deg), forward_kinematics(joints_deg)
         disc(base, 0.025, (40, 40, 48))
         draw.line([to_pixels(base), to_pixels(elbow)], fill=(50, 60, 90), width=int(0.022 * pixels_per_metre))
@@ -342,9 +353,9 @@ def demo_policy_config(dataset, args, image_size=64):
 # Record, train, save, load, evaluate
 # ----------------------------------------------------------------------------------------------------
 
-def record_demonstrations(root, episodes, length, seed):
+def record_demonstrations(root, episodes, length, seed, targets=1):
     """Run the scripted expert and store what it saw and did as a LeRobot v3.0 dataset."""
-    scene, rng = ReachScene(seed=seed), np.random.default_rng(seed)
+    scene, rng = ReachScene(seed=seed, targets=targets), np.random.default_rng(seed)
     recorded = []
     for _ in tqdm(range(episodes), desc="recording demonstrations"):
         episode = expert_episode(scene, rng, length)
@@ -354,7 +365,7 @@ def record_demonstrations(root, episodes, length, seed):
 
 
 @torch.no_grad()
-def evaluate_in_sim(policy, episodes, length, seed, shuffle_images=False):
+def evaluate_in_sim(policy, episodes, length, seed, shuffle_images=False, targets=1):
     """Closed-loop success rate of `policy` in the toy world, and its median seconds per chunk.
 
     Each episode: a new target, the arm near its home pose; every n_action_steps the policy sees the state
@@ -362,14 +373,14 @@ def evaluate_in_sim(policy, episodes, length, seed, shuffle_images=False):
     shuffle_images: the camera shows episode e+1's target instead of episode e's (the arm itself is drawn
     where it really is), so a policy that truly reads the image reaches for the wrong spot.
     """
-    scene, rng = ReachScene(seed=seed), np.random.default_rng(seed)
-    targets = [scene.reset(rng).copy() for _ in range(episodes)]
+    scene, rng = ReachScene(seed=seed, targets=targets), np.random.default_rng(seed)
+    layouts = [scene.reset(rng) for _ in range(episodes)]  # each (targets, 2)
     camera = policy.config.camera_keys[0]
     steps_per_chunk = policy.config.n_action_steps
     successes, latencies = 0, []
     for e in range(episodes):
-        scene.target = targets[e]
-        shown = targets[(e + 1) % episodes] if shuffle_images else targets[e]
+        scene.target, scene.distractors = layouts[e][0], layouts[e][1:]
+        shown = layouts[(e + 1) % episodes] if shuffle_images else layouts[e]
         joints = (HOME_DEG + rng.uniform(-5.0, 5.0, size=6)).astype(np.float32)
         queue = []
         for _ in range(length):
@@ -406,7 +417,7 @@ def run_demo(args, processes, train):
     # wait for each other cost a lot (measured on 2 shared cores: 0.3 s per step with 1 thread, 2.3 s with 2).
     torch.set_num_threads(1)
     dataset_root = record_demonstrations(os.path.join(args.output, "dataset"), args.demo_episodes,
-                                         args.demo_length, seed=args.seed)
+                                         args.demo_length, seed=args.seed, targets=args.demo_targets)
     # from here on the demo data is an ordinary LeRobot dataset on disk
     dataset = LeRobotDataset(dataset_root)
     config = demo_policy_config(dataset, args)
@@ -426,8 +437,9 @@ def run_demo(args, processes, train):
     policy = SmolVLA.from_pretrained(checkpoint).to(processes.device)
     print(f"evaluating in the simulator: {args.demo_eval_episodes} episodes with the real images, "
           f"then {args.demo_eval_episodes} with images of other episodes' scenes")
-    x, seconds_per_chunk = evaluate_in_sim(policy, args.demo_eval_episodes, args.demo_length, seed=args.seed + 1)
-    y, _ = evaluate_in_sim(policy, args.demo_eval_episodes, args.demo_length, seed=args.seed + 1, shuffle_images=True)
+    episodes, length, targets = args.demo_eval_episodes, args.demo_length, args.demo_targets
+    x, seconds_per_chunk = evaluate_in_sim(policy, episodes, length, args.seed + 1, targets=targets)
+    y, _ = evaluate_in_sim(policy, episodes, length, args.seed + 1, shuffle_images=True, targets=targets)
     result = {"success_rate": x, "success_rate_shuffled_images": y, "episodes": args.demo_eval_episodes,
               "uses_images": x >= 0.8 and y <= x / 2, "inference_ms_per_chunk": round(1000 * seconds_per_chunk, 1),
               "train_samples_per_s": round(args.steps * args.batch_size / training_time, 1),
