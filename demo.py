@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from data import LeRobotDataset
 from policy import ACTION, STATE, features_from_dataset, frame_to_float, read_json
+from policy_server import PolicyRunner, Result
 from record import write_lerobot_dataset
 from smolvla import SmolVLA, SmolVLAConfig
 
@@ -393,6 +394,43 @@ def evaluate_in_sim(policy, episodes, length, seed, shuffle_images=False, target
             joints = step_arm(joints, queue.pop(0))
         successes += scene.success(joints)
     return successes / episodes, float(np.median(latencies))
+
+
+# The RTC lab's modes: what each request asks of the policy (policy_server.PolicyRunner.rtc_options)
+RTC_LAB = {"off": None, "guided": {"mode": "guided", "jacobian": False},
+           "guided_jacobian": {"mode": "guided", "jacobian": True}, "trained": {"mode": "trained"}}
+
+
+def rtc_lab(policy, scheduler_class, episodes, length, seed, targets=2, delays=(0, 4, 8), threshold=0.7):
+    """Real-Time Chunking under asynchronous inference on a simulated clock: every chunk arrives `delay`
+    ticks after the tick its observation was taken (the scheduler is infer_async.AsyncScheduler, passed in:
+    infer_async imports this file). One row per (mode, delay): success rate and switch_jump_mean (robot
+    units, averaged over episodes). `trained` only for a policy trained with --rtc-max-delay."""
+    camera, rows = policy.config.camera_keys[0], []
+    modes = [m for m in RTC_LAB if m != "trained" or policy.trained_on.get("rtc_max_delay")]
+    for mode, delay in [(mode, delay) for mode in modes for delay in delays]:
+        scene, rng, runner = ReachScene(seed=seed, targets=targets), np.random.default_rng(seed), PolicyRunner(policy, seed)
+        successes, jumps = 0, []
+        for _ in range(episodes):
+            scene.reset(rng)
+            joints, pending, tick = (HOME_DEG + rng.uniform(-5.0, 5.0, size=6)).astype(np.float32), [], 0
+            scheduler = scheduler_class(policy.config.chunk_size, threshold, clock=lambda: tick / DEMO_FPS,
+                                        rtc=RTC_LAB[mode], fps=DEMO_FPS)
+            for tick in range(length):
+                for result in [r for due, r in pending if due == tick]:
+                    scheduler.receive(result)
+                if (action := scheduler.next_action()) is not None:
+                    joints = step_arm(joints, action)
+                if scheduler.wants_observation() and (request := scheduler.observe(joints)) is not None:
+                    answer = runner({STATE: joints, camera: scene.render(joints), "task": DEMO_TASK, **request.rtc})
+                    answer = answer if isinstance(answer, dict) else {"actions": answer}
+                    pending.append((tick + 1 + delay, Result(request.id, answer["actions"], normalized=answer.get("normalized"))))
+            successes += scene.success(joints)
+            jumps.append(scheduler.metrics.switch_jump_mean())
+        rows.append({"mode": mode, "delay_ticks": delay, "success_rate": successes / episodes,
+                     "switch_jump_mean": round(float(np.nanmean(jumps)), 3)})
+        print(f"rtc lab: {rows[-1]}")
+    return rows
 
 
 def prepare_demo(args, processes):
