@@ -153,8 +153,8 @@ class ReachScene:
     def success(self, joints_deg):
         """True when the gripper tip is within success_radius of a target, touching the table (3-D distance)."""
         tip = forward_kinematics(joints_deg)
-        targets = np.vstack([self.target, self.distractors])
-        return bool(np.min(np.linalg.norm(tip - np.pad(targets, ((0, 0), (0, 1))), axis=1)) < self.success_radius)
+        targets = np.pad(np.vstack([self.target, self.distractors]), ((0, 0), (0, 1)))  # (targets, 3) on the table
+        return bool(np.linalg.norm(tip - targets, axis=1).min() < self.success_radius)
 
     def expert_action(self, joints_deg):
         """The scripted demonstrator: step all joints along a straight line (in joint space) toward the
@@ -402,14 +402,14 @@ RTC_LAB = {"off": None, "guided": {"mode": "guided", "jacobian": False},
 
 
 def rtc_lab(policy, scheduler_class, episodes, length, seed, targets=2, delays=(0, 4, 8), threshold=0.7):
-    """Real-Time Chunking under asynchronous inference on a simulated clock: every chunk arrives `delay`
-    ticks after the tick its observation was taken (the scheduler is infer_async.AsyncScheduler, passed in:
-    infer_async imports this file). One row per (mode, delay): success rate and switch_jump_mean (robot
-    units, averaged over episodes). `trained` only for a policy trained with --rtc-max-delay."""
+    """Real-Time Chunking under asynchronous inference (scheduler_class: infer_async.AsyncScheduler) on a
+    simulated clock: a chunk arrives `delay` ticks after its observation's tick. One row per (mode, delay):
+    success rate, switch_jump_mean (robot units, mean over episodes); `trained` if trained with RTC."""
     camera, rows = policy.config.camera_keys[0], []
     modes = [m for m in RTC_LAB if m != "trained" or policy.trained_on.get("rtc_max_delay")]
     for mode, delay in [(mode, delay) for mode in modes for delay in delays]:
-        scene, rng, runner = ReachScene(seed=seed, targets=targets), np.random.default_rng(seed), PolicyRunner(policy, seed)
+        scene, rng = ReachScene(seed=seed, targets=targets), np.random.default_rng(seed)
+        runner = PolicyRunner(policy, seed)  # the same noise for every mode
         successes, jumps = 0, []
         for _ in range(episodes):
             scene.reset(rng)
@@ -423,8 +423,8 @@ def rtc_lab(policy, scheduler_class, episodes, length, seed, targets=2, delays=(
                     joints = step_arm(joints, action)
                 if scheduler.wants_observation() and (request := scheduler.observe(joints)) is not None:
                     answer = runner({STATE: joints, camera: scene.render(joints), "task": DEMO_TASK, **request.rtc})
-                    answer = answer if isinstance(answer, dict) else {"actions": answer}
-                    pending.append((tick + 1 + delay, Result(request.id, answer["actions"], normalized=answer.get("normalized"))))
+                    actions, normalized = (answer, None) if mode == "off" else (answer["actions"], answer["normalized"])
+                    pending.append((tick + 1 + delay, Result(request.id, actions, normalized=normalized)))
             successes += scene.success(joints)
             jumps.append(scheduler.metrics.switch_jump_mean())
         rows.append({"mode": mode, "delay_ticks": delay, "success_rate": successes / episodes,
@@ -445,11 +445,11 @@ def prepare_demo(args, processes):
         raise FileExistsError(f"{args.output!r} is not empty; the demo writes a new run: choose another --output.")
 
 
-def run_demo(args, processes, train):
-    """Record -> train from scratch -> save -> reload -> evaluate twice -> eval.json (in args.output).
+def run_demo(args, processes, train, scheduler_class=None):
+    """Record -> train from scratch -> save -> reload -> evaluate twice (and the RTC lab) -> eval.json.
 
     `train(policy, dataset, args, processes)` is train.py's training loop (passed in: this file does not
-    import train.py); it writes the checkpoints under args.output."""
+    import train.py); it writes the checkpoints under args.output. scheduler_class: for rtc_lab."""
     started = time.perf_counter()
     # The demo's matrices are tiny: a second CPU thread gains little, and on a busy machine threads that
     # wait for each other cost a lot (measured on 2 shared cores: 0.3 s per step with 1 thread, 2.3 s with 2).
@@ -485,6 +485,8 @@ def run_demo(args, processes, train):
               "chunk_size": config.chunk_size, "n_action_steps": config.n_action_steps,
               "vlm_layers": config.num_vlm_layers, "attention": args.demo_attention, "checkpoint": checkpoint,
               "wall_time_s": round(time.perf_counter() - started, 1)}
+    if scheduler_class is not None and (targets > 1 or args.rtc_max_delay):  # 2 x length: time for the delays
+        result["rtc_lab"] = rtc_lab(policy, scheduler_class, episodes, 2 * length, args.seed + 1, targets)
     with open(os.path.join(args.output, "eval.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))

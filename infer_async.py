@@ -313,7 +313,7 @@ class AsyncScheduler:
         inputs = {"rtc": {**self.rtc, "inference_delay": self.inference_delay(age_s)}}
         first, normalized = self.rtc_chunk
         if len(self.queue) and normalized is not None:
-            inputs["rtc_leftover"] = np.asarray(normalized[self.queue.next_timestep - first:], np.float32)  # (T_prev, A)
+            inputs["rtc_leftover"] = np.asarray(normalized[self.queue.next_timestep - first:], np.float32)  # (T, A)
         return inputs
 
     def chunk_problem(self, actions):

@@ -7,9 +7,8 @@ actions in robot units. `open_policy` gives it one of two such callables:
 * remote (`--server HOST:PORT`): a `PolicyClient`, which sends the observation to a `PolicyServer` running
   on a GPU machine (`python infer_async.py --serve --policy CKPT`, handled by `serve`) and returns its answer.
 
-Either runs on infer_async's background thread, the `InferenceWorker` (section 5, with the queue plot).
-Real-Time Chunking (flow.py): an observation may carry "rtc" (options) and "rtc_leftover" (the previous
-chunk's actions still to come, normalized); the answer is then {"actions", "normalized": the same chunk}.
+Either runs on infer_async's `InferenceWorker` thread (section 5). Real-Time Chunking (flow.py): "rtc" (options)
+and "rtc_leftover" (normalized) in an observation make the answer {"actions", "normalized": the same chunk}.
 
 An observation is plain numpy: {"task": str, "observation.state": (S,) float32, "observation.images.<cam>":
 (H, W, 3) uint8 camera frame}. Only the policy side turns frames into (3, H, W) floats in [0, 1], so the
@@ -137,8 +136,7 @@ def load_policy(path, vlm=None, device="cpu", dtype="float32"):
 
     policy = SmolVLA.from_pretrained(path, vlm=vlm)
     policy = policy.to(device=torch.device(device), dtype=getattr(torch, dtype))
-    # the speed steps for inference, once the dtype is final (speed.py: on the CPU, linear layers packed for
-    # oneDNN; same numbers)
+    # speed.py's inference steps, once the dtype is final (CPU: linear layers packed for oneDNN; same numbers)
     return speed.prepare(policy)
 
 
@@ -154,7 +152,7 @@ class PolicyRunner:
         self.lock = threading.Lock()
         # what a client needs to know to drive this policy
         self.info = {"chunk_size": int(policy.config.chunk_size), "cameras": list(policy.config.camera_keys)}
-        self.seed = seed  # --seed: the sampling noise comes from a generator seeded once (reproducible runs)
+        self.rng = None if seed is None else np.random.default_rng(seed)  # --seed: reproducible sampling noise
 
     def __call__(self, observation):
         import torch
@@ -163,12 +161,9 @@ class PolicyRunner:
 
         rtc = observation.get("rtc")
         options = self.rtc_options(rtc, observation.get("rtc_leftover")) if rtc is not None else {}
-        if self.seed is not None:
-            if not hasattr(self, "generator"):
-                self.generator = torch.Generator().manual_seed(self.seed)
+        if self.rng is not None:
             shape = (1, self.info["chunk_size"], self.policy.config.max_action_dim)
-            options["noise"] = torch.randn(shape, generator=self.generator)
-
+            options["noise"] = torch.from_numpy(self.rng.standard_normal(shape, dtype=np.float32))
         inputs = {**observation, "task": str(observation.get("task", ""))}
         for key in self.info["cameras"]:
             frame = observation.get(key)
@@ -177,8 +172,7 @@ class PolicyRunner:
             if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
                 raise ValueError(f"{key}: expected an (H, W, 3) uint8 frame, got {frame.dtype} {frame.shape}")
             inputs[key] = frame_to_float(frame.transpose(2, 0, 1))  # (H, W, 3) uint8 -> (3, H, W) float in [0, 1]
-        # the paper's guidance differentiates through the expert: plain no_grad, where autograd can be re-enabled
-        with self.lock, torch.no_grad() if options.get("jacobian") else torch.inference_mode():
+        with self.lock, torch.no_grad() if options.get("jacobian") else torch.inference_mode():  # VJP: autograd
             chunk = self.policy.predict_chunk(inputs, **options)  # (1, chunk, action_dim)
             normalized = self.policy.normalize(ACTION, "ACTION", chunk) if rtc is not None else None
         actions = chunk[0].float().cpu().numpy()
@@ -187,9 +181,7 @@ class PolicyRunner:
     def rtc_options(self, rtc, leftover):
         """The sample_actions keywords for an observation's RTC request (none without a leftover: the first
         chunk, or after the queue ran dry, is sampled from noise alone)."""
-        import torch
-
-        mode, max_delay = rtc.get("mode"), self.policy.trained_on.get("rtc_max_delay", 0)
+        mode, max_delay = rtc.get("mode"), getattr(self.policy, "trained_on", {}).get("rtc_max_delay", 0)
         if mode not in ("guided", "trained"):
             raise ValueError(f"unknown RTC mode {mode!r}: choose guided or trained (or off)")
         if mode == "trained" and not max_delay:
@@ -200,7 +192,7 @@ class PolicyRunner:
                                        "jacobian") if k in rtc}
         if mode == "trained":  # no guidance; the prefix no longer than the model saw in training
             options.update(jacobian=False, inference_delay=min(int(options.get("inference_delay", 0)), max_delay))
-        return {**options, "rtc": mode, "leftover": torch.from_numpy(np.asarray(leftover, np.float32))[None]}
+        return {**options, "rtc": mode, "leftover": np.asarray(leftover, np.float32)[None]}  # (1, T_prev, A)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -414,7 +406,7 @@ def add_policy_arguments(parser):
     g.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on")
     g.add_argument("--port-server", type=int, default=8765, help="--serve: TCP port to listen on")
     g.add_argument("--max-message-mb", type=float, default=64.0, help="largest message accepted")
-    g.add_argument("--seed", type=int, help="seed of the sampling noise (reproducible chunks; with --server: the server's)")
+    g.add_argument("--seed", type=int, help="seed of the sampling noise (with --server: give it to the server)")
     r = parser.add_argument_group("Real-Time Chunking (flow.py): each chunk continues the one being executed")
     r.add_argument("--rtc", choices=("off", "guided", "trained"), default="off",
                    help="guided: inpainting toward the leftover; trained: a policy trained with --rtc-max-delay")
@@ -488,10 +480,10 @@ class InferenceWorker:
             start = time.monotonic()
             try:
                 answer = self.compute(observation)  # an array, or with RTC {"actions", "normalized"}
-                answer = answer if isinstance(answer, dict) else {"actions": answer}
+                rtc = isinstance(answer, dict)
+                actions, normalized = (answer["actions"], answer["normalized"]) if rtc else (answer, None)
                 time.sleep(self.extra_latency_s)
-                result = Result(request.id, actions=np.asarray(answer["actions"], dtype=np.float32),
-                                normalized=answer.get("normalized"))
+                result = Result(request.id, np.asarray(actions, dtype=np.float32), normalized=normalized)
             # any failure of the policy or the network must reach the scheduler as a failed Result,
             # otherwise the request would stay in flight and the loop would wait for it forever
             except Exception as e:  # noqa: BLE001

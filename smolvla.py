@@ -436,7 +436,7 @@ class SmolVLA(nn.Module):
         velocity, steps = (lambda x, t: self.velocity(ctx, x, t)), self.config.num_steps
         if leftover is None:
             return euler_sample(velocity, noise.float(), steps)
-        leftover = leftover.to(state.device)
+        leftover = torch.as_tensor(leftover, device=state.device)
         if rtc == "trained":
             return prefix_sample(velocity, noise.float(), steps, leftover, inference_delay)
         if rtc != "guided":
