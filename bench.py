@@ -202,6 +202,19 @@ def sample_chunk(model: SmolVLA, inputs: dict) -> torch.Tensor:
     )
 
 
+def time_guided_chunk(model: SmolVLA, inputs: dict, args) -> dict:
+    """Real-Time Chunking (flow.py): the chunk guided toward a previous chunk's leftover (half a chunk, delay
+    a tenth of it); with --rtc jacobian every flow step also runs a backward pass of the expert."""
+    chunk = model.config.chunk_size
+    leftover = torch.zeros(args.batch, chunk // 2, model.config.action_dim)
+    run = lambda: model.sample_actions(  # noqa: E731
+        inputs["images"], inputs["img_masks"], inputs["lang_tokens"], inputs["lang_masks"], inputs["state"],
+        noise=inputs["noise"], leftover=leftover, inference_delay=chunk // 10, execution_horizon=chunk // 2,
+        jacobian=args.rtc == "jacobian")
+    wall, _ = timed(run, args.repeats, args.warmup)
+    return {"rtc": args.rtc, "rtc_chunk_s": statistics.median(wall), "rtc_wall_s": wall}
+
+
 def train_step(model: SmolVLA, optimizer, inputs: dict, autocast_dtype) -> float:
     """Forward, backward (gradients clipped as train.RECIPE says) and AdamW step of the flow-matching loss
     (mean over steps and action dims), as train.py does."""
@@ -322,6 +335,7 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs first (allocator, oneDNN kernels)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--train", action="store_true", help="time a training step instead of a chunk")
+    ap.add_argument("--rtc", choices=("jacobian", "identity"), help="also time a chunk with RTC guidance (flow.py)")
     ap.add_argument("--batch", type=int, default=None, help="batch size (default 1; --train: 2; --data: 32)")
     ap.add_argument("--no-pack", action="store_true", help="plain nn.Linear layers (see speed.pack_linear_layers)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the vision tower and the expert's step")
@@ -405,6 +419,10 @@ def main(argv=None) -> dict:
         result["chunk_s"] = statistics.median(wall)
         result["gflops"] = args.batch * flops["total"] / result["chunk_s"] / 1e9
         result["gflop_per_chunk"] = flops["total"] / 1e9
+        if args.rtc:
+            result.update(time_guided_chunk(model, inputs, args))
+            result["rtc_vs_plain"] = result["rtc_chunk_s"] / result["chunk_s"]
+            print(f"bench: RTC-guided chunk ({args.rtc}) {result['rtc_chunk_s']:.3f} s = {result['rtc_vs_plain']:.2f}x")
         if args.profile:
             result.update(stage_times(model, inputs, args.repeats))
     if args.profile:

@@ -207,3 +207,13 @@ def test_training_with_rtc_delay_shows_clean_prefixes_and_leaves_them_out_of_the
         per_element = tiny.compute_loss(*inputs, io["actions"], noise=io["noise"], time=time, rtc_delay=delay)
     expected = per_element[:, :, :6].sum() / ((50 + 43) * 6)
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_bench_times_a_guided_chunk():
+    import bench
+
+    tiny = ["--checkpoint", os.path.join(TINY, "checkpoint"), "--vlm", os.path.join(TINY, "vlm"), "--height", "48"]
+    result = bench.main(tiny + ["--width", "64", "--threads", "1", "--dtype", "fp32", "--repeats", "1", "--warmup",
+                                "0", "--rtc", "jacobian"])
+    assert result["rtc"] == "jacobian" and result["rtc_chunk_s"] > 0 and len(result["rtc_wall_s"]) == 1
+    assert result["rtc_vs_plain"] == result["rtc_chunk_s"] / result["chunk_s"]
