@@ -122,8 +122,8 @@ def step_arm(joints_deg, action_deg, max_step_deg=15.0):
 
 
 class ReachScene:
-    """A table with `targets` interchangeable targets (1 by default; 2 for the RTC lab: a policy that does not
-    commit to one dithers between them); renders the arm over them and tells whether the tip touches one."""
+    """A table with one target, or two mirror-image ones (left and right: the RTC lab's world, where a policy
+    that does not commit dithers); renders the arm over them and tells whether the tip touches one."""
 
     def __init__(self, seed=0, image_size=(64, 64), success_radius=0.03, expert_speed_deg=8.0, targets=1):
         self.rng = np.random.default_rng(seed)
@@ -135,18 +135,15 @@ class ReachScene:
         self.reset()
 
     def reset(self, rng=None):
-        """Place the targets at distinct random grid spots (plus jitter); the expert picks one at random.
-        Returns all of them, (targets, 2) metres, the expert's choice first."""
+        """Place the target at a random grid spot (a second one at its mirror image across the arm's axis),
+        plus jitter; the expert picks one at random. Returns all, (targets, 2) metres, its choice first."""
         rng = self.rng if rng is None else rng
-        spots = []
-        while len(spots) < self.num_targets:
-            spot = (rng.integers(len(TARGET_PAN_DEG)), rng.integers(len(TARGET_REACH_M)))
-            spots += [spot] if spot not in spots else []
-        pan = np.radians(np.array(TARGET_PAN_DEG)[[p for p, _ in spots]])  # (targets,)
-        reach = np.array(TARGET_REACH_M)[[r for _, r in spots]]
-        jitter = rng.uniform(-TARGET_JITTER_M, TARGET_JITTER_M, size=(len(spots), 2))
+        pan_deg = TARGET_PAN_DEG[rng.integers(len(TARGET_PAN_DEG))]
+        pan = np.radians(np.array([pan_deg, -pan_deg][: self.num_targets]))  # (targets,)
+        reach = TARGET_REACH_M[rng.integers(len(TARGET_REACH_M))]
+        jitter = rng.uniform(-TARGET_JITTER_M, TARGET_JITTER_M, size=(len(pan), 2))
         targets = np.stack([-reach * np.sin(pan), reach * np.cos(pan)], 1) + jitter  # (targets, 2)
-        chosen = rng.integers(len(spots)) if len(spots) > 1 else 0
+        chosen = rng.integers(len(pan)) if len(pan) > 1 else 0
         self.target, self.distractors = targets[chosen], np.delete(targets, chosen, axis=0)
         return np.vstack([self.target, self.distractors])
 
@@ -404,7 +401,7 @@ RTC_LAB = {"off": None, "guided": {"mode": "guided", "jacobian": False},
 def rtc_lab(policy, scheduler_class, episodes, length, seed, targets=2, delays=(0, 4, 8), threshold=0.7):
     """Real-Time Chunking under asynchronous inference (scheduler_class: infer_async.AsyncScheduler) on a
     simulated clock: a chunk arrives `delay` ticks after its observation's tick. One row per (mode, delay):
-    success rate, switch_jump_mean (robot units, mean over episodes); `trained` if trained with RTC."""
+    success rate, switch_jump_mean (robot units, mean over all switches); `trained` if trained with RTC."""
     camera, rows = policy.config.camera_keys[0], []
     modes = [m for m in RTC_LAB if m != "trained" or policy.trained_on.get("rtc_max_delay")]
     for mode, delay in [(mode, delay) for mode in modes for delay in delays]:
@@ -426,9 +423,9 @@ def rtc_lab(policy, scheduler_class, episodes, length, seed, targets=2, delays=(
                     actions, normalized = (answer, None) if mode == "off" else (answer["actions"], answer["normalized"])
                     pending.append((tick + 1 + delay, Result(request.id, actions, normalized=normalized)))
             successes += scene.success(joints)
-            jumps.append(scheduler.metrics.switch_jump_mean())
+            jumps += [scheduler.metrics.switch_jump_mean()] * len(scheduler.metrics.switch_ticks())  # per switch
         rows.append({"mode": mode, "delay_ticks": delay, "success_rate": successes / episodes,
-                     "switch_jump_mean": round(float(np.nanmean(jumps)), 3)})
+                     "switch_jump_mean": round(float(np.mean(jumps)), 3) if jumps else None})
         print(f"rtc lab: {rows[-1]}")
     return rows
 

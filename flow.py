@@ -109,7 +109,8 @@ def time_embedding(time: torch.Tensor, dim: int, min_period: float, max_period: 
 #     W_i = 1                     for i < d       the actions executed during the delay: frozen
 #           c_i (e^{c_i} − 1)/(e − 1)  d ≤ i < H    a decaying ramp, c_i = (H − i)/(H − d + 1)
 #           0                     for i ≥ H       the free continuation
-#     v_guided = v + min(β, (1 − τ)/(τ·r_τ²)) · (Y − Â¹)ᵀ diag(W) ∂Â¹/∂A^τ,   r_τ² = (1 − τ)²/(τ² + (1 − τ)²)
+#     v_guided = v + min(β, (1 − τ)/(τ·r_τ²)) · (Y − Â¹)ᵀ diag(W) ∂Â¹/∂A^τ
+#     r_τ² = (1 − τ)²/(τ² + (1 − τ)²)             how uncertain Â¹ is at τ
 #
 # H is the execution horizon (the paper's H − s: where the guidance ends; capped at the leftover's
 # length). The last factor is a vector-Jacobian product through the denoiser (one backward pass of the
@@ -136,7 +137,8 @@ def prefix_weights(inference_delay: int, execution_horizon: int, chunk_size: int
     if schedule not in RTC_SCHEDULES:
         raise ValueError(f"unknown RTC schedule {schedule!r}: choose one of {', '.join(RTC_SCHEDULES)}")
     if inference_delay < 0 or execution_horizon < 0:
-        raise ValueError(f"inference delay and execution horizon must be >= 0, got {inference_delay}, {execution_horizon}")
+        raise ValueError(f"inference delay and execution horizon must be >= 0, got {inference_delay}, "
+                         f"{execution_horizon}")
     d, h, n = min(inference_delay, execution_horizon), execution_horizon, chunk_size
     if schedule == "ones":
         return (torch.arange(n) < h).float()
@@ -150,7 +152,7 @@ def prefix_weights(inference_delay: int, execution_horizon: int, chunk_size: int
 
 
 def guidance_weight(t: float, max_guidance_weight: float) -> torch.Tensor:
-    """min(β, c/r_τ²) at SmolVLA flow time t (τ = 1 − t), c = (1 − τ)/τ, 1/r_τ² = ((1 − τ)² + τ²)/(1 − τ)².
+    """min(β, c/r_τ²) at SmolVLA flow time t (τ = 1 − t): c = (1 − τ)/τ, 1/r_τ² = ((1 − τ)² + τ²)/(1 − τ)².
 
     At τ = 0 (the first step, pure noise) c is infinite and at τ = 1 the product is 0·∞; both are limits
     of +∞, so both give β. (The reference maps the second, NaN, to 0; its Euler steps never reach τ = 1.)
@@ -167,7 +169,8 @@ def pad_leftover(leftover: torch.Tensor, shape) -> torch.Tensor:
     the reference does (the padded steps and action dims are pulled toward 0 where W > 0)."""
     batch, steps, dims = shape
     if leftover.ndim != 3 or leftover.shape[0] != batch or leftover.shape[1] > steps or leftover.shape[2] > dims:
-        raise ValueError(f"leftover must be (B={batch}, ≤ {steps} steps, ≤ {dims} action dims), got {tuple(leftover.shape)}")
+        raise ValueError(f"leftover must be (B={batch}, ≤ {steps} steps, ≤ {dims} action dims), "
+                         f"got {tuple(leftover.shape)}")
     return torch.nn.functional.pad(leftover.float(), (0, dims - leftover.shape[2], 0, steps - leftover.shape[1]))
 
 

@@ -71,7 +71,8 @@ def test_guidance_weight_is_capped_and_infinite_limits_give_the_cap():
 def toy_velocity(x, time):
     """A nonlinear field whose Jacobian is far from 0: mixes steps and dims, depends on the time."""
     generator = torch.Generator().manual_seed(0)
-    mix_steps, mix_dims = torch.randn(x.shape[1], x.shape[1], generator=generator), torch.randn(x.shape[2], x.shape[2], generator=generator)
+    mix_steps = torch.randn(x.shape[1], x.shape[1], generator=generator)  # (T, T)
+    mix_dims = torch.randn(x.shape[2], x.shape[2], generator=generator)  # (A, A)
     return torch.tanh(torch.einsum("st,btd,de->bse", mix_steps, x, mix_dims)) * (1 + time[:, None, None]) + x**2
 
 
@@ -80,7 +81,7 @@ def test_jacobian_correction_is_the_vector_jacobian_product_of_autograd():
     x, target = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
     weights, t, beta = prefix_weights(2, 4, 5, "exp"), 0.7, 10.0
     guided = guided_velocity(toy_velocity, x, t, target, weights, beta, jacobian=True)
-    # written out: Â = x − t·v(x); e = W·(Y − Â); correction = (∂Â/∂x)ᵀ e with the full Jacobian from autograd
+    # written out: Â = x − t·v(x); e = W·(Y − Â); correction = (∂Â/∂x)ᵀ e, the full Jacobian by autograd
     time = torch.full((2,), t)
     v = toy_velocity(x, time)
     error = (target - (x - t * v)) * weights[None, :, None]

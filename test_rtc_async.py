@@ -159,3 +159,59 @@ def test_virtual_arm_with_guided_rtc_records_what_it_executed(tmp_path):
     assert all(len(e["action"]) == 6 for e in saved["executed"])
     assert saved["chunks_received"] >= 2 and saved["switch_jump_mean"] == metrics.switch_jump_mean() >= 0
     assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --- the RTC lab's world and its simulated clock (demo.py) ---------------------------------------------------
+
+
+def test_two_mirror_targets_the_expert_picks_either_and_either_succeeds():
+    import demo
+
+    scene, rng, sides = demo.ReachScene(seed=0, targets=2), np.random.default_rng(0), []
+    for _ in range(30):
+        episode = demo.expert_episode(scene, rng, length=20)
+        targets = np.vstack([scene.target, scene.distractors])  # (2, 2): mirror images up to the jitter
+        assert np.abs(targets[0] * [-1, 1] - targets[1]).max() <= 2 * demo.TARGET_JITTER_M + 1e-9
+        assert scene.success(episode["observation.state"][-1])  # the expert reaches its choice ...
+        other = np.zeros(6)
+        other[:3] = demo.inverse_kinematics(scene.distractors[0])
+        assert scene.success(other)  # ... and touching the other one succeeds as well
+        sides.append(np.sign(scene.target[0]))
+    assert 5 < sides.count(1.0) < 25  # it picks left and right
+    red = np.argwhere((scene.render(demo.HOME_DEG)[..., 0] > 150) & (scene.render(demo.HOME_DEG)[..., 1] < 80))
+    assert red[:, 1].min() < 28 and red[:, 1].max() > 36  # both discs are drawn
+
+
+class ExpertPolicy(RecordingPolicy):
+    """The scripted expert as a policy (chunk 10): it reaches the left target whatever the keywords say."""
+
+    def __init__(self, trained=True):
+        super().__init__()
+        self.config = SimpleNamespace(chunk_size=10, camera_keys=["observation.images.top"], max_action_dim=8)
+        self.trained_on = {"rtc_max_delay": 8} if trained else {}
+
+    def predict_chunk(self, observation, **kwargs):
+        import demo
+
+        self.calls.append(kwargs)
+        scene, joints, chunk_ = demo.ReachScene(), np.asarray(observation["observation.state"]), []
+        scene.target = np.array([-0.15, 0.15])
+        for _ in range(10):
+            joints = scene.expert_action(joints)
+            chunk_.append(joints)
+        return torch.from_numpy(np.stack(chunk_))[None]
+
+
+def test_rtc_lab_runs_every_mode_and_delay_on_a_simulated_clock():
+    import demo
+
+    policy = ExpertPolicy()
+    rows = demo.rtc_lab(policy, ia.AsyncScheduler, episodes=3, length=30, seed=0, delays=(0, 4))
+    assert [(r["mode"], r["delay_ticks"]) for r in rows] == [
+        (m, d) for m in ("off", "guided", "guided_jacobian", "trained") for d in (0, 4)]
+    assert all(0 <= r["success_rate"] <= 1 and r["switch_jump_mean"] > 0 for r in rows)
+    # the requests of the RTC modes carry the simulated delay once a latency has been seen
+    delays = {c["inference_delay"] for c in policy.calls if "inference_delay" in c}
+    assert delays == {0, 4} and {c["rtc"] for c in policy.calls if "rtc" in c} == {"guided", "trained"}
+    assert {c["jacobian"] for c in policy.calls if c.get("rtc") == "guided"} == {False, True}
+    assert "trained" not in {r["mode"] for r in demo.rtc_lab(ExpertPolicy(trained=False), ia.AsyncScheduler, 1, 5, 0)}

@@ -441,7 +441,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, help=f"data order and noise ({RECIPE['seed']})")
     parser.add_argument("--rtc-max-delay", type=int, help="training-time Real-Time Chunking: up to D given actions")
     parser.add_argument("--demo", action="store_true", help="the offline toy run (demo.py): CPU, a few minutes")
-    parser.add_argument("--demo-targets", type=int, default=1, help="targets on the table; the expert picks one")
+    parser.add_argument("--demo-targets", type=int, default=1, help="1, or 2 mirror-image targets (the expert picks one)")
     parser.add_argument("--demo-episodes", type=int, default=160, help="demonstrations the demo records")
     parser.add_argument("--demo-length", type=int, default=20, help="steps per demo episode")
     parser.add_argument("--demo-eval-episodes", type=int, default=50, help="episodes per demo evaluation")
@@ -454,8 +454,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not (args.demo or args.repo or args.resume):
         parser.error("give a dataset with --repo (or --resume a run, or run --demo)")
-    if (args.rtc_max_delay or 0) < 0 or args.demo_targets not in (1, 2, 3, 4):
-        parser.error("--rtc-max-delay must be >= 0 and --demo-targets 1 to 4")
+    if (args.rtc_max_delay or 0) < 0 or args.demo_targets not in (1, 2):
+        parser.error("--rtc-max-delay must be >= 0 and --demo-targets 1 or 2")
     return args
 
 
