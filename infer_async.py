@@ -476,7 +476,8 @@ def run_arm(args):
         # let a policy that cannot drive this arm fail here, loudly, rather than as failures in the loop
         start = time.monotonic()
         state = arm.get_state()
-        warm_up = compute({**capture(state), **({"rtc": rtc_options(args)} if args.rtc != "off" else {})})
+        rtc = {"rtc": rtc_options(args), "rtc_leftover": np.zeros((1, len(state)), np.float32)} if args.rtc != "off" else {}
+        warm_up = compute({**capture(state), **rtc})  # with a leftover: the RTC options are checked here too
         warm_up = np.asarray(warm_up["actions"] if isinstance(warm_up, dict) else warm_up)
         print(f"warm-up inference took {time.monotonic() - start:.2f} s")
         if warm_up.ndim != 2 or warm_up.shape[1] != len(state):

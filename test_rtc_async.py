@@ -215,3 +215,11 @@ def test_rtc_lab_runs_every_mode_and_delay_on_a_simulated_clock():
     assert delays == {0, 4} and {c["rtc"] for c in policy.calls if "rtc" in c} == {"guided", "trained"}
     assert {c["jacobian"] for c in policy.calls if c.get("rtc") == "guided"} == {False, True}
     assert "trained" not in {r["mode"] for r in demo.rtc_lab(ExpertPolicy(trained=False), ia.AsyncScheduler, 1, 5, 0)}
+
+
+def test_bad_rtc_options_stop_at_the_warm_up():
+    common = ["--port", "sim", "--policy", TINY, "--vlm", TINY_VLM, "--duration", "1"]
+    with pytest.raises(ValueError, match="unknown RTC schedule 'cosine'"):
+        ia.main(common + ["--rtc", "guided", "--rtc-schedule", "cosine"])
+    with pytest.raises(ValueError, match="needs a policy trained with --rtc-max-delay"):
+        ia.main(common + ["--rtc", "trained"])
