@@ -106,11 +106,13 @@ def time_embedding(time: torch.Tensor, dim: int, min_period: float, max_period: 
 # (above): t = 1 − τ from 1 (noise) to 0, velocity v_t = ε − A = −v. In the paper's notation:
 #
 #     Â¹ = A^τ + (1 − τ)·v(A^τ, τ)               the clean chunk the current velocity leads to
-#     W_i = 1                     for i < d       the actions executed during the delay: frozen
+#     W_i = 1                     for i < d       the actions executed during the delay: full weight
 #           c_i (e^{c_i} − 1)/(e − 1)  d ≤ i < H    a decaying ramp, c_i = (H − i)/(H − d + 1)
 #           0                     for i ≥ H       the free continuation
 #     v_guided = v + min(β, (1 − τ)/(τ·r_τ²)) · (Y − Â¹)ᵀ diag(W) ∂Â¹/∂A^τ
 #     r_τ² = (1 − τ)²/(τ² + (1 − τ)²)             how uncertain Â¹ is at τ
+#
+# In SmolVLA's time the same step reads: Â = x_t − t·v_t, v_t ← v_t − w·(∂Â/∂x_t)ᵀ diag(W)(Y − Â).
 #
 # H is the execution horizon (the paper's H − s: where the guidance ends; capped at the leftover's
 # length). The last factor is a vector-Jacobian product through the denoiser (one backward pass of the

@@ -413,8 +413,8 @@ def add_policy_arguments(parser):
     r.add_argument("--execution-horizon", type=int, default=10, help="guided: the guidance ends this many steps in")
     r.add_argument("--max-guidance-weight", type=float, default=10.0, help="guided: β, the cap of the guidance weight")
     r.add_argument("--rtc-schedule", default="linear", help="guided: prefix weights zeros, ones, linear or exp")
-    r.add_argument("--rtc-jacobian", action=argparse.BooleanOptionalAction, default=True,
-                   help="guided: the paper's vector-Jacobian product (a backward pass), else the reference's identity")
+    r.add_argument("--rtc-jacobian", action=argparse.BooleanOptionalAction, default=False,
+                   help="guided: the paper's vector-Jacobian product (a backward pass; default: the reference's identity)")
 
 
 def open_policy(args):
