@@ -204,13 +204,13 @@ def sample_chunk(model: SmolVLA, inputs: dict) -> torch.Tensor:
 
 def time_guided_chunk(model: SmolVLA, inputs: dict, args) -> dict:
     """Real-Time Chunking (flow.py): the chunk guided toward a previous chunk's leftover (half a chunk, delay
-    a tenth of it); with --rtc jacobian every flow step also runs a backward pass of the expert."""
+    a tenth of it, the default horizon of 10 steps); with --rtc jacobian every flow step also runs a backward
+    pass of the expert over the guided steps."""
     chunk = model.config.chunk_size
     leftover = torch.zeros(args.batch, chunk // 2, model.config.action_dim)
     run = lambda: model.sample_actions(  # noqa: E731
         inputs["images"], inputs["img_masks"], inputs["lang_tokens"], inputs["lang_masks"], inputs["state"],
-        noise=inputs["noise"], leftover=leftover, inference_delay=chunk // 10, execution_horizon=chunk // 2,
-        jacobian=args.rtc == "jacobian")
+        noise=inputs["noise"], leftover=leftover, inference_delay=chunk // 10, jacobian=args.rtc == "jacobian")
     wall, _ = timed(run, args.repeats, args.warmup)
     return {"rtc": args.rtc, "rtc_chunk_s": statistics.median(wall), "rtc_wall_s": wall}
 

@@ -177,26 +177,41 @@ def pad_leftover(leftover: torch.Tensor, shape) -> torch.Tensor:
 
 
 def guided_velocity(velocity, x: torch.Tensor, t: float, target: torch.Tensor, weights: torch.Tensor,
-                    max_guidance_weight: float, jacobian: bool = True) -> torch.Tensor:
+                    max_guidance_weight: float, jacobian: bool = True, causal: bool = False) -> torch.Tensor:
     """One RTC-guided velocity at SmolVLA flow time t: v_t − w·correction, (B, T, A).
 
     x, target (the padded leftover Y): (B, T, A); weights W: (T,). In SmolVLA's time the clean estimate is
     Â = x − t·v_t, and correction = (∂Â/∂x)ᵀ (W·(Y − Â)): a vector-Jacobian product by autograd
     (jacobian=True, the paper's) or W·(Y − Â) itself (jacobian=False, the reference's).
+    causal: velocity(x[:, :h]) gives the first h steps' velocities, which depend on no later step (SmolVLA's
+    action tokens). The error is 0 from the first step h with W = 0 on, so the product then involves the
+    first h steps only: speed: a graph (and a backward pass) of h steps instead of T.
     """
     time = torch.tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])  # (B,)
-    with torch.enable_grad():  # the sampler runs under no_grad; the vector-Jacobian product needs a graph
-        x = x.detach().requires_grad_(jacobian)
-        v_t = velocity(x, time)
+    weights = weights.to(x.device)
+    steps = x.shape[1]
+    h = int(weights.nonzero().max()) + 1 if causal and jacobian and weights.any() else steps  # W = 0 from h on
+    # the sampler runs under no_grad: the vector-Jacobian product needs a graph of the first h steps
+    with torch.enable_grad() if jacobian else torch.no_grad():
+        tracked = x[:, :h].detach().requires_grad_(jacobian)
+        v_tracked = velocity(tracked, time)  # (B, h, A)
+        tracked_clean = tracked - t * v_tracked  # Â of the first h steps
+    with torch.no_grad():
+        v_t = v_tracked.detach()
+        if h < steps:  # the other steps' velocities, untracked
+            v_t = torch.cat([v_t, velocity(x, time)[:, h:]], dim=1)  # (B, T, A)
         clean = x - t * v_t  # Â (B, T, A)
-        error = (target - clean) * weights.to(x.device)[None, :, None]  # W·(Y − Â)
-        correction = torch.autograd.grad(clean, x, error.detach())[0] if jacobian else error
-    return (v_t - guidance_weight(t, max_guidance_weight).to(x.device) * correction).detach()
+        error = (target - clean) * weights[None, :, None]  # W·(Y − Â)
+    correction = error
+    if jacobian:  # (∂Â/∂x)ᵀ e; none past step h: e is 0 there and, causal, no step reaches an earlier one
+        correction = torch.zeros_like(x)
+        correction[:, :h] = torch.autograd.grad(tracked_clean, tracked, error[:, :h])[0]
+    return v_t - guidance_weight(t, max_guidance_weight).to(x.device) * correction
 
 
 def guided_sample(velocity, noise: torch.Tensor, num_steps: int, leftover: torch.Tensor, inference_delay: int,
                   execution_horizon: int, schedule: str = "linear", max_guidance_weight: float = 10.0,
-                  jacobian: bool = True) -> torch.Tensor:
+                  jacobian: bool = True, causal: bool = False) -> torch.Tensor:
     """euler_sample with every velocity guided toward the leftover (B, T_prev, A_prev): (B, T, A) chunk."""
     if max_guidance_weight <= 0:
         raise ValueError(f"the maximum guidance weight must be positive, got {max_guidance_weight}")
@@ -207,7 +222,7 @@ def guided_sample(velocity, noise: torch.Tensor, num_steps: int, leftover: torch
     x = noise
     for step in range(num_steps):
         t = 1.0 + step * dt  # in double precision, as the reference; the expert sees it rounded to float32
-        x = x + dt * guided_velocity(velocity, x, t, target, weights, max_guidance_weight, jacobian)
+        x = x + dt * guided_velocity(velocity, x, t, target, weights, max_guidance_weight, jacobian, causal)
     return x
 
 

@@ -383,9 +383,11 @@ class SmolVLA(nn.Module):
         return self.action_time_mlp_out(F.silu(fused))  # (B, S, d_e)
 
     def velocity(self, ctx: PrefixContext, noisy_actions: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
-        """The expert's predicted flow velocity v(x_τ, τ | observation): (B, S, max_action_dim) float32."""
+        """The expert's predicted flow velocity v(x_τ, τ | observation): (B, S, max_action_dim) float32.
+        S may be shorter than the chunk: the first S action tokens' velocities (SuffixLayout.head)."""
         suffix = self.embed_suffix(noisy_actions, time)  # (B, S, d_e)
-        hidden = self.expert(suffix, ctx.cache, ctx.suffix)  # (B, S, d_e)
+        layout = ctx.suffix if suffix.shape[1] == ctx.suffix.cross_mask.shape[1] else ctx.suffix.head(suffix.shape[1])
+        hidden = self.expert(suffix, ctx.cache, layout)  # (B, S, d_e)
         # the output projection runs in float32 whatever the model's dtype (as in the reference)
         w, b = self.action_out_proj.weight, self.action_out_proj.bias
         return F.linear(hidden.float(), w.float(), b.float())
@@ -441,8 +443,9 @@ class SmolVLA(nn.Module):
             return prefix_sample(velocity, noise.float(), steps, leftover, inference_delay)
         if rtc != "guided":
             raise ValueError(f"rtc must be 'guided' or 'trained', got {rtc!r}")
+        # causal: an action token's velocity depends only on the tokens up to it (the block mask)
         return guided_sample(velocity, noise.float(), steps, leftover, inference_delay, execution_horizon,
-                             schedule, max_guidance_weight, jacobian)
+                             schedule, max_guidance_weight, jacobian, causal=True)
 
     # --- robot units and checkpoints: policy.py ------------------------------------------------------
 

@@ -89,6 +89,10 @@ def test_jacobian_correction_is_the_vector_jacobian_product_of_autograd():
         jacobian = torch.autograd.functional.jacobian(lambda xb: xb - t * toy_velocity(xb[None], time[:1])[0], x[b])
         correction = torch.einsum("sd,sdte->te", error[b], jacobian)  # (T, A)
         torch.testing.assert_close(guided[b], v[b] - guidance_weight(t, beta) * correction, atol=1e-5, rtol=1e-5)
+    # a causal field (step i sees steps ≤ i): the product through the steps with W > 0 alone is the same
+    causal_field = lambda x, time: torch.cumsum(torch.tanh(x), dim=1) * (1 + time[:, None, None]) + x**2  # noqa: E731
+    full = guided_velocity(causal_field, x, t, target, weights, beta, jacobian=True)
+    torch.testing.assert_close(guided_velocity(causal_field, x, t, target, weights, beta, True, causal=True), full)
     # the reference's correction is the weighted error itself; the two differ on a nonlinear field
     identity = guided_velocity(toy_velocity, x, t, target, weights, beta, jacobian=False)
     torch.testing.assert_close(identity, v - guidance_weight(t, beta) * error)
@@ -135,10 +139,15 @@ def test_guided_sampling_matches_a_written_out_loop_on_variants(variant):
     torch.testing.assert_close(unguided, io["expected_sampled"], atol=TOL, rtol=0)
     distance = lambda a: (a[:, :d, :6] - leftover[:, :d]).abs().mean()  # noqa: E731
     assert distance(guided) < 0.5 * distance(unguided)
-    # the paper's correction (vector-Jacobian product through the expert) runs and stays close
+    # the paper's correction (vector-Jacobian product through the expert) pulls toward the leftover too; it
+    # differentiates through the first min(H, T_prev) action tokens alone (causal), as the whole chunk would
     with_jacobian = model.sample_actions(*inputs, noise=noise, leftover=leftover, inference_delay=d,
                                          execution_horizon=horizon, max_guidance_weight=beta)
     assert torch.isfinite(with_jacobian).all() and distance(with_jacobian) < 0.5 * distance(unguided)
+    with torch.no_grad():
+        whole = guided_sample(lambda x, t: model.velocity(ctx, x, t), noise, model.config.num_steps, leftover, d,
+                              horizon, max_guidance_weight=beta, jacobian=True, causal=False)
+    torch.testing.assert_close(with_jacobian, whole, atol=TOL, rtol=0)
 
 
 # --- training-time RTC: per-token flow time ---------------------------------------------------------------
