@@ -13,6 +13,8 @@
 4. **Evaluate** it in closed loop twice: with the real images, and with images showing another episode's
    target. A policy that ignored the camera could not beat chance (8 target spots); one that reads it
    succeeds with the real images and reaches for the wrong spot with the shuffled ones. eval.json holds both.
+   With two mirror-image targets (--demo-targets 2) or --rtc-max-delay, also the Real-Time Chunking lab
+   (`rtc_lab`: asynchronous inference on a simulated clock, flow.py's RTC against today's merge).
 
 The toy world's renderer is also the camera of the virtual arm (`SyntheticCamera`, for
 `infer_async.py --port sim`), so the demo's checkpoint drives the virtual arm. This file does not import
