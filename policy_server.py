@@ -414,7 +414,7 @@ def add_policy_arguments(parser):
     r.add_argument("--max-guidance-weight", type=float, default=10.0, help="guided: β, the cap of the guidance weight")
     r.add_argument("--rtc-schedule", default="linear", help="guided: prefix weights zeros, ones, linear or exp")
     r.add_argument("--rtc-jacobian", action=argparse.BooleanOptionalAction, default=False,
-                   help="guided: the paper's vector-Jacobian product (a backward pass; default: the reference's identity)")
+                   help="guided: the paper's correction, a backward pass per step (default: the reference's)")
 
 
 def open_policy(args):
