@@ -223,3 +223,29 @@ def test_bad_rtc_options_stop_at_the_warm_up():
         ia.main(common + ["--rtc", "guided", "--rtc-schedule", "cosine"])
     with pytest.raises(ValueError, match="needs a policy trained with --rtc-max-delay"):
         ia.main(common + ["--rtc", "trained"])
+
+
+def test_demo_with_rtc_training_in_miniature(tmp_path, monkeypatch):
+    """train.py --demo --demo-targets 2 --rtc-max-delay 3: each batch draws its prefixes, the checkpoint says
+    it was trained so (trained_on.json, not config.json), and eval.json holds the RTC lab."""
+    import train
+    from smolvla import SmolVLA
+
+    delays, compute_loss = [], SmolVLA.compute_loss
+
+    def spy(self, *args):  # policy.training_loss passes (images, ..., noise, time, rtc_delay)
+        delays.append(args[8])
+        return compute_loss(self, *args)
+
+    monkeypatch.setattr(SmolVLA, "compute_loss", spy)
+    output = tmp_path / "demo"
+    train.main(["--demo", "--demo-targets", "2", "--rtc-max-delay", "3", "--steps", "4", "--batch-size", "8",
+                "--demo-episodes", "4", "--demo-length", "12", "--demo-eval-episodes", "1", "--output", str(output)])
+    drawn = torch.cat(delays[:4])
+    assert drawn.shape == (32,) and drawn.min() >= 0 and drawn.max() <= 3 and len(drawn.unique()) > 1
+    checkpoint = output / "checkpoints" / "last" / "pretrained_model"
+    assert json.load(open(checkpoint / "trained_on.json"))["rtc_max_delay"] == 3
+    assert "rtc_max_delay" not in json.load(open(checkpoint / "config.json"))  # lerobot's parser would refuse it
+    lab = json.load(open(output / "eval.json"))["rtc_lab"]
+    assert [(r["mode"], r["delay_ticks"]) for r in lab] == [
+        (m, d) for m in ("off", "guided", "guided_jacobian", "trained") for d in (0, 4, 8)]
