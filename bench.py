@@ -152,6 +152,20 @@ def training_batch(model: SmolVLA, inputs: dict) -> dict:
             "action_is_pad": torch.zeros(inputs["actions"].shape[:2], dtype=torch.bool)}
 
 
+def time_guided_chunk(model: SmolVLA, inputs: dict, args) -> dict:
+    """Real-Time Chunking (flow.py): the chunk guided toward a previous chunk's leftover (half a chunk, delay
+    a tenth of it, the default horizon of 10 steps); with --rtc jacobian every flow step also runs a backward
+    pass of the expert over the guided steps."""
+    chunk = model.config.chunk_size
+    leftover = torch.zeros(args.batch, chunk // 2, model.config.action_dim)
+    run = lambda: model.sample_actions(  # noqa: E731
+        inputs["images"], inputs["img_masks"], inputs["lang_tokens"], inputs["lang_masks"], inputs["state"],
+        noise=inputs["noise"], leftover=leftover, inference_delay=chunk // 10, jacobian=args.rtc == "jacobian")
+    wall, _ = timed(run, args.repeats, args.warmup)
+    return {"rtc": args.rtc, "rtc_chunk_s": statistics.median(wall), "rtc_wall_s": wall}
+
+
+
 def stage_times(model: SmolVLA, inputs: dict, repeats: int) -> dict:
     """Median seconds of the stages of a chunk: all cameras through vision + connector, the whole prefix
     (vision included), one expert step (the velocity at one flow time)."""
@@ -323,6 +337,7 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs first (allocator, oneDNN kernels)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--train", action="store_true", help="time a training step instead of a chunk")
+    ap.add_argument("--rtc", choices=("jacobian", "identity"), help="also time a chunk with RTC guidance (flow.py)")
     ap.add_argument("--batch", type=int, default=None, help="batch size (default 1; --train: 2; --data: 32)")
     ap.add_argument("--no-pack", action="store_true", help="plain nn.Linear layers (see speed.pack_linear_layers)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the vision tower and the expert's step")
@@ -405,6 +420,10 @@ def measure(args) -> dict:
     result[key] = statistics.median(wall)
     result["gflops"] = (train_step_flops(flops, args.batch) if args.train else args.batch * flops["total"]) / result[key] / 1e9
     result["gflop_per_chunk"] = flops["total"] / 1e9
+    if args.rtc and not args.train and not args.lerobot:
+        result.update(time_guided_chunk(model, inputs, args))
+        result["rtc_vs_plain"] = result["rtc_chunk_s"] / result["chunk_s"]
+        print(f"bench: RTC-guided chunk ({args.rtc}) {result['rtc_chunk_s']:.3f} s = {result['rtc_vs_plain']:.2f}x")
     if args.profile and not args.train and not args.lerobot:
         result.update(stage_times(model, inputs, args.repeats))
     if args.profile:

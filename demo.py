@@ -13,6 +13,8 @@
 4. **Evaluate** it in closed loop twice: with the real images, and with images showing another episode's
    target. A policy that ignored the camera could not beat chance (8 target spots); one that reads it
    succeeds with the real images and reaches for the wrong spot with the shuffled ones. eval.json holds both.
+   With two mirror-image targets (--demo-targets 2) or --rtc-max-delay, also the Real-Time Chunking lab
+   (`rtc_lab`: asynchronous inference on a simulated clock, flow.py's RTC against today's merge).
 
 The toy world's renderer is also the camera of the virtual arm (`SyntheticCamera`, for
 `infer_async.py --port sim`), so the demo's checkpoint drives the virtual arm. This file does not import
@@ -32,6 +34,7 @@ from data import LeRobotDataset
 from plumbing import read_json
 from policy import ACTION, STATE, features_from_dataset
 from vlm import frame_to_float
+from policy_server import PolicyRunner, Result
 from record import write_lerobot_dataset
 from smolvla import SmolVLA, SmolVLAConfig
 
@@ -123,29 +126,36 @@ def step_arm(joints_deg, action_deg, max_step_deg=15.0):
 
 
 class ReachScene:
-    """A table with one target; renders the arm over it and tells whether the tip touches the target."""
+    """A table with one target, or two mirror-image ones (left and right: the RTC lab's world, where a policy
+    that does not commit dithers); renders the arm over them and tells whether the tip touches one."""
 
-    def __init__(self, seed=0, image_size=(64, 64), success_radius=0.03, expert_speed_deg=8.0):
+    def __init__(self, seed=0, image_size=(64, 64), success_radius=0.03, expert_speed_deg=8.0, targets=1):
         self.rng = np.random.default_rng(seed)
         self.height, self.width = image_size
         self.success_radius = success_radius
         self.expert_speed_deg = expert_speed_deg
-        self.target = None
+        self.num_targets = targets
+        self.target, self.distractors = None, np.zeros((0, 2))  # the expert's choice, the other targets
         self.reset()
 
     def reset(self, rng=None):
-        """Place the target at a random grid spot (plus jitter); returns its (x, y) in metres."""
+        """Place the target at a random grid spot (a second one at its mirror image across the arm's axis),
+        plus jitter; the expert picks one at random. Returns all, (targets, 2) metres, its choice first."""
         rng = self.rng if rng is None else rng
-        pan = np.radians(TARGET_PAN_DEG[rng.integers(len(TARGET_PAN_DEG))])
+        pan_deg = TARGET_PAN_DEG[rng.integers(len(TARGET_PAN_DEG))]
+        pan = np.radians(np.array([pan_deg, -pan_deg][: self.num_targets]))  # (targets,)
         reach = TARGET_REACH_M[rng.integers(len(TARGET_REACH_M))]
-        jitter = rng.uniform(-TARGET_JITTER_M, TARGET_JITTER_M, size=2)
-        self.target = np.array([-reach * np.sin(pan), reach * np.cos(pan)]) + jitter
-        return self.target
+        jitter = rng.uniform(-TARGET_JITTER_M, TARGET_JITTER_M, size=(len(pan), 2))
+        targets = np.stack([-reach * np.sin(pan), reach * np.cos(pan)], 1) + jitter  # (targets, 2)
+        chosen = rng.integers(len(pan)) if len(pan) > 1 else 0
+        self.target, self.distractors = targets[chosen], np.delete(targets, chosen, axis=0)
+        return np.vstack([self.target, self.distractors])
 
     def success(self, joints_deg):
-        """True when the gripper tip is within success_radius of the target, touching the table (3-D distance)."""
+        """True when the gripper tip is within success_radius of a target, touching the table (3-D distance)."""
         tip = forward_kinematics(joints_deg)
-        return bool(np.linalg.norm(tip - np.array([*self.target, 0.0])) < self.success_radius)
+        targets = np.pad(np.vstack([self.target, self.distractors]), ((0, 0), (0, 1)))  # (targets, 3) on the table
+        return bool(np.linalg.norm(tip - targets, axis=1).min() < self.success_radius)
 
     def expert_action(self, joints_deg):
         """The scripted demonstrator: step all joints along a straight line (in joint space) toward the
@@ -164,7 +174,7 @@ class ReachScene:
         """The top camera: an (H, W, 3) uint8 RGB image of the table, the target and the arm.
 
         Drawn at 4x the resolution and averaged down, so that sub-pixel motions change the pixels smoothly.
-        `target` overrides the scene's target (the demo's shuffled-image evaluation draws another scene).
+        `target` (one (x, y) or several) overrides the scene's targets (the shuffled-image evaluation).
         """
         scale = 4
         width, height = self.width * scale, self.height * scale
@@ -182,7 +192,8 @@ class ReachScene:
             draw.ellipse([column - radius, row - radius, column + radius, row + radius], fill=color)
 
         pixels_per_metre = width / (VIEW_X[1] - VIEW_X[0])
-        disc(self.target if target is None else target, 0.02, (215, 30, 30))
+        for point in np.vstack([self.target, self.distractors]) if target is None else np.atleast_2d(target):
+            disc(point, 0.02, (215, 30, 30))
         base, elbow, tip = np.zeros(3), elbow_position(joints_deg), forward_kinematics(joints_deg)
         disc(base, 0.025, (40, 40, 48))
         draw.line([to_pixels(base), to_pixels(elbow)], fill=(50, 60, 90), width=int(0.022 * pixels_per_metre))
@@ -388,9 +399,9 @@ def demo_policy_config(dataset, args, image_size=64):
 # Record, train, save, load, evaluate
 # ----------------------------------------------------------------------------------------------------
 
-def record_demonstrations(root, episodes, length, seed):
+def record_demonstrations(root, episodes, length, seed, targets=1):
     """Run the scripted expert and store what it saw and did as a LeRobot v3.0 dataset."""
-    scene, rng = ReachScene(seed=seed), np.random.default_rng(seed)
+    scene, rng = ReachScene(seed=seed, targets=targets), np.random.default_rng(seed)
     recorded = []
     for _ in tqdm(range(episodes), desc="recording demonstrations"):
         episode = expert_episode(scene, rng, length)
@@ -400,7 +411,7 @@ def record_demonstrations(root, episodes, length, seed):
 
 
 @torch.no_grad()
-def evaluate_in_sim(policy, episodes, length, seed, shuffle_images=False):
+def evaluate_in_sim(policy, episodes, length, seed, shuffle_images=False, targets=1):
     """Closed-loop success rate of `policy` in the toy world, and its median seconds per chunk.
 
     Each episode: a new target, the arm near its home pose; every n_action_steps the policy sees the state
@@ -408,14 +419,14 @@ def evaluate_in_sim(policy, episodes, length, seed, shuffle_images=False):
     shuffle_images: the camera shows episode e+1's target instead of episode e's (the arm itself is drawn
     where it really is), so a policy that truly reads the image reaches for the wrong spot.
     """
-    scene, rng = ReachScene(seed=seed), np.random.default_rng(seed)
-    targets = [scene.reset(rng).copy() for _ in range(episodes)]
+    scene, rng = ReachScene(seed=seed, targets=targets), np.random.default_rng(seed)
+    layouts = [scene.reset(rng) for _ in range(episodes)]  # each (targets, 2)
     camera = policy.config.camera_keys[0]
     steps_per_chunk = policy.config.n_action_steps
     successes, latencies = 0, []
     for e in range(episodes):
-        scene.target = targets[e]
-        shown = targets[(e + 1) % episodes] if shuffle_images else targets[e]
+        scene.target, scene.distractors = layouts[e][0], layouts[e][1:]
+        shown = layouts[(e + 1) % episodes] if shuffle_images else layouts[e]
         joints = (HOME_DEG + rng.uniform(-5.0, 5.0, size=6)).astype(np.float32)
         queue = []
         for _ in range(length):
@@ -430,6 +441,43 @@ def evaluate_in_sim(policy, episodes, length, seed, shuffle_images=False):
     return successes / episodes, float(np.median(latencies))
 
 
+# The RTC lab's modes: what each request asks of the policy (policy_server.PolicyRunner.rtc_options)
+RTC_LAB = {"off": None, "guided": {"mode": "guided", "jacobian": False},
+           "guided_jacobian": {"mode": "guided", "jacobian": True}, "trained": {"mode": "trained"}}
+
+
+def rtc_lab(policy, scheduler_class, episodes, length, seed, targets=2, delays=(0, 4, 8), threshold=0.7):
+    """Real-Time Chunking under asynchronous inference (scheduler_class: infer_async.AsyncScheduler) on a
+    simulated clock: a chunk arrives `delay` ticks after its observation's tick. One row per (mode, delay):
+    success rate, switch_jump_mean (robot units, mean over all switches); `trained` if trained with RTC."""
+    camera, rows = policy.config.camera_keys[0], []
+    modes = [m for m in RTC_LAB if m != "trained" or policy.trained_on.get("rtc_max_delay")]
+    for mode, delay in [(mode, delay) for mode in modes for delay in delays]:
+        scene, rng = ReachScene(seed=seed, targets=targets), np.random.default_rng(seed)
+        runner = PolicyRunner(policy, seed)  # the same noise for every mode
+        successes, jumps = 0, []
+        for _ in range(episodes):
+            scene.reset(rng)
+            joints, pending, tick = (HOME_DEG + rng.uniform(-5.0, 5.0, size=6)).astype(np.float32), [], 0
+            scheduler = scheduler_class(policy.config.chunk_size, threshold, clock=lambda: tick / DEMO_FPS,
+                                        rtc=RTC_LAB[mode], fps=DEMO_FPS)
+            for tick in range(length):
+                for result in [r for due, r in pending if due == tick]:
+                    scheduler.receive(result)
+                if (action := scheduler.next_action()) is not None:
+                    joints = step_arm(joints, action)
+                if scheduler.wants_observation() and (request := scheduler.observe(joints)) is not None:
+                    answer = runner({STATE: joints, camera: scene.render(joints), "task": DEMO_TASK, **request.rtc})
+                    actions, normalized = (answer, None) if mode == "off" else (answer["actions"], answer["normalized"])
+                    pending.append((tick + 1 + delay, Result(request.id, actions, normalized=normalized)))
+            successes += scene.success(joints)
+            jumps += [scheduler.metrics.switch_jump_mean()] * len(scheduler.metrics.switch_ticks())  # per switch
+        rows.append({"mode": mode, "delay_ticks": delay, "success_rate": successes / episodes,
+                     "switch_jump_mean": round(float(np.mean(jumps)), 3) if jumps else None})
+        print(f"rtc lab: {rows[-1]}")
+    return rows
+
+
 def prepare_demo(args, processes):
     """The demo's own checks, before anything is written: one process, a known --demo-attention, and a new
     (or empty) output directory, by default outputs/demo/<date> (train.py links outputs/demo/latest to it)."""
@@ -442,17 +490,17 @@ def prepare_demo(args, processes):
         raise FileExistsError(f"{args.output!r} is not empty; the demo writes a new run: choose another --output.")
 
 
-def run_demo(args, processes, train):
-    """Record -> train from scratch -> save -> reload -> evaluate twice -> eval.json (in args.output).
+def run_demo(args, processes, train, scheduler_class=None):
+    """Record -> train from scratch -> save -> reload -> evaluate twice (and the RTC lab) -> eval.json.
 
     `train(policy, dataset, args, processes)` is train.py's training loop (passed in: this file does not
-    import train.py); it writes the checkpoints under args.output."""
+    import train.py); it writes the checkpoints under args.output. scheduler_class: for rtc_lab."""
     started = time.perf_counter()
     # The demo's matrices are tiny: a second CPU thread gains little, and on a busy machine threads that
     # wait for each other cost a lot (measured on 2 shared cores: 0.3 s per step with 1 thread, 2.3 s with 2).
     torch.set_num_threads(1)
     dataset_root = record_demonstrations(os.path.join(args.output, "dataset"), args.demo_episodes,
-                                         args.demo_length, seed=args.seed)
+                                         args.demo_length, seed=args.seed, targets=args.demo_targets)
     # from here on the demo data is an ordinary LeRobot dataset on disk
     dataset = LeRobotDataset(dataset_root)
     config = demo_policy_config(dataset, args)
@@ -472,8 +520,9 @@ def run_demo(args, processes, train):
     policy = SmolVLA.from_pretrained(checkpoint).to(processes.device)
     print(f"evaluating in the simulator: {args.demo_eval_episodes} episodes with the real images, "
           f"then {args.demo_eval_episodes} with images of other episodes' scenes")
-    x, seconds_per_chunk = evaluate_in_sim(policy, args.demo_eval_episodes, args.demo_length, seed=args.seed + 1)
-    y, _ = evaluate_in_sim(policy, args.demo_eval_episodes, args.demo_length, seed=args.seed + 1, shuffle_images=True)
+    episodes, length, targets = args.demo_eval_episodes, args.demo_length, args.demo_targets
+    x, seconds_per_chunk = evaluate_in_sim(policy, episodes, length, args.seed + 1, targets=targets)
+    y, _ = evaluate_in_sim(policy, episodes, length, args.seed + 1, shuffle_images=True, targets=targets)
     result = {"success_rate": x, "success_rate_shuffled_images": y, "episodes": args.demo_eval_episodes,
               "uses_images": x >= 0.8 and y <= x / 2, "inference_ms_per_chunk": round(1000 * seconds_per_chunk, 1),
               "train_samples_per_s": round(args.steps * args.batch_size / training_time, 1),
@@ -482,6 +531,8 @@ def run_demo(args, processes, train):
               "vlm_layers": config.num_vlm_layers, "attention": args.demo_attention, "checkpoint": checkpoint,
               "wall_time_s": round(time.perf_counter() - started, 1),
               "animation": animate_episodes(policy, os.path.join(args.output, "episodes.gif"), 4, args.demo_length)}
+    if scheduler_class is not None and (targets > 1 or args.rtc_max_delay):  # 2 x length: time for the delays
+        result["rtc_lab"] = rtc_lab(policy, scheduler_class, episodes, 2 * length, args.seed + 1, targets)
     with open(os.path.join(args.output, "eval.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))

@@ -200,6 +200,14 @@ class SuffixLayout:
     rope: tuple  # rope_angles of the positions after the prefix's (joint layers)
     cross_rope: tuple  # rope_angles of the positions restarted at 0 (cross-attention layers)
 
+    def head(self, s: int) -> "SuffixLayout":
+        """The layout of the first s action tokens alone. Each action token sees only the prefix and the
+        actions before it, so their outputs do not depend on the later tokens: RTC's guidance
+        (flow.guided_velocity) differentiates through these s tokens only."""
+        p = self.cross_mask.shape[2]
+        return SuffixLayout(self.joint_mask[:, :s, : p + s], self.cross_mask[:, :s],
+                            tuple(r[:, :s] for r in self.rope), tuple(r[:, :s] for r in self.cross_rope))
+
 
 class ActionExpert(nn.Module):
     """The expert's layers and final norm, plus the plan of how they meet the VLM's layers.

@@ -18,6 +18,9 @@ This file knows nothing about transformers: `velocity` is any function (x_τ, τ
 time embedding, the expert's only way to know τ, lives here as well. `python flow.py` runs the idea alone
 on a toy (a small MLP learns a two-mode distribution in the plane in a few seconds; `--plot PNG` draws it):
 the samples land in both modes, where a regression would average them into neither.
+
+The second half of the file is Real-Time Chunking (RTC): sampling the next chunk so that it continues the
+actions the robot is already committed to (guided, at inference; or trained, with a per-token flow time).
 """
 
 import math
@@ -39,9 +42,10 @@ def sample_noise(shape, device=None) -> torch.Tensor:
 def noisy_actions_and_target(actions: torch.Tensor, noise: torch.Tensor, time: torch.Tensor):
     """The point x_τ on the straight path from the actions (τ=0) to the noise (τ=1), and its velocity u.
 
-    actions, noise: (B, T, A); time: (B,) -> x_τ (B, T, A), u (B, T, A)
+    actions, noise: (B, T, A); time: (B,) or, one per action token (training-time RTC), (B, T)
+    -> x_τ (B, T, A), u (B, T, A)
     """
-    tau = time[:, None, None]  # (B, 1, 1), broadcast over steps and action dims
+    tau = time[:, None, None] if time.ndim == 1 else time[:, :, None]  # (B, 1 or T, 1)
     x_t = tau * noise + (1 - tau) * actions
     u_t = noise - actions
     return x_t, u_t
@@ -70,7 +74,7 @@ def euler_sample(velocity, noise: torch.Tensor, num_steps: int = 10) -> torch.Te
 
 
 def time_embedding(time: torch.Tensor, dim: int, min_period: float, max_period: float) -> torch.Tensor:
-    """Sine-cosine embedding of the flow time τ ∈ [0, 1]: (B,) -> (B, dim).
+    """Sine-cosine embedding of the flow time τ ∈ [0, 1]: (B,) -> (B, dim), or (B, T) -> (B, T, dim).
 
     dim/2 frequencies whose periods are spaced geometrically from min_period to max_period (4e-3..4.0 for
     SmolVLA): short periods resolve small differences of τ, long ones say roughly where in [0, 1] τ is.
@@ -82,8 +86,168 @@ def time_embedding(time: torch.Tensor, dim: int, min_period: float, max_period: 
     dtype = torch.float32 if time.device.type == "mps" else torch.float64
     fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=dtype, device=time.device)  # (dim/2,)
     period = min_period * (max_period / min_period) ** fraction  # (dim/2,) geometric series
-    angle = (1.0 / period * 2 * math.pi)[None, :] * time[:, None]  # (B, dim/2) radians
-    return torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)  # (B, dim)
+    angle = (1.0 / period * 2 * math.pi) * time[..., None]  # (B, [T,] dim/2) radians
+    return torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1)  # (B, [T,] dim)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Real-Time Chunking: the next chunk continues the one being executed
+# (Black, Galliker, Levine 2025, "Real-Time Execution of Action Chunking Flow Policies", arXiv 2506.07339;
+#  training-time RTC: Black et al. 2025, arXiv 2512.05964)
+#
+# Under asynchronous inference the robot keeps executing the previous chunk while the next is computed.
+# By the time the new chunk arrives, d actions (the inference delay, in control ticks) have been executed,
+# and the arm is committed to the next few of the old chunk. A chunk sampled from fresh noise knows nothing
+# of them: where the task allows two good motions, consecutive chunks may pick different ones, and even
+# when they agree the switch is a visible jump. RTC samples the new chunk as *inpainting*: the old chunk's
+# leftover Y (its actions for the same timesteps) is the part of the picture that is already painted.
+#
+# The paper's notation: flow time τ from 0 (noise) to 1 (data), velocity v pointing to the data. SmolVLA's
+# (above): t = 1 − τ from 1 (noise) to 0, velocity v_t = ε − A = −v. In the paper's notation:
+#
+#     Â¹ = A^τ + (1 − τ)·v(A^τ, τ)               the clean chunk the current velocity leads to
+#     W_i = 1                     for i < d       the actions executed during the delay: full weight
+#           c_i (e^{c_i} − 1)/(e − 1)  d ≤ i < H    a decaying ramp, c_i = (H − i)/(H − d + 1)
+#           0                     for i ≥ H       the free continuation
+#     v_guided = v + min(β, (1 − τ)/(τ·r_τ²)) · (Y − Â¹)ᵀ diag(W) ∂Â¹/∂A^τ
+#     r_τ² = (1 − τ)²/(τ² + (1 − τ)²)             how uncertain Â¹ is at τ
+#
+# In SmolVLA's time the same step reads: Â = x_t − t·v_t, v_t ← v_t − w·(∂Â/∂x_t)ᵀ diag(W)(Y − Â).
+#
+# H is the execution horizon (the paper's H − s: where the guidance ends; capped at the leftover's
+# length). The last factor is a vector-Jacobian product through the denoiser (one backward pass of the
+# expert per flow step): "correct A^τ in the direction that moves Â¹ toward Y". The reference
+# implementation (lerobot 0.4.4, policies/rtc/) computes v before A^τ requires a gradient, so its
+# ∂Â¹/∂A^τ is the identity and the correction is the weighted error W·(Y − Â¹) itself (`jacobian=False`).
+# β (max_guidance_weight) caps the weight, which grows without bound as τ -> 0 and τ -> 1.
+#
+# Training-time RTC needs no guidance: SmolVLA fuses the flow time into every action token (smolvla.py's
+# embed_suffix), so the time can differ per token. During training the first d tokens get the clean
+# actions at flow time τ = 1 (t = 0) and are left out of the loss; the model learns to continue a given
+# prefix. At inference the leftover fills those tokens at t = 0 in every Euler step (`prefix_sample`).
+
+RTC_SCHEDULES = ("zeros", "ones", "linear", "exp")
+
+
+def prefix_weights(inference_delay: int, execution_horizon: int, chunk_size: int, schedule: str = "linear"):
+    """W: how strongly each of the chunk's steps is pulled toward the leftover, (chunk_size,) float32.
+
+    zeros: 1 for i < d, then 0 (only the hard prefix); ones: 1 for i < H, then 0; linear: 1 for i < d, a
+    ramp from 1 to 0 (both ends excluded) over d ≤ i < H, 0 from H on; exp: the ramp c·(e^c − 1)/(e − 1)
+    (the paper's). d is capped at H, as the reference does.
+    """
+    if schedule not in RTC_SCHEDULES:
+        raise ValueError(f"unknown RTC schedule {schedule!r}: choose one of {', '.join(RTC_SCHEDULES)}")
+    if inference_delay < 0 or execution_horizon < 0:
+        raise ValueError(f"inference delay and execution horizon must be >= 0, got {inference_delay}, "
+                         f"{execution_horizon}")
+    d, h, n = min(inference_delay, execution_horizon), execution_horizon, chunk_size
+    if schedule == "ones":
+        return (torch.arange(n) < h).float()
+    if schedule == "zeros":
+        return (torch.arange(n) < d).float()
+    ramp_length = min(h, n) - d  # steps d .. min(H, n) − 1
+    ramp = torch.linspace(1, 0, ramp_length + 2)[1:-1] if ramp_length > 0 else torch.zeros(0)  # c_i
+    if schedule == "exp":
+        ramp = ramp * torch.expm1(ramp) / (math.e - 1)
+    return torch.cat([torch.ones(min(d, n)), ramp, torch.zeros(max(n - h, 0))])  # (chunk_size,)
+
+
+def guidance_weight(t: float, max_guidance_weight: float) -> torch.Tensor:
+    """min(β, c/r_τ²) at SmolVLA flow time t (τ = 1 − t): c = (1 − τ)/τ, 1/r_τ² = ((1 − τ)² + τ²)/(1 − τ)².
+
+    At τ = 0 (the first step, pure noise) c is infinite and at τ = 1 the product is 0·∞; both are limits
+    of +∞, so both give β. (The reference maps the second, NaN, to 0; its Euler steps never reach τ = 1.)
+    Float32 scalar tensor, computed as the reference does.
+    """
+    tau, beta = torch.tensor(1.0 - t, dtype=torch.float32), torch.tensor(max_guidance_weight, dtype=torch.float32)
+    inverse_r2 = ((1 - tau) ** 2 + tau**2) / (1 - tau) ** 2
+    weight = (1 - tau) / tau * inverse_r2
+    return torch.minimum(torch.where(torch.isfinite(weight), weight, beta), beta)
+
+
+def pad_leftover(leftover: torch.Tensor, shape) -> torch.Tensor:
+    """The leftover Y (B, T_prev, A_prev), zero-padded at the end of both axes to the chunk's (B, T, A), as
+    the reference does (the padded steps and action dims are pulled toward 0 where W > 0)."""
+    batch, steps, dims = shape
+    if leftover.ndim != 3 or leftover.shape[0] != batch or leftover.shape[1] > steps or leftover.shape[2] > dims:
+        raise ValueError(f"leftover must be (B={batch}, ≤ {steps} steps, ≤ {dims} action dims), "
+                         f"got {tuple(leftover.shape)}")
+    return torch.nn.functional.pad(leftover.float(), (0, dims - leftover.shape[2], 0, steps - leftover.shape[1]))
+
+
+def guided_velocity(velocity, x: torch.Tensor, t: float, target: torch.Tensor, weights: torch.Tensor,
+                    max_guidance_weight: float, jacobian: bool = True, causal: bool = False) -> torch.Tensor:
+    """One RTC-guided velocity at SmolVLA flow time t: v_t − w·correction, (B, T, A).
+
+    x, target (the padded leftover Y): (B, T, A); weights W: (T,). In SmolVLA's time the clean estimate is
+    Â = x − t·v_t, and correction = (∂Â/∂x)ᵀ (W·(Y − Â)): a vector-Jacobian product by autograd
+    (jacobian=True, the paper's) or W·(Y − Â) itself (jacobian=False, the reference's).
+    causal: velocity(x[:, :h]) gives the first h steps' velocities, which depend on no later step (SmolVLA's
+    action tokens). The error is 0 from the first step h with W = 0 on, so the product then involves the
+    first h steps only: speed: a graph (and a backward pass) of h steps instead of T.
+    """
+    time = torch.tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])  # (B,)
+    weights = weights.to(x.device)
+    steps = x.shape[1]
+    h = int(weights.nonzero().max()) + 1 if causal and jacobian and weights.any() else steps  # W = 0 from h on
+    # the sampler runs under no_grad: the vector-Jacobian product needs a graph of the first h steps
+    with torch.enable_grad() if jacobian else torch.no_grad():
+        tracked = x[:, :h].detach().requires_grad_(jacobian)
+        v_tracked = velocity(tracked, time)  # (B, h, A)
+        tracked_clean = tracked - t * v_tracked  # Â of the first h steps
+    with torch.no_grad():
+        v_t = v_tracked.detach()
+        if h < steps:  # the other steps' velocities, untracked
+            v_t = torch.cat([v_t, velocity(x, time)[:, h:]], dim=1)  # (B, T, A)
+        clean = x - t * v_t  # Â (B, T, A)
+        error = (target - clean) * weights[None, :, None]  # W·(Y − Â)
+    correction = error
+    if jacobian:  # (∂Â/∂x)ᵀ e; none past step h: e is 0 there and, causal, no step reaches an earlier one
+        correction = torch.zeros_like(x)
+        correction[:, :h] = torch.autograd.grad(tracked_clean, tracked, error[:, :h])[0]
+    return v_t - guidance_weight(t, max_guidance_weight).to(x.device) * correction
+
+
+def guided_sample(velocity, noise: torch.Tensor, num_steps: int, leftover: torch.Tensor, inference_delay: int,
+                  execution_horizon: int, schedule: str = "linear", max_guidance_weight: float = 10.0,
+                  jacobian: bool = True, causal: bool = False) -> torch.Tensor:
+    """euler_sample with every velocity guided toward the leftover (B, T_prev, A_prev): (B, T, A) chunk."""
+    if max_guidance_weight <= 0:
+        raise ValueError(f"the maximum guidance weight must be positive, got {max_guidance_weight}")
+    target = pad_leftover(leftover, noise.shape).to(noise.device)  # Y (B, T, A)
+    horizon = min(execution_horizon, leftover.shape[1])  # no guidance beyond what the old chunk says
+    weights = prefix_weights(inference_delay, horizon, noise.shape[1], schedule)  # W (T,)
+    dt = -1.0 / num_steps
+    x = noise
+    for step in range(num_steps):
+        t = 1.0 + step * dt  # in double precision, as the reference; the expert sees it rounded to float32
+        x = x + dt * guided_velocity(velocity, x, t, target, weights, max_guidance_weight, jacobian, causal)
+    return x
+
+
+def prefix_times(t: torch.Tensor, prefix_length: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Training-time RTC's per-token flow time: 0 (clean) for the first prefix_length[b] tokens, t[b] after.
+    t: (B,) float, prefix_length: (B,) int -> (B, chunk_size)."""
+    in_prefix = torch.arange(chunk_size, device=t.device)[None, :] < prefix_length[:, None]  # (B, T)
+    return torch.where(in_prefix, torch.zeros_like(t)[:, None], t[:, None])
+
+
+def prefix_sample(velocity, noise: torch.Tensor, num_steps: int, leftover: torch.Tensor,
+                  inference_delay: int) -> torch.Tensor:
+    """Training-time RTC's sampler: euler_sample with the first d = inference_delay tokens held at the
+    leftover, at flow time 0, in every step (the model saw such prefixes in training). (B, T, A) chunk."""
+    target = pad_leftover(leftover, noise.shape).to(noise.device)  # (B, T, A)
+    d = min(inference_delay, leftover.shape[1], noise.shape[1])
+    batch, steps = noise.shape[:2]
+    dt = -1.0 / num_steps
+    taus = (1.0 + dt * torch.arange(num_steps, dtype=torch.float64)).float().to(noise.device)
+    length = torch.full((batch,), d, device=noise.device)
+    x = torch.cat([target[:, :d], noise[:, d:]], dim=1)
+    for step in range(num_steps):
+        x = x + dt * velocity(x, prefix_times(taus[step].expand(batch), length, steps))
+        x[:, :d] = target[:, :d]  # the committed actions stay what they are
+    return x
 
 
 # ----------------------------------------------------------------------------------------------------

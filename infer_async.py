@@ -12,12 +12,13 @@ A policy that predicts chunks of n actions can be run in two ways:
 Each action carries the timestep it is meant for (how many actions had been executed before it). When a
 chunk computed from the observation at timestep t arrives, its actions for timesteps already executed are
 dropped, those that overlap the queue are fused with the queued ones (`--aggregate`), the rest appended.
+With Real-Time Chunking (`--rtc guided|trained`, flow.py) the request carries what is left of the queue
+(normalized) and the delay d, the ticks it will still run; the chunk continues it and replaces the queue.
 
-The file reads top to bottom:
-  1. the action queue and the scheduler: pure logic, driven by an injectable clock (unit-tested);
-  2. the inference thread, which runs the policy (policy_server.py: in this process or on a server);
-  3. the control loop at --fps, metrics and the queue plot (the paper's Figure 3);
-  4. the command line.
+The file reads top to bottom: 1. the action queue and the scheduler: pure logic, driven by an injectable
+clock (unit-tested); 2. the control loop at --fps, feeding the inference thread (policy_server.py's
+InferenceWorker: the policy in this process or on a server) and metrics; 3. the command line. The queue
+plot (the paper's Figure 3) is policy_server.plot_queue.
 
     python infer_async.py --port sim --policy CKPT --vlm VLM --duration 20 --metrics m.json --plot q.png
     python infer_async.py --serve --host 127.0.0.1 --port-server 8765 --policy CKPT
@@ -34,11 +35,10 @@ import contextlib
 import json
 import math
 import os
-import queue
 import signal
 import sys
-import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
 
@@ -53,7 +53,9 @@ import numpy as np
 import plumbing
 from plumbing import HelpFormatter, parse_mapping
 from policy import IMAGE_PREFIX, STATE, settle_run_options
-from policy_server import PolicyClient, RemoteError, add_policy_arguments, check_arguments, open_policy, serve
+from policy_server import (InferenceWorker, PolicyClient, RemoteError, add_policy_arguments, check_arguments, open_policy,
+                           plot_queue, serve)
+from policy_server import Result  # noqa: F401 (re-exported: the scheduler's input, made by the worker)
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. The action queue and the scheduler (pure logic: no threads, no I/O, time from an injectable clock)
@@ -90,17 +92,18 @@ class ActionQueue:
     def __init__(self, fuse):
         self.fuse = fuse
         self.actions = []        # list of (action_dim,) arrays, oldest first
+        self.chunk_ids = []      # per action: the newest chunk that contributed to it
         self.next_timestep = 0   # timestep of the next action to execute = actions executed so far
 
     def __len__(self):
         return len(self.actions)
 
     def pop(self):
-        # executing an action moves the clock of timesteps on by one
+        """-> (action, id of its chunk); executing an action moves the clock of timesteps on by one."""
         self.next_timestep += 1
-        return self.actions.pop(0)
+        return self.actions.pop(0), self.chunk_ids.pop(0)
 
-    def merge(self, first_timestep, chunk):
+    def merge(self, first_timestep, chunk, chunk_id=0):
         """Align a chunk (n, action_dim) whose row k is meant for timestep first_timestep + k.
 
         Returns how many of its actions were dropped (timestep already executed), fused with the queued
@@ -113,26 +116,32 @@ class ActionQueue:
                 dropped += 1
             elif i < len(self.actions):
                 self.actions[i] = self.fuse(self.actions[i], action)
+                self.chunk_ids[i] = chunk_id
                 fused += 1
             else:
                 # contiguous by construction: the chunk starts at or before next_timestep
                 self.actions.append(action)
+                self.chunk_ids.append(chunk_id)
                 appended += 1
         return dropped, fused, appended
+
+    def replace(self, first_timestep, chunk, chunk_id):
+        """RTC: the chunk already continues the queue, so it replaces it from the first action not yet
+        executed (row next_timestep − first_timestep). Returns (dropped, replaced, appended) like merge."""
+        start = self.next_timestep - first_timestep
+        assert start >= 0, "a chunk cannot start after the next timestep to execute"
+        rows = list(chunk[start:])
+        counts = (min(start, len(chunk)), min(len(rows), len(self.actions)), max(0, len(rows) - len(self.actions)))
+        self.actions, self.chunk_ids = rows, [chunk_id] * len(rows)
+        return counts
 
 
 @dataclass
 class Request:
     id: int
     timestep: int  # timestep of the first action of the chunk to come (next_timestep when observed)
-
-
-@dataclass
-class Result:
-    request_id: int
-    actions: np.ndarray = None  # (n, action_dim) float32 robot units; None when inference failed
-    error: str = None           # what went wrong, for the log and the metrics
-    latency_s: float = 0.0      # observation handed over -> chunk (or error) back, on the inference thread
+    sent_s: float = 0.0  # clock time when observed (the scheduler measures latencies on its own clock)
+    rtc: dict = field(default_factory=dict)  # RTC's additions to the observation: "rtc" options, "rtc_leftover"
 
 
 @dataclass
@@ -155,7 +164,18 @@ class Metrics:
     late_ticks: int = 0                   # ticks whose work overran the tick period (the loop fell behind)
     max_lateness_s: float = 0.0
     wall_s: float = 0.0                   # wall time of the loop (ticks / fps when it kept up)
+    executed: list = field(default_factory=list)      # {"tick", "chunk", "action"} per tick that sent an action
     config: dict = field(default_factory=dict)        # the run's settings, filled in by the caller
+
+    def switch_ticks(self):
+        """Ticks whose action came from a newer chunk than the previous action's."""
+        return [b["tick"] for a, b in zip(self.executed, self.executed[1:]) if a["chunk"] != b["chunk"]]
+
+    def switch_jump_mean(self):
+        """Mean over chunk switches of max_j |a_t − a_{t−1}| (robot units): how smooth the transitions are."""
+        jumps = [np.max(np.abs(np.subtract(b["action"], a["action"])))
+                 for a, b in zip(self.executed, self.executed[1:]) if a["chunk"] != b["chunk"]]
+        return float(np.mean(jumps)) if jumps else math.nan
 
     def summary(self):
         """Derived numbers to compare with the paper's analysis (idle ≈ latency / Δt per chunk in sync)."""
@@ -165,6 +185,7 @@ class Metrics:
         stretches = int(np.sum(idle[1:] & ~idle[:-1]) + (idle[:1].sum()))
         return {"mean_inference_latency_s": float(latency.mean()), "max_inference_latency_s": float(latency.max()),
                 "mean_latency_in_ticks": float(latency.mean() * self.config.get("fps", math.nan)),
+                "switch_jump_mean": self.switch_jump_mean(),
                 "idle_stretches": stretches, "mean_idle_stretch_ticks": self.idle_ticks / max(1, stretches)}
 
 
@@ -175,11 +196,12 @@ class AsyncScheduler:
                            if wants_observation(): request = observe(state)
     Guarantees: at most one request in flight; an empty queue always asks (once nothing is in flight);
     a failure clears the in-flight request and re-arms after a backoff, so no sequence of failures can
-    leave the loop waiting forever.
+    leave the loop waiting forever. rtc: None (merge chunks), or the RTC options sent with each request
+    ({"mode": "guided" or "trained", "execution_horizon", ...}: policy_server.PolicyRunner.rtc_options).
     """
 
     def __init__(self, chunk_size, threshold=0.7, similarity_eps=0.0, fuse=None, action_dim=None,
-                 retry_backoff_s=0.1, max_backoff_s=2.0, clock=time.monotonic):
+                 retry_backoff_s=0.1, max_backoff_s=2.0, clock=time.monotonic, rtc=None, fps=30.0):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if not 0.0 <= threshold <= 1.0:
@@ -200,6 +222,9 @@ class AsyncScheduler:
         self.consecutive_failures = 0
         self.retry_at = -math.inf       # clock time before which no new request is sent (backoff)
         self._next_request_id = 0
+        self.rtc, self.fps = rtc, fps
+        self.recent_latencies_s = deque(maxlen=10)  # observed -> merged, on self.clock (RTC's delay estimate)
+        self.rtc_chunk = (0, None)  # RTC: (first timestep, normalized (n, A)) of the chunk the queue holds
 
     def next_action(self):
         """Pop the action for this tick, or None when the queue is empty (the arm holds its position)."""
@@ -212,7 +237,9 @@ class AsyncScheduler:
             else:
                 m.startup_ticks += 1
             return None
-        return self.queue.pop()
+        action, chunk_id = self.queue.pop()
+        m.executed.append({"tick": m.ticks - 1, "chunk": chunk_id, "action": np.asarray(action).tolist()})
+        return action
 
     def wants_observation(self):
         """Nothing in flight, not backing off, and the queue is empty or below g of a chunk."""
@@ -220,11 +247,12 @@ class AsyncScheduler:
             return False
         return len(self.queue) == 0 or len(self.queue) / self.chunk_size < self.threshold
 
-    def observe(self, state):
+    def observe(self, state, age_s=0.0):
         """Offer the current joint state; returns the Request to send, or None when filtered out.
 
         Similarity filter: a state within similarity_eps (max abs difference per joint, robot units) of
         the last one sent adds little, so it is skipped -- unless the queue is empty, which always asks.
+        age_s: how long ago the observation was read (0: now); RTC counts it in the delay.
         """
         if not self.wants_observation():
             raise RuntimeError("observe() called while no observation is wanted: check wants_observation()")
@@ -234,7 +262,8 @@ class AsyncScheduler:
         if similar and len(self.queue) > 0:
             self.metrics.observations_skipped_similar += 1
             return None
-        self.in_flight = Request(self._next_request_id, self.queue.next_timestep)
+        self.in_flight = Request(self._next_request_id, self.queue.next_timestep, self.clock())
+        self.in_flight.rtc = self.rtc_inputs(age_s) if self.rtc else {}
         self._next_request_id += 1
         self.last_sent_state = state
         self.metrics.observations_sent += 1
@@ -250,6 +279,7 @@ class AsyncScheduler:
         request, self.in_flight = self.in_flight, None
         m = self.metrics
         m.inference_latency_s.append(result.latency_s)
+        self.recent_latencies_s.append(self.clock() - request.sent_s)
         error = result.error or self.chunk_problem(result.actions)
         if error is not None:
             self.consecutive_failures += 1
@@ -262,13 +292,33 @@ class AsyncScheduler:
             return error
         self.consecutive_failures = 0
         self.retry_at = -math.inf
-        dropped, fused, appended = self.queue.merge(request.timestep, result.actions)
+        if self.rtc:  # the chunk continues the leftover it was sent: it replaces the queue
+            dropped, fused, appended = self.queue.replace(request.timestep, result.actions, request.id)
+            self.rtc_chunk = (request.timestep, result.normalized)
+        else:
+            dropped, fused, appended = self.queue.merge(request.timestep, result.actions, request.id)
         m.chunks_received += 1
         m.arrival_ticks.append(m.ticks)
         m.actions_dropped_stale += dropped
         m.actions_fused += fused
         m.actions_appended += appended
         return None
+
+    def inference_delay(self, age_s=0.0):
+        """d: how many queued actions will still run before a chunk asked for now replaces the queue. A chunk
+        merged k ticks after its request has seen k − 1 of them run (sent and merged at tick starts); k is
+        the largest of the recent latencies (in ticks), plus the observation's age; never past the queue."""
+        latency_ticks = round(max(self.recent_latencies_s, default=0.0) * self.fps) + math.ceil(age_s * self.fps)
+        return max(0, min(latency_ticks - 1, len(self.queue)))
+
+    def rtc_inputs(self, age_s=0.0):
+        """What RTC adds to the observation: the options with the delay d, and the leftover: the queue (the
+        rest of the last chunk, which replaced it) in the policy's normalized units."""
+        inputs = {"rtc": {**self.rtc, "inference_delay": self.inference_delay(age_s)}}
+        first, normalized = self.rtc_chunk
+        if len(self.queue) and normalized is not None:
+            inputs["rtc_leftover"] = np.asarray(normalized[self.queue.next_timestep - first:], np.float32)  # (T, A)
+        return inputs
 
     def chunk_problem(self, actions):
         """Why a chunk cannot be executed (wrong shape, NaN), or None when it is fine."""
@@ -286,57 +336,7 @@ class AsyncScheduler:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. The inference thread
-# ----------------------------------------------------------------------------------------------------------
-
-
-class InferenceWorker:
-    """Runs compute(observation) -> (n, action_dim) on a background thread, so the control loop never waits.
-
-    compute is a PolicyRunner (in-process, the default) or a PolicyClient (remote). Every exception it
-    raises becomes a failed Result; extra_latency_s adds an artificial delay to study g (paper §3.3).
-    """
-
-    def __init__(self, compute, extra_latency_s=0.0):
-        self.compute = compute
-        self.extra_latency_s = extra_latency_s
-        self.requests = queue.Queue()
-        self.results = queue.Queue()
-        self.thread = threading.Thread(target=self._run, name="inference", daemon=True)
-        self.thread.start()
-
-    def submit(self, request, observation):
-        self.requests.put((request, observation))
-
-    def poll(self):
-        """Results finished since the last poll (never blocks)."""
-        done = []
-        while not self.results.empty():  # one reader, the control loop: a result seen here stays there
-            done.append(self.results.get_nowait())
-        return done
-
-    def close(self, timeout_s=2.0):
-        self.requests.put(None)
-        self.thread.join(timeout_s)
-
-    def _run(self):
-        while (item := self.requests.get()) is not None:
-            request, observation = item
-            start = time.monotonic()
-            try:
-                actions = np.asarray(self.compute(observation), dtype=np.float32)
-                time.sleep(self.extra_latency_s)
-                result = Result(request.id, actions=actions)
-            # any failure of the policy or the network must reach the scheduler as a failed Result,
-            # otherwise the request would stay in flight and the loop would wait for it forever
-            except Exception as e:  # noqa: BLE001
-                result = Result(request.id, error=f"{type(e).__name__}: {e}")
-            result.latency_s = time.monotonic() - start
-            self.results.put(result)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 3. The control loop, metrics and the queue plot
+# 2. The control loop and its metrics
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -382,37 +382,11 @@ def control_tick(arm, capture, worker, scheduler, log):
         state = arm.get_state()
         request = scheduler.observe(state)
         if request is not None:
-            worker.submit(request, capture(state))
-
-
-def plot_queue(metrics, path):
-    """Queue size per tick, empty ticks included (the paper's Figure 3), with the trigger level g·n."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fps = metrics.config.get("fps", 30)
-    t = np.arange(len(metrics.queue_sizes)) / fps
-    sizes = np.asarray(metrics.queue_sizes)
-    fig, ax = plt.subplots(figsize=(10, 3.5))
-    ax.step(t, sizes, where="post", color="tab:blue", label="actions in queue")
-    if metrics.config.get("threshold", 0) > 0 and "chunk_size" in metrics.config:
-        ax.axhline(metrics.config["threshold"] * metrics.config["chunk_size"], color="gray", ls="--",
-                   label=f"trigger g·n (g = {metrics.config['threshold']})")
-    idle = (sizes == 0) & (np.arange(len(sizes)) >= (metrics.arrival_ticks[0] if metrics.arrival_ticks else 0))
-    ax.scatter(t[idle], sizes[idle], color="tab:red", s=8, zorder=3, label=f"idle ticks ({int(idle.sum())})")
-    ax.scatter(np.asarray(metrics.send_ticks) / fps, np.full(len(metrics.send_ticks), -2), marker="^",
-               color="tab:green", s=12, label="observation sent")
-    ax.set(xlabel="time (s)", ylabel="queue size", title=metrics.config.get("title", "action queue"))
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            worker.submit(request, {**capture(state), **request.rtc})
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Command line
+# 3. Command line
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -462,16 +436,23 @@ def build_parser():
     return p
 
 
+def rtc_options(args):
+    """The RTC options a request carries (policy_server.PolicyRunner.rtc_options), or None for --rtc off."""
+    return None if args.rtc == "off" else {"mode": args.rtc, "execution_horizon": args.execution_horizon,
+        "schedule": args.rtc_schedule, "max_guidance_weight": args.max_guidance_weight, "jacobian": args.rtc_jacobian}
+
+
 def make_async_scheduler(args, chunk_size, action_dim):
     threshold = 0.0 if args.sync else args.threshold
     scheduler = AsyncScheduler(chunk_size, threshold, args.similarity_eps,
-                               make_fusion(args.aggregate, args.aggregate_weight), action_dim)
+                               make_fusion(args.aggregate, args.aggregate_weight), action_dim,
+                               rtc=rtc_options(args), fps=args.fps)
     scheduler.metrics.config = {
         "fps": args.fps, "chunk_size": chunk_size, "threshold": threshold, "aggregate": args.aggregate,
         "aggregate_weight": args.aggregate_weight, "similarity_eps": args.similarity_eps,
         "extra_latency_s": args.extra_latency, "port": args.port, "server": args.server, "policy": args.policy,
-        "task": args.task, "norm_mode": args.norm_mode,
-        "title": f"{'sync' if threshold == 0 else f'async g={threshold}'}, "
+        "task": args.task, "norm_mode": args.norm_mode, "rtc": rtc_options(args), "seed": args.seed,
+        "title": f"{'sync' if threshold == 0 else f'async g={threshold}'}, RTC {args.rtc}, "
                  f"extra latency {args.extra_latency} s, {args.fps:g} fps"}
     return scheduler
 
@@ -506,7 +487,9 @@ def run_arm(args):
         # let a policy that cannot drive this arm fail here, loudly, rather than as failures in the loop
         start = time.monotonic()
         state = arm.get_state()
-        warm_up = np.asarray(compute(capture(state)))
+        rtc = {"rtc": rtc_options(args), "rtc_leftover": np.zeros((1, len(state)), np.float32)} if args.rtc != "off" else {}
+        warm_up = compute({**capture(state), **rtc})  # with a leftover: the RTC options are checked here too
+        warm_up = np.asarray(warm_up["actions"] if isinstance(warm_up, dict) else warm_up)
         print(f"warm-up inference took {time.monotonic() - start:.2f} s")
         if warm_up.ndim != 2 or warm_up.shape[1] != len(state):
             raise ValueError(f"the policy predicts chunks of shape {warm_up.shape} but the arm takes "
@@ -515,7 +498,7 @@ def run_arm(args):
         worker = InferenceWorker(compute, args.extra_latency)
         cleanup.callback(worker.close)
         print(f"running {'until Ctrl-C' if args.duration is None else f'{ticks} ticks'} at {args.fps:g} fps, "
-              f"g = {scheduler.threshold}, chunk {info['chunk_size']}")
+              f"g = {scheduler.threshold}, chunk {info['chunk_size']}, RTC {args.rtc}")
         try:
             # --port sim: the toy world looks at the arm after every action (did it reach the target, when)
             watched = SimpleNamespace(get_state=arm.get_state, send_action=lambda a: (arm.send_action(a), args.world.look()))
@@ -533,7 +516,8 @@ def run_arm(args):
     if args.metrics:
         with open(args.metrics, "w") as f:
             target = {"target_reached": args.world.reached} if args.world else {}  # --port sim: False or when
-            json.dump({**asdict(m), "summary": summary, **target}, f, indent=1)
+            json.dump({**asdict(m), "switch_jump_mean": summary["switch_jump_mean"], "summary": summary, **target}, f,
+                      indent=1)
     if args.plot:
         plot_queue(m, args.plot)
     if args.record_video and args.world:

@@ -141,12 +141,13 @@ def present_cameras(config, observation: dict) -> list[str]:
 
 
 @torch.no_grad()
-def predict_chunk(model, observation: dict, noise: torch.Tensor | None = None) -> torch.Tensor:
+def predict_chunk(model, observation: dict, noise: torch.Tensor | None = None, **rtc) -> torch.Tensor:
     """One action chunk for one raw observation, in robot units: (1, chunk_size, action_dim).
 
     observation: {"observation.state": (state_dim,) robot units, "observation.images.<cam>": (3, H, W)
     float in [0, 1] for the policy's cameras (config.camera_keys), "task": str}.
-    noise: optional (1, chunk_size, max_action_dim) starting noise (for reproducible chunks).
+    noise: optional (1, chunk_size, max_action_dim) starting noise (for reproducible chunks). rtc: Real-Time
+    Chunking's keywords of SmolVLA.sample_actions (leftover in normalized units, inference_delay, ...).
     """
     model.eval()
     config, device = model.config, model.state_proj.weight.device
@@ -164,7 +165,7 @@ def predict_chunk(model, observation: dict, noise: torch.Tensor | None = None) -
     img_masks = [torch.ones(1, dtype=torch.bool, device=device) for _ in images]
     tokens, token_masks = tokenize(model, [observation["task"]])
     state = normalize(model, STATE, "STATE", state[None])  # (1, state_dim)
-    actions = model.sample_actions(images, img_masks, tokens, token_masks, state, noise=noise)
+    actions = model.sample_actions(images, img_masks, tokens, token_masks, state, noise=noise, **rtc)
     return unnormalize(model, ACTION, "ACTION", actions[:, :, : config.action_dim])
 
 
@@ -178,11 +179,14 @@ def training_loss(model, batch: dict, noise=None, time=None) -> torch.Tensor:
     images = [batch[k].to(device) for k in present_cameras(model.config, batch)]  # uint8 or float, as read
     img_masks = [torch.ones(state.shape[0], dtype=torch.bool, device=device) for _ in images]
     tokens, token_masks = tokenize(model, batch["task"])
-    losses = model.compute_loss(images, img_masks, tokens, token_masks, state, actions, noise, time)
+    rtc_delay = batch.get("rtc_delay")  # training-time RTC (train.py --rtc-max-delay): prefixes left out
+    losses = model.compute_loss(images, img_masks, tokens, token_masks, state, actions, noise, time, rtc_delay)
     losses = losses[:, :, : model.config.action_dim]  # (B, chunk, action_dim)
     valid = torch.ones(losses.shape[:2], dtype=torch.bool, device=device)
     if "action_is_pad" in batch:
         valid = ~batch["action_is_pad"].to(device).bool()  # (B, chunk)
+    if rtc_delay is not None:
+        valid = valid & (torch.arange(valid.shape[1], device=device)[None] >= rtc_delay.to(device)[:, None])
     return (losses * valid[..., None]).sum() / (valid.sum() * losses.shape[-1]).clamp(min=1)
 
 

@@ -7,6 +7,9 @@ actions in robot units. `open_policy` gives it one of two such callables:
 * remote (`--server HOST:PORT`): a `PolicyClient`, which sends the observation to a `PolicyServer` running
   on a GPU machine (`python infer_async.py --serve --policy CKPT`, handled by `serve`) and returns its answer.
 
+Either runs on infer_async's `InferenceWorker` thread (section 5). Real-Time Chunking (flow.py): "rtc" (options)
+and "rtc_leftover" (normalized) in an observation make the answer {"actions", "normalized": the same chunk}.
+
 An observation is plain numpy: {"task": str, "observation.state": (S,) float32, "observation.images.<cam>":
 (H, W, 3) uint8 camera frame}. Only the policy side turns frames into (3, H, W) floats in [0, 1], so the
 wire carries 4x fewer bytes.
@@ -19,14 +22,17 @@ This file imports numpy and safetensors only: torch and the model are imported w
 or run (load_policy, PolicyRunner), and the servo driver (so100, pyserial) never.
 """
 
+import argparse
 import json
 import os
+import queue
 import socket
 import socketserver
 import struct
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from safetensors import SafetensorError
@@ -131,8 +137,7 @@ def load_policy(path, vlm=None, device="cpu", dtype="float32"):
 
     policy = SmolVLA.from_pretrained(path, vlm=vlm)
     policy = policy.to(device=torch.device(device), dtype=getattr(torch, dtype))
-    # the speed steps for inference, once the dtype is final (speed.py: on the CPU, linear layers packed for
-    # oneDNN; same numbers)
+    # speed.py's inference steps, once the dtype is final (CPU: linear layers packed for oneDNN; same numbers)
     return speed.prepare(policy)
 
 
@@ -143,18 +148,25 @@ class PolicyRunner:
     and moves it to the policy's device.
     """
 
-    def __init__(self, policy):
+    def __init__(self, policy, seed=None):
         self.policy = policy
         self.lock = threading.Lock()
         # what a client needs to know to drive this policy
         self.info = {"chunk_size": int(policy.config.chunk_size), "cameras": list(policy.config.camera_keys),
                      "trained_on": dict(getattr(policy, "trained_on", {}))}  # fps, units, tasks (policy.py)
+        self.rng = None if seed is None else np.random.default_rng(seed)  # --seed: reproducible sampling noise
 
     def __call__(self, observation):
         import torch
 
+        from policy import ACTION
         from vlm import frame_to_float
 
+        rtc = observation.get("rtc")
+        options = self.rtc_options(rtc, observation.get("rtc_leftover")) if rtc is not None else {}
+        if self.rng is not None:
+            shape = (1, self.info["chunk_size"], self.policy.config.max_action_dim)
+            options["noise"] = torch.from_numpy(self.rng.standard_normal(shape, dtype=np.float32))
         inputs = {**observation, "task": str(observation.get("task", ""))}
         for key in self.info["cameras"]:
             frame = observation.get(key)
@@ -163,9 +175,27 @@ class PolicyRunner:
             if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
                 raise ValueError(f"{key}: expected an (H, W, 3) uint8 frame, got {frame.dtype} {frame.shape}")
             inputs[key] = frame_to_float(frame.transpose(2, 0, 1))  # (H, W, 3) uint8 -> (3, H, W) float in [0, 1]
-        with self.lock, torch.inference_mode():
-            chunk = self.policy.predict_chunk(inputs)  # (1, chunk, action_dim)
-        return chunk[0].float().cpu().numpy()
+        with self.lock, torch.no_grad() if options.get("jacobian") else torch.inference_mode():  # VJP: autograd
+            chunk = self.policy.predict_chunk(inputs, **options)  # (1, chunk, action_dim)
+            normalized = self.policy.normalize(ACTION, "ACTION", chunk) if rtc is not None else None
+        actions = chunk[0].float().cpu().numpy()
+        return actions if rtc is None else {"actions": actions, "normalized": normalized[0].float().cpu().numpy()}
+
+    def rtc_options(self, rtc, leftover):
+        """The sample_actions keywords for an observation's RTC request (none without a leftover: the first
+        chunk, or after the queue ran dry, is sampled from noise alone)."""
+        mode, max_delay = rtc.get("mode"), getattr(self.policy, "trained_on", {}).get("rtc_max_delay", 0)
+        if mode not in ("guided", "trained"):
+            raise ValueError(f"unknown RTC mode {mode!r}: choose guided or trained (or off)")
+        if mode == "trained" and not max_delay:
+            raise ValueError("--rtc trained needs a policy trained with --rtc-max-delay (trained_on.json says none)")
+        if leftover is None or len(leftover) == 0:
+            return {}
+        options = {k: rtc[k] for k in ("inference_delay", "execution_horizon", "schedule", "max_guidance_weight",
+                                       "jacobian") if k in rtc}
+        if mode == "trained":  # no guidance; the prefix no longer than the model saw in training
+            options.update(jacobian=False, inference_delay=min(int(options.get("inference_delay", 0)), max_delay))
+        return {**options, "rtc": mode, "leftover": np.asarray(leftover, np.float32)[None]}  # (1, T_prev, A)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -177,8 +207,8 @@ class PolicyServer(socketserver.ThreadingTCPServer):
     """Serves the policies named on its own command line; a client can only pick one of them by name.
 
     Requests: {"type": "hello"} -> {"type": "hello", "policies": {name: info}};
-              {"type": "observation", "id", "policy", "task"} + tensors -> {"type": "actions", "id"} +
-              {"actions": (n, action_dim) float32}. Anything wrong -> {"type": "error", "message"}.
+              {"type": "observation", "id", "policy", "task"[, "rtc"]} + tensors -> {"type": "actions", "id"} +
+              {"actions": (n, action_dim) float32[, "normalized"]}. Anything wrong -> {"type": "error", "message"}.
     """
 
     allow_reuse_address = True
@@ -202,8 +232,9 @@ class PolicyServer(socketserver.ThreadingTCPServer):
         name = header.get("policy") or next(iter(self.runners))
         if name not in self.runners:
             raise ValueError(f"policy {name!r} is not served here; this server has {list(self.runners)}")
-        actions = self.runners[name]({"task": header.get("task", ""), **tensors})
-        return {"type": "actions", "id": header.get("id")}, {"actions": actions}
+        rtc = {"rtc": header["rtc"]} if isinstance(header.get("rtc"), dict) else {}
+        answer = self.runners[name]({"task": header.get("task", ""), **rtc, **tensors})
+        return {"type": "actions", "id": header.get("id")}, answer if rtc else {"actions": answer}
 
     def start(self):
         """Accept connections on a background thread; returns self."""
@@ -265,7 +296,7 @@ def serve(args):
     names = args.policy or []
     if not names:
         raise ValueError("--serve needs at least one --policy")
-    runners = {name: PolicyRunner(load_policy(name, args.vlm, args.device, args.dtype)) for name in names}
+    runners = {name: PolicyRunner(load_policy(name, args.vlm, args.device, args.dtype), args.seed) for name in names}
     server = PolicyServer((args.host, args.port_server), runners, int(args.max_message_mb * 2**20))
     server.start()
     print(f"serving {list(runners)} on {args.host}:{args.port_server} (Ctrl-C stops)")
@@ -308,13 +339,14 @@ class PolicyClient:
     def __call__(self, observation):
         self._next_id += 1
         request = {"type": "observation", "id": self._next_id, "policy": self.policy,
-                   "task": observation.get("task", "")}
+                   "task": observation.get("task", ""), **({"rtc": observation["rtc"]} if "rtc" in observation else {})}
         tensors = {k: np.ascontiguousarray(v) for k, v in observation.items() if isinstance(v, np.ndarray)}
         header, reply = self._exchange(request, tensors)
         if header["type"] != "actions" or header.get("id") != self._next_id or "actions" not in reply:
             raise ProtocolError(f"unexpected answer to request {self._next_id}: {header!r:.200}, "
                                 f"tensors {[(k, v.shape) for k, v in reply.items()]}")
-        return reply["actions"]  # its shape and values are checked by the scheduler
+        # its shape and values are checked by the scheduler
+        return reply if "rtc" in observation and "normalized" in reply else reply["actions"]
 
     def close(self):
         if self.sock is not None:
@@ -377,6 +409,15 @@ def add_policy_arguments(parser):
     g.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on")
     g.add_argument("--port-server", type=int, default=8765, help="--serve: TCP port to listen on")
     g.add_argument("--max-message-mb", type=float, default=64.0, help="largest message accepted")
+    g.add_argument("--seed", type=int, help="seed of the sampling noise (with --server: give it to the server)")
+    r = parser.add_argument_group("Real-Time Chunking (flow.py): each chunk continues the one being executed")
+    r.add_argument("--rtc", choices=("off", "guided", "trained"), default="off",
+                   help="guided: inpainting toward the leftover; trained: a policy trained with --rtc-max-delay")
+    r.add_argument("--execution-horizon", type=int, default=10, help="guided: the guidance ends this many steps in")
+    r.add_argument("--max-guidance-weight", type=float, default=10.0, help="guided: β, the cap of the guidance weight")
+    r.add_argument("--rtc-schedule", default="linear", help="guided: prefix weights zeros, ones, linear or exp")
+    r.add_argument("--rtc-jacobian", action=argparse.BooleanOptionalAction, default=False,
+                   help="guided: the paper's correction, a backward pass per step (default: the reference's)")
 
 
 def check_arguments(args):
@@ -401,5 +442,94 @@ def open_policy(args):
         return client, connect_to_server(client)
     if not args.policy or len(args.policy) != 1:
         raise ValueError("give exactly one --policy (a checkpoint dir or hub id), or --server HOST:PORT")
-    runner = PolicyRunner(load_policy(args.policy[0], args.vlm, args.device, args.dtype))
+    runner = PolicyRunner(load_policy(args.policy[0], args.vlm, args.device, args.dtype), args.seed)
     return runner, runner.info
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. The inference thread (infer_async's), and its queue plot
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    request_id: int
+    actions: np.ndarray = None  # (n, action_dim) float32 robot units; None when inference failed
+    error: str = None           # what went wrong, for the log and the metrics
+    latency_s: float = 0.0      # observation handed over -> chunk (or error) back, on the inference thread
+    normalized: np.ndarray = None  # with RTC: the chunk in the policy's normalized units (the next leftover)
+
+
+class InferenceWorker:
+    """Runs compute(observation) -> (n, action_dim) on a background thread, so the control loop never waits.
+
+    compute is a PolicyRunner (in-process, the default) or a PolicyClient (remote). Every exception it
+    raises becomes a failed Result; extra_latency_s adds an artificial delay to study g (paper §3.3).
+    """
+
+    def __init__(self, compute, extra_latency_s=0.0):
+        self.compute = compute
+        self.extra_latency_s = extra_latency_s
+        self.requests = queue.Queue()
+        self.results = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self.thread.start()
+
+    def submit(self, request, observation):
+        self.requests.put((request, observation))
+
+    def poll(self):
+        """Results finished since the last poll (never blocks)."""
+        done = []
+        while not self.results.empty():  # one reader, the control loop: a result seen here stays there
+            done.append(self.results.get_nowait())
+        return done
+
+    def close(self, timeout_s=2.0):
+        self.requests.put(None)
+        self.thread.join(timeout_s)
+
+    def _run(self):
+        while (item := self.requests.get()) is not None:
+            request, observation = item
+            start = time.monotonic()
+            try:
+                answer = self.compute(observation)  # an array, or with RTC {"actions", "normalized"}
+                rtc = isinstance(answer, dict)
+                actions, normalized = (answer["actions"], answer["normalized"]) if rtc else (answer, None)
+                time.sleep(self.extra_latency_s)
+                result = Result(request.id, np.asarray(actions, dtype=np.float32), normalized=normalized)
+            # any failure of the policy or the network must reach the scheduler as a failed Result,
+            # otherwise the request would stay in flight and the loop would wait for it forever
+            except Exception as e:  # noqa: BLE001
+                result = Result(request.id, error=f"{type(e).__name__}: {e}")
+            result.latency_s = time.monotonic() - start
+            self.results.put(result)
+
+
+def plot_queue(metrics, path):
+    """Queue size per tick, empty ticks included (the paper's Figure 3), with the trigger level g·n."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fps = metrics.config.get("fps", 30)
+    t = np.arange(len(metrics.queue_sizes)) / fps
+    sizes = np.asarray(metrics.queue_sizes)
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    ax.step(t, sizes, where="post", color="tab:blue", label="actions in queue")
+    if metrics.config.get("threshold", 0) > 0 and "chunk_size" in metrics.config:
+        ax.axhline(metrics.config["threshold"] * metrics.config["chunk_size"], color="gray", ls="--",
+                   label=f"trigger g·n (g = {metrics.config['threshold']})")
+    idle = (sizes == 0) & (np.arange(len(sizes)) >= (metrics.arrival_ticks[0] if metrics.arrival_ticks else 0))
+    ax.scatter(t[idle], sizes[idle], color="tab:red", s=8, zorder=3, label=f"idle ticks ({int(idle.sum())})")
+    ax.scatter(np.asarray(metrics.send_ticks) / fps, np.full(len(metrics.send_ticks), -2), marker="^",
+               color="tab:green", s=12, label="observation sent")
+    switches = np.asarray(metrics.switch_ticks()) / fps  # the executed actions pass to a newer chunk
+    ax.scatter(switches, np.full(len(switches), -4), marker="|", color="tab:purple", s=40, label="chunk switch")
+    ax.set(xlabel="time (s)", ylabel="queue size", title=metrics.config.get("title", "action queue"))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

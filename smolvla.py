@@ -39,7 +39,8 @@ from torch import nn
 
 import policy
 from expert import ActionExpert, DecoderConfig, SuffixLayout, expert_mlp_width, rope_angles
-from flow import euler_sample, flow_matching_loss, noisy_actions_and_target, sample_noise, sample_time, time_embedding
+from flow import (euler_sample, flow_matching_loss, guided_sample, noisy_actions_and_target, prefix_sample,
+                  prefix_times, sample_noise, sample_time, time_embedding)
 from policy import ACTION, IMAGE_PREFIX, STATE
 from vlm import TextModel, VisionTower, parse_vlm_config, pixel_shuffle, resize_with_pad
 
@@ -373,50 +374,80 @@ class SmolVLA(nn.Module):
     # --- suffix: noisy actions and flow time ---------------------------------------------------------
 
     def embed_suffix(self, noisy_actions: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
-        """(B, S, max_action_dim) float32 noisy actions and (B,) flow time -> (B, S, d_e) expert tokens:
-        each projected action concatenated with the time's sine-cosine embedding, then Linear-SiLU-Linear."""
+        """(B, S, max_action_dim) float32 noisy actions and flow time, (B,) or per token (B, S) (training-time
+        RTC) -> (B, S, d_e) expert tokens: each projected action concatenated with its time's sine-cosine
+        embedding, then Linear-SiLU-Linear."""
         action_emb = self.action_in_proj(noisy_actions.to(self.action_in_proj.weight.dtype))  # (B, S, d_e)
         time_emb = time_embedding(time, action_emb.shape[-1], self.config.min_period, self.config.max_period)
-        time_emb = time_emb.to(action_emb.dtype)[:, None, :].expand_as(action_emb)  # (B, S, d_e)
+        time_emb = time_emb.to(action_emb.dtype)  # (B, d_e) or (B, S, d_e)
+        time_emb = time_emb[:, None, :].expand_as(action_emb) if time.ndim == 1 else time_emb  # (B, S, d_e)
         fused = self.action_time_mlp_in(torch.cat([action_emb, time_emb], dim=2))  # (B, S, 2·d_e) -> (B, S, d_e)
         return self.action_time_mlp_out(F.silu(fused))  # (B, S, d_e)
 
     def velocity(self, ctx: PrefixContext, noisy_actions: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
-        """The expert's predicted flow velocity v(x_τ, τ | observation): (B, S, max_action_dim) float32."""
+        """The expert's predicted flow velocity v(x_τ, τ | observation): (B, S, max_action_dim) float32.
+        S may be shorter than the chunk: the first S action tokens' velocities (SuffixLayout.head)."""
         suffix = self.embed_suffix(noisy_actions, time)  # (B, S, d_e)
-        hidden = self.expert(suffix, ctx.cache, ctx.suffix)  # (B, S, d_e)
+        layout = ctx.suffix if suffix.shape[1] == ctx.suffix.cross_mask.shape[1] else ctx.suffix.head(suffix.shape[1])
+        hidden = self.expert(suffix, ctx.cache, layout)  # (B, S, d_e)
         # the output projection runs in float32 whatever the model's dtype (as in the reference)
         w, b = self.action_out_proj.weight, self.action_out_proj.bias
         return F.linear(hidden.float(), w.float(), b.float())
 
     # --- tensor level: training loss and sampling, in normalized units -------------------------------
 
-    def compute_loss(self, images, img_masks, lang_tokens, lang_masks, state, actions, noise=None, time=None):
+    def compute_loss(self, images, img_masks, lang_tokens, lang_masks, state, actions, noise=None, time=None,
+                     rtc_delay=None):
         """Flow-matching loss per element: (B, chunk, max_action_dim), before any padding mask.
 
         images: list of (B, 3, H, W) in [0, 1] (the cameras present, config order); img_masks: list of (B,)
         bool; lang_tokens (B, L) int64 / lang_masks (B, L) bool; state (B, state_dim) and actions
         (B, chunk, action_dim) normalized; noise (B, chunk, max_action_dim); time (B,).
+        rtc_delay (B,) int, training-time RTC (flow.py): sample b's first rtc_delay[b] action tokens carry the
+        clean actions at flow time 0; their losses are set to 0 here and the caller leaves them out.
         """
         if actions.ndim != 3 or actions.shape[1] != self.config.chunk_size:
             raise ValueError(f"actions must be (B, {self.config.chunk_size}, action_dim), got {tuple(actions.shape)}")
         actions = pad_last_dim(actions.float(), self.config.max_action_dim)  # (B, chunk, max_action_dim)
         noise = sample_noise(actions.shape, actions.device) if noise is None else noise
         time = sample_time(actions.shape[0], actions.device) if time is None else time
+        if rtc_delay is not None:
+            time = prefix_times(time, rtc_delay.to(time.device), actions.shape[1])  # (B, chunk): 0 in the prefix
         x_t, u_t = noisy_actions_and_target(actions, noise, time)
         ctx = self.encode_observation(images, img_masks, lang_tokens, lang_masks, state)
-        return flow_matching_loss(self.velocity(ctx, x_t, time), u_t)
+        losses = flow_matching_loss(self.velocity(ctx, x_t, time), u_t)
+        return losses if rtc_delay is None else losses * (time > 0)[..., None]
 
     @torch.no_grad()
-    def sample_actions(self, images, img_masks, lang_tokens, lang_masks, state, noise=None) -> torch.Tensor:
+    def sample_actions(self, images, img_masks, lang_tokens, lang_masks, state, noise=None, leftover=None,
+                       inference_delay=0, execution_horizon=10, schedule="linear", max_guidance_weight=10.0,
+                       jacobian=True, rtc="guided") -> torch.Tensor:
         """A chunk by `num_steps` Euler steps of the flow, from noise: (B, chunk, max_action_dim), normalized.
-        The VLM runs once (encode_observation); each step runs only the expert."""
+        The VLM runs once (encode_observation); each step runs only the expert.
+
+        Real-Time Chunking (flow.py) when `leftover` is given: the previous chunk's actions for this chunk's
+        timesteps, (B, T_prev, A_prev) normalized (zero-padded to the chunk). rtc="guided": every velocity
+        is guided toward it (first inference_delay steps frozen, a `schedule` ramp to 0 at
+        execution_horizon, weight capped at max_guidance_weight; jacobian: the paper's vector-Jacobian
+        product, else the reference's identity). rtc="trained" (a policy trained with --rtc-max-delay): the
+        first inference_delay tokens hold the leftover at flow time 0. leftover=None: no RTC.
+        """
         shape = (state.shape[0], self.config.chunk_size, self.config.max_action_dim)
         if noise is not None and tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {shape} (B, chunk_size, max_action_dim), got {tuple(noise.shape)}")
         ctx = self.encode_observation(images, img_masks, lang_tokens, lang_masks, state)
         noise = sample_noise(shape, state.device) if noise is None else noise.to(state.device)
-        return euler_sample(lambda x, t: self.velocity(ctx, x, t), noise.float(), self.config.num_steps)
+        velocity, steps = (lambda x, t: self.velocity(ctx, x, t)), self.config.num_steps
+        if leftover is None:
+            return euler_sample(velocity, noise.float(), steps)
+        leftover = torch.as_tensor(leftover, device=state.device)
+        if rtc == "trained":
+            return prefix_sample(velocity, noise.float(), steps, leftover, inference_delay)
+        if rtc != "guided":
+            raise ValueError(f"rtc must be 'guided' or 'trained', got {rtc!r}")
+        # causal: an action token's velocity depends only on the tokens up to it (the block mask)
+        return guided_sample(velocity, noise.float(), steps, leftover, inference_delay, execution_horizon,
+                             schedule, max_guidance_weight, jacobian, causal=True)
 
     # --- robot units and checkpoints: policy.py ------------------------------------------------------
 
@@ -437,9 +468,10 @@ class SmolVLA(nn.Module):
         return policy.unnormalize(self, feature, feature_type, x)
 
     @torch.no_grad()
-    def predict_chunk(self, observation: dict, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """One action chunk for one raw observation, in robot units: (1, chunk_size, action_dim)."""
-        return policy.predict_chunk(self, observation, noise)
+    def predict_chunk(self, observation: dict, noise: torch.Tensor | None = None, **rtc) -> torch.Tensor:
+        """One action chunk for one raw observation, in robot units: (1, chunk_size, action_dim). rtc: the
+        Real-Time Chunking keywords of sample_actions (leftover in normalized units, inference_delay, ...)."""
+        return policy.predict_chunk(self, observation, noise, **rtc)
 
     def training_loss(self, batch: dict, noise=None, time=None) -> torch.Tensor:
         """Scalar loss on a collated batch of dataset samples in robot units (data.py)."""

@@ -77,7 +77,7 @@ DEMO = {**RECIPE, "steps": 1_500, "lr": 1e-3, "decay_lr": 1e-5, "warmup_steps": 
         "decay_steps": None,  # None: the run's steps
         "num_workers": 0, "save_every": 0, "log_every": 25}
 # what a checkpoint stores for --resume: the recipe as run, and the inputs
-RUN_OPTIONS = list(RECIPE) + ["repo", "rename", "train_vlm", "bf16"]
+RUN_OPTIONS = list(RECIPE) + ["repo", "rename", "train_vlm", "bf16", "rtc_max_delay"]
 
 # ----------------------------------------------------------------------------------------------------
 # Learning-rate schedule: linear warmup, then cosine decay (the reference's "cosine_decay_with_warmup")
@@ -340,6 +340,8 @@ def train(policy, dataset, args, processes, start=None):
     warmup, decay = fit_schedule(args.warmup_steps, args.decay_steps, args.steps)
     scheduler = make_lr_scheduler(optimizer, args.lr, args.decay_lr, warmup, decay)
     step, history = 0, []
+    if args.rtc_max_delay:  # the checkpoint says so (policy.TRAINED_ON_FILE): its sampler may use it
+        policy.trained_on["rtc_max_delay"] = args.rtc_max_delay
     if start is not None:
         optimizer.load_state_dict(start["optimizer"])
         scheduler.load_state_dict(start["scheduler"])
@@ -362,6 +364,8 @@ def train(policy, dataset, args, processes, start=None):
         # The flow-matching noise and time of step k depend only on (seed, k, rank): a resumed run
         # draws exactly what the first run would have drawn, without storing random-generator states.
         torch.manual_seed(args.seed * 1_000_003 + step * processes.world_size + processes.rank)
+        if args.rtc_max_delay:  # training-time RTC (flow.py): each sample's first d ~ U{0..D} actions are given
+            batch["rtc_delay"] = torch.randint(0, args.rtc_max_delay + 1, (len(batch["task"]),), device=device)
         lr = optimizer.param_groups[0]["lr"]
         loss = training_step(model, optimizer, trainable, batch, args.grad_clip, autocast)
         scheduler.step()
@@ -423,7 +427,9 @@ def parse_args(argv=None):
     parser.add_argument("--save-every", type=int, help=f"checkpoint period in steps, 0: only at the end ({RECIPE['save_every']})")
     parser.add_argument("--log-every", type=int, help=f"progress-bar refresh period ({RECIPE['log_every']})")
     parser.add_argument("--seed", type=int, help=f"data order and noise ({RECIPE['seed']})")
+    parser.add_argument("--rtc-max-delay", type=int, help="training-time Real-Time Chunking: up to D given actions")
     parser.add_argument("--demo", action="store_true", help="the offline toy run (demo.py): CPU, a few minutes")
+    parser.add_argument("--demo-targets", type=int, default=1, help="1, or 2 mirror-image targets (the expert picks one) (%(default)s)")
     parser.add_argument("--demo-episodes", type=int, default=160, help="demonstrations the demo records (%(default)s)")
     parser.add_argument("--demo-length", type=int, default=20, help="steps per demo episode (%(default)s)")
     parser.add_argument("--demo-eval-episodes", type=int, default=50, help="episodes per demo evaluation (%(default)s)")
@@ -436,6 +442,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not (args.demo or args.repo or args.resume):
         parser.error("give a dataset with --repo (or --resume a run, or run --demo)")
+    if (args.rtc_max_delay or 0) < 0 or args.demo_targets not in (1, 2):
+        parser.error("--rtc-max-delay must be >= 0 and --demo-targets 1 or 2")
     return args
 
 
@@ -514,7 +522,9 @@ def main(argv=None):
     except (FileNotFoundError, FileExistsError, PermissionError, ValueError) as error:
         sys.exit(f"train.py: error: {error}")
     if args.demo:
-        demo.run_demo(args, processes, train)
+        from infer_async import AsyncScheduler  # the RTC lab's scheduler (demo.py: infer_async imports demo)
+
+        demo.run_demo(args, processes, train, AsyncScheduler)
     else:
         train(policy, dataset, args, processes, start)
         if processes.is_main:
