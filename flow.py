@@ -311,12 +311,17 @@ def sample_toy(model: ToyVelocity, n: int = 2000, num_steps: int = 10, seed: int
 
 def main():
     import argparse
+    import os
     import time
 
     parser = argparse.ArgumentParser(description="Flow matching on a two-mode toy distribution (SmolVLA §3.2).")
     parser.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
     parser.add_argument("--plot", metavar="PNG", help="also draw the data and the samples to this PNG")
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+        parser.error(f"--plot {args.plot}: its folder does not exist")
     torch.set_num_threads(1)  # a tiny MLP: one thread is fastest
     start = time.perf_counter()
     model = train_toy(args.steps)

@@ -528,13 +528,7 @@ def run_arm(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.world = None  # --port sim's toy world (run_arm)
-    check_arguments(args)  # numbers and output folders, before the policy loads
-    if args.fps is not None and args.fps <= 0:
-        raise ValueError(f"--fps must be positive, got {args.fps}")
-    if args.extra_latency < 0:
-        raise ValueError(f"--extra-latency must be >= 0, got {args.extra_latency}")
-    if args.serve and args.extra_latency:
-        raise ValueError("--extra-latency is added on the client's inference thread: pass it to the client")
+    check_arguments(args)  # numbers, output folders and options that go together, before the policy loads
     return serve(args) if args.serve else run_arm(args)
 
 

@@ -421,7 +421,7 @@ def add_policy_arguments(parser):
 
 
 def check_arguments(args):
-    """infer_async.py's numbers and output files, checked before anything loads."""
+    """infer_async.py's numbers, output files and options that go together, checked before anything loads."""
     folders = [os.path.dirname(os.path.abspath(p)) for p in (args.metrics, args.plot, args.record_video) if p]
     if missing := [folder for folder in folders if not os.path.isdir(folder)]:
         raise ValueError(f"no folder {missing[0]!r} to write --metrics, --plot or --record-video in")
@@ -429,6 +429,10 @@ def check_arguments(args):
         raise ValueError(f"--port-server must be 0..65535 and --duration positive (got {args.port_server}, {args.duration})")
     if args.record_video and (args.port != "sim" or args.cameras):
         raise ValueError("--record-video films the toy world: it needs --port sim without --cameras")
+    if args.fps is not None and args.fps <= 0 or args.extra_latency < 0:
+        raise ValueError(f"--fps must be positive and --extra-latency >= 0 (got {args.fps}, {args.extra_latency})")
+    if args.serve and args.extra_latency:
+        raise ValueError("--extra-latency is added on the client's inference thread: pass it to the client")
 
 
 def open_policy(args):

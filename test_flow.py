@@ -1,8 +1,15 @@
 """Flow matching on its own (flow.py's toy): the policy's own functions learn two modes, not their average."""
 
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
 from flow import sample_toy, train_toy, two_modes
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_flow_matching_samples_both_modes_where_regression_averages():
@@ -17,3 +24,11 @@ def test_flow_matching_samples_both_modes_where_regression_averages():
     # regression on the same data learns the average, a point between the modes that no sample should be
     data = two_modes(4000, torch.Generator().manual_seed(3))[:, 0]
     assert data.mean(0).abs().max() < 0.15
+
+
+@pytest.mark.parametrize("argv, message", [(["--steps", "0"], "--steps must be at least 1"),
+                                           (["--plot", "no/such/folder/toy.png"], "its folder does not exist")])
+def test_the_toy_refuses_bad_values_in_one_line(argv, message):
+    result = subprocess.run([sys.executable, os.path.join(HERE, "flow.py"), *argv], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
