@@ -371,7 +371,7 @@ def build_parser():
     add("--episodes", type=int, default=50, help="episodes in the dataset (with --resume: in all)")
     add("--episode-s", type=float, default=20, help="seconds per episode")
     add("--reset-s", type=float, default=10, help="seconds between episodes to reset the scene")
-    add("--fps", type=int, default=30, help="control ticks and dataset frames per second")
+    add("--fps", type=int, help="control ticks and dataset frames per second (default: --policy's, else 30)")
     add("--resume", action="store_true", help="add episodes to the --dataset a crash or a stop left")
     add("--repo-id", help="user/name on the Hugging Face hub, for --push")
     add("--push", action="store_true", help="upload the dataset to --repo-id at the end")
@@ -389,8 +389,10 @@ def build_parser():
 def check_arguments(args):
     """What can be checked before a device opens, each with one clear message; True when recording."""
     recording = not (args.teleoperate or args.replay)
-    if args.fps <= 0 or args.episode_s <= 0 or args.reset_s < 0 or args.episodes < 1:
+    if (args.fps or 1) <= 0 or args.episode_s <= 0 or args.reset_s < 0 or args.episodes < 1:
         raise ValueError("--fps, --episode-s and --episodes must be positive, --reset-s at least 0")
+    if args.serve:
+        raise ValueError("record.py drives an arm; a policy server is started with infer_async.py --serve")
     if not (args.replay or args.leader_port or args.policy or args.server) or recording and not (
             args.dataset and (args.task or args.policy or args.server)):
         raise ValueError("the leader arm (--leader-port, or sim) or a --policy moves the follower; recording also "
@@ -437,9 +439,11 @@ def main(argv=None):
         if driver := recording and (args.policy or args.server):  # the policy first: its units, fps and cameras
             compute, info = open_policy(args)
             hasattr(compute, "close") and cleanup.callback(compute.close)
-            settle_run_options(args, info.get("trained_on", {}))
+            settle_run_options(args, info.get("trained_on", {}))  # (--fps: the policy's by default)
+            args.fps = round(args.fps)  # (a dataset's frames per second)
             camera_sources(",".join(f"{n}={s}" for n, s in names), args.rename, info["cameras"])  # (checks them)
             rename = {IMAGE_PREFIX + n: IMAGE_PREFIX + parse_mapping(args.rename, "").get(n, n) for n, _ in names}
+        args.fps = args.fps or 30
         follower, virtual = open_arm(args.port, arm_id=args.id, max_relative_target=args.max_relative_target,
                                      verbose=False, norm_mode=args.norm_mode or "degrees")
         cleanup.callback(lambda: virtual and virtual.close())

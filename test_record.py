@@ -159,6 +159,20 @@ def test_without_a_terminal_the_toy_world_judges_each_evaluation_episode(monkeyp
         assert np.allclose(state, state[0], atol=2) and np.allclose(action, state[0], atol=2)
 
 
+def test_an_evaluation_runs_at_the_policys_fps_and_a_server_is_not_started_here(monkeypatch, tmp_path):
+    scripted_policy(monkeypatch, reach=True)
+    open_policy = record.open_policy  # the scripted one, told it was trained at 10 fps on one task
+    monkeypatch.setattr(record, "open_policy", lambda args: (open_policy(args)[0], {**open_policy(args)[1], "trained_on": {
+        "fps": 10, "norm_mode": "degrees", "tasks": ["reach the red target"]}}))
+    root = str(tmp_path / "eval10")
+    argv = [a for a in EVAL if a not in ("--fps", "30", "--task", "reach the red target")]
+    record.main([*argv, "--dataset", root, "--episodes", "1", "--episode-s", "2", "--policy", "expert"])
+    ds = LeRobotDataset(root, max_cache_gb=0)
+    assert ds.fps == 10 and len(ds) == 20 and ds.tasks == ["reach the red target"]
+    with pytest.raises(ValueError, match="infer_async.py --serve"):
+        record.main([*EVAL, "--dataset", str(tmp_path / "x"), "--policy", "expert", "--serve"])
+
+
 def test_a_policy_evaluation_appends_to_a_recording_with_its_verdicts(recorded, tmp_path):
     """The tiny checkpoint, in this process through asynchronous inference, records 2 more episodes into a copy
     of the sim recording; the demonstrations have no verdict, the evaluation episodes do."""
