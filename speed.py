@@ -44,14 +44,15 @@ def prepare(model: nn.Module, training: bool = False, pack: bool | None = None, 
 
     training=False (inference): pack the linear layers for oneDNN (pack defaults to True; a no-op off
     the CPU). training=True (train.py's prepare_training): run a frozen VLM over the prefix's images and
-    words untracked; pack defaults to False there (packed, the parts that get no gradient still run packed,
-    the others take the plain path). autocast (training under bf16 autocast): the parts that get no gradient
-    are cast to bf16 once. compile: torch.compile the vision tower and the expert (inductor packs the
-    weights itself).
+    words untracked, and pack only the parts that get no gradient (a trained weight's packed copy would go
+    stale); under bf16 autocast pack defaults to False there. autocast (training under bf16 autocast): the
+    parts that get no gradient are cast to bf16 once. compile: torch.compile the vision tower and the expert
+    (inductor packs the weights itself).
     """
-    # training: packing the frozen parts measured slower (train.py's fp32 step, smolvla_base, batch 2, interleaved
-    # on 2 shared EPYC cores at load 5-6: 40.7 s median, 32.9 s best, against 34.1 s and 27.3 s unpacked)
-    pack = not training if pack is None else pack
+    # training in fp32: the frozen parts packed measured faster (train.py's step, smolvla_base, batch 2, 2 EPYC
+    # cores, quiet machine (load 0.2-1.7), interleaved: 6.50 and 6.23 s packed against 6.98 and 7.58 s plain;
+    # under heavy contention (load 5-6) the order had come out the other way: 40.7 s against 34.1 s median)
+    pack = not (training and autocast) if pack is None else pack
     if training and autocast:
         # autocast re-casts a weight to bf16 at every use unless it is a trained leaf (those casts are cached
         # per step): a frozen VLM's 350M weights would be converted every step. Cast once, as smolvla_base
