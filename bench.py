@@ -54,9 +54,10 @@ import torch  # noqa: E402
 import speed  # noqa: E402
 from speed import LANG_TOKENS, chunk_flops, train_step_flops  # noqa: E402  (the FLOP count, beside the peak)
 from data import SUPPORTED_VERSIONS, LeRobotDataset  # noqa: E402
-from plumbing import HelpFormatter, read_json, resolve_dir  # noqa: E402
+from plumbing import CODECS, HelpFormatter, read_json, resolve_dir  # noqa: E402
 from policy import ACTION, IMAGE_PREFIX, STATE  # noqa: E402
-from record import CODECS, synthetic_episodes, write_lerobot_dataset  # noqa: E402
+from record import write_lerobot_dataset  # noqa: E402
+from virtual_arm import synthetic_episodes  # noqa: E402
 from smolvla import SmolVLA, SmolVLAConfig  # noqa: E402
 from train import RECIPE, TrainingLoss, prepare_training, training_step  # noqa: E402
 from vlm import SMOLVLM2_500M_VIDEO_INSTRUCT, parse_vlm_config  # noqa: E402

@@ -37,7 +37,7 @@ from plumbing import (CODECS, aggregate_stats, array_stats, encode_video, open_a
 from policy import ACTION, IMAGE_PREFIX, STATE, settle_run_options
 from policy_server import add_policy_arguments, open_policy
 from so100 import STATE_NAMES, FeetechError
-from virtual_arm import ScriptedHand, synthetic_episodes  # noqa: F401 (re-export)
+from virtual_arm import ScriptedHand
 
 
 # ----------------------------------------------------------------------------------------------------

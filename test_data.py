@@ -14,7 +14,8 @@ from safetensors.numpy import load_file
 
 from data import LeRobotDataset
 from vlm import frame_to_float
-from record import synthetic_episodes, write_lerobot_dataset
+from record import write_lerobot_dataset
+from virtual_arm import synthetic_episodes
 from so100 import MOTOR_NAMES
 
 HERE = os.path.dirname(os.path.abspath(__file__))

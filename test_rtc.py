@@ -10,8 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flow import (euler_sample, guidance_weight, guided_sample, guided_velocity, prefix_sample, prefix_weights,
-                  sample_time)
+from flow import euler_sample, guidance_weight, guided_sample, guided_velocity, prefix_sample, prefix_weights
 from smolvla import SmolVLA
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -11,7 +11,7 @@ import torch
 
 import infer_async as ia
 import policy_server as ps
-from test_infer_async import FakeArm, FakeClock, chunk, observation, start_server
+from test_infer_async import FakeClock, chunk, observation, start_server
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = os.path.join(HERE, "testdata", "smolvla_tiny", "checkpoint")
