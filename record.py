@@ -307,9 +307,9 @@ def verdict(key, reached):
         return key == "success"
     if key is None and sys.stdin.isatty():
         print("\nsuccess? y/n ", end="", flush=True)
-        while (answer := os.read(sys.stdin.fileno(), 8).decode(errors="ignore")[:1].lower()) not in ("y", "n"):
+        while (answer := os.read(sys.stdin.fileno(), 8).decode(errors="ignore")[:1].lower()) not in ("y", "n", ""):
             pass
-        return answer == "y"
+        return {"y": True, "n": False}.get(answer)  # ("": the terminal is gone: not judged)
     return reached
 
 

@@ -2,6 +2,7 @@
 dataset back, survive a kill -9, resume, replay, train on it and run the result."""
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -216,9 +217,12 @@ def test_on_a_terminal_the_keys_judge_each_evaluation_episode(tmp_path):
                                 "2", "--policy", os.path.join(tiny, "checkpoint"), "--vlm", os.path.join(tiny, "vlm")],
                                cwd=HERE, stdin=follower, stdout=follower, stderr=follower)
     os.close(follower)
-    output, answers = b"", {b"episode 1/2": b"y", b"success? y/n": b"n"}
+    # y once episode 1 has run a few ticks (its progress bar shows it), n when episode 2 asks
+    output, answers = b"", {b"failure) [##": b"y", b"success? y/n": b"n"}
     deadline = time.monotonic() + 120
     while process.poll() is None and time.monotonic() < deadline:
+        if not select.select([leader], [], [], 1)[0]:  # (never blocks past the deadline)
+            continue
         try:
             output += os.read(leader, 4096)
         except OSError:  # the command ended: its side of the terminal is closed
@@ -226,6 +230,8 @@ def test_on_a_terminal_the_keys_judge_each_evaluation_episode(tmp_path):
         for prompt, key in list(answers.items()):
             if prompt in output:
                 os.write(leader, answers.pop(prompt))
+    if process.poll() is None:  # past the deadline: end it, and show what it printed
+        process.kill()
     process.wait(timeout=30)
     os.close(leader)
     assert process.returncode == 0, output.decode(errors="replace")[-2000:]
