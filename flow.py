@@ -125,6 +125,11 @@ def time_embedding(time: torch.Tensor, dim: int, min_period: float, max_period: 
 # embed_suffix), so the time can differ per token. During training the first d tokens get the clean
 # actions at flow time τ = 1 (t = 0) and are left out of the loss; the model learns to continue a given
 # prefix. At inference the leftover fills those tokens at t = 0 in every Euler step (`prefix_sample`).
+# Demonstrations end holding still at the goal, so with clean prefixes "the given actions stand still" always
+# means "arrived": a policy whose own chunks stop short then copies the stop and stays short (measured in
+# demo.py's lab). `prefix_offsets` shifts each given prefix by a random offset δ that the target actions
+# fade out of over a few steps: the model learns to continue from where the prefix is, then return to
+# where the camera says the goal is.
 
 RTC_SCHEDULES = ("zeros", "ones", "linear", "exp")
 
@@ -231,6 +236,22 @@ def prefix_times(t: torch.Tensor, prefix_length: torch.Tensor, chunk_size: int) 
     t: (B,) float, prefix_length: (B,) int -> (B, chunk_size)."""
     in_prefix = torch.arange(chunk_size, device=t.device)[None, :] < prefix_length[:, None]  # (B, T)
     return torch.where(in_prefix, torch.zeros_like(t)[:, None], t[:, None])
+
+
+def prefix_offsets(prefix_length: torch.Tensor, chunk_size: int, action_dim: int, sigma: float,
+                   settle_steps: int = 5) -> torch.Tensor:
+    """Training-time RTC's recovery offsets, to add to the normalized actions: (B, chunk_size, action_dim).
+
+    Per sample δ ~ N(0, σ²) per action dim, times 1 on the d = prefix_length[b] given actions, then
+    1 − k/settle_steps on the k-th action after them (k = 1 .. settle_steps), then 0: the continuation
+    starts where the shifted prefix ends and is back on the demonstration settle_steps actions later.
+    A sample with no prefix gets no offset (nothing would show it).
+    """
+    d = prefix_length[:, None].float()  # (B, 1)
+    i = torch.arange(chunk_size, device=prefix_length.device)[None, :].float()  # (1, T)
+    fade = torch.where(i < d, 1.0, (1 - (i - d + 1) / settle_steps).clamp(min=0)) * (d > 0)  # (B, T)
+    delta = sigma * torch.randn(len(prefix_length), 1, action_dim, device=prefix_length.device)  # (B, 1, A)
+    return fade[:, :, None] * delta
 
 
 def prefix_sample(velocity, noise: torch.Tensor, num_steps: int, leftover: torch.Tensor,

@@ -180,6 +180,8 @@ def training_loss(model, batch: dict, noise=None, time=None) -> torch.Tensor:
     img_masks = [torch.ones(state.shape[0], dtype=torch.bool, device=device) for _ in images]
     tokens, token_masks = tokenize(model, batch["task"])
     rtc_delay = batch.get("rtc_delay")  # training-time RTC (train.py --rtc-max-delay): prefixes left out
+    if "rtc_offset" in batch:  # ... shifted by flow.prefix_offsets (train.py --rtc-prefix-offset)
+        actions = actions + batch["rtc_offset"].to(device)
     losses = model.compute_loss(images, img_masks, tokens, token_masks, state, actions, noise, time, rtc_delay)
     losses = losses[:, :, : model.config.action_dim]  # (B, chunk, action_dim)
     valid = torch.ones(losses.shape[:2], dtype=torch.bool, device=device)

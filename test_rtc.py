@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flow import euler_sample, guidance_weight, guided_sample, guided_velocity, prefix_sample, prefix_weights
+from flow import (euler_sample, guidance_weight, guided_sample, guided_velocity, prefix_offsets, prefix_sample,
+                  prefix_weights)
 from smolvla import SmolVLA
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -216,6 +217,41 @@ def test_training_with_rtc_delay_shows_clean_prefixes_and_leaves_them_out_of_the
         per_element = tiny.compute_loss(*inputs, io["actions"], noise=io["noise"], time=time, rtc_delay=delay)
     expected = per_element[:, :, :6].sum() / ((50 + 43) * 6)
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_prefix_offsets_shift_the_given_actions_and_fade_out_after_them():
+    torch.manual_seed(0)
+    offsets = prefix_offsets(torch.tensor([0, 3, 8]), chunk_size=20, action_dim=6, sigma=0.5, settle_steps=5)
+    assert offsets.shape == (3, 20, 6)
+    assert torch.equal(offsets[0], torch.zeros(20, 6))  # no prefix: nothing shifted
+    for b, d in ((1, 3), (2, 8)):
+        delta = offsets[b, 0]
+        assert (delta != 0).all() and torch.equal(offsets[b, :d], delta.expand(d, 6))  # the whole prefix, alike
+        for k in range(1, 6):  # 0.8, 0.6, 0.4, 0.2, 0 of it after the prefix
+            torch.testing.assert_close(offsets[b, d + k - 1], (1 - k / 5) * delta)
+        assert torch.equal(offsets[b, d + 4:], torch.zeros(20 - d - 4, 6))
+    many = prefix_offsets(torch.ones(20000, dtype=torch.long), chunk_size=4, action_dim=2, sigma=0.5)[:, 0]
+    assert abs(many.std().item() - 0.5) < 0.01 and abs(many.mean().item()) < 0.01  # δ ~ N(0, σ²) per sample and dim
+
+
+def test_training_loss_shifts_the_normalized_actions_by_the_offsets(tiny, io, monkeypatch):
+    """batch["rtc_offset"] (train.py --rtc-prefix-offset) is added to the actions in the policy's normalized units."""
+    torch.manual_seed(0)
+    stats, delay, time = tiny.stats, torch.tensor([2, 7]), torch.tensor([0.4, 0.9])
+    robot = lambda x, f: x * (stats[f]["std"] + 1e-8) + stats[f]["mean"]  # noqa: E731
+    offsets = prefix_offsets(delay, 50, 6, sigma=0.3)
+    batch = {"observation.state": robot(io["state"], "observation.state"), "action": robot(io["actions"], "action"),
+             "observation.images.top": io["image0"], "observation.images.wrist": io["image1"],
+             "task": ["a", "b"], "rtc_delay": delay, "rtc_offset": offsets}
+    seen, compute_loss = [], tiny.compute_loss
+    monkeypatch.setattr(tiny, "compute_loss", lambda *args: seen.append(args[5]) or compute_loss(*args))
+    with torch.no_grad():
+        shifted = tiny.training_loss(batch, noise=io["noise"], time=time)
+        unshifted = {key: value for key, value in batch.items() if key != "rtc_offset"}
+        moved = tiny.training_loss({**unshifted, "action": robot(io["actions"] + offsets, "action")}, noise=io["noise"],
+                                   time=time)
+    torch.testing.assert_close(seen[0], io["actions"] + offsets, atol=1e-5, rtol=0)  # what the loss learns from
+    torch.testing.assert_close(shifted, moved, atol=1e-5, rtol=1e-5)
 
 
 def test_bench_times_a_guided_chunk():

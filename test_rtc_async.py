@@ -226,12 +226,15 @@ def test_bad_rtc_options_stop_at_the_warm_up():
 
 
 def test_demo_with_rtc_training_in_miniature(tmp_path, monkeypatch):
-    """train.py --demo --demo-targets 2 --rtc-max-delay 3: each batch draws its prefixes, the checkpoint says
-    it was trained so (trained_on.json, not config.json), and eval.json holds the RTC lab."""
+    """train.py --demo --demo-targets 2 --rtc-max-delay 3 --rtc-prefix-offset 0.2: each batch draws its prefixes
+    and their offsets, the checkpoint says it was trained so (trained_on.json, not config.json), and eval.json
+    holds the RTC lab."""
+    import flow
     import train
     from smolvla import SmolVLA
 
-    delays, compute_loss = [], SmolVLA.compute_loss
+    delays, compute_loss, offsets = [], SmolVLA.compute_loss, []
+    monkeypatch.setattr(train, "prefix_offsets", lambda *a: offsets.append(a) or flow.prefix_offsets(*a))
 
     def spy(self, *args):  # policy.training_loss passes (images, ..., noise, time, rtc_delay)
         delays.append(args[8])
@@ -240,9 +243,11 @@ def test_demo_with_rtc_training_in_miniature(tmp_path, monkeypatch):
     monkeypatch.setattr(SmolVLA, "compute_loss", spy)
     output = tmp_path / "demo"
     train.main(["--demo", "--demo-targets", "2", "--rtc-max-delay", "3", "--steps", "4", "--batch-size", "8",
-                "--demo-episodes", "4", "--demo-length", "12", "--demo-eval-episodes", "1", "--output", str(output)])
+                "--demo-episodes", "4", "--demo-length", "12", "--demo-eval-episodes", "1", "--output", str(output),
+                "--rtc-prefix-offset", "0.2"])
     drawn = torch.cat(delays[:4])
     assert drawn.shape == (32,) and drawn.min() >= 0 and drawn.max() <= 3 and len(drawn.unique()) > 1
+    assert len(offsets) == 4 and all(a[1:] == (10, 6, 0.2) and a[0] is d for a, d in zip(offsets, delays))
     checkpoint = output / "checkpoints" / "last" / "pretrained_model"
     assert json.load(open(checkpoint / "trained_on.json"))["rtc_max_delay"] == 3
     assert "rtc_max_delay" not in json.load(open(checkpoint / "config.json"))  # lerobot's parser would refuse it

@@ -362,3 +362,11 @@ def test_numbers_that_cannot_run_are_one_message(tmp_path):
     assert "--batch-size 0, --log-every 0, --lr -1.0: counts must be at least 1" in message
     assert "--demo-action-steps 0" in error_of(["--demo", "--demo-action-steps", "0", "--output", str(tmp_path / "d")])
     assert 1 <= train.RECIPE["num_workers"] <= min(4, os.cpu_count())  # never more workers than cores
+
+
+def test_a_prefix_offset_needs_rtc_prefixes_and_a_size(tmp_path, capsys):
+    for rtc in (["--rtc-prefix-offset", "0.2"], ["--rtc-max-delay", "4", "--rtc-prefix-offset", "-1"]):
+        with pytest.raises(SystemExit):
+            train.main(["--demo", *rtc, "--output", str(tmp_path / "d")])
+        assert "error: --rtc-prefix-offset must be >= 0, and shifts the prefixes of --rtc-max-delay" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "d")

@@ -43,8 +43,9 @@ from tqdm import tqdm
 
 import speed
 from data import LeRobotDataset
+from flow import prefix_offsets
 from plumbing import parse_mapping
-from policy import check_dataset_fits_policy, features_from_dataset
+from policy import ACTION, check_dataset_fits_policy, features_from_dataset
 from smolvla import SmolVLA, SmolVLAConfig
 
 DEFAULT_POLICY = "lerobot/smolvla_base"
@@ -77,7 +78,7 @@ DEMO = {**RECIPE, "steps": 1_500, "lr": 1e-3, "decay_lr": 1e-5, "warmup_steps": 
         "decay_steps": None,  # None: the run's steps
         "num_workers": 0, "save_every": 0, "log_every": 25}
 # what a checkpoint stores for --resume: the recipe as run, and the inputs
-RUN_OPTIONS = list(RECIPE) + ["repo", "rename", "train_vlm", "bf16", "rtc_max_delay"]
+RUN_OPTIONS = list(RECIPE) + ["repo", "rename", "train_vlm", "bf16", "rtc_max_delay", "rtc_prefix_offset"]
 
 # ----------------------------------------------------------------------------------------------------
 # Learning-rate schedule: linear warmup, then cosine decay (the reference's "cosine_decay_with_warmup")
@@ -366,6 +367,8 @@ def train(policy, dataset, args, processes, start=None):
         torch.manual_seed(args.seed * 1_000_003 + step * processes.world_size + processes.rank)
         if args.rtc_max_delay:  # training-time RTC (flow.py): each sample's first d ~ U{0..D} actions are given
             batch["rtc_delay"] = torch.randint(0, args.rtc_max_delay + 1, (len(batch["task"]),), device=device)
+        if args.rtc_prefix_offset:  # ... shifted by a random offset the continuation recovers from
+            batch["rtc_offset"] = prefix_offsets(batch["rtc_delay"], *batch[ACTION].shape[1:], args.rtc_prefix_offset)
         lr = optimizer.param_groups[0]["lr"]
         loss = training_step(model, optimizer, trainable, batch, args.grad_clip, autocast)
         scheduler.step()
@@ -428,6 +431,8 @@ def parse_args(argv=None):
     parser.add_argument("--log-every", type=int, help=f"progress-bar refresh period ({RECIPE['log_every']})")
     parser.add_argument("--seed", type=int, help=f"data order and noise ({RECIPE['seed']})")
     parser.add_argument("--rtc-max-delay", type=int, help="training-time Real-Time Chunking: up to D given actions")
+    parser.add_argument("--rtc-prefix-offset", type=float,
+                        help="with --rtc-max-delay: std of a random shift of the given actions, normalized (0: none)")
     parser.add_argument("--demo", action="store_true", help="the offline toy run (demo.py): CPU, a few minutes")
     parser.add_argument("--demo-targets", type=int, default=1, help="1, or 2 mirror-image targets (the expert picks one) (%(default)s)")
     parser.add_argument("--demo-episodes", type=int, default=160, help="demonstrations the demo records (%(default)s)")
@@ -444,6 +449,8 @@ def parse_args(argv=None):
         parser.error("give a dataset with --repo (or --resume a run, or run --demo)")
     if (args.rtc_max_delay or 0) < 0 or args.demo_targets not in (1, 2):
         parser.error("--rtc-max-delay must be >= 0 and --demo-targets 1 or 2")
+    if (args.rtc_prefix_offset or 0) < 0 or args.rtc_prefix_offset and not (args.rtc_max_delay or args.resume):
+        parser.error("--rtc-prefix-offset must be >= 0, and shifts the prefixes of --rtc-max-delay: give both")
     return args
 
 
