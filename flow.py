@@ -120,6 +120,10 @@ def time_embedding(time: torch.Tensor, dim: int, min_period: float, max_period: 
 # implementation (lerobot 0.4.4, policies/rtc/) computes v before A^τ requires a gradient, so its
 # ∂Â¹/∂A^τ is the identity and the correction is the weighted error W·(Y − Â¹) itself (`jacobian=False`).
 # β (max_guidance_weight) caps the weight, which grows without bound as τ -> 0 and τ -> 1.
+# The two differ most on a policy that is nearly sure of its answer: if every noise leads to almost the
+# same chunk, Â¹ barely moves with A^τ, the product is small, and mid-flow the weight is only about 2
+# (τ = 1/2): the paper's guidance pulls little, by design (Y is then unlikely under the policy), while the
+# identity pulls toward Y regardless. The README's lab 6 measures it.
 #
 # Training-time RTC needs no guidance: SmolVLA fuses the flow time into every action token (smolvla.py's
 # embed_suffix), so the time can differ per token. During training the first d tokens get the clean
