@@ -178,6 +178,7 @@ def test_a_demo_run_remembers_its_data_resumes_and_drives_the_sim_at_its_fps(tmp
     assert [h["step"] for h in state["history"]] == [1, 2, 3, 4]
     message = error_of(["--resume", str(run), "--steps", "4"])
     assert "already at step 4 of 4" in message
+    assert "this run has none" in error_of(["--resume", str(run), "--steps", "6", "--rtc-prefix-offset", "0.2"])
     # the virtual arm, driven at the policy's 10 fps with its task; told otherwise, it warns or refuses
     capsys.readouterr()
     infer_async.main(["--port", "sim", "--policy", checkpoint, "--duration", "1", "--metrics", "m.json"])

@@ -471,6 +471,8 @@ def fill_options(args, saved=None):
     wrong = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name, low in at_least.items() if getattr(args, name) < low]
     if wrong:
         raise ValueError(f"{', '.join(wrong)}: counts must be at least 1 (workers, periods, warmup: 0), rates positive")
+    if args.rtc_prefix_offset and not args.rtc_max_delay:  # a resumed run without RTC prefixes
+        raise ValueError("--rtc-prefix-offset shifts the prefixes of --rtc-max-delay, and this run has none")
 
 
 def prepare(args, processes):
