@@ -279,7 +279,6 @@ class AsyncScheduler:
         request, self.in_flight = self.in_flight, None
         m = self.metrics
         m.inference_latency_s.append(result.latency_s)
-        self.recent_latencies_s.append(self.clock() - request.sent_s)
         error = result.error or self.chunk_problem(result.actions)
         if error is not None:
             self.consecutive_failures += 1
@@ -292,6 +291,7 @@ class AsyncScheduler:
             return error
         self.consecutive_failures = 0
         self.retry_at = -math.inf
+        self.recent_latencies_s.append(self.clock() - request.sent_s)  # (a failure, e.g. a timeout, is no latency)
         if self.rtc:  # the chunk continues the leftover it was sent: it replaces the queue
             dropped, fused, appended = self.queue.replace(request.timestep, result.actions, request.id)
             self.rtc_chunk = (request.timestep, result.normalized)

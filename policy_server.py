@@ -175,7 +175,8 @@ class PolicyRunner:
             if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
                 raise ValueError(f"{key}: expected an (H, W, 3) uint8 frame, got {frame.dtype} {frame.shape}")
             inputs[key] = frame_to_float(frame.transpose(2, 0, 1))  # (H, W, 3) uint8 -> (3, H, W) float in [0, 1]
-        with self.lock, torch.no_grad() if options.get("jacobian") else torch.inference_mode():  # VJP: autograd
+        # RTC: no_grad, since the guided sampler's vector-Jacobian product needs autograd (inference_mode forbids it)
+        with self.lock, torch.no_grad() if rtc is not None else torch.inference_mode():
             chunk = self.policy.predict_chunk(inputs, **options)  # (1, chunk, action_dim)
             normalized = self.policy.normalize(ACTION, "ACTION", chunk) if rtc is not None else None
         actions = chunk[0].float().cpu().numpy()

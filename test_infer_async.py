@@ -554,6 +554,18 @@ def check_run(metrics, path_json, path_png, ticks):
     assert path_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_runner_samples_a_guided_chunk_when_the_request_leaves_jacobian_to_the_default(tiny):
+    """sample_actions' default is the paper's correction (jacobian=True): a request without "jacobian" runs it."""
+    frame = np.zeros((48, 64, 3), np.uint8)
+    observation = {"task": "x", "observation.state": np.zeros(6, np.float32), "observation.images.top": frame,
+                   "observation.images.wrist": frame, "rtc_leftover": np.zeros((30, 6), np.float32)}
+    answer = ps.PolicyRunner(tiny, seed=0)({**observation, "rtc": {"mode": "guided", "inference_delay": 3}})
+    explicit = ps.PolicyRunner(tiny, seed=0)({**observation, "rtc": {"mode": "guided", "inference_delay": 3,
+                                                                     "jacobian": True}})
+    assert answer["actions"].shape == (50, 6)
+    np.testing.assert_array_equal(answer["actions"], explicit["actions"])
+
+
 def test_runner_leaves_the_observation_checks_to_predict_chunk(tiny):
     runner = ps.PolicyRunner(tiny)
     frame = np.zeros((48, 64, 3), np.uint8)

@@ -76,6 +76,12 @@ def test_delay_estimate_is_the_largest_recent_latency_plus_the_observations_age(
         clock.sleep(2 / 30)
         s.receive(rtc_result(request, 0, n=50))
     assert s.inference_delay() == 1
+    # a failed request (here a 40-tick timeout) measured no latency: the estimate stays
+    s.next_action()
+    request = s.observe(np.zeros(2, np.float32))
+    clock.sleep(40 / 30)
+    s.receive(ia.Result(request.id, None, error="timeout"))
+    assert s.inference_delay() == 1
 
 
 def test_without_rtc_chunks_are_fused_and_the_newest_chunk_is_recorded():
