@@ -432,8 +432,8 @@ def draw_episode(root, episode, path=None, frames=8):
     dataset, path = LeRobotDataset(root, episodes=[episode], max_cache_gb=0), path or f"{root}/episode_{episode}.png"
     names, cameras, t = dataset.info["features"][STATE]["names"], dataset.camera_keys, np.arange(len(dataset)) / dataset.fps
     items = [dataset[int(i)] for i in np.linspace(0, len(dataset) - 1, frames).round()]
-    rows = recorded_episodes(root)[1] if dataset.info["codebase_version"] == "v3.0" else []  # (v3.0: a verdict?)
-    judged = {True: "; success", False: "; failure"}.get(rows and rows[episode].get("success"), "")
+    rows = recorded_episodes(dataset.root)[1] if dataset.info["codebase_version"] == "v3.0" else []  # a verdict?
+    judged = {True: "; success", False: "; failure"}.get(rows[episode].get("success") if rows else None, "")
     fig = plt.figure(figsize=(14, 1.8 * len(cameras) + 5), layout="constrained")
     strips, plots = fig.subfigures(2, 1, height_ratios=[1.8 * len(cameras) + 0.01, 5])
     fig.suptitle(f"{root} episode {episode}: {len(dataset)} ticks at {dataset.fps} fps{judged}; task: {items[0]['task']!r}")

@@ -112,6 +112,14 @@ def written(tmp_path_factory):
     return episodes, v3, v2, str(root / "cache")
 
 
+def test_the_episode_sheet_draws_a_v21_dataset_too(written, tmp_path):
+    """data.py --show on a v2.1 dataset (no meta/episodes table, so no verdict to show)."""
+    import data
+
+    sheet = data.draw_episode(written[2], 2, str(tmp_path / "sheet.png"))
+    assert sheet == str(tmp_path / "sheet.png") and open(sheet, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def check_against_episodes(ds, episodes, chunk_size):
     """Every item equals what the episodes say: state, chunked actions with padding, frames, task."""
     for i in range(len(ds)):
