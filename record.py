@@ -444,14 +444,15 @@ def main(argv=None):
             camera_sources(",".join(f"{n}={s}" for n, s in names), args.rename, info["cameras"])  # (checks them)
             rename = {IMAGE_PREFIX + n: IMAGE_PREFIX + parse_mapping(args.rename, "").get(n, n) for n, _ in names}
         args.fps = args.fps or 30
+        units = args.norm_mode or "degrees"  # the follower's and the leader's alike: the leader's pose is the goal
         follower, virtual = open_arm(args.port, arm_id=args.id, max_relative_target=args.max_relative_target,
-                                     verbose=False, norm_mode=args.norm_mode or "degrees")
+                                     verbose=False, norm_mode=units)
         cleanup.callback(lambda: virtual and virtual.close())
         cleanup.callback(follower.disconnect)
         if args.replay:
             return replay(args, follower)
-        leader, leader_virtual = open_arm(args.leader_port, arm_id=args.id, leader=True, verbose=False) if (
-            args.leader_port) else (None, None)
+        leader, leader_virtual = open_arm(args.leader_port, arm_id=args.id, leader=True, verbose=False,
+                                          norm_mode=units) if args.leader_port else (None, None)
         cleanup.callback(lambda: leader_virtual and leader_virtual.close())
         leader and cleanup.callback(leader.disconnect)
         size = [int(n) for n in args.sim_size.split("x")]  # a virtual leader is moved by a scripted hand
