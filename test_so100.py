@@ -525,6 +525,18 @@ def test_setup_gives_new_servos_ids_one_to_six_at_one_megabaud(monkeypatch, caps
         close(sim)
 
 
+def test_a_servo_is_found_at_its_own_baud_rate_also_the_custom_ones():
+    """250000 and 128000 have no termios constant (a custom rate on Linux): each is told apart all the same."""
+    sim = VirtualArm(factory_new=True)
+    try:
+        sim.plugged_in = {6}
+        for rate in (250_000, 128_000, 1_000_000):
+            sim.servos[6].set("Baud_Rate", feetech.BAUD_RATES[rate])
+            assert feetech.find_single_servo(sim.port, timeout=0.1)[:2] == (rate, 1)
+    finally:
+        sim.close()
+
+
 def test_setup_refuses_two_servos_at_once_and_says_when_none_answers():
     sim = VirtualArm(factory_new=True)
     try:

@@ -26,8 +26,11 @@ toy world (demo.py) reaching its red target, and `toy_world_cameras` film that w
 are recordings of random motion, for tests and benchmarks.
 """
 
+import fcntl
 import os
 import select
+import struct
+import sys
 import termios
 import threading
 import time
@@ -66,9 +69,19 @@ FACTORY_DEFAULTS = {
 EEPROM_END = 40  # addresses below this are EEPROM
 # Bytes the instruction WRITE may not change: the read-only registers.
 PROTECTED = {r.address + k for r in CONTROL_TABLE.values() if r.read_only for k in range(r.size)}
-# The pty's speed setting (termios) -> baud rate. 128000 has no constant: a driver sets it as a custom rate,
-# which Linux shows as BOTHER (0o010000).
-TERMIOS_RATES = {getattr(termios, f"B{rate}", 0o010000): rate for rate in BAUD_RATES}
+# The pty's speed setting (termios) -> baud rate. 250000 and 128000 have no constant on Linux: a driver sets
+# them as a custom rate, shown as BOTHER, whose value only struct termios2 holds (c_ospeed, via TCGETS2).
+TERMIOS_RATES = {getattr(termios, f"B{rate}"): rate for rate in BAUD_RATES if hasattr(termios, f"B{rate}")}
+BOTHER, TCGETS2 = 0o010000, 0x802C542A
+
+
+def driver_baudrate(fd):
+    """The baud rate the driver set on its side of the pty `fd` (on macOS a speed setting is the rate itself)."""
+    speed = termios.tcgetattr(fd)[5]
+    if speed == BOTHER and sys.platform == "linux":  # struct termios2: 4 flag words, c_line, c_cc[19], c_ispeed, c_ospeed
+        return struct.unpack_from("I", fcntl.ioctl(fd, TCGETS2, bytes(44)), 40)[0]
+    return TERMIOS_RATES.get(speed, speed)
+
 BAUD_RATES_BY_VALUE = {value: rate for rate, value in BAUD_RATES.items()}
 # Each kind of fault, with its parameters (a default of None means the parameter is required). The default
 # garbage hides a false header (FF FF 07 42: "servo 7, 66 bytes follow") that a driver must not trust.
@@ -374,7 +387,7 @@ class VirtualArm:
             yield packet[2], packet[4], packet[5:-1]
 
     def _execute(self, servo_id, instruction, params, now):
-        baudrate = TERMIOS_RATES.get(termios.tcgetattr(self._master)[5])  # the rate the driver set on its side
+        baudrate = driver_baudrate(self._master)
         # the servos on the bus that hear this instruction: (their id on the bus, servo)
         targets = [(servo.get("ID"), servo) for slot, servo in self.servos.items() if slot in self.plugged_in
                    and not self._is_missing(slot) and servo.hears(servo_id, baudrate)]
