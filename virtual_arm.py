@@ -78,7 +78,7 @@ BOTHER, TCGETS2 = 0o010000, 0x802C542A
 def driver_baudrate(fd):
     """The baud rate the driver set on its side of the pty `fd` (on macOS a speed setting is the rate itself)."""
     speed = termios.tcgetattr(fd)[5]
-    if speed == BOTHER and sys.platform == "linux":  # struct termios2: 4 flag words, c_line, c_cc[19], c_ispeed, c_ospeed
+    if speed == BOTHER and sys.platform == "linux":  # termios2: 4 flag words, c_line, c_cc[19], c_ispeed, c_ospeed
         return struct.unpack_from("I", fcntl.ioctl(fd, TCGETS2, bytes(44)), 40)[0]
     return TERMIOS_RATES.get(speed, speed)
 
