@@ -16,7 +16,7 @@ Near the end of an episode fewer than `chunk_size` actions remain; the missing s
 last action and are flagged in `action_is_pad`, so the loss can ignore them.
 
 Reading order: `LeRobotDataset` comes first, its items (`__getitem__`) before how it is built; the
-machinery it uses follows it: the two on-disk layouts, normalization statistics, video decoding.
+machinery it uses follows it: the two on-disk layouts and normalization statistics (plumbing.py decodes the videos).
 
 Two on-disk layouts exist in the wild, and both are read here, every path coming from the templates in
 `meta/info.json`:
@@ -309,7 +309,7 @@ def cache_entries(cache_dir):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Machinery the dataset uses, 1/3: where everything lives in the v3.0 and v2.1 layouts (tables, paths, tasks)
+# Machinery the dataset uses, 1/2: where everything lives in the v3.0 and v2.1 layouts (tables, paths, tasks)
 # ----------------------------------------------------------------------------------------------------
 
 def _read_jsonl(path):
@@ -404,7 +404,7 @@ def _read_tasks(root, info):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Machinery the dataset uses, 2/3: normalization statistics (v2.1 stores them per episode: pooled here)
+# Machinery the dataset uses, 2/2: normalization statistics (v2.1 stores them per episode: pooled on load)
 # ----------------------------------------------------------------------------------------------------
 
 def _read_stats(root, info):

@@ -8,7 +8,8 @@ place so that each of them reads as its own idea:
   whole new one: record.py's crash-safe datasets);
 - frames: a USB camera read in the background (or, with a virtual arm, the toy world's cameras), an mp4
   encoder and per-channel statistics for recordings (record.py), pooled over episodes as the reader pools
-  them (data.py);
+  them (data.py), and the mp4 decoding of data.py's reader;
+- arms: a real SO-100 on its serial port, or a fresh virtual one (`open_arm`);
 - the command lines' --help format (every default shown) and their name=value lists.
 """
 
@@ -130,13 +131,17 @@ def open_cameras(sources, virtual_arm=None, scene=None, image_size=(64, 64)):
     simulated = [key for key, source in sources.items() if source == "sim"]
     if simulated and virtual_arm is None:
         raise ValueError("camera device 'sim' films the virtual arm: it needs --port sim")
-    from virtual_arm import toy_world_cameras  # (the toy world: only when a "sim" camera opens)
+    from virtual_arm import toy_world_cameras  # (here, not at the top: the servo simulator loads only with cameras)
 
     cameras = toy_world_cameras(simulated, virtual_arm.joint_positions_deg, scene, image_size) if simulated else {}
     return {key: cameras[key] if source == "sim" else OpenCVCamera(int(source) if source.isdigit() else source)
             for key, source in sources.items()}
 
 
+
+# ----------------------------------------------------------------------------------------------------
+# Arms: a real SO-100 on its serial port, or a fresh virtual one.
+# ----------------------------------------------------------------------------------------------------
 
 def open_arm(port, calibration=None, norm_mode="degrees", max_relative_target=None, arm_id="my_so100",
              verbose=True, leader=False, **sim_options):
