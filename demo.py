@@ -471,7 +471,7 @@ def rtc_lab(policy, scheduler_class, episodes, length, seed, targets=2, delays=(
                     actions, normalized = (answer, None) if mode == "off" else (answer["actions"], answer["normalized"])
                     pending.append((tick + 1 + delay, Result(request.id, actions, normalized=normalized)))
             successes += scene.success(joints)
-            jumps += [scheduler.metrics.switch_jump_mean()] * len(scheduler.metrics.switch_ticks())  # per switch
+            jumps += [jump for _, jump in scheduler.metrics.switch_jumps()]
         rows.append({"mode": mode, "delay_ticks": delay, "success_rate": successes / episodes,
                      "switch_jump_mean": round(float(np.mean(jumps)), 3) if jumps else None})
         print(f"rtc lab: {rows[-1]}")

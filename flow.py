@@ -197,9 +197,9 @@ def guided_velocity(velocity, x: torch.Tensor, t: float, target: torch.Tensor, w
     first h steps only: speed: a graph (and a backward pass) of h steps instead of T.
     """
     time = torch.tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])  # (B,)
-    weights = weights.to(x.device)
     steps = x.shape[1]
     h = int(weights.nonzero().max()) + 1 if causal and jacobian and weights.any() else steps  # W = 0 from h on
+    weights = weights.to(x.device)  # (after h: read from the CPU copy, no wait for the device)
     # the sampler runs under no_grad: the vector-Jacobian product needs a graph of the first h steps
     with torch.enable_grad() if jacobian else torch.no_grad():
         tracked = x[:, :h].detach().requires_grad_(jacobian)

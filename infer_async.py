@@ -167,14 +167,17 @@ class Metrics:
     executed: list = field(default_factory=list)      # {"tick", "chunk", "action"} per tick that sent an action
     config: dict = field(default_factory=dict)        # the run's settings, filled in by the caller
 
+    def switch_jumps(self):
+        """(tick, max_j |a_t − a_{t−1}|) at every chunk switch: a tick whose action came from a newer chunk
+        than the previous action's (robot units: how smooth the transition was)."""
+        return [(b["tick"], float(np.max(np.abs(np.subtract(b["action"], a["action"])))))
+                for a, b in zip(self.executed, self.executed[1:]) if a["chunk"] != b["chunk"]]
+
     def switch_ticks(self):
-        """Ticks whose action came from a newer chunk than the previous action's."""
-        return [b["tick"] for a, b in zip(self.executed, self.executed[1:]) if a["chunk"] != b["chunk"]]
+        return [tick for tick, _ in self.switch_jumps()]
 
     def switch_jump_mean(self):
-        """Mean over chunk switches of max_j |a_t − a_{t−1}| (robot units): how smooth the transitions are."""
-        jumps = [np.max(np.abs(np.subtract(b["action"], a["action"])))
-                 for a, b in zip(self.executed, self.executed[1:]) if a["chunk"] != b["chunk"]]
+        jumps = [jump for _, jump in self.switch_jumps()]
         return float(np.mean(jumps)) if jumps else math.nan
 
     def summary(self):
