@@ -435,14 +435,16 @@ def main(argv=None):
         if terminal is not None:
             tty.setcbreak(sys.stdin)  # keys without ENTER, until the end
             cleanup.callback(termios.tcsetattr, sys.stdin, termios.TCSADRAIN, terminal)
-        names = parse_mapping(args.cameras or ("top=sim" if args.port == "sim" else ""), "--cameras").items()
+        cameras_text = args.cameras or ("top=sim" if args.port == "sim" else "")
+        names = parse_mapping(cameras_text, "--cameras").items()
         if driver := recording and (args.policy or args.server):  # the policy first: its units, fps and cameras
             compute, info = open_policy(args)
             hasattr(compute, "close") and cleanup.callback(compute.close)
             settle_run_options(args, info.get("trained_on", {}))  # (--fps: the policy's by default)
             args.fps = round(args.fps)  # (a dataset's frames per second)
-            camera_sources(",".join(f"{n}={s}" for n, s in names), args.rename, info["cameras"])  # (checks them)
-            rename = {IMAGE_PREFIX + n: IMAGE_PREFIX + parse_mapping(args.rename, "").get(n, n) for n, _ in names}
+            camera_sources(cameras_text, args.rename, info["cameras"])  # (checks them against the policy's)
+            renames = parse_mapping(args.rename, "--rename")
+            rename = {IMAGE_PREFIX + n: IMAGE_PREFIX + renames.get(n, n) for n, _ in names}
         args.fps = args.fps or 30
         units = args.norm_mode or "degrees"  # the follower's and the leader's alike: the leader's pose is the goal
         follower, virtual = open_arm(args.port, arm_id=args.id, max_relative_target=args.max_relative_target,
