@@ -53,15 +53,16 @@ def prepare(model: nn.Module, training: bool = False, pack: bool | None = None, 
     # cores, quiet machine (load 0.2-1.7), interleaved: 6.50 and 6.23 s packed against 6.98 and 7.58 s plain;
     # under heavy contention (load 5-6) the order had come out the other way: 40.7 s against 34.1 s median)
     pack = not (training and autocast) if pack is None else pack
+    # the parts that get no gradient (in training: the frozen VLM)
+    frozen = [part for part in model.children() if not any(p.requires_grad for p in part.parameters())]
     if training and autocast:
         # autocast re-casts a weight to bf16 at every use unless it is a trained leaf (those casts are cached
         # per step): a frozen VLM's 350M weights would be converted every step. Cast once, as smolvla_base
         # stores its VLM anyway; the trained parts keep float32 for the optimizer. Measured (train.py's step,
         # smolvla_base, batch 2, interleaved on 2 shared EPYC cores at load 5-7): 19.7 s median, 8.9 s best
         # per step, against 22.2 s and 18.4 s with the frozen parts left in float32.
-        for part in model.children():
-            if not any(p.requires_grad for p in part.parameters()):
-                part.to(torch.bfloat16)
+        for part in frozen:
+            part.to(torch.bfloat16)
     if training:
         text = model.text
         text.keys_values = types.MethodType(
@@ -72,8 +73,7 @@ def prepare(model: nn.Module, training: bool = False, pack: bool | None = None, 
         model.vision.compile()
         model.expert.compile()
     elif pack:
-        # in training only the parts that get no gradient: a trained weight's packed copy would go stale
-        frozen = [part for part in model.children() if not any(p.requires_grad for p in part.parameters())]
+        # in training only the frozen parts: a trained weight's packed copy would go stale
         for part in frozen if training else [model]:
             pack_linear_layers(part)
     return model
