@@ -103,7 +103,7 @@ def append_episode(root, episode, fps=30, codec="libsvtav1", robot_type="so100",
                     "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
                     "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"} | (
                     {"norm_mode": norm_mode} if norm_mode else {})
-    check_same_features(root, info, features, fps)
+    check_same_features(root, info, features, fps, norm_mode)
     tasks = list(dict.fromkeys([task for row in rows for task in row["tasks"]] + [episode["task"]]))
     e, start = len(rows), rows[-1]["dataset_to_index"] if rows else 0
     _, (length,), columns = _episode_columns([episode], fps)
@@ -137,12 +137,16 @@ def append_episode(root, episode, fps=30, codec="libsvtav1", robot_type="so100",
     return e
 
 
-def check_same_features(root, info, features, fps):
-    """One dataset, one kind of recording: the same joints, cameras (and frame sizes) and fps throughout."""
+def check_same_features(root, info, features, fps, norm_mode=None):
+    """One dataset, one kind of recording: the same joints, cameras (and frame sizes), fps and joint units
+    (norm_mode, where both say) throughout."""
     differ = sorted(k for k in set(info["features"]) | set(features) if info["features"].get(k) != features.get(k))
     if info["fps"] != fps or differ:
         raise ValueError(f"{root} holds a recording at {info['fps']} fps of {sorted(info['features'])}; this one "
                          f"is at {fps} fps and differs in {differ}: record into another --dataset directory")
+    if norm_mode and info.get("norm_mode", norm_mode) != norm_mode:
+        raise ValueError(f"{root} holds joints in {info['norm_mode']} units; this recording's are in {norm_mode}: "
+                         "record into another --dataset directory")
 
 
 # -- the writer's pieces: input checks, columns and features, tables, statistics (videos: plumbing.py) -
@@ -414,7 +418,7 @@ def check_dataset(args, frames):
         probe = {STATE: np.zeros((1, 6)), ACTION: np.zeros((1, 6)), "task": "",
                  "images": {key[len(IMAGE_PREFIX):]: frame[None] for key, frame in frames.items()}}
         features = _features([probe], _check_episodes([probe]), args.fps, "libsvtav1", None)
-        check_same_features(args.dataset, info, features, args.fps)
+        check_same_features(args.dataset, info, features, args.fps, args.norm_mode or "degrees")
     raw = sum(frame.size for frame in frames.values())  # bytes per tick, uncompressed (480x640x3: 921,600)
     needed = (args.episodes - len(rows)) * args.episode_s * args.fps * (5e4 / 921_600 * raw + 200)
     os.makedirs(args.dataset, exist_ok=True)  # (empty: nothing is recorded before these checks pass)

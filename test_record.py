@@ -83,6 +83,15 @@ def test_bad_input_gets_one_message_before_anything_is_recorded(recorded, tmp_pa
     assert result.stderr.startswith("error: ") and not os.path.exists(tmp_path / "new")
 
 
+def test_a_recording_in_other_joint_units_is_refused():
+    """--resume with a policy of other units (norm_mode) would mix degrees and range_m100_100 in one dataset."""
+    info = {"fps": 30, "features": {}, "norm_mode": "degrees"}
+    record.check_same_features("data/x", info, {}, 30, "degrees")
+    with pytest.raises(ValueError, match="data/x holds joints in degrees units; this recording's are in range_m100_100"):
+        record.check_same_features("data/x", info, {}, 30, "range_m100_100")
+    record.check_same_features("data/x", {"fps": 30, "features": {}}, {}, 30, "range_m100_100")  # older: unsaid
+
+
 def test_replay_drives_the_follower_with_the_recorded_actions(recorded):
     root, _ = recorded
     actions = record.main(["--port", "sim", "--replay", root, "--episode", "2"])
