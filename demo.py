@@ -33,7 +33,6 @@ from tqdm import tqdm
 from data import LeRobotDataset
 from plumbing import read_json
 from policy import ACTION, STATE, features_from_dataset
-from vlm import frame_to_float
 from policy_server import PolicyRunner, Result
 from record import write_lerobot_dataset
 from smolvla import SmolVLA, SmolVLAConfig
@@ -274,7 +273,7 @@ def animate_episodes(policy, path, episodes=4, length=20, seed=0):
         world, joints = ToyWorld(lambda: joints[0], [camera], seed=seed + e), [HOME_DEG]
         for k in range(length):
             if k % steps == 0:  # a new chunk, from what the camera sees now
-                image = frame_to_float(world.cameras[camera].read().transpose(2, 0, 1))  # (3, H, W)
+                image = torch.from_numpy(world.cameras[camera].read()).permute(2, 0, 1)  # (3, H, W) uint8
                 chunk = policy.predict_chunk({STATE: torch.from_numpy(joints[0]), camera: image, "task": DEMO_TASK})
             joints[0] = step_arm(joints[0], chunk[0, k % steps].float().cpu().numpy())
             world.look()
@@ -431,7 +430,7 @@ def evaluate_in_sim(policy, episodes, length, seed, shuffle_images=False, target
         queue = []
         for _ in range(length):
             if not queue:
-                image = frame_to_float(scene.render(joints, target=shown).transpose(2, 0, 1))  # (3, H, W)
+                image = torch.from_numpy(scene.render(joints, target=shown)).permute(2, 0, 1)  # (3, H, W) uint8
                 observation = {STATE: torch.from_numpy(joints), camera: image, "task": DEMO_TASK}
                 tick = time.perf_counter()
                 queue = list(policy.predict_chunk(observation)[0, :steps_per_chunk].float().cpu().numpy())
@@ -468,8 +467,7 @@ def rtc_lab(policy, scheduler_class, episodes, length, seed, targets=2, delays=(
                     joints = step_arm(joints, action)
                 if scheduler.wants_observation() and (request := scheduler.observe(joints)) is not None:
                     answer = runner({STATE: joints, camera: scene.render(joints), "task": DEMO_TASK, **request.rtc})
-                    actions, normalized = (answer, None) if mode == "off" else (answer["actions"], answer["normalized"])
-                    pending.append((tick + 1 + delay, Result(request.id, actions, normalized=normalized)))
+                    pending.append((tick + 1 + delay, Result.from_answer(request.id, answer)))
             successes += scene.success(joints)
             jumps += [jump for _, jump in scheduler.metrics.switch_jumps()]
         rows.append({"mode": mode, "delay_ticks": delay, "success_rate": successes / episodes,

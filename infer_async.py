@@ -491,8 +491,7 @@ def run_arm(args):
         start = time.monotonic()
         state = arm.get_state()
         rtc = {"rtc": rtc_options(args), "rtc_leftover": np.zeros((1, len(state)), np.float32)} if args.rtc != "off" else {}
-        warm_up = compute({**capture(state), **rtc})  # with a leftover: the RTC options are checked here too
-        warm_up = np.asarray(warm_up["actions"] if isinstance(warm_up, dict) else warm_up)
+        warm_up = np.asarray(compute({**capture(state), **rtc})["actions"])  # with a leftover: RTC options checked too
         print(f"warm-up inference took {time.monotonic() - start:.2f} s")
         if warm_up.ndim != 2 or warm_up.shape[1] != len(state):
             raise ValueError(f"the policy predicts chunks of shape {warm_up.shape} but the arm takes "

@@ -145,7 +145,7 @@ def predict_chunk(model, observation: dict, noise: torch.Tensor | None = None, *
     """One action chunk for one raw observation, in robot units: (1, chunk_size, action_dim).
 
     observation: {"observation.state": (state_dim,) robot units, "observation.images.<cam>": (3, H, W)
-    float in [0, 1] for the policy's cameras (config.camera_keys), "task": str}.
+    uint8 pixels or float in [0, 1] for the policy's cameras (config.camera_keys), "task": str}.
     noise: optional (1, chunk_size, max_action_dim) starting noise (for reproducible chunks). rtc: Real-Time
     Chunking's keywords of SmolVLA.sample_actions (leftover in normalized units, inference_delay, ...).
     """
@@ -160,8 +160,8 @@ def predict_chunk(model, observation: dict, noise: torch.Tensor | None = None, *
     for key in present_cameras(config, observation):
         img = torch.as_tensor(observation[key], device=device)
         if img.ndim != 3:
-            raise ValueError(f"'{key}' must be one frame (3, H, W) float in [0, 1], got shape {tuple(img.shape)}")
-        images.append(img[None].float())
+            raise ValueError(f"'{key}' must be one frame (3, H, W), uint8 or float in [0, 1], got {tuple(img.shape)}")
+        images.append(img[None] if img.dtype == torch.uint8 else img[None].float())  # uint8: to [0, 1] in prepare_images
     img_masks = [torch.ones(1, dtype=torch.bool, device=device) for _ in images]
     tokens, token_masks = tokenize(model, [observation["task"]])
     state = normalize(model, STATE, "STATE", state[None])  # (1, state_dim)

@@ -1,18 +1,19 @@
 """Running the policy for asynchronous inference (SmolVLA paper §3.3): in-process, or on another machine.
 
-infer_async.py needs one thing from a policy: compute(observation) -> the next chunk of (n, action_dim)
-actions in robot units. `open_policy` gives it one of two such callables:
+infer_async.py needs one thing from a policy: compute(observation) -> {"actions": the next chunk, (n,
+action_dim) in robot units}. `open_policy` gives it one of two such callables:
 
 * in-process (the default): a `PolicyRunner`, the checkpoint loaded by `load_policy` behind a lock;
 * remote (`--server HOST:PORT`): a `PolicyClient`, which sends the observation to a `PolicyServer` running
   on a GPU machine (`python infer_async.py --serve --policy CKPT`, handled by `serve`) and returns its answer.
 
 Either runs on infer_async's `InferenceWorker` thread (section 5). Real-Time Chunking (flow.py): "rtc" (options)
-and "rtc_leftover" (normalized) in an observation make the answer {"actions", "normalized": the same chunk}.
+and "rtc_leftover" (normalized) in an observation add "normalized" to the answer: the same chunk in the policy's
+normalized units.
 
 An observation is plain numpy: {"task": str, "observation.state": (S,) float32, "observation.images.<cam>":
-(H, W, 3) uint8 camera frame}. Only the policy side turns frames into (3, H, W) floats in [0, 1], so the
-wire carries 4x fewer bytes.
+(H, W, 3) uint8 camera frame}. Frames stay uint8 until the model turns them into floats in [0, 1]
+(SmolVLA.prepare_images), so the wire, and the copy to the GPU, carry 4x fewer bytes.
 
 The wire: one message = a 16-byte prefix + a JSON header + safetensors bytes. JSON and raw tensors only,
 never pickle (a message cannot run code on the receiver), and both lengths in the prefix are checked
@@ -142,10 +143,10 @@ def load_policy(path, vlm=None, device="cpu", dtype="float32"):
 
 
 class PolicyRunner:
-    """A loaded policy behind a lock: raw observation in, (chunk, action_dim) float32 robot units out.
-
-    Only the frames are converted here; predict_chunk checks the observation (state shape, missing cameras)
-    and moves it to the policy's device.
+    """A loaded policy behind a lock: raw observation in, {"actions": (chunk, action_dim) float32 robot units}
+    out, plus with an RTC request "normalized": the same chunk in the policy's normalized units (the next
+    leftover). predict_chunk checks the observation (state shape, missing cameras) and moves it to the
+    policy's device; only the frames' layout is checked here.
     """
 
     def __init__(self, policy, seed=None):
@@ -160,7 +161,6 @@ class PolicyRunner:
         import torch
 
         from policy import ACTION
-        from vlm import frame_to_float
 
         rtc = observation.get("rtc")
         options = self.rtc_options(rtc, observation.get("rtc_leftover")) if rtc is not None else {}
@@ -174,13 +174,14 @@ class PolicyRunner:
                 continue  # predict_chunk names the cameras it misses
             if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
                 raise ValueError(f"{key}: expected an (H, W, 3) uint8 frame, got {frame.dtype} {frame.shape}")
-            inputs[key] = frame_to_float(frame.transpose(2, 0, 1))  # (H, W, 3) uint8 -> (3, H, W) float in [0, 1]
+            inputs[key] = torch.from_numpy(frame).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W) uint8, a view
         # RTC: no_grad, since the guided sampler's vector-Jacobian product needs autograd (inference_mode forbids it)
         with self.lock, torch.no_grad() if rtc is not None else torch.inference_mode():
             chunk = self.policy.predict_chunk(inputs, **options)  # (1, chunk, action_dim)
-            normalized = self.policy.normalize(ACTION, "ACTION", chunk) if rtc is not None else None
-        actions = chunk[0].float().cpu().numpy()
-        return actions if rtc is None else {"actions": actions, "normalized": normalized[0].float().cpu().numpy()}
+            answer = {"actions": chunk[0].float().cpu().numpy()}
+            if rtc is not None:
+                answer["normalized"] = self.policy.normalize(ACTION, "ACTION", chunk)[0].float().cpu().numpy()
+        return answer
 
     def rtc_options(self, rtc, leftover):
         """The sample_actions keywords for an observation's RTC request (none without a leftover: the first
@@ -235,7 +236,7 @@ class PolicyServer(socketserver.ThreadingTCPServer):
             raise ValueError(f"policy {name!r} is not served here; this server has {list(self.runners)}")
         rtc = {"rtc": header["rtc"]} if isinstance(header.get("rtc"), dict) else {}
         answer = self.runners[name]({"task": header.get("task", ""), **rtc, **tensors})
-        return {"type": "actions", "id": header.get("id")}, answer if rtc else {"actions": answer}
+        return {"type": "actions", "id": header.get("id")}, answer
 
     def start(self):
         """Accept connections on a background thread; returns self."""
@@ -346,8 +347,8 @@ class PolicyClient:
         if header["type"] != "actions" or header.get("id") != self._next_id or "actions" not in reply:
             raise ProtocolError(f"unexpected answer to request {self._next_id}: {header!r:.200}, "
                                 f"tensors {[(k, v.shape) for k, v in reply.items()]}")
-        # its shape and values are checked by the scheduler
-        return reply if "rtc" in observation and "normalized" in reply else reply["actions"]
+        # its shape and values are checked by the scheduler; "normalized" comes with an RTC request
+        return reply
 
     def close(self):
         if self.sock is not None:
@@ -464,9 +465,14 @@ class Result:
     latency_s: float = 0.0      # observation handed over -> chunk (or error) back, on the inference thread
     normalized: np.ndarray = None  # with RTC: the chunk in the policy's normalized units (the next leftover)
 
+    @classmethod
+    def from_answer(cls, request_id, answer):
+        """The Result of a PolicyRunner's (or PolicyClient's) answer {"actions", and with RTC "normalized"}."""
+        return cls(request_id, np.asarray(answer["actions"], dtype=np.float32), normalized=answer.get("normalized"))
+
 
 class InferenceWorker:
-    """Runs compute(observation) -> (n, action_dim) on a background thread, so the control loop never waits.
+    """Runs compute(observation) -> {"actions", ...} on a background thread, so the control loop never waits.
 
     compute is a PolicyRunner (in-process, the default) or a PolicyClient (remote). Every exception it
     raises becomes a failed Result; extra_latency_s adds an artificial delay to study g (paper §3.3).
@@ -499,11 +505,9 @@ class InferenceWorker:
             request, observation = item
             start = time.monotonic()
             try:
-                answer = self.compute(observation)  # an array, or with RTC {"actions", "normalized"}
-                rtc = isinstance(answer, dict)
-                actions, normalized = (answer["actions"], answer["normalized"]) if rtc else (answer, None)
+                answer = self.compute(observation)
                 time.sleep(self.extra_latency_s)
-                result = Result(request.id, np.asarray(actions, dtype=np.float32), normalized=normalized)
+                result = Result.from_answer(request.id, answer)
             # any failure of the policy or the network must reach the scheduler as a failed Result,
             # otherwise the request would stay in flight and the loop would wait for it forever
             except Exception as e:  # noqa: BLE001

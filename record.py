@@ -478,7 +478,7 @@ def main(argv=None):
         driver = PolicyDriver(args, compute, info["chunk_size"], rename, scene, virtual and virtual.joint_positions_deg)
         cleanup.callback(driver.close)
         state = follower.get_state()  # warm-up: the first inference is slow; and a policy for another arm fails here
-        chunk = np.asarray(compute(driver.observation(state, {key: c.read() for key, c in cameras.items()})))
+        chunk = np.asarray(compute(driver.observation(state, {key: c.read() for key, c in cameras.items()}))["actions"])
         if chunk.ndim != 2 or chunk.shape[1] != len(state):
             raise ValueError(f"the policy predicts chunks of shape {chunk.shape}; the arm takes {len(state)} joints")
         reset = teleoperate if leader else lambda tick, now, frames: state  # (without a leader: back to the start)

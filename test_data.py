@@ -13,7 +13,6 @@ import torch
 from safetensors.numpy import load_file
 
 from data import LeRobotDataset
-from vlm import frame_to_float
 from record import write_lerobot_dataset
 from virtual_arm import synthetic_episodes
 from so100 import MOTOR_NAMES
@@ -338,10 +337,10 @@ def test_frame_cache_keeps_under_its_cap_listing_and_clearing(tmp_path):
 
 def test_uint8_frames_reach_the_model_as_the_floats_they_stand_for(tiny, io):
     """The reader's uint8 frames are converted where the batch lands (SmolVLA.prepare_images): the same
-    pixels as float32 / 255 (vlm.frame_to_float), so the training loss is the same either way."""
+    pixels as float32 / 255, so the training loss is the same either way."""
     frames = [(img * 255).round().to(torch.uint8) for img in (io["image0"], io["image1"])]
     masks = [torch.ones(2, dtype=torch.bool)] * 2
-    as_float = [frame_to_float(f.numpy()) for f in frames]
+    as_float = [torch.from_numpy(np.divide(f.numpy(), np.float32(255), dtype=np.float32)) for f in frames]
     for converted, expected in zip(tiny.prepare_images(frames, masks)[0], tiny.prepare_images(as_float, masks)[0]):
         assert torch.equal(converted, expected)
     batch = {"observation.state": io["state"], "action": io["actions"], "task": ["pick", "place"],

@@ -319,10 +319,10 @@ class AffinePolicy(torch.nn.Module):
         if "observation.images.top" not in observation:  # as SmolVLA.predict_chunk does
             raise ValueError("the observation lacks camera(s) ['observation.images.top']")
         image = observation["observation.images.top"]
-        assert image.shape[0] == 3 and image.dtype == torch.float32 and image.max() <= 1.0
+        assert image.shape[0] == 3 and image.dtype == torch.uint8  # (3, H, W) pixels, as the runner hands them on
         state = torch.as_tensor(observation["observation.state"], dtype=torch.float32)
         steps = torch.arange(self.config.chunk_size, dtype=torch.float32)[:, None]
-        return (state[None] + steps + image.mean())[None]  # (1, chunk, S)
+        return (state[None] + steps + image.float().mean() / 255)[None]  # (1, chunk, S)
 
 
 def affine_expected(observation, chunk_size=8):
@@ -353,7 +353,7 @@ def test_server_answers_hello_and_observations(server):
     assert client.hello() == {"chunk_size": 8, "cameras": ["observation.images.top"], "trained_on": {}}
     assert client.policy == "affine"  # the first one the server names
     for value in (1.0, -2.5):
-        np.testing.assert_allclose(client(observation(value)), affine_expected(observation(value)), rtol=1e-6)
+        np.testing.assert_allclose(client(observation(value))["actions"], affine_expected(observation(value)), rtol=1e-6)
     client.close()
 
 
@@ -369,7 +369,7 @@ def test_server_reports_errors_and_keeps_serving(server):
         with pytest.raises(ps.RemoteError, match=match):
             client(request)
     client.policy = "affine"
-    np.testing.assert_allclose(client(observation()), affine_expected(observation()), rtol=1e-6)
+    np.testing.assert_allclose(client(observation())["actions"], affine_expected(observation()), rtol=1e-6)
 
 
 def test_server_survives_a_one_gigabyte_announcement(server):
@@ -564,6 +564,21 @@ def test_runner_samples_a_guided_chunk_when_the_request_leaves_jacobian_to_the_d
                                                                      "jacobian": True}})
     assert answer["actions"].shape == (50, 6)
     np.testing.assert_array_equal(answer["actions"], explicit["actions"])
+
+
+def test_runner_hands_camera_frames_to_the_policy_as_the_floats_they_stand_for(tiny):
+    """The wire's (H, W, 3) uint8 frames reach the model as (3, H, W) pixels / 255: the runner's chunk is
+    predict_chunk's on float frames made here by numpy, with the same seeded noise."""
+    rng = np.random.default_rng(0)
+    frames = {k: rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for k in tiny.config.camera_keys}
+    observation = {"task": "x", "observation.state": np.linspace(-1, 1, 6, dtype=np.float32), **frames}
+    answer = ps.PolicyRunner(tiny, seed=5)(observation)
+    noise = np.random.default_rng(5).standard_normal((1, 50, tiny.config.max_action_dim), dtype=np.float32)
+    as_floats = {k: torch.from_numpy(np.divide(f, np.float32(255), dtype=np.float32).transpose(2, 0, 1).copy())
+                 for k, f in frames.items()}
+    with torch.inference_mode():
+        expected = tiny.predict_chunk({**observation, **as_floats}, noise=torch.from_numpy(noise))
+    np.testing.assert_array_equal(answer["actions"], expected[0].numpy())
 
 
 def test_runner_leaves_the_observation_checks_to_predict_chunk(tiny):

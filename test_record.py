@@ -139,7 +139,7 @@ def scripted_policy(monkeypatch, reach):
             joints = world["scene"].expert_action(joints) if reach else joints
             chunk.append(joints)
         chunks.append((observation["observation.state"], np.stack(chunk).astype(np.float32)))
-        return chunks[-1][1]
+        return {"actions": chunks[-1][1]}
 
     record_open_cameras = record.open_cameras
     monkeypatch.setattr(record, "open_cameras", open_cameras)

@@ -130,8 +130,8 @@ def test_leftover_travels_as_safetensors_to_the_policy_and_back_normalized():
         # trained: no guidance, and the delay capped at what the policy was trained with (rtc_max_delay 3)
         client({**observation(1.0), "rtc": {"mode": "trained", "inference_delay": 6}, "rtc_leftover": leftover})
         assert policy.calls[-1]["rtc"] == "trained" and policy.calls[-1]["inference_delay"] == 3
-        # without RTC the answer is the plain array, and no RTC keyword reaches the policy
-        assert isinstance(client(observation(1.0)), np.ndarray) and policy.calls[-1] == {}
+        # without RTC the answer is the chunk alone, and no RTC keyword reaches the policy
+        assert list(client(observation(1.0))) == ["actions"] and policy.calls[-1] == {}
         policy.trained_on = {}
         with pytest.raises(ps.RemoteError, match="needs a policy trained with --rtc-max-delay"):
             client({**observation(1.0), "rtc": {"mode": "trained"}})
@@ -145,9 +145,9 @@ def test_runner_seed_makes_the_noise_reproducible(tiny):
     obs = {"task": "x", "observation.state": np.zeros(6, np.float32), "observation.images.top": frame,
            "observation.images.wrist": frame}
     a, b = ps.PolicyRunner(tiny, seed=3), ps.PolicyRunner(tiny, seed=3)
-    first = a(obs)
-    np.testing.assert_array_equal(first, b(obs))
-    assert np.abs(a(obs) - first).max() > 1e-3  # the next chunk draws new noise
+    first = a(obs)["actions"]
+    np.testing.assert_array_equal(first, b(obs)["actions"])
+    assert np.abs(a(obs)["actions"] - first).max() > 1e-3  # the next chunk draws new noise
     # guided, with the paper's Jacobian: the answer carries the chunk in normalized units too
     answer = a({**obs, "rtc": {**GUIDED, "jacobian": True, "inference_delay": 3},
                 "rtc_leftover": np.zeros((20, 6), np.float32)})

@@ -114,7 +114,7 @@ class ImageReadingController:
     config = type("Config", (), {"camera_keys": ["observation.images.top"], "n_action_steps": 5})()
 
     def predict_chunk(self, observation):
-        image = (observation["observation.images.top"].permute(1, 2, 0).numpy() * 255).astype(int)
+        image = observation["observation.images.top"].permute(1, 2, 0).numpy().astype(int)  # uint8 pixels, as given
         state = observation["observation.state"].numpy()
         red = np.argwhere((image[..., 0] > 150) & (image[..., 1] < 90) & (image[..., 2] < 90))
         if len(red) == 0:  # target hidden under the arm: stay

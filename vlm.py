@@ -17,14 +17,13 @@ its keys and values over the prefix (`TextModel.keys_values`). The decoder layer
 grouped-query attention, gated MLP) is the same recipe as the expert's and lives in expert.py.
 
 Reading order: the VLM's shape (read from its Hugging Face config.json), the SigLIP tower, pixel shuffle,
-the text stack, the frames' preprocessing (to floats, resize with padding) and, last, the VLM's files.
+the text stack, the frames' preprocessing (resize with padding) and, last, the VLM's files.
 """
 
 import math
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -251,14 +250,6 @@ class TextModel(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------
 # The frames' preprocessing: camera pixels to what the vision tower reads.
-
-
-def frame_to_float(frame: np.ndarray) -> torch.Tensor:
-    """A camera frame as the model reads it: uint8 pixels (3, H, W) -> float32 (3, H, W) in [0, 1], in one
-    pass (cameras and decoders deliver (H, W, 3): pass frame.transpose(2, 0, 1), a view)."""
-    out = np.empty(frame.shape, dtype=np.float32)
-    np.divide(frame, np.float32(255), out=out)
-    return torch.from_numpy(out)
 
 
 def resize_with_pad(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
