@@ -61,9 +61,7 @@ DEMO_FPS = 10
 HOME_DEG = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 50.0], dtype=np.float32)
 
 # Arm geometry in metres: shoulder height above the table, upper arm, forearm (up to the gripper tip).
-SHOULDER_HEIGHT = 0.06
-UPPER_ARM = 0.12
-FOREARM = 0.15
+SHOULDER_HEIGHT, UPPER_ARM, FOREARM = 0.06, 0.12, 0.15
 
 # Where the targets may be: polar coordinates around the arm's base (the pan axis). A coarse grid (8 spots,
 # at least 6 cm apart) keeps the task learnable by a tiny model in a few minutes; the jitter keeps the
@@ -131,9 +129,7 @@ class ReachScene:
     def __init__(self, seed=0, image_size=(64, 64), success_radius=0.03, expert_speed_deg=8.0, targets=1):
         self.rng = np.random.default_rng(seed)
         self.height, self.width = image_size
-        self.success_radius = success_radius
-        self.expert_speed_deg = expert_speed_deg
-        self.num_targets = targets
+        self.success_radius, self.expert_speed_deg, self.num_targets = success_radius, expert_speed_deg, targets
         self.target, self.distractors = None, np.zeros((0, 2))  # the expert's choice, the other targets
         self.reset()
 
@@ -304,10 +300,8 @@ def word_tokenizer(texts):
     tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.Lowercase()
     # split at spaces (dropping them) and keep each newline as a token of its own
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
-        pre_tokenizers.Split(Regex(" +"), behavior="removed"),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
+                                                       pre_tokenizers.Split(Regex(" +"), behavior="removed")])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<|endoftext|>", unk_token="[UNK]",
                                    bos_token="<|im_start|>", eos_token="<end_of_utterance>")
 
@@ -387,8 +381,7 @@ def demo_policy_config(dataset, args, image_size=64):
     config.chunk_size, config.n_action_steps = args.demo_chunk_size, min(args.demo_action_steps, args.demo_chunk_size)
     config.max_state_dim = config.max_action_dim = 8
     config.resize_imgs_with_padding = (image_size, image_size)
-    config.tokenizer_max_length = 8
-    config.num_vlm_layers = args.demo_vlm_layers
+    config.tokenizer_max_length, config.num_vlm_layers = 8, args.demo_vlm_layers
     config.attention_mode, config.self_attn_every_n_layers = ATTENTION[args.demo_attention]
     config.freeze_vision_encoder, config.train_expert_only = False, False
     return config
@@ -401,11 +394,8 @@ def demo_policy_config(dataset, args, image_size=64):
 def record_demonstrations(root, episodes, length, seed, targets=1):
     """Run the scripted expert and store what it saw and did as a LeRobot v3.0 dataset."""
     scene, rng = ReachScene(seed=seed, targets=targets), np.random.default_rng(seed)
-    recorded = []
-    for _ in tqdm(range(episodes), desc="recording demonstrations"):
-        episode = expert_episode(scene, rng, length)
-        episode["task"] = DEMO_TASK
-        recorded.append(episode)
+    recorded = [{**expert_episode(scene, rng, length), "task": DEMO_TASK}
+                for _ in tqdm(range(episodes), desc="recording demonstrations")]
     return write_lerobot_dataset(root, recorded, fps=DEMO_FPS, norm_mode="degrees")  # the toy arm's units
 
 
@@ -420,14 +410,12 @@ def evaluate_in_sim(policy, episodes, length, seed, shuffle_images=False, target
     """
     scene, rng = ReachScene(seed=seed, targets=targets), np.random.default_rng(seed)
     layouts = [scene.reset(rng) for _ in range(episodes)]  # each (targets, 2)
-    camera = policy.config.camera_keys[0]
-    steps_per_chunk = policy.config.n_action_steps
+    camera, steps_per_chunk = policy.config.camera_keys[0], policy.config.n_action_steps
     successes, latencies = 0, []
     for e in range(episodes):
         scene.target, scene.distractors = layouts[e][0], layouts[e][1:]
         shown = layouts[(e + 1) % episodes] if shuffle_images else layouts[e]
-        joints = (HOME_DEG + rng.uniform(-5.0, 5.0, size=6)).astype(np.float32)
-        queue = []
+        joints, queue = (HOME_DEG + rng.uniform(-5.0, 5.0, size=6)).astype(np.float32), []
         for _ in range(length):
             if not queue:
                 image = torch.from_numpy(scene.render(joints, target=shown)).permute(2, 0, 1)  # (3, H, W) uint8
@@ -445,30 +433,53 @@ RTC_LAB = {"off": None, "guided": {"mode": "guided", "jacobian": False},
            "guided_jacobian": {"mode": "guided", "jacobian": True}, "trained": {"mode": "trained"}}
 
 
-def rtc_lab(policy, scheduler_class, episodes, length, seed, targets=2, delays=(0, 4, 8), threshold=0.7):
-    """Real-Time Chunking under asynchronous inference (scheduler_class: infer_async.AsyncScheduler) on a
-    simulated clock: a chunk arrives `delay` ticks after its observation's tick. One row per (mode, delay):
-    success rate, switch_jump_mean (robot units, mean over all switches); `trained` if trained with RTC."""
+class ToyServos:
+    """The toy arm as infer_async's control loop drives a robot: each action sent moves it by step_arm."""
+
+    def __init__(self, joints):
+        self.joints = joints
+
+    def get_state(self):
+        return self.joints
+
+    def send_action(self, action):
+        self.joints = step_arm(self.joints, action)
+
+
+class DelayedWorker:
+    """infer_async's InferenceWorker on a simulated clock: the chunk asked for at tick k is computed at once
+    and handed back at tick k + 1 + delay, however long it took (.tick: set before each control tick)."""
+
+    def __init__(self, compute, delay):
+        self.compute, self.delay, self.tick, self.pending = compute, delay, 0, []
+
+    def submit(self, request, observation):
+        self.pending.append((self.tick + 1 + self.delay, Result.from_answer(request.id, self.compute(observation))))
+
+    def poll(self):
+        return [result for due, result in self.pending if due == self.tick]
+
+
+def rtc_lab(policy, async_loop, episodes, length, seed, targets=2, delays=(0, 4, 8), threshold=0.7):
+    """Real-Time Chunking under asynchronous inference, on a simulated clock: infer_async's control loop
+    (async_loop: the infer_async module; it imports this one) with each chunk arriving `delay` ticks after
+    its observation. One row per (mode, delay): success rate, switch_jump_mean (robot units, mean over all
+    switches); `trained` if the policy was trained with RTC."""
     camera, rows = policy.config.camera_keys[0], []
     modes = [m for m in RTC_LAB if m != "trained" or policy.trained_on.get("rtc_max_delay")]
     for mode, delay in [(mode, delay) for mode in modes for delay in delays]:
         scene, rng = ReachScene(seed=seed, targets=targets), np.random.default_rng(seed)
-        runner = PolicyRunner(policy, seed)  # the same noise for every mode
-        successes, jumps = 0, []
+        runner, successes, jumps = PolicyRunner(policy, seed), 0, []  # the same noise for every mode
         for _ in range(episodes):
             scene.reset(rng)
-            joints, pending, tick = (HOME_DEG + rng.uniform(-5.0, 5.0, size=6)).astype(np.float32), [], 0
-            scheduler = scheduler_class(policy.config.chunk_size, threshold, clock=lambda: tick / DEMO_FPS,
-                                        rtc=RTC_LAB[mode], fps=DEMO_FPS)
-            for tick in range(length):
-                for result in [r for due, r in pending if due == tick]:
-                    scheduler.receive(result)
-                if (action := scheduler.next_action()) is not None:
-                    joints = step_arm(joints, action)
-                if scheduler.wants_observation() and (request := scheduler.observe(joints)) is not None:
-                    answer = runner({STATE: joints, camera: scene.render(joints), "task": DEMO_TASK, **request.rtc})
-                    pending.append((tick + 1 + delay, Result.from_answer(request.id, answer)))
-            successes += scene.success(joints)
+            arm = ToyServos((HOME_DEG + rng.uniform(-5.0, 5.0, size=6)).astype(np.float32))
+            worker = DelayedWorker(runner, delay)
+            scheduler = async_loop.AsyncScheduler(policy.config.chunk_size, threshold, rtc=RTC_LAB[mode],
+                                                  clock=lambda: worker.tick / DEMO_FPS, fps=DEMO_FPS)
+            for worker.tick in range(length):  # the simulated clock: the worker hands back what is due now
+                async_loop.control_tick(arm, lambda joints: {STATE: joints, camera: scene.render(joints),
+                                                             "task": DEMO_TASK}, worker, scheduler, log=print)
+            successes += scene.success(arm.joints)
             jumps += [jump for _, jump in scheduler.metrics.switch_jumps()]
         rows.append({"mode": mode, "delay_ticks": delay, "success_rate": successes / episodes,
                      "switch_jump_mean": round(float(np.mean(jumps)), 3) if jumps else None})
@@ -488,11 +499,11 @@ def prepare_demo(args, processes):
         raise FileExistsError(f"{args.output!r} is not empty; the demo writes a new run: choose another --output.")
 
 
-def run_demo(args, processes, train, scheduler_class=None):
+def run_demo(args, processes, train, async_loop=None):
     """Record -> train from scratch -> save -> reload -> evaluate twice (and the RTC lab) -> eval.json.
 
     `train(policy, dataset, args, processes)` is train.py's training loop (passed in: this file does not
-    import train.py); it writes the checkpoints under args.output. scheduler_class: for rtc_lab."""
+    import train.py); it writes the checkpoints under args.output. async_loop: infer_async, for rtc_lab."""
     started = time.perf_counter()
     # The demo's matrices are tiny: a second CPU thread gains little, and on a busy machine threads that
     # wait for each other cost a lot (measured on 2 shared cores: 0.3 s per step with 1 thread, 2.3 s with 2).
@@ -529,8 +540,8 @@ def run_demo(args, processes, train, scheduler_class=None):
               "vlm_layers": config.num_vlm_layers, "attention": args.demo_attention, "checkpoint": checkpoint,
               "wall_time_s": round(time.perf_counter() - started, 1),
               "animation": animate_episodes(policy, os.path.join(args.output, "episodes.gif"), 4, args.demo_length)}
-    if scheduler_class is not None and (targets > 1 or args.rtc_max_delay):  # 2 x length: time for the delays
-        result["rtc_lab"] = rtc_lab(policy, scheduler_class, episodes, 2 * length, args.seed + 1, targets)
+    if async_loop is not None and (targets > 1 or args.rtc_max_delay):  # 2 x length: time for the delays
+        result["rtc_lab"] = rtc_lab(policy, async_loop, episodes, 2 * length, args.seed + 1, targets)
     with open(os.path.join(args.output, "eval.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))

@@ -212,7 +212,7 @@ def test_rtc_lab_runs_every_mode_and_delay_on_a_simulated_clock():
     import demo
 
     policy = ExpertPolicy()
-    rows = demo.rtc_lab(policy, ia.AsyncScheduler, episodes=3, length=30, seed=0, delays=(0, 4))
+    rows = demo.rtc_lab(policy, ia, episodes=3, length=30, seed=0, delays=(0, 4))
     assert [(r["mode"], r["delay_ticks"]) for r in rows] == [
         (m, d) for m in ("off", "guided", "guided_jacobian", "trained") for d in (0, 4)]
     assert all(0 <= r["success_rate"] <= 1 and r["switch_jump_mean"] > 0 for r in rows)
@@ -220,7 +220,7 @@ def test_rtc_lab_runs_every_mode_and_delay_on_a_simulated_clock():
     delays = {c["inference_delay"] for c in policy.calls if "inference_delay" in c}
     assert delays == {0, 4} and {c["rtc"] for c in policy.calls if "rtc" in c} == {"guided", "trained"}
     assert {c["jacobian"] for c in policy.calls if c.get("rtc") == "guided"} == {False, True}
-    assert "trained" not in {r["mode"] for r in demo.rtc_lab(ExpertPolicy(trained=False), ia.AsyncScheduler, 1, 5, 0)}
+    assert "trained" not in {r["mode"] for r in demo.rtc_lab(ExpertPolicy(trained=False), ia, 1, 5, 0)}
 
 
 def test_bad_rtc_options_stop_at_the_warm_up():

@@ -531,9 +531,9 @@ def main(argv=None):
     except (FileNotFoundError, FileExistsError, PermissionError, ValueError) as error:
         sys.exit(f"train.py: error: {error}")
     if args.demo:
-        from infer_async import AsyncScheduler  # the RTC lab's scheduler (demo.py: infer_async imports demo)
+        import infer_async  # the RTC lab's control loop (passed in: infer_async imports demo)
 
-        demo.run_demo(args, processes, train, AsyncScheduler)
+        demo.run_demo(args, processes, train, infer_async)
     else:
         train(policy, dataset, args, processes, start)
         if processes.is_main:
