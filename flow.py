@@ -56,11 +56,13 @@ def flow_matching_loss(predicted_velocity: torch.Tensor, target_velocity: torch.
     return (target_velocity - predicted_velocity) ** 2
 
 
-def euler_sample(velocity, noise: torch.Tensor, num_steps: int = 10) -> torch.Tensor:
+def euler_sample(velocity, noise: torch.Tensor, num_steps: int = 10, after_step=None) -> torch.Tensor:
     """Integrate dx/dτ = velocity(x, τ) from τ = 1 (noise) to τ = 0 (actions) with `num_steps` Euler steps.
 
     velocity: callable (x (B, T, A) float32, τ (B,) float32) -> (B, T, A) float32
     noise: (B, T, A) float32 -> (B, T, A) float32, the sampled chunk
+    after_step: optional callable x -> x applied after every step, e.g. to hold some tokens fixed
+    (training-time RTC's `prefix_sample`); it may change x in place: each step makes a new x
     """
     dt = -1.0 / num_steps
     batch_size = noise.shape[0]
@@ -70,6 +72,8 @@ def euler_sample(velocity, noise: torch.Tensor, num_steps: int = 10) -> torch.Te
     x = noise
     for step in range(num_steps):
         x = x + dt * velocity(x, taus[step].expand(batch_size))
+        if after_step is not None:
+            x = after_step(x)
     return x
 
 
@@ -227,6 +231,8 @@ def guided_sample(velocity, noise: torch.Tensor, num_steps: int, leftover: torch
     target = pad_leftover(leftover, noise.shape).to(noise.device)  # Y (B, T, A)
     horizon = min(execution_horizon, leftover.shape[1])  # no guidance beyond what the old chunk says
     weights = prefix_weights(inference_delay, horizon, noise.shape[1], schedule)  # W (T,)
+    # euler_sample's loop, written out: the guidance reads t in double precision (the clean estimate and its
+    # weight, as the reference computes them), where euler_sample hands the velocity τ rounded to float32
     dt = -1.0 / num_steps
     x = noise
     for step in range(num_steps):
@@ -265,14 +271,17 @@ def prefix_sample(velocity, noise: torch.Tensor, num_steps: int, leftover: torch
     target = pad_leftover(leftover, noise.shape).to(noise.device)  # (B, T, A)
     d = min(inference_delay, leftover.shape[1], noise.shape[1])
     batch, steps = noise.shape[:2]
-    dt = -1.0 / num_steps
-    taus = (1.0 + dt * torch.arange(num_steps, dtype=torch.float64)).float().to(noise.device)
-    length = torch.full((batch,), d, device=noise.device)
-    x = torch.cat([target[:, :d], noise[:, d:]], dim=1)
-    for step in range(num_steps):
-        x = x + dt * velocity(x, prefix_times(taus[step].expand(batch), length, steps))
-        x[:, :d] = target[:, :d]  # the committed actions stay what they are
-    return x
+    length = torch.full((batch,), d, device=noise.device)  # (B,) the same prefix for every sample
+
+    def velocity_with_prefix(x, time):  # time (B,) -> (B, T): 0 on the given tokens, τ on the others
+        return velocity(x, prefix_times(time, length, steps))
+
+    def hold_prefix(x):  # the committed actions stay what they are
+        x[:, :d] = target[:, :d]
+        return x
+
+    # start from the noise with the prefix already in place (a copy: the caller's noise stays as it was)
+    return euler_sample(velocity_with_prefix, hold_prefix(noise.clone()), num_steps, after_step=hold_prefix)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -183,6 +183,13 @@ def test_prefix_sample_feeds_the_prefix_at_flow_time_zero():
     torch.testing.assert_close(prefix_sample(field, noise, 5, torch.zeros(2, 4, 2), 0), euler_sample(field, noise, 5))
 
 
+def test_prefix_sample_leaves_the_callers_noise_as_it_was():
+    noise, leftover = torch.randn(2, 6, 3), torch.randn(2, 4, 3)
+    kept = noise.clone()
+    chunk = prefix_sample(lambda x, time: -x, noise, 3, leftover, inference_delay=2)
+    assert torch.equal(noise, kept) and torch.equal(chunk[:, :2], leftover[:, :2])
+
+
 def test_training_with_rtc_delay_shows_clean_prefixes_and_leaves_them_out_of_the_loss(tiny, io):
     captured = {}
     velocity = tiny.velocity
