@@ -199,6 +199,11 @@ class ReachScene:
         image = image.resize((self.width, self.height), Image.Resampling.BOX)
         return np.array(image, dtype=np.uint8)
 
+    def cameras(self, keys, pose_fn):
+        """{key: camera} filming this table with the arm at `pose_fn()`, each named by its key's last part
+        ("observation.images.top": "top"): ToyWorld's, and the virtual arm's (virtual_arm.toy_world_cameras)."""
+        return {key: SyntheticCamera(self, pose_fn, name=key.split(".")[-1]) for key in keys}
+
 
 def expert_episode(scene, rng, length, action_noise_deg=1.5):
     """One demonstration: reset the target, start near HOME_DEG, follow the expert for `length` steps.
@@ -223,9 +228,7 @@ class SyntheticCamera:
     """A camera that films a ReachScene: read() renders the arm at the joints that state_fn() returns."""
 
     def __init__(self, scene, state_fn, name="top"):
-        self.scene = scene
-        self.state_fn = state_fn
-        self.name = name
+        self.scene, self.state_fn, self.name = scene, state_fn, name
         self.height, self.width = scene.height, scene.width
 
     def read(self):
@@ -239,7 +242,7 @@ class ToyWorld:
 
     def __init__(self, pose, camera_keys, seed=0):
         self.scene, self.pose, self.looks, self.start, self.reached = ReachScene(seed=seed), pose, [], None, False
-        self.cameras = {key: SyntheticCamera(self.scene, pose, name=key.split(".")[-1]) for key in camera_keys}
+        self.cameras = self.scene.cameras(camera_keys, pose)
 
     def look(self):
         now, joints = time.monotonic(), np.asarray(self.pose(), dtype=np.float64)

@@ -500,10 +500,10 @@ class ScriptedHand:
 def toy_world_cameras(names, pose_fn, scene=None, image_size=(64, 64)):
     """{name: camera} filming the toy world of demo.py (the table, its red target, and the arm whose true pose
     `pose_fn()` returns, in `joint_positions_deg` units); `scene`: a ScriptedHand's, or a new one."""
-    from demo import ReachScene, SyntheticCamera  # the toy world (imported only when a simulated camera opens)
+    from demo import ReachScene  # the toy world (imported only when a simulated camera opens)
 
     scene = scene if scene is not None else ReachScene(seed=0, image_size=image_size)
-    return {name: SyntheticCamera(scene, pose_fn, name=name.split(".")[-1]) for name in names}
+    return scene.cameras(names, pose_fn)
 
 
 def synthetic_episodes(n_episodes, length, height=96, width=128, cameras=("top", "wrist"), state_dim=6, seed=0,
