@@ -37,8 +37,8 @@ make a lookup fail.
 
 The writer of such datasets (`write_lerobot_dataset`, used by the tests and the demo) lives in record.py;
 mp4 decoding in plumbing.py; the reader's benchmark (samples per second through a DataLoader) in bench.py.
-Last here: an episode's sheet (`python data.py --show DIR --episode N`), to look at a recording before
-training on it.
+Last here: the command line (`python data.py --help`): an episode's sheet (`--show DIR --episode N`), to
+look at a recording before training on it, and the frame cache listed (`--cache`) or emptied (`--clear-cache`).
 """
 
 import argparse
@@ -55,7 +55,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from plumbing import StreamingDecoder, aggregate_stats, decode_all, frame_times, read_json, resolve_dir, video_size
+from plumbing import (HelpFormatter, StreamingDecoder, aggregate_stats, decode_all, frame_times, read_json, resolve_dir,
+                      video_size)
 from policy import IMAGE_PREFIX, STATE
 
 SUPPORTED_VERSIONS = ("v2.1", "v3.0")
@@ -419,7 +420,7 @@ def _read_stats(root, info):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Looking at an episode before training on it: its sheet (python data.py --show DIR --episode N)
+# Looking at an episode before training on it (its sheet: --show DIR --episode N), and the command line
 # ----------------------------------------------------------------------------------------------------
 
 def draw_episode(root, episode, path=None, frames=8):
@@ -452,27 +453,32 @@ def draw_episode(root, episode, path=None, frames=8):
     return path
 
 
-def show_episode_command(argv=None):
-    """`python data.py --show DIR --episode N [--out sheet.png]`: draw that episode's sheet and exit (nothing
-    without --show: data.py goes on with its own flags)."""
-    if "--show" in (argv := sys.argv[1:] if argv is None else argv):
-        p = argparse.ArgumentParser(prog="data.py", description=draw_episode.__doc__.split("\n\n")[0])
-        p.add_argument("--show", required=True, metavar="DIR", help="the dataset (a directory or a hub id)")
-        p.add_argument("--episode", type=int, default=0, help="the episode to draw")
-        p.add_argument("--out", help="the PNG to write (default: DIR/episode_N.png)")
-        args = p.parse_args(argv)
+def main(argv=None):
+    """The command line: an episode's sheet (--show), or the frame cache listed by dataset (and emptied)."""
+    parser = argparse.ArgumentParser(prog="data.py", formatter_class=HelpFormatter, description=(
+        "Look at a dataset's episode before training on it, or at the frame cache (videos decoded once, for every run).\n"
+        "  python data.py --show DIR [--episode N] [--out PNG]   draw an episode's sheet (a PNG)\n"
+        "  python data.py [--cache]                              list the frame cache by dataset\n"
+        "  python data.py --clear-cache                          list it, then empty it"))
+    sheet = parser.add_argument_group("an episode's sheet")
+    sheet.add_argument("--show", metavar="DIR", help="the dataset (a directory or a hub id)")
+    sheet.add_argument("--episode", type=int, metavar="N", help="the episode to draw (default: 0)")
+    sheet.add_argument("--out", metavar="PNG", help="the PNG to write (default: DIR/episode_N.png)")
+    cache = parser.add_argument_group(f"the frame cache (set {CACHE_DIR_VARIABLE} to put it elsewhere)")
+    cache.add_argument("--cache", action="store_true", help="list it by dataset (also the default)")
+    cache.add_argument("--clear-cache", action="store_true", help="empty it (datasets decode their videos again)")
+    args = parser.parse_args(argv)
+    if args.show is None and (args.episode is not None or args.out is not None):
+        parser.error("--episode and --out choose the sheet that --show DIR draws: give --show")
+    if args.show is not None and (args.cache or args.clear_cache):
+        parser.error("--show draws an episode's sheet, --cache and --clear-cache act on the frame cache: one at a time")
+    if args.show is not None:
         try:
-            sys.exit(print(f"wrote {draw_episode(args.show, args.episode, args.out)}"))
+            print(f"wrote {draw_episode(args.show, args.episode or 0, args.out)}")
         except (FileNotFoundError, ValueError, OSError) as e:
             sys.exit(f"error: {e}")
-
-
-if __name__ == "__main__":  # python data.py [--cache] [--clear-cache]: the frame cache; --show DIR: an episode sheet
-    show_episode_command()  # python data.py --show DIR --episode N [--out sheet.png] (exits)
-    parser = argparse.ArgumentParser(description="The frame cache: videos decoded once, for every run.")
-    parser.add_argument("--cache", action="store_true", help="list it by dataset (also the default)")
-    parser.add_argument("--clear-cache", action="store_true", help="empty it (datasets decode their videos again)")
-    args, cache_dir = parser.parse_args(), os.environ.get(CACHE_DIR_VARIABLE) or DEFAULT_CACHE_DIR
+        return
+    cache_dir = os.environ.get(CACHE_DIR_VARIABLE) or DEFAULT_CACHE_DIR
     sizes = collections.Counter()  # dataset -> bytes, least recently used first
     for _, size, dataset in cache_entries(cache_dir):
         sizes[dataset] += size
@@ -480,3 +486,7 @@ if __name__ == "__main__":  # python data.py [--cache] [--clear-cache]: the fram
     if args.clear_cache:
         shutil.rmtree(cache_dir, ignore_errors=True)
         print(f"{cache_dir}: cleared")
+
+
+if __name__ == "__main__":
+    main()

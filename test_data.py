@@ -335,6 +335,21 @@ def test_frame_cache_keeps_under_its_cap_listing_and_clearing(tmp_path):
     assert not cache.exists()
 
 
+def test_one_command_line_refuses_the_flags_of_the_other_command(monkeypatch, tmp_path, capsys):
+    """data.py has one parser for its two commands: the sheet's flags without --show, or --show beside the
+    cache's flags, are one usage error (exit 2) that touches nothing, not a flag silently dropped."""
+    import data
+
+    cache = tmp_path / "frames"
+    cache.mkdir()
+    monkeypatch.setenv("SMOLVLA_CACHE_DIR", str(cache))
+    for argv, says in ((["--episode", "3"], "give --show"), (["--show", str(tmp_path), "--clear-cache"], "one at a time")):
+        with pytest.raises(SystemExit) as refused:
+            data.main(argv)
+        assert refused.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(says)
+    assert cache.exists()  # not cleared
+
+
 def test_uint8_frames_reach_the_model_as_the_floats_they_stand_for(tiny, io):
     """The reader's uint8 frames are converted where the batch lands (SmolVLA.prepare_images): the same
     pixels as float32 / 255, so the training loss is the same either way."""
