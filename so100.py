@@ -25,6 +25,7 @@ import atexit
 import json
 import os
 import select
+import shlex
 import signal
 import sys
 import time
@@ -56,6 +57,15 @@ CALIBRATION_DIR = Path(
 LEADER_CALIBRATION_DIR = CALIBRATION_DIR.parents[1] / "teleoperators" / "so_leader"  # lerobot's, for leader arms
 
 
+def calibrate_command(port="PORT", leader=False, path=None):
+    """The command (for hints) that calibrates the arm on `port` (a virtual arm's pty: sim) and saves it as `path`:
+    NAME.json in the followers' or leaders' directory is --id NAME (the leaders': --leader), else --calibration."""
+    port, folder = "sim" if str(port).startswith("/dev/pts/") else str(port), path and Path(path).parent
+    leader, named = leader or folder == LEADER_CALIBRATION_DIR, folder in (CALIBRATION_DIR, LEADER_CALIBRATION_DIR)
+    where = ["--id", Path(path).stem] if named else ["--calibration", str(path)] if path else []
+    return shlex.join(["python", "so100.py", "--port", port, *["--leader"] * leader, *where, "calibrate"])
+
+
 def load_calibration(path_or_dict):
     """Read and check a calibration in lerobot's JSON format:
     `{"shoulder_pan": {"id": 1, "drive_mode": 0, "homing_offset": -710, "range_min": 758, "range_max": 3292},
@@ -65,7 +75,7 @@ def load_calibration(path_or_dict):
     if isinstance(path_or_dict, (str, Path)):
         path = Path(path_or_dict).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"no calibration file at {path}: run `python so100.py --port PORT calibrate`")
+            raise FileNotFoundError(f"no calibration file at {path}: run `{calibrate_command(path=path)}`")
         source = json.loads(path.read_text())
     if not isinstance(source, dict):
         raise ValueError(f"a calibration is a dict of motors, got {type(source).__name__}")
@@ -99,9 +109,8 @@ def save_calibration(calibration, path):
 
 
 def _limits(calibration):
-    lo = np.array([calibration[n]["range_min"] for n in MOTOR_NAMES], dtype=np.float64)
-    hi = np.array([calibration[n]["range_max"] for n in MOTOR_NAMES], dtype=np.float64)
-    return lo, hi
+    """(range_min, range_max): two (6,) float64 arrays in the motors' order."""
+    return [np.array([calibration[n][key] for n in MOTOR_NAMES], dtype=np.float64) for key in ("range_min", "range_max")]
 
 
 def ticks_to_units(raw, calibration, norm_mode="degrees"):
@@ -172,11 +181,8 @@ class SO100Follower:
         _check_norm_mode(norm_mode)
         self.port = port
         self.calibration = load_calibration(calibration) if calibration is not None else None
-        self.norm_mode = norm_mode
-        self.max_relative_target = max_relative_target
-        self.timeout, self.retries = timeout, retries
-        self.verbose = verbose
-        self.bus = None
+        self.norm_mode, self.max_relative_target = norm_mode, max_relative_target
+        self.timeout, self.retries, self.verbose, self.bus = timeout, retries, verbose, None
         self.ids = [MOTOR_IDS[n] for n in MOTOR_NAMES]
 
     # -- connection ------------------------------------------------------------------------------------------
@@ -193,9 +199,8 @@ class SO100Follower:
             self._disable_torque()
             self._configure()
             if self.calibration is None:
-                port = "sim" if self.port.startswith("/dev/pts/") else self.port  # (a virtual arm's pty)
                 self._say(f"{self}: connected, torque off, NOT calibrated: call calibrate() "
-                          f"(or run `python so100.py --port {port} {'--leader ' * (not self.holds_pose)}calibrate`)")
+                          f"(or run `{calibrate_command(self.port, not self.holds_pose)}`)")
                 return self
             self._apply_calibration()
             if self.holds_pose:
@@ -224,7 +229,7 @@ class SO100Follower:
         self.disconnect()
 
     def __str__(self):
-        return f"SO100Follower({self.port})"
+        return f"{type(self).__name__}({self.port})"  # SO100Follower(/dev/ttyACM0), or SO100Leader(…)
 
     # -- state and actions ------------------------------------------------------------------------------------
 
@@ -358,8 +363,9 @@ class SO100Follower:
                 return
             seen = (self.read_raw() + present["Homing_Offset"] - wanted["Homing_Offset"]) % (MAX_TICK + 1)  # encoder
             if bad := [f"{n} {t}" for n, t, a, b in zip(MOTOR_NAMES, seen, *_limits(calibration)) if not a-200 <= t <= b+200]:
+                this_arm = calibrate_command(self.port, not self.holds_pose, self.calibration_dir / "NAME.json")  # its own
                 raise ValueError(f"{self}: the servos read {', '.join(bad)} through this calibration, outside its ranges: made "
-                                 f"on another arm? Not written. Calibrate: python so100.py --port {self.port} --id NAME calibrate")
+                                 f"on another arm? Not written. Calibrate this one under its own name: {this_arm}")
             self._say(f"{self}: the servos hold another calibration than the file; writing the file's")
         self._write_eeprom(wanted)
 
@@ -425,9 +431,6 @@ class SO100Leader(SO100Follower):
     def send_action(self, action):
         raise RuntimeError(f"{self} is moved by hand: send actions to the follower")
 
-    def __str__(self):
-        return f"SO100Leader({self.port})"
-
 
 def setup_motors(port, prompt=input):
     """Give new servos their ids (all answer as id 1): one servo connected at a time, the gripper first as the
@@ -454,8 +457,7 @@ def default_calibration(calibration, arm_id, virtual=None, directory=CALIBRATION
 def main(argv=None):
     parser = argparse.ArgumentParser(description="SO-100/SO-101 follower arm over the Feetech bus.")
     parser.add_argument("--port", required=True, help="serial port (/dev/ttyACM0) or 'sim' for the virtual arm")
-    parser.add_argument("--leader", action="store_true", help=f"the leader arm (torque off; calibration in "
-                        f"{LEADER_CALIBRATION_DIR})")
+    parser.add_argument("--leader", action="store_true", help=f"the leader arm (torque off; calibration in {LEADER_CALIBRATION_DIR})")
     parser.add_argument("--id", default="my_so100", help="arm name: the calibration file is <id>.json (%(default)s)")
     parser.add_argument("--calibration", help=f"calibration JSON (default: {CALIBRATION_DIR}/<id>.json)")
     parser.add_argument("--norm-mode", default="degrees", choices=NORM_MODES,
@@ -486,16 +488,14 @@ def main(argv=None):
             scan(port) if args.command == "scan" else setup_motors(port, virtual.setup_hand() if virtual else input)
             return
         # calibrate makes the calibration (and saves it where read and move will look for it)
-        calibrating = args.command == "calibrate"
-        calibration = None if calibrating else default_calibration(args.calibration, args.id, virtual,
-                                                                   arm_class.calibration_dir)
+        calibrating, directory = args.command == "calibrate", arm_class.calibration_dir
+        calibration = None if calibrating else default_calibration(args.calibration, args.id, virtual, directory)
         with arm_class(port, calibration, norm_mode=args.norm_mode) as arm:
             if calibrating:
                 # On the virtual arm a scripted "hand" moves the joints, and the result stays in its servos (or goes
                 # to --calibration), never into a real arm's <id>.json; on a real one, you move them.
                 prompt, wait = virtual.calibration_hand() if virtual is not None else (input, None)
-                save_to = args.calibration if virtual else default_calibration(args.calibration, args.id,
-                                                                               directory=arm_class.calibration_dir)
+                save_to = args.calibration if virtual else default_calibration(args.calibration, args.id, None, directory)
                 arm.calibrate(prompt=prompt, wait=wait, save_to=save_to)
                 print(json.dumps(arm.calibration, indent=4))
             elif args.command == "read":

@@ -7,11 +7,13 @@ every kind of injected fault.
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
 import time
 import tty
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ from plumbing import open_arm
 import so100
 from feetech import CONTROL_TABLE, FeetechBus, decode_sign_magnitude, encode_sign_magnitude, parse_status
 from so100 import (
-    FeetechError, MOTOR_IDS, MOTOR_NAMES, SO100Follower, load_calibration,
+    FeetechError, MOTOR_IDS, MOTOR_NAMES, SO100Follower, SO100Leader, load_calibration,
     ticks_to_units as normalize, units_to_ticks as unnormalize,
 )
 from virtual_arm import TRUE_CALIBRATION, VirtualArm
@@ -300,6 +302,22 @@ def test_loads_a_lerobot_calibration_file(tmp_path):
     wrong_id["gripper"]["id"] = 7
     with pytest.raises(ValueError, match="gripper has id 7"):
         load_calibration(wrong_id)
+
+
+def test_a_missing_calibration_files_hint_calibrates_that_very_file(monkeypatch, tmp_path):
+    """The command in the error for a missing calibration file, run as given, calibrates the right arm (follower or
+    leader) into that file: an <id>.json in lerobot's directories (--id, --leader), or any other path."""
+    made = []
+    monkeypatch.setattr(SO100Follower, "connect", lambda arm: arm)  # (no arm on PORT: only where the file goes)
+    monkeypatch.setattr(SO100Follower, "calibrate", lambda arm, prompt, wait, save_to: made.append((type(arm), save_to)))
+    for arm_class, missing in ((SO100Follower, so100.CALIBRATION_DIR / "no_such_arm.json"),
+                               (SO100Leader, so100.LEADER_CALIBRATION_DIR / "no_such_arm.json"),
+                               (SO100Follower, tmp_path / "my arms" / "red.json")):
+        with pytest.raises(FileNotFoundError, match="run `python so100.py --port PORT ") as error:
+            arm_class("PORT", missing)
+        so100.main(shlex.split(str(error.value).split("`")[1])[2:])  # (after `python so100.py`)
+        assert [(made_by, Path(path)) for made_by, path in made] == [(arm_class, missing)]
+        made.clear()
 
 
 # -- the arm -----------------------------------------------------------------------------------------------------
