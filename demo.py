@@ -156,9 +156,7 @@ class ReachScene:
         """The scripted demonstrator: step all joints along a straight line (in joint space) toward the
         inverse-kinematics solution, at most expert_speed_deg per step; the wrist and gripper hold still."""
         joints = np.asarray(joints_deg, dtype=np.float64)
-        goal = joints.copy()
-        goal[:3] = inverse_kinematics(self.target)
-        delta = goal - joints
+        delta = np.concatenate([inverse_kinematics(self.target), joints[3:]]) - joints  # to the IK goal
         # Scale the whole move (not each joint) so that the joints arrive together.
         largest = np.abs(delta).max()
         if largest > self.expert_speed_deg:
@@ -171,8 +169,7 @@ class ReachScene:
         Drawn at 4x the resolution and averaged down, so that sub-pixel motions change the pixels smoothly.
         `target` (one (x, y) or several) overrides the scene's targets (the shuffled-image evaluation).
         """
-        scale = 4
-        width, height = self.width * scale, self.height * scale
+        width, height = self.width * 4, self.height * 4
         image = Image.new("RGB", (width, height), (196, 186, 164))
         draw = ImageDraw.Draw(image)
 
@@ -200,8 +197,7 @@ class ReachScene:
         return np.array(image, dtype=np.uint8)
 
     def cameras(self, keys, pose_fn):
-        """{key: camera} filming this table with the arm at `pose_fn()`, each named by its key's last part
-        ("observation.images.top": "top"): ToyWorld's, and the virtual arm's (virtual_arm.toy_world_cameras)."""
+        """{key: SyntheticCamera named by the key's last part} filming this table with the arm at pose_fn()."""
         return {key: SyntheticCamera(self, pose_fn, name=key.split(".")[-1]) for key in keys}
 
 
