@@ -141,12 +141,12 @@ def present_cameras(config, observation: dict) -> list[str]:
 
 
 @torch.no_grad()
-def predict_chunk(model, observation: dict, noise: torch.Tensor | None = None, **rtc) -> torch.Tensor:
+def predict_chunk(model, observation: dict, noise: torch.Tensor | None = None, **rtc_options) -> torch.Tensor:
     """One action chunk for one raw observation, in robot units: (1, chunk_size, action_dim).
 
     observation: {"observation.state": (state_dim,) robot units, "observation.images.<cam>": (3, H, W)
     uint8 pixels or float in [0, 1] for the policy's cameras (config.camera_keys), "task": str}.
-    noise: optional (1, chunk_size, max_action_dim) starting noise (for reproducible chunks). rtc: Real-Time
+    noise: optional (1, chunk_size, max_action_dim) starting noise (for reproducible chunks). rtc_options: Real-Time
     Chunking's keywords of SmolVLA.sample_actions (leftover in normalized units, inference_delay, ...).
     """
     model.eval()
@@ -165,7 +165,7 @@ def predict_chunk(model, observation: dict, noise: torch.Tensor | None = None, *
     img_masks = [torch.ones(1, dtype=torch.bool, device=device) for _ in images]
     tokens, token_masks = tokenize(model, [observation["task"]])
     state = normalize(model, STATE, "STATE", state[None])  # (1, state_dim)
-    actions = model.sample_actions(images, img_masks, tokens, token_masks, state, noise=noise, **rtc)
+    actions = model.sample_actions(images, img_masks, tokens, token_masks, state, noise=noise, **rtc_options)
     return unnormalize(model, ACTION, "ACTION", actions[:, :, : config.action_dim])
 
 

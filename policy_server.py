@@ -197,7 +197,7 @@ class PolicyRunner:
                                        "jacobian") if k in rtc}
         if mode == "trained":  # no guidance; the prefix no longer than the model saw in training
             options.update(jacobian=False, inference_delay=min(int(options.get("inference_delay", 0)), max_delay))
-        return {**options, "rtc": mode, "leftover": np.asarray(leftover, np.float32)[None]}  # (1, T_prev, A)
+        return {**options, "rtc_mode": mode, "leftover": np.asarray(leftover, np.float32)[None]}  # (1, T_prev, A)
 
 
 # ----------------------------------------------------------------------------------------------------------

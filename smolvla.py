@@ -421,15 +421,15 @@ class SmolVLA(nn.Module):
     @torch.no_grad()
     def sample_actions(self, images, img_masks, lang_tokens, lang_masks, state, noise=None, leftover=None,
                        inference_delay=0, execution_horizon=10, schedule="linear", max_guidance_weight=10.0,
-                       jacobian=True, rtc="guided") -> torch.Tensor:
+                       jacobian=True, rtc_mode="guided") -> torch.Tensor:
         """A chunk by `num_steps` Euler steps of the flow, from noise: (B, chunk, max_action_dim), normalized.
         The VLM runs once (encode_observation); each step runs only the expert.
 
         Real-Time Chunking (flow.py) when `leftover` is given: the previous chunk's actions for this chunk's
-        timesteps, (B, T_prev, A_prev) normalized (zero-padded to the chunk). rtc="guided": every velocity
+        timesteps, (B, T_prev, A_prev) normalized (zero-padded to the chunk). rtc_mode="guided": every velocity
         is guided toward it (first inference_delay steps frozen, a `schedule` ramp to 0 at
         execution_horizon, weight capped at max_guidance_weight; jacobian: the paper's vector-Jacobian
-        product, else the reference's identity). rtc="trained" (a policy trained with --rtc-max-delay): the
+        product, else the reference's identity). rtc_mode="trained" (a policy trained with --rtc-max-delay): the
         first inference_delay tokens hold the leftover at flow time 0. leftover=None: no RTC.
         """
         shape = (state.shape[0], self.config.chunk_size, self.config.max_action_dim)
@@ -441,10 +441,10 @@ class SmolVLA(nn.Module):
         if leftover is None:
             return euler_sample(velocity, noise.float(), steps)
         leftover = torch.as_tensor(leftover, device=state.device)
-        if rtc == "trained":
+        if rtc_mode == "trained":
             return prefix_sample(velocity, noise.float(), steps, leftover, inference_delay)
-        if rtc != "guided":
-            raise ValueError(f"rtc must be 'guided' or 'trained', got {rtc!r}")
+        if rtc_mode != "guided":
+            raise ValueError(f"rtc_mode must be 'guided' or 'trained', got {rtc_mode!r}")
         # causal: an action token's velocity depends only on the tokens up to it (the block mask)
         return guided_sample(velocity, noise.float(), steps, leftover, inference_delay, execution_horizon,
                              schedule, max_guidance_weight, jacobian, causal=True)
@@ -468,10 +468,10 @@ class SmolVLA(nn.Module):
         return policy.unnormalize(self, feature, feature_type, x)
 
     @torch.no_grad()
-    def predict_chunk(self, observation: dict, noise: torch.Tensor | None = None, **rtc) -> torch.Tensor:
-        """One action chunk for one raw observation, in robot units: (1, chunk_size, action_dim). rtc: the
-        Real-Time Chunking keywords of sample_actions (leftover in normalized units, inference_delay, ...)."""
-        return policy.predict_chunk(self, observation, noise, **rtc)
+    def predict_chunk(self, observation: dict, noise: torch.Tensor | None = None, **rtc_options) -> torch.Tensor:
+        """One action chunk for one raw observation, in robot units: (1, chunk_size, action_dim). rtc_options:
+        the Real-Time Chunking keywords of sample_actions (leftover in normalized units, inference_delay, ...)."""
+        return policy.predict_chunk(self, observation, noise, **rtc_options)
 
     def training_loss(self, batch: dict, noise=None, time=None) -> torch.Tensor:
         """Scalar loss on a collated batch of dataset samples in robot units (data.py)."""

@@ -156,11 +156,11 @@ def test_guided_sampling_matches_a_written_out_loop_on_variants(variant):
 def test_trained_rtc_sampling_holds_the_prefix_and_is_plain_sampling_without_one(tiny, io):
     leftover = torch.randn(2, 40, 6, generator=torch.Generator().manual_seed(2))
     chunk = tiny.sample_actions(*tiny_inputs(io), noise=io["sample_noise"], leftover=leftover, inference_delay=5,
-                                rtc="trained")
+                                rtc_mode="trained")
     assert torch.equal(chunk[:, :5, :6], leftover[:, :5]) and torch.equal(chunk[:, :5, 6:], torch.zeros(2, 5, 2))
     assert (chunk[:, 5:] - io["expected_sampled"][:, 5:]).abs().max() > 1e-3  # the rest saw the prefix
     none = tiny.sample_actions(*tiny_inputs(io), noise=io["sample_noise"], leftover=leftover, inference_delay=0,
-                               rtc="trained")
+                               rtc_mode="trained")
     torch.testing.assert_close(none, io["expected_sampled"], atol=TOL, rtol=0)
 
 

@@ -125,11 +125,11 @@ def test_leftover_travels_as_safetensors_to_the_policy_and_back_normalized():
         np.testing.assert_allclose(answer["actions"], 1 + np.arange(8, dtype=np.float32)[:, None].repeat(3, 1))
         np.testing.assert_allclose(answer["normalized"], answer["actions"] / 2)
         call = policy.calls[-1]
-        assert call["rtc"] == "guided" and call["inference_delay"] == 2 and call["jacobian"] is False
+        assert call["rtc_mode"] == "guided" and call["inference_delay"] == 2 and call["jacobian"] is False
         np.testing.assert_array_equal(call["leftover"], leftover[None])
         # trained: no guidance, and the delay capped at what the policy was trained with (rtc_max_delay 3)
         client({**observation(1.0), "rtc": {"mode": "trained", "inference_delay": 6}, "rtc_leftover": leftover})
-        assert policy.calls[-1]["rtc"] == "trained" and policy.calls[-1]["inference_delay"] == 3
+        assert policy.calls[-1]["rtc_mode"] == "trained" and policy.calls[-1]["inference_delay"] == 3
         # without RTC the answer is the chunk alone, and no RTC keyword reaches the policy
         assert list(client(observation(1.0))) == ["actions"] and policy.calls[-1] == {}
         policy.trained_on = {}
@@ -218,8 +218,8 @@ def test_rtc_lab_runs_every_mode_and_delay_on_a_simulated_clock():
     assert all(0 <= r["success_rate"] <= 1 and r["switch_jump_mean"] > 0 for r in rows)
     # the requests of the RTC modes carry the simulated delay once a latency has been seen
     delays = {c["inference_delay"] for c in policy.calls if "inference_delay" in c}
-    assert delays == {0, 4} and {c["rtc"] for c in policy.calls if "rtc" in c} == {"guided", "trained"}
-    assert {c["jacobian"] for c in policy.calls if c.get("rtc") == "guided"} == {False, True}
+    assert delays == {0, 4} and {c["rtc_mode"] for c in policy.calls if "rtc_mode" in c} == {"guided", "trained"}
+    assert {c["jacobian"] for c in policy.calls if c.get("rtc_mode") == "guided"} == {False, True}
     assert "trained" not in {r["mode"] for r in demo.rtc_lab(ExpertPolicy(trained=False), ia, 1, 5, 0)}
 
 
