@@ -438,7 +438,7 @@ def check_arguments(args):
 
 
 def open_policy(args):
-    """-> (callable observation -> actions, {"chunk_size", "cameras", "trained_on"}): in-process, or a
+    """-> (callable observation -> {"actions", ...}, {"chunk_size", "cameras", "trained_on"}): in-process, or a
     policy server."""
     if args.server:
         if args.policy and len(args.policy) > 1:
