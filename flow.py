@@ -142,7 +142,7 @@ def time_embedding(time: torch.Tensor, dim: int, min_period: float, max_period: 
 RTC_SCHEDULES = ("zeros", "ones", "linear", "exp")
 
 
-def prefix_weights(inference_delay: int, execution_horizon: int, chunk_size: int, schedule: str = "linear"):
+def prefix_weights(inference_delay: int, execution_horizon: int, chunk_size: int, schedule: str):
     """W: how strongly each of the chunk's steps is pulled toward the leftover, (chunk_size,) float32.
 
     zeros: 1 for i < d, then 0 (only the hard prefix); ones: 1 for i < H, then 0; linear: 1 for i < d, a
@@ -190,7 +190,7 @@ def pad_leftover(leftover: torch.Tensor, shape) -> torch.Tensor:
 
 
 def guided_velocity(velocity, x: torch.Tensor, t: float, target: torch.Tensor, weights: torch.Tensor,
-                    max_guidance_weight: float, jacobian: bool = True, causal: bool = False) -> torch.Tensor:
+                    max_guidance_weight: float, jacobian: bool, causal: bool = False) -> torch.Tensor:
     """One RTC-guided velocity at SmolVLA flow time t: v_t − w·correction, (B, T, A).
 
     x, target (the padded leftover Y): (B, T, A); weights W: (T,). In SmolVLA's time the clean estimate is
@@ -223,9 +223,10 @@ def guided_velocity(velocity, x: torch.Tensor, t: float, target: torch.Tensor, w
 
 
 def guided_sample(velocity, noise: torch.Tensor, num_steps: int, leftover: torch.Tensor, inference_delay: int,
-                  execution_horizon: int, schedule: str = "linear", max_guidance_weight: float = 10.0,
-                  jacobian: bool = True, causal: bool = False) -> torch.Tensor:
-    """euler_sample with every velocity guided toward the leftover (B, T_prev, A_prev): (B, T, A) chunk."""
+                  execution_horizon: int, schedule: str, max_guidance_weight: float, jacobian: bool,
+                  causal: bool = False) -> torch.Tensor:
+    """euler_sample with every velocity guided toward the leftover (B, T_prev, A_prev): (B, T, A) chunk.
+    (The options' defaults have one home: SmolVLA.sample_actions.)"""
     if max_guidance_weight <= 0:
         raise ValueError(f"the maximum guidance weight must be positive, got {max_guidance_weight}")
     target = pad_leftover(leftover, noise.shape).to(noise.device)  # Y (B, T, A)

@@ -146,7 +146,7 @@ def test_guided_sampling_matches_a_written_out_loop_on_variants(variant):
     assert torch.isfinite(with_jacobian).all() and distance(with_jacobian) < 0.5 * distance(unguided)
     with torch.no_grad():
         whole = guided_sample(lambda x, t: model.velocity(ctx, x, t), noise, model.config.num_steps, leftover, d,
-                              horizon, max_guidance_weight=beta, jacobian=True, causal=False)
+                              horizon, "linear", max_guidance_weight=beta, jacobian=True, causal=False)
     torch.testing.assert_close(with_jacobian, whole, atol=TOL, rtol=0)
 
 
