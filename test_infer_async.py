@@ -421,11 +421,13 @@ def test_killed_server_then_restarted(server):
     address = server.server_address
     state = {"server": server}
 
-    def on_tick(tick):
-        if tick == 40:
+    def on_tick(tick):  # (called from the loop's sleep, which a late tick skips: hence >=, once each)
+        if tick >= 40 and "killed" not in state:
             state["server"].close_all()          # killed mid-run
-        if tick == 100:
+            state["killed"] = True
+        if tick >= 100 and "restarted" not in state:
             state["server"] = start_server({"affine": ps.PolicyRunner(AffinePolicy())}, port=address[1])
+            state["restarted"] = True
 
     metrics, seconds = run_remote_loop(address, ticks=160, on_tick=on_tick)
     state["server"].close_all()
