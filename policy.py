@@ -146,8 +146,8 @@ def predict_chunk(model, observation: dict, noise: torch.Tensor | None = None, *
 
     observation: {"observation.state": (state_dim,) robot units, "observation.images.<cam>": (3, H, W)
     uint8 pixels or float in [0, 1] for the policy's cameras (config.camera_keys), "task": str}.
-    noise: optional (1, chunk_size, max_action_dim) starting noise (for reproducible chunks). rtc_options: Real-Time
-    Chunking's keywords of SmolVLA.sample_actions (leftover in normalized units, inference_delay, ...).
+    noise: optional (1, chunk_size, max_action_dim) starting noise (for reproducible chunks). rtc_options:
+    Real-Time Chunking's keywords of SmolVLA.sample_actions (leftover in normalized units, inference_delay, ...).
     """
     model.eval()
     config, device = model.config, model.state_proj.weight.device
@@ -161,7 +161,7 @@ def predict_chunk(model, observation: dict, noise: torch.Tensor | None = None, *
         img = torch.as_tensor(observation[key], device=device)
         if img.ndim != 3:
             raise ValueError(f"'{key}' must be one frame (3, H, W), uint8 or float in [0, 1], got {tuple(img.shape)}")
-        images.append(img[None] if img.dtype == torch.uint8 else img[None].float())  # uint8: to [0, 1] in prepare_images
+        images.append(img[None] if img.dtype == torch.uint8 else img[None].float())  # uint8: prepare_images / 255
     img_masks = [torch.ones(1, dtype=torch.bool, device=device) for _ in images]
     tokens, token_masks = tokenize(model, [observation["task"]])
     state = normalize(model, STATE, "STATE", state[None])  # (1, state_dim)
