@@ -403,6 +403,7 @@ def measure(args) -> dict:
           f"{torch.get_num_threads()} threads; FLOPs per chunk and observation: "
           + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in flops.items()), flush=True)
 
+    speed.PATHS.clear()  # the paths this measurement's model takes (a --table run measures three)
     result["load_before"] = os.getloadavg()[0]
     if args.lerobot:
         run = lerobot_run(inputs, cameras, dtype, args.train)
@@ -415,6 +416,8 @@ def measure(args) -> dict:
     else:
         model.to(dtype)
         speed.prepare(model, pack=pack, compile=args.compile)
+        if dtype == torch.bfloat16 and speed.bf16_emulated():
+            result["bf16_emulated"] = True  # (still measured: the warning above says what to use instead)
         run = lambda: sample_chunk(model, inputs)  # noqa: E731
     wall, cpu = timed(run, args.repeats, args.warmup)
     key = "train_step_s" if args.train else "chunk_s"
@@ -435,6 +438,7 @@ def measure(args) -> dict:
         result["peak_gflops"] = speed.matmul_peak([(tokens, d, mlp), (tokens, mlp, d)], dtype)
         result["peak_fraction"] = result["gflops"] / result["peak_gflops"]
         result["choices"] = {" ".join(map(str, k)): v for k, v in speed.CHOICES.items()}
+        result["paths"] = dict(speed.PATHS)  # which path each part took, and why
     result.update(wall_s=wall, cpu_s=cpu, load_after=os.getloadavg()[0], machine=speed.machine())
     summary = f"{key} {result[key]:.3f} s (median of {args.repeats}; all {', '.join(f'{t:.3f}' for t in wall)}), "
     summary += f"{result['gflops']:.0f} GFLOP/s, load average {result['load_after']:.1f}"
@@ -457,9 +461,14 @@ def print_table(results: list):
         row = f"{row:26}{r[key]:7.2f}s" + (f"{ref[key]:8.2f}s{r[key] / ref[key]:6.2f}x" if key in ref else f"{'-':>9}{'-':>7}")
         cpu = f"{statistics.median(r['cpu_s']) / statistics.median(ref['cpu_s']):11.2f}x" if "cpu_s" in ref else f"{'-':>12}"
         print(row + cpu + f"{r['gflops']:8.0f}" + (f"{r['peak_gflops']:6.0f}{r['peak_fraction']:8.0%}" if "peak_gflops" in r else ""))
-    print(f"machine: {m['cpu']}, {m['threads']} threads, AMX {'yes' if m['amx'] else 'no'}, AVX-512 BF16 "
-          f"{'yes' if m['avx512_bf16'] else 'no'}; load average {results[0]['load_before']:.1f} -> "
+    print(f"machine: {m['cpu']}, {m['threads']} threads, {m['architecture']} {m['capability']}, AMX "
+          f"{'yes' if m['amx'] else 'no'}, AVX-512 BF16 {'yes' if m['avx512_bf16'] else 'no'}, oneDNN bf16 "
+          f"{'yes' if m['onednn_bf16'] else 'no'}; load average {results[0]['load_before']:.1f} -> "
           f"{results[-1]['load_after']:.1f}")
+    for r in results:
+        row = f"{r['mode']} {r['dtype']}"
+        for what, path in r.get("paths", {}).items():
+            print(f"path ({row}) {what}: {path}")
     for what, c in results[-1].get("choices", {}).items():
         print(f"chose {what}: {c['choice']} (" + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in c.items() if k != "choice") + ")")
 

@@ -272,6 +272,14 @@ class FeetechError(RuntimeError):
         self.partial = partial or {}
 
 
+def serial_ports() -> str:
+    """The serial ports pyserial finds on this system (any OS), for an error message."""
+    from serial.tools import list_ports
+
+    names = sorted(port.device for port in list_ports.comports())
+    return ", ".join(names) if names else "none"
+
+
 class FeetechBus:
     """One serial port with Feetech servos on it (protocol 0, the STS/SMS series).
 
@@ -291,8 +299,9 @@ class FeetechBus:
             self._serial = serial.Serial(port, baudrate=baudrate, timeout=timeout, write_timeout=1.0)
         except serial.SerialException as e:
             raise FileNotFoundError(
-                f"cannot open serial port {port!r} ({e}); check the USB cable, the port name "
-                "(ls /dev/ttyACM* /dev/ttyUSB*) and that you may use it (group dialout)"
+                f"cannot open serial port {port!r} ({e}); serial ports found: {serial_ports()}; check the USB "
+                "cable, the port name (Linux /dev/ttyACM0, macOS /dev/tty.usbmodem…, Windows COM3) and that you "
+                "may use it (Linux: group dialout)"
             ) from e
         # FTDI adapters buffer replies for 16 ms unless asked for low latency; other drivers don't support it.
         try:

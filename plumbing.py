@@ -174,6 +174,10 @@ def encode_video(path, videos, fps, codec):
     os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its settings for every stream it opens: errors only
     os.makedirs(os.path.dirname(path), exist_ok=True)
     encoder = CODECS[codec][0]
+    if encoder not in av.codecs_available:  # PyAV's wheels differ by platform: say which encoders there are
+        others = [name for name, (other, _) in CODECS.items() if other in av.codecs_available]
+        raise ValueError(f"this PyAV build has no {encoder} encoder (for {codec}); codecs that encode here: "
+                         f"{', '.join(others) or 'none'} (--codec)")
     options = {"crf": "30", "g": "2", "preset": "10"} if encoder == "libsvtav1" else {"crf": "23", "g": "2", "preset": "veryfast"}
     with av.open(path, "w", format="mp4") as container:  # (format: `path` may be a temporary name)
         stream = container.add_stream(encoder, rate=fps, options=options)

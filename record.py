@@ -20,9 +20,7 @@ import select
 import shutil
 import signal
 import sys
-import termios
 import time
-import tty
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,6 +36,12 @@ from policy import ACTION, IMAGE_PREFIX, STATE, settle_run_options
 from policy_server import add_policy_arguments, open_policy
 from so100 import STATE_NAMES, FeetechError
 from virtual_arm import ScriptedHand
+
+try:  # keys without ENTER while recording: a POSIX terminal's cbreak mode (on Windows, ENTER-free keys are off)
+    import termios
+    import tty
+except ImportError:
+    termios = tty = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -258,7 +262,7 @@ def control_loop(follower, act, cameras, fps, seconds, label):
         follower.send_action(goal)
         kept[STATE].append(state)
         kept[ACTION].append(goal)
-        if sys.stdin.isatty() and select.select([sys.stdin], [], [], 0)[0]:  # a key (cbreak mode: no ENTER)
+        if keys_without_enter() and select.select([sys.stdin], [], [], 0)[0]:  # a key (cbreak mode: no ENTER)
             pressed = os.read(sys.stdin.fileno(), 8).decode(errors="ignore")  # an arrow is 3 bytes: ESC [ C
             key = KEYS.get(pressed, KEYS.get(pressed[:1]))
         if sys.stdout.isatty():  # the status line: a bar, seconds left, late ticks, the keys
@@ -304,12 +308,17 @@ class PolicyDriver:
         self.worker and self.worker.close(self.args.timeout + 1)
 
 
+def keys_without_enter():
+    """Whether keys are read as they are pressed: a terminal on stdin, and a system with cbreak mode."""
+    return termios is not None and sys.stdin.isatty()
+
+
 def verdict(key, reached):
     """An evaluation episode's verdict: y (success) or n/→ (failure) pressed while it ran, else asked now on
     the terminal (the arm holds still); without one, the toy world's `reached`, else None (unknown)."""
     if key in ("success", "next"):
         return key == "success"
-    if key is None and sys.stdin.isatty():
+    if key is None and keys_without_enter():
         print("\nsuccess? y/n ", end="", flush=True)
         while (answer := os.read(sys.stdin.fileno(), 8).decode(errors="ignore")[:1].lower()) not in ("y", "n", ""):
             pass
@@ -434,7 +443,7 @@ def main(argv=None):
     recording, args.norm_mode = check_arguments(args), None
     if recording and (args.policy or args.server):  # an evaluation: infer_async.py's defaults for the rest
         args = argparse.Namespace(**vars(async_parser().parse_args([])) | vars(args))
-    terminal = termios.tcgetattr(sys.stdin) if sys.stdin.isatty() else None
+    terminal = termios.tcgetattr(sys.stdin) if keys_without_enter() else None
     with contextlib.ExitStack() as cleanup:  # unwound in reverse: the arms' torque off, then the virtual arms
         if terminal is not None:
             tty.setcbreak(sys.stdin)  # keys without ENTER, until the end

@@ -152,6 +152,15 @@ def _check_norm_mode(norm_mode):
 
 def _enter_pressed(seconds):
     """Wait up to `seconds` for the user to press ENTER (without blocking longer)."""
+    if sys.platform == "win32":  # select() waits on sockets only there: poll the console instead
+        import msvcrt
+
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if msvcrt.kbhit() and msvcrt.getwch() in "\r\n":
+                return True
+            time.sleep(0.02)
+        return False
     ready, _, _ = select.select([sys.stdin], [], [], seconds)
     if ready:
         sys.stdin.readline()

@@ -28,6 +28,8 @@ bench.py measures the result (seconds per chunk and per training step, GFLOP/s a
 FLOP count `chunk_flops`, and the fraction of this machine's matmul peak `matmul_peak`, measured in the run).
 """
 
+import platform
+import sys
 import time
 import types
 
@@ -53,6 +55,12 @@ def prepare(model: nn.Module, training: bool = False, pack: bool | None = None, 
     # cores, quiet machine (load 0.2-1.7), interleaved: 6.50 and 6.23 s packed against 6.98 and 7.58 s plain;
     # under heavy contention (load 5-6) the order had come out the other way: 40.7 s against 34.1 s median)
     pack = not (training and autocast) if pack is None else pack
+    # bf16 where the CPU has no bf16 kernels runs emulated, slower than float32: say so once
+    weight = next(model.parameters())
+    if autocast:
+        warn_if_bf16_emulated(torch.bfloat16, "--bf16", weight.device.type)
+    else:
+        warn_if_bf16_emulated(weight.dtype, "--dtype bfloat16", weight.device.type)
     # the parts that get no gradient (in training: the frozen VLM)
     frozen = [part for part in model.children() if not any(p.requires_grad for p in part.parameters())]
     if training and autocast:
@@ -69,13 +77,23 @@ def prepare(model: nn.Module, training: bool = False, pack: bool | None = None, 
             lambda self, x, mask, rope: untracked_prefix_keys_values(model, x, mask, rope), text
         )
     if compile:
+        reason = compile_unsupported()
+        if reason is not None:
+            # the plain path instead, said once and reported by bench.py
+            PATHS["torch.compile"] = f"not compiled: {reason}"
+            print(f"warning: --compile: {reason}; running uncompiled", file=sys.stderr)
+            compile = False
+    if compile:
         torch._inductor.config.freezing = True  # weights as constants: pre-packed for oneDNN, folded
         model.vision.compile()
         model.expert.compile()
+        PATHS["torch.compile"] = "compiled (vision tower, expert)"
     elif pack:
         # in training only the frozen parts: a trained weight's packed copy would go stale
         for part in frozen if training else [model]:
             pack_linear_layers(part)
+    else:
+        PATHS["linear layers"] = "plain: not packed (asked so, or training under bf16 autocast)"
     return model
 
 
@@ -93,6 +111,79 @@ def untracked_prefix_keys_values(model: nn.Module, x: torch.Tensor, mask: torch.
     with torch.no_grad():
         past = TextModel.keys_values(model.text, x[:, :u], mask[:, :u, :u], tuple(r[:, :u] for r in rope))
     return TextModel.keys_values(model.text, x[:, u:], mask[:, u:], tuple(r[:, u:] for r in rope), past)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What this CPU and this torch build can do, asked of torch itself, never guessed from the CPU's name. A
+# step that cannot run takes the plain path, and PATHS remembers which path each part took and why, for
+# bench.py to report. A classroom brings every kind of CPU: x86 with AMX or AVX-512 BF16, x86 with AVX2
+# only (no bf16 instructions: oneDNN refuses to pack bf16 weights there), ARM laptops and boards (oneDNN
+# with other kernels, or none).
+
+PATHS = {}  # what (e.g. "linear layers, bfloat16") -> the path it took and why
+PACKING_TRIALS = {}  # dtype -> None (the packed kernel ran) or why it did not
+
+
+def packing_unsupported(dtype: torch.dtype) -> str | None:
+    """Why oneDNN's packed linear kernel cannot run in dtype on this CPU and torch build, or None if it can.
+
+    torch's own checks first (oneDNN built in; bf16 and fp16 kernels for this CPU), then one tiny product
+    packed and run, once per process: a build whose kernel is missing anyway (seen on ARM) says so there."""
+    if not torch.backends.mkldnn.is_available():
+        return "oneDNN is not in this torch build"
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "bf16 packing unsupported on this CPU"
+    if dtype == torch.float16 and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        return "fp16 packing unsupported on this CPU"
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"no packed kernel for {dtype}"
+    if dtype not in PACKING_TRIALS:
+        PACKING_TRIALS[dtype] = packing_trial(dtype)
+    return PACKING_TRIALS[dtype]
+
+
+def packing_trial(dtype: torch.dtype) -> str | None:
+    """Pack a (16, 8) weight and run it on a (4, 8) input: None if the result is F.linear's, else why not."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, generator=g).to(dtype)
+    weight = torch.randn(16, 8, generator=g).to(dtype)
+    bias = torch.zeros(16, dtype=dtype)
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    except RuntimeError as error:
+        return f"packed kernel failed on this CPU ({str(error).splitlines()[0]})"
+    if not torch.allclose(y.float(), F.linear(x, weight, bias).float(), atol=1e-2, rtol=1e-2):
+        return "packed kernel gave other numbers than F.linear on this CPU"
+    return None
+
+
+def bf16_emulated() -> bool:
+    """Whether bfloat16 products on this CPU run without bf16 kernels (converted to and from float32 around
+    float32 arithmetic: measured 20 GFLOP/s against float32's 160 on 2 cores of an AVX2-only AMD EPYC)."""
+    return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def warn_if_bf16_emulated(dtype: torch.dtype, option: str, device: str = "cpu") -> bool:
+    """One warning line where a user asked for bf16 on a CPU that can only emulate it; True if it warned."""
+    if dtype != torch.bfloat16 or device != "cpu" or not bf16_emulated():
+        return False
+    capability = torch.backends.cpu.get_cpu_capability()
+    print(f"warning: {option}: this CPU has no bfloat16 kernels (torch reports {capability}), so bf16 runs "
+          "emulated and slower than float32; use float32 here (--dtype float32, or train without --bf16)",
+          file=sys.stderr)
+    return True
+
+
+def compile_unsupported() -> str | None:
+    """Why torch.compile cannot run here, or None: on a CPU, inductor writes C++ and needs a compiler."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as error:  # (which one depends on the platform: a missing compiler, no inductor)
+        return f"torch.compile needs a C++ compiler for inductor on the CPU ({str(error).splitlines()[0]})"
+    return None
 
 
 class PackedLinear(nn.Module):
@@ -115,6 +206,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
+        assert packing_unsupported(linear.weight.dtype) is None, "pack only where the kernel runs"
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
         self.gelu_tanh = gelu_tanh
 
@@ -140,18 +232,28 @@ VISION_TOKENS = 1024  # one 512×512 frame's patches: the shape the vision MLP's
 
 
 def machine() -> dict:
-    """The CPU bench.py measured on: its model name, whether it has AMX tiles or AVX-512 BF16, torch's threads."""
-    info = {}
+    """The CPU bench.py measured on: its name (for the reader only: no choice is made from it), what torch
+    says it can do (the vector instructions torch's kernels use, AMX tiles, AVX-512 BF16, oneDNN's bf16),
+    and torch's threads."""
+    name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                info.setdefault(key.strip(), value.strip())  # the first processor's lines
+                if key.strip() == "model name":  # the first processor's name
+                    name = value.strip()
+                    break
     except OSError:
         pass
-    flags = info.get("flags", "").split()
-    return {"cpu": info.get("model name", "unknown CPU"), "amx": "amx_bf16" in flags,
-            "avx512_bf16": "avx512_bf16" in flags, "threads": torch.get_num_threads()}
+    return {
+        "cpu": name or "unknown CPU",
+        "architecture": platform.machine(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "amx": torch.cpu._is_amx_tile_supported(),
+        "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
+        "onednn_bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def fastest_seconds(candidates: dict, repeats: int = 5) -> dict:
@@ -175,12 +277,24 @@ def linear_candidates(tokens: int, fan_in: int, fan_out: int, dtype: torch.dtype
     packed kernel or as a "separate" pass."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, fan_in, generator=g).to(dtype)
-    w, b = (torch.randn(fan_out, fan_in, generator=g) / fan_in**0.5).to(dtype), torch.zeros(fan_out, dtype=dtype)
+    w = (torch.randn(fan_out, fan_in, generator=g) / fan_in**0.5).to(dtype)
+    b = torch.zeros(fan_out, dtype=dtype)
+    if packing_unsupported(dtype) is not None:
+        # only the plain kernel runs here (and with gelu there is nothing to choose: the GELU is a pass of its own)
+        assert not gelu, "the fused GELU needs the packed kernel"
+        return fastest_seconds({"plain": lambda: F.linear(x, w, b)})
     packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-    run = lambda post: torch.ops.mkldnn._linear_pointwise(x, packed, b, post, [], "tanh" if post == "gelu" else "")  # noqa: E731
+
+    def packed_product(post_op):
+        algorithm = "tanh" if post_op == "gelu" else ""
+        return torch.ops.mkldnn._linear_pointwise(x, packed, b, post_op, [], algorithm)
+
     if gelu:
-        return fastest_seconds({"fused": lambda: run("gelu"), "separate": lambda: F.gelu(run("none"), approximate="tanh")})
-    return fastest_seconds({"plain": lambda: F.linear(x, w, b), "packed": lambda: run("none")})
+        fused = lambda: packed_product("gelu")  # noqa: E731
+        separate = lambda: F.gelu(packed_product("none"), approximate="tanh")  # noqa: E731
+        return fastest_seconds({"fused": fused, "separate": separate})
+    plain = lambda: F.linear(x, w, b)  # noqa: E731
+    return fastest_seconds({"plain": plain, "packed": lambda: packed_product("none")})
 
 
 def matmul_peak(shapes: list, dtype: torch.dtype) -> float:
@@ -207,21 +321,32 @@ def fuse_gelu(tokens: int, fan_in: int, fan_out: int, dtype: torch.dtype) -> boo
 def pack_linear_layers(model: nn.Module) -> nn.Module:
     """speed (CPU inference): replace every nn.Linear of the model (or of a frozen part of it) by a
     PackedLinear, in place, once the weights and dtype are final (load, .to(torch.bfloat16) if wanted,
-    then pack); the vision MLP's GELU is fused into its first product. Costs a second copy of those
-    weights in memory. A no-op where oneDNN is unavailable or the model is not on the CPU."""
-    if not torch.backends.mkldnn.is_available():
-        return model
+    then pack); the vision MLP's GELU is fused into its first product where that measures faster. Costs a
+    second copy of those weights in memory. Layers off the CPU, or in a dtype whose packed kernel this CPU
+    cannot run (packing_unsupported), stay plain nn.Linear, and PATHS says why."""
     for mlp in [m for m in model.modules() if isinstance(m, VisionMLP)]:
         # the vision MLP's GELU moves into its packed first product (an identity takes its place) where
         # that measures faster on this machine, for one frame's tokens
         fc1 = mlp.fc1
-        if type(fc1) is nn.Linear and fc1.weight.device.type == "cpu" and fuse_gelu(
-                VISION_TOKENS, fc1.in_features, fc1.out_features, fc1.weight.dtype):
-            mlp.fc1, mlp.activation = PackedLinear(fc1, gelu_tanh=True), nn.Identity()
+        if type(fc1) is not nn.Linear or fc1.weight.device.type != "cpu":
+            continue
+        if packing_unsupported(fc1.weight.dtype) is not None:
+            continue
+        if fuse_gelu(VISION_TOKENS, fc1.in_features, fc1.out_features, fc1.weight.dtype):
+            mlp.fc1 = PackedLinear(fc1, gelu_tanh=True)
+            mlp.activation = nn.Identity()
     for parent in list(model.modules()):
         for name, child in parent.named_children():
-            if type(child) is nn.Linear and child.weight.device.type == "cpu":
-                setattr(parent, name, PackedLinear(child))
+            if type(child) is not nn.Linear or child.weight.device.type != "cpu":
+                continue
+            dtype = child.weight.dtype
+            what = f"linear layers, {str(dtype).removeprefix('torch.')}"
+            reason = packing_unsupported(dtype)
+            if reason is not None:
+                PATHS[what] = f"plain: {reason}"  # F.linear, as without packing
+                continue
+            PATHS[what] = "packed (oneDNN)"
+            setattr(parent, name, PackedLinear(child))
     return model
 
 

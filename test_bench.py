@@ -84,7 +84,9 @@ def test_bf16_sampled_actions_within_0_05_of_the_fp32_reference(io, packed):
     model = SmolVLA.from_pretrained(CKPT, vlm=VLM).to(torch.bfloat16)
     if packed:
         pack_linear_layers(model)
-        assert isinstance(model.expert.layers[0].mlp.up_proj, PackedLinear)
+        # packed where this CPU runs oneDNN's bf16 kernel; elsewhere (AVX2 only, some ARM) the plain path
+        runs_packed = speed.packing_unsupported(torch.bfloat16) is None
+        assert isinstance(model.expert.layers[0].mlp.up_proj, PackedLinear) == runs_packed
     assert model.expert.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     chunk = sample(model, io)
     assert chunk.dtype == torch.float32
@@ -251,3 +253,95 @@ def test_bf16_training_keeps_the_frozen_vlm_in_bf16_and_stays_near_the_fp32_refe
     losses.mean().backward()
     assert model.expert.layers[0].mlp.up_proj.weight.grad.dtype == torch.float32
     assert model.text.layers[0].mlp.up_proj.weight.grad is None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Every CPU a student brings: each capability check forced to "unsupported" (the other machines simulated
+# here), and the model still gives the reference's numbers through the plain path, with bench saying so.
+
+
+def refuse_to_pack(weight, *args):
+    raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert or avx512bw, "
+                       "avx512vl and avx512dq")
+
+
+UNSUPPORTED = {
+    # torch built without oneDNN
+    "no oneDNN": (torch.backends.mkldnn, "is_available", lambda: False, "oneDNN is not in this torch build"),
+    # an x86 CPU without AVX-512 (AMD Zen 2/3, Intel consumer chips): oneDNN has no bf16 kernel
+    "no oneDNN bf16": (torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False, "bf16 packing unsupported"),
+    # torch's checks pass but the kernel itself refuses (what the AVX2 machine raised before this guard)
+    "packing fails": (torch.ops.mkldnn, "_reorder_linear_weight", refuse_to_pack, "packed kernel failed"),
+}
+
+
+@pytest.fixture
+def fresh_speed_records(monkeypatch):
+    """speed's per-process records (packing trials, timing choices, paths) empty for this test alone."""
+    monkeypatch.setattr(speed, "PACKING_TRIALS", {})
+    monkeypatch.setattr(speed, "CHOICES", {})
+    monkeypatch.setattr(speed, "PATHS", {})
+
+
+@pytest.mark.parametrize("forced", sorted(UNSUPPORTED))
+def test_forced_unsupported_packing_takes_the_plain_path_with_the_reference_s_numbers(io, forced, monkeypatch,
+                                                                                       fresh_speed_records):
+    namespace, name, answer, reason = UNSUPPORTED[forced]
+    if forced == "packing fails":  # torch's checks pass, whatever this machine's own answer
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(namespace, name, answer)
+    dtypes = [torch.bfloat16] if forced == "no oneDNN bf16" else [torch.float32, torch.bfloat16]
+    for dtype in dtypes:
+        model = speed.prepare(SmolVLA.from_pretrained(CKPT, vlm=VLM).to(dtype))
+        assert not any(isinstance(m, PackedLinear) for m in model.modules())
+        mlp = model.vision.encoder["layers"][0].mlp
+        assert isinstance(mlp.activation, torch.nn.Module) and not isinstance(mlp.activation, torch.nn.Identity)
+        what = f"linear layers, {str(dtype).removeprefix('torch.')}"
+        assert speed.PATHS[what].startswith(f"plain: {reason}")
+        chunk = sample(model, io)
+        error = (chunk - io["expected_sampled"]).abs().max().item()
+        if dtype == torch.float32:
+            assert error < 1e-5  # the reference's numbers
+        else:
+            assert 1e-5 < error < 0.05  # really bf16, close to the reference
+    assert speed.CHOICES == {}  # nothing timed that cannot run (the fused GELU needs the packed kernel)
+
+
+def test_forced_unsupported_bf16_warns_once_and_bench_reports_the_path(monkeypatch, capsys, fresh_speed_records):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    result = bench.main(["--checkpoint", CKPT, "--vlm", VLM, "--dtype", "bf16", "--height", "48", "--width", "64",
+                         "--repeats", "1", "--warmup", "0", "--threads", "1", "--json"])
+    out, err = capsys.readouterr()
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "emulated and slower than float32" in warnings[0] and "float32" in warnings[0]
+    assert result["bf16_emulated"] and result["chunk_s"] > 0  # still measured
+    assert result["paths"]["linear layers, bfloat16"] == "plain: bf16 packing unsupported on this CPU"
+    assert result["peak_gflops"] > 0  # the plain kernel's peak: the packed one is not timed
+    assert json.loads(out.splitlines()[-1])["paths"] == result["paths"]
+    assert "path (chunk bf16) linear layers, bfloat16: plain: bf16 packing unsupported on this CPU" in out
+    assert not speed.warn_if_bf16_emulated(torch.float32, "--dtype float32")  # float32: nothing to say
+
+
+def test_forced_missing_compiler_runs_uncompiled_with_the_reference_s_numbers(io, monkeypatch, capsys,
+                                                                               fresh_speed_records):
+    import torch._inductor.cpp_builder as cpp_builder
+
+    def no_compiler():
+        raise RuntimeError("Unsupported: no C++ compiler found")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    model = speed.prepare(SmolVLA.from_pretrained(CKPT, vlm=VLM), compile=True)
+    assert speed.PATHS["torch.compile"].startswith("not compiled: torch.compile needs a C++ compiler")
+    assert "warning: --compile:" in capsys.readouterr().err
+    assert not hasattr(model.vision, "_compiled_call_impl") or model.vision._compiled_call_impl is None
+    torch.testing.assert_close(sample(model, io), io["expected_sampled"], atol=1e-5, rtol=0)
+
+
+def test_machine_is_what_torch_says_the_cpu_can_do(monkeypatch):
+    """No choice reads the CPU's name: machine()'s flags are torch's own answers (here forced)."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "NO AVX")
+    found = speed.machine()
+    assert found["amx"] and not found["onednn_bf16"] and found["capability"] == "NO AVX"
+    assert speed.bf16_emulated()

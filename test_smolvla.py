@@ -72,6 +72,33 @@ def test_predict_chunk_matches_reference(tiny, io):
     torch.testing.assert_close(chunk, io["policy_expected_chunk"], atol=TOL, rtol=TOL)
 
 
+def accelerator_unavailable(device):
+    """Why this machine cannot run the model on `device`, or None (the README says where each was verified)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA GPU on this machine: runs where one is (python3 -m pytest -q -k accelerator)"
+    if device == "mps" and not torch.backends.mps.is_available():
+        return "no Apple-silicon GPU (MPS) on this machine: runs on a Mac with one"
+    return None
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_accelerator_matches_the_reference(io, device):
+    """--device cuda / mps: the same checkpoint on the GPU gives the reference's chunk (float32; TF32 off on
+    CUDA, and MPS's flow times in float32 as flow.py says), and predict_chunk takes CPU observations."""
+    reason = accelerator_unavailable(device)
+    if reason is not None:
+        pytest.skip(reason)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model = SmolVLA.from_pretrained(CKPT, vlm=VLM).to(device)
+    inputs = [x.to(device) if torch.is_tensor(x) else [m.to(device) for m in x] for x in tensor_inputs(io)]
+    chunk = model.sample_actions(*inputs, noise=io["sample_noise"].to(device))
+    torch.testing.assert_close(chunk.cpu(), io["expected_sampled"], atol=1e-4, rtol=0)
+    observation = policy_observation(io)
+    chunk = model.predict_chunk(observation, noise=io["sample_noise"][:1].to(device))
+    torch.testing.assert_close(chunk.cpu(), io["policy_expected_chunk"], atol=1e-4, rtol=1e-4)
+
+
 def test_training_loss_on_a_raw_batch_matches_reference(tiny, io):
     tasks = json.load(open(os.path.join(TINY, "io.json")))["tasks"]
     stats = tiny.stats

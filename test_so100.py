@@ -599,3 +599,48 @@ def test_sim_calibration_is_refused_a_path_among_real_arms_files(tmp_path, monke
             so100.main(["--port", "sim", "--calibration", str(real_file), "calibrate"])
         assert exit_info.value.code == 2 and "never goes where real arms' files are" in capsys.readouterr().err
         assert not real_file.exists()
+
+
+# -- every system a classroom brings: no pseudo-terminal (Windows), COM port names ------------------------------
+
+
+def run_without_pty(script, *args):
+    """`python script args...` in a Python whose os module has no openpty (as on Windows)."""
+    code = ("import os, runpy, sys; del os.openpty; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code, os.path.join(HERE, script), *args], capture_output=True,
+                          text=True, timeout=120, cwd=HERE)
+
+
+@pytest.mark.parametrize("command", [["so100.py", "--port", "sim", "read"],
+                                     ["record.py", "--port", "sim", "--leader-port", "sim", "--teleoperate"]])
+def test_sim_port_without_a_pseudo_terminal_is_one_line_saying_what_works(command):
+    result = run_without_pty(*command)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [f"error: {__import__('virtual_arm').NO_PTY}"]
+    assert "WSL" in result.stderr and "COM3" in result.stderr
+
+
+def test_a_windows_port_name_goes_to_pyserial_unchanged():
+    """COM3 is pyserial's business: on this Linux machine pyserial cannot open it, and the one line says
+    which ports it does see."""
+    result = subprocess.run([sys.executable, os.path.join(HERE, "so100.py"), "--port", "COM3", "scan"],
+                            capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1
+    assert lines[0].startswith("error: cannot open serial port 'COM3' (") and "serial ports found: " in lines[0]
+
+
+def test_enter_is_read_from_the_windows_console(monkeypatch):
+    """so100's calibration waits for ENTER with select() on POSIX; on Windows (msvcrt, faked here) it polls
+    the console's keys."""
+    keys = iter("x\r")
+    fake = type(sys)("msvcrt")
+    fake.kbhit = lambda: True
+    fake.getwch = lambda: next(keys)
+    monkeypatch.setitem(sys.modules, "msvcrt", fake)
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert so100._enter_pressed(1.0)  # 'x' ignored, then ENTER
+    fake.kbhit = lambda: False
+    start = time.monotonic()
+    assert not so100._enter_pressed(0.1) and time.monotonic() - start >= 0.1

@@ -26,15 +26,19 @@ toy world (demo.py) reaching its red target, and `toy_world_cameras` film that w
 are recordings of random motion, for tests and benchmarks.
 """
 
-import fcntl
 import os
 import select
 import struct
 import sys
-import termios
 import threading
 import time
-import tty
+
+try:  # a pseudo-terminal's settings: POSIX only (Linux, macOS); Windows has no pty, so no `--port sim` there
+    import fcntl
+    import termios
+    import tty
+except ImportError:
+    fcntl = termios = tty = None
 
 import numpy as np
 
@@ -73,6 +77,15 @@ PROTECTED = {r.address + k for r in CONTROL_TABLE.values() if r.read_only for k 
 # them as a custom rate, shown as BOTHER, whose value only struct termios2 holds (c_ospeed, via TCGETS2).
 TERMIOS_RATES = {getattr(termios, f"B{rate}"): rate for rate in BAUD_RATES if hasattr(termios, f"B{rate}")}
 BOTHER, TCGETS2 = 0o010000, 0x802C542A
+NO_PTY = ("--port sim needs a pseudo-terminal (os.openpty), which this system does not have (Windows): run it "
+          "under WSL, or drive a real arm (--port COM3, or the port your adapter shows)")
+
+
+def pty_unsupported() -> str | None:
+    """Why this system cannot host the virtual arm's pty, or None where it can."""
+    if termios is None or not hasattr(os, "openpty"):
+        return NO_PTY
+    return None
 
 
 def driver_baudrate(fd):
@@ -188,6 +201,9 @@ class VirtualArm:
     """
 
     def __init__(self, calibrated=True, pose=(0, 0, 0, 0, 0, 50), speed=2400.0, tick=0.002, factory_new=False):
+        reason = pty_unsupported()
+        if reason is not None:
+            raise ValueError(reason)
         self.calibration = {name: dict(entry) for name, entry in TRUE_CALIBRATION.items()}
         self.speed = speed
         self.tick = tick
