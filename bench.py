@@ -1,9 +1,8 @@
 """Measurement: how long SmolVLA takes for one action chunk and one training step, and how fast data loads.
 
-Asynchronous inference (SmolVLA paper §3.3) only keeps the arm busy if a chunk is ready before the queue
-runs dry: with a chunk of n = 50 actions at 30 fps and a trigger at g = 0.7 of a chunk, a chunk must take
-less than 0.7 × 50 / 30 ≈ 1.17 s. This script measures it, at the size that matters (smolvla_base, two
-640×480 cameras, batch 1, 10 flow steps), on whatever machine it runs on:
+A chunk must be ready before the action queue runs dry (the latency budget speed.py's opening works out
+from the paper's §3.3). This script measures how long one takes, at the size that matters (smolvla_base,
+two 640×480 cameras, batch 1, 10 flow steps), on whatever machine it runs on:
 
     python bench.py --dtype bf16 --cameras 2 --height 480 --width 640            # random smolvla_base weights
     python bench.py --checkpoint DIR --vlm DIR --dtype fp32 --json               # a real checkpoint
@@ -12,7 +11,9 @@ less than 0.7 × 50 / 30 ≈ 1.17 s. This script measures it, at the size that m
     python bench.py --write-dataset /tmp/ds --episodes 6 --frames 300            # two 480×640 AV1 cameras
     python bench.py --data /tmp/ds --workers 2 --batch 8                         # the dataset reader
 
-    python bench.py --table --reference "/work/lerobot-venv/bin/python bench.py --lerobot"  # the README's table
+    python bench.py --table --reference "LEROBOT_PYTHON bench.py --lerobot"      # the README's table
+
+(LEROBOT_PYTHON: the python of an environment where lerobot 0.4.4 is installed, e.g. ~/lerobot-venv/bin/python.)
 
 It reports the median seconds per chunk after warm-up and the achieved GFLOP/s, against a FLOP count
 worked out from the architecture (`speed.chunk_flops`: ≈ 580 GFLOP for smolvla_base with two cameras, three
@@ -41,13 +42,9 @@ import tempfile
 import time
 import types
 
-# On a machine shared with other work, OpenMP threads that spin long while waiting for a descheduled partner
-# turn every parallel operator into a wait for the scheduler (measured here: an expert step 12x slower with
-# 2 threads at load 3 on 2 cores). A short spin before sleeping keeps the idle-machine speed (a chunk 2.07 s
-# vs 2.08 s with libgomp's default spin, 2.31 s with OMP_WAIT_POLICY=PASSIVE) and most of passive waiting's
-# robustness. Set before torch starts its thread pool; OMP_WAIT_POLICY or GOMP_SPINCOUNT given by the user win.
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+import plumbing  # noqa: E402
+
+plumbing.spin_briefly_before_sleeping()  # OpenMP's wait setting, before torch starts
 
 import torch  # noqa: E402
 
@@ -55,10 +52,9 @@ import speed  # noqa: E402
 from speed import LANG_TOKENS, chunk_flops, train_step_flops  # noqa: E402  (the FLOP count, beside the peak)
 from data import SUPPORTED_VERSIONS, LeRobotDataset  # noqa: E402
 from plumbing import CODECS, HelpFormatter, read_json, resolve_dir  # noqa: E402
-from policy import ACTION, IMAGE_PREFIX, STATE  # noqa: E402
-from record import write_lerobot_dataset  # noqa: E402
-from virtual_arm import synthetic_episodes  # noqa: E402
-from smolvla import SmolVLA, SmolVLAConfig  # noqa: E402
+from policy import SmolVLAPolicy  # noqa: E402
+from record import synthetic_episodes, write_lerobot_dataset  # noqa: E402
+from smolvla import ACTION, IMAGE_PREFIX, STATE, SmolVLAConfig  # noqa: E402
 from train import RECIPE, TrainingLoss, prepare_training, training_step  # noqa: E402
 from vlm import SMOLVLM2_500M_VIDEO_INSTRUCT, parse_vlm_config  # noqa: E402
 
@@ -78,11 +74,11 @@ def base_config(num_cameras: int) -> SmolVLAConfig:
     return SmolVLAConfig(input_features=features)
 
 
-def build_model(checkpoint: str | None, vlm: str | None, num_cameras: int) -> SmolVLA:
+def build_model(checkpoint: str | None, vlm: str | None, num_cameras: int) -> SmolVLAPolicy:
     """A checkpoint's model reading its first `num_cameras` cameras, or smolvla_base's architecture with
     random weights (no download needed)."""
     if checkpoint is not None:
-        model = SmolVLA.from_pretrained(checkpoint, vlm=vlm)
+        model = SmolVLAPolicy.from_pretrained(checkpoint, vlm=vlm)
         cameras = model.config.camera_keys
         if num_cameras > len(cameras):
             raise ValueError(f"--cameras {num_cameras}: the checkpoint reads {len(cameras)} ({', '.join(cameras)})")
@@ -92,10 +88,10 @@ def build_model(checkpoint: str | None, vlm: str | None, num_cameras: int) -> Sm
             print(f"bench: camera {key} left out (--cameras {num_cameras})")
         return model
     torch.manual_seed(0)
-    return SmolVLA(base_config(num_cameras), SMOLVLM2_500M_VIDEO_INSTRUCT).eval()
+    return SmolVLAPolicy(base_config(num_cameras), SMOLVLM2_500M_VIDEO_INSTRUCT).eval()
 
 
-def make_inputs(model: SmolVLA, batch: int, height: int, width: int, lang_tokens: int = LANG_TOKENS) -> dict:
+def make_inputs(model: SmolVLAPolicy, batch: int, height: int, width: int, lang_tokens: int = LANG_TOKENS) -> dict:
     """Random tensor-level inputs for one observation per batch row (normalized units), every camera the
     policy reads as a (B, 3, height, width) frame in [0, 1], all tokens real."""
     cfg = model.config
@@ -129,7 +125,7 @@ def timed(fn, repeats: int, warmup: int) -> tuple[list, list]:
     return wall, cpu
 
 
-def sample_chunk(model: SmolVLA, inputs: dict) -> torch.Tensor:
+def sample_chunk(model: SmolVLAPolicy, inputs: dict) -> torch.Tensor:
     """One chunk: VLM over the prefix once, then num_steps Euler steps of the expert."""
     return model.sample_actions(
         inputs["images"], inputs["img_masks"], inputs["lang_tokens"], inputs["lang_masks"], inputs["state"],
@@ -137,7 +133,7 @@ def sample_chunk(model: SmolVLA, inputs: dict) -> torch.Tensor:
     )
 
 
-def training_batch(model: SmolVLA, inputs: dict) -> dict:
+def training_batch(model: SmolVLAPolicy, inputs: dict) -> dict:
     """The inputs as train.py's loop receives them: a collated batch of the dataset reader's samples (uint8
     frames, robot units; a random model gets unit statistics and a word tokenizer for the task)."""
     if model.tokenizer is None:
@@ -153,7 +149,7 @@ def training_batch(model: SmolVLA, inputs: dict) -> dict:
             "action_is_pad": torch.zeros(inputs["actions"].shape[:2], dtype=torch.bool)}
 
 
-def time_guided_chunk(model: SmolVLA, inputs: dict, args) -> dict:
+def time_guided_chunk(model: SmolVLAPolicy, inputs: dict, args) -> dict:
     """Real-Time Chunking (flow.py): the chunk guided toward a previous chunk's leftover (half a chunk, delay
     a tenth of it, the default horizon of 10 steps); with --rtc jacobian every flow step also runs a backward
     pass of the expert over the guided steps."""
@@ -167,7 +163,7 @@ def time_guided_chunk(model: SmolVLA, inputs: dict, args) -> dict:
 
 
 
-def stage_times(model: SmolVLA, inputs: dict, repeats: int) -> dict:
+def stage_times(model: SmolVLAPolicy, inputs: dict, repeats: int) -> dict:
     """Median seconds of the stages of a chunk: all cameras through vision + connector, the whole prefix
     (vision included), one expert step (the velocity at one flow time)."""
     prepared, _ = model.prepare_images(inputs["images"], inputs["img_masks"])
@@ -221,13 +217,13 @@ LEROBOT_FP32 = ("state_proj", "action_in_proj", "action_out_proj", "action_time_
 
 
 def lerobot_run(inputs: dict, cameras: int, dtype: torch.dtype, train: bool):
-    """lerobot's SmolVLAPolicy at smolvla_base's size with random weights, built offline from a VLM
+    """lerobot's SmolVLA at smolvla_base's size with random weights, built offline from a VLM
     description in a temporary folder (SmolVLM2-500M's config, the demo's tokenizer); for inference in
     dtype as smolvla_base is stored, for training in float32 with autocast in bf16 (lerobot's use_amp).
     Returns a closure running one chunk or one training step (lerobot's optimizer preset, clipping)."""
     from lerobot.configs.types import FeatureType, PolicyFeature
     from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig as LerobotConfig
-    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy as LerobotPolicy
 
     from demo import write_tiny_vlm
 
@@ -240,7 +236,7 @@ def lerobot_run(inputs: dict, cameras: int, dtype: torch.dtype, train: bool):
     keys = [f"{IMAGE_PREFIX}camera{i + 1}" for i in range(cameras)]
     features = {STATE: PolicyFeature(FeatureType.STATE, (6,))}
     features.update({key: PolicyFeature(FeatureType.VISUAL, (3, 256, 256)) for key in keys})
-    policy = SmolVLAPolicy(LerobotConfig(vlm_model_name=directory, load_vlm_weights=False, input_features=features,
+    policy = LerobotPolicy(LerobotConfig(vlm_model_name=directory, load_vlm_weights=False, input_features=features,
                                          output_features={ACTION: PolicyFeature(FeatureType.ACTION, (6,))}))
     shutil.rmtree(directory)
     batch = {STATE: inputs["state"], ACTION: inputs["actions"], **dict(zip(keys, inputs["images"])),
@@ -391,7 +387,7 @@ def measure(args) -> dict:
         result["reference"] = run_reference(args.reference, args)
     if args.lerobot:  # our model on the meta device: the inputs' and FLOP count's shapes only
         with torch.device("meta"):
-            model = SmolVLA(base_config(args.cameras), SMOLVLM2_500M_VIDEO_INSTRUCT)
+            model = SmolVLAPolicy(base_config(args.cameras), SMOLVLM2_500M_VIDEO_INSTRUCT)
     else:
         model = build_model(args.checkpoint, args.vlm, args.cameras)
     model.config.num_steps = args.steps

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from smolvla import SmolVLA
+from policy import SmolVLAPolicy
 
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "smolvla_tiny")
 
@@ -23,7 +23,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny():
     """The reference's tiny SmolVLA checkpoint (fp32, eval), one per test file: some files modify it."""
-    return SmolVLA.from_pretrained(os.path.join(TINY, "checkpoint"), vlm=os.path.join(TINY, "vlm"))
+    return SmolVLAPolicy.from_pretrained(os.path.join(TINY, "checkpoint"), vlm=os.path.join(TINY, "vlm"))
 
 
 @pytest.fixture(scope="module")

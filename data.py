@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from plumbing import (HelpFormatter, StreamingDecoder, aggregate_stats, decode_all, frame_times, read_json, resolve_dir,
                       video_size)
-from policy import IMAGE_PREFIX, STATE
+from smolvla import IMAGE_PREFIX, STATE
 
 SUPPORTED_VERSIONS = ("v2.1", "v3.0")
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "smolvla", "frames")

@@ -1,11 +1,11 @@
 """The offline demo: a tiny SmolVLA learns, from scratch, a task that can only be solved by looking.
 
-`python train.py --demo` runs it, on a CPU, in a few minutes, with no network:
+`python demo.py` runs it, on a CPU, in a few minutes, with no network:
 
-1. **Record** demonstrations in a toy world (below): an SO-100-like arm seen from above a table, a red
-   target on the table, and a scripted expert that reaches it. The target is drawn in the camera image and
-   appears nowhere else (the robot's state is just its six joint angles). The episodes are written as an
-   ordinary LeRobot v3.0 dataset and read back like any dataset from the hub.
+1. **Record** demonstrations in the toy world (toy_world.py): an SO-100-like arm seen from above a table, a
+   red target on the table, and a scripted expert that reaches it. The target is drawn in the camera image
+   and appears nowhere else (the robot's state is just its six joint angles). The episodes are written as an
+   ordinary LeRobot v3.0 dataset (record.py's writer) and read back like any dataset from the hub.
 2. **Train** a tiny SmolVLA from scratch on it with train.py's loop: the full architecture (vision tower,
    pixel shuffle, text model cut to its first layers, action expert, flow matching) at toy widths, with a
    word-level tokenizer built offline.
@@ -13,193 +13,40 @@
 4. **Evaluate** it in closed loop twice: with the real images, and with images showing another episode's
    target. A policy that ignored the camera could not beat chance (8 target spots); one that reads it
    succeeds with the real images and reaches for the wrong spot with the shuffled ones. eval.json holds both.
-   With two mirror-image targets (--demo-targets 2) or --rtc-max-delay, also the Real-Time Chunking lab
-   (`rtc_lab`: asynchronous inference on a simulated clock, flow.py's RTC against today's merge).
+   With two mirror-image targets (--targets 2) or --rtc-max-delay, also the Real-Time Chunking lab
+   (`rtc_lab`: infer_async's control loop on a simulated clock, flow.py's RTC against today's merge).
 
-The toy world's renderer is also the camera of the virtual arm (`SyntheticCamera`, for
-`infer_async.py --port sim`), so the demo's checkpoint drives the virtual arm. This file does not import
-train.py: train.py imports it (only for --demo) and hands it its `train` function.
+    python demo.py                                        # record, train, evaluate: outputs/demo/<date>
+    python demo.py --targets 2 --rtc-max-delay 8          # the RTC lab (README lab 6), as measured there
+    python demo.py --resume outputs/demo/latest --steps 2000   # a demo run continues like any run
+
+The flags are train.py's run flags (--steps, --output, --resume, --rtc-max-delay, ...) and the demo's own
+(--targets, --episodes, --length, --eval-episodes, --chunk-size, --action-steps, --vlm-layers, --attention).
 """
 
+import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import train
 from data import LeRobotDataset
+from infer_async import AsyncScheduler, Result, control_tick
 from plumbing import read_json
-from policy import ACTION, STATE, features_from_dataset
-from policy_server import PolicyRunner, Result
+from policy import SmolVLAPolicy
+from policy_server import PolicyRunner
 from record import write_lerobot_dataset
-from smolvla import SmolVLA, SmolVLAConfig
-
-DEMO_TASK = "reach the red target"
-DEMO_FPS = 10
-
+from smolvla import ACTION, STATE, SmolVLAConfig
+from toy_world import FPS, HOME_DEG, TASK, ReachScene, ToyWorld, step_arm
 
 # ----------------------------------------------------------------------------------------------------
-# The toy world: reach a target that only the camera can see
+# The toy world's expert, recorded; the policy, filmed
 # ----------------------------------------------------------------------------------------------------
-#
-# SmolVLA must read the scene from its camera images (paper §3). The smallest world in which the image is
-# indispensable:
-# - a table seen from a camera straight above, with a red target disc at a random place (a coarse grid of
-#   reachable spots, jittered a little);
-# - an SO-100-like arm whose first three joints (shoulder_pan, shoulder_lift, elbow_flex, in degrees, as
-#   the arm reports them in `degrees` mode) set where the gripper tip is; the other three are carried along;
-# - the robot's state is only its joint angles, so the target's position is in the image and nowhere else;
-# - success: the tip touches the table within `success_radius` of the target;
-# - a scripted expert moves the joints toward the inverse-kinematics solution at a bounded speed.
-# Everything is plain numpy + Pillow and deterministic under a seed.
-
-# The pose the arm starts from: every joint at the middle of its calibrated range (0 in degrees mode), the
-# arm pointing straight up. The gripper (0..100 units) starts half open.
-HOME_DEG = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 50.0], dtype=np.float32)
-
-# Arm geometry in metres: shoulder height above the table, upper arm, forearm (up to the gripper tip).
-SHOULDER_HEIGHT, UPPER_ARM, FOREARM = 0.06, 0.12, 0.15
-
-# Where the targets may be: polar coordinates around the arm's base (the pan axis). A coarse grid (8 spots,
-# at least 6 cm apart) keeps the task learnable by a tiny model in a few minutes; the jitter keeps the
-# images from repeating exactly. Every spot is reachable within the SO-100's joint ranges (the elbow
-# needs at most ~95 degrees), so the virtual arm can follow a policy trained here.
-TARGET_PAN_DEG = (-45.0, -15.0, 15.0, 45.0)
-TARGET_REACH_M = (0.185, 0.245)
-TARGET_JITTER_M = 0.008
-
-# The patch of table the camera sees: x to the right, y away from the robot (metres).
-VIEW_X = (-0.2, 0.2)
-VIEW_Y = (-0.05, 0.35)
-
-
-def forward_kinematics(joints_deg):
-    """Gripper-tip position (x, y, z) in metres for joint angles in degrees (only the first three matter).
-
-    shoulder_pan turns the arm about the vertical axis (0 = straight ahead, positive = to the left);
-    shoulder_lift tilts the upper arm forward from vertical; elbow_flex bends the forearm further forward.
-    """
-    pan, lift, elbow = np.radians(np.asarray(joints_deg, dtype=np.float64)[:3])
-    # The arm lives in a vertical plane: horizontal reach r and height z of the tip.
-    reach = UPPER_ARM * np.sin(lift) + FOREARM * np.sin(lift + elbow)
-    height = SHOULDER_HEIGHT + UPPER_ARM * np.cos(lift) + FOREARM * np.cos(lift + elbow)
-    # The pan angle turns that plane about the base.
-    return np.array([-reach * np.sin(pan), reach * np.cos(pan), height])
-
-
-def elbow_position(joints_deg):
-    """Elbow position (x, y, z) in metres: the end of the upper arm, for drawing."""
-    pan, lift = np.radians(np.asarray(joints_deg, dtype=np.float64)[:2])
-    reach = UPPER_ARM * np.sin(lift)
-    return np.array([-reach * np.sin(pan), reach * np.cos(pan), SHOULDER_HEIGHT + UPPER_ARM * np.cos(lift)])
-
-
-def inverse_kinematics(target_xy):
-    """(shoulder_pan, shoulder_lift, elbow_flex) in degrees that put the tip on the table at target_xy.
-
-    Two-link inverse kinematics in the arm's vertical plane, elbow up: the tip must reach the point at
-    horizontal distance r and depth -SHOULDER_HEIGHT from the shoulder.
-    """
-    x, y = target_xy
-    pan = np.degrees(np.arctan2(-x, y))
-    reach = np.hypot(x, y)
-    # Law of cosines for the elbow angle, measured from the horizontal (negative = elbow up).
-    dx, dz = reach, -SHOULDER_HEIGHT
-    cos_bend = (dx * dx + dz * dz - UPPER_ARM**2 - FOREARM**2) / (2 * UPPER_ARM * FOREARM)
-    bend = -np.arccos(np.clip(cos_bend, -1.0, 1.0))
-    elevation = np.arctan2(dz, dx) - np.arctan2(FOREARM * np.sin(bend), UPPER_ARM + FOREARM * np.cos(bend))
-    # Convert to the arm's joint conventions: lift from vertical, elbow relative to the upper arm.
-    return np.array([pan, 90.0 - np.degrees(elevation), -np.degrees(bend)])
-
-
-def step_arm(joints_deg, action_deg, max_step_deg=15.0):
-    """The servos: move every joint toward its commanded position, at most max_step_deg per control step."""
-    joints = np.asarray(joints_deg, dtype=np.float64)
-    move = np.clip(np.asarray(action_deg, dtype=np.float64) - joints, -max_step_deg, max_step_deg)
-    return (joints + move).astype(np.float32)
-
-
-class ReachScene:
-    """A table with one target, or two mirror-image ones (left and right: the RTC lab's world, where a policy
-    that does not commit dithers); renders the arm over them and tells whether the tip touches one."""
-
-    def __init__(self, seed=0, image_size=(64, 64), success_radius=0.03, expert_speed_deg=8.0, targets=1):
-        self.rng = np.random.default_rng(seed)
-        self.height, self.width = image_size
-        self.success_radius, self.expert_speed_deg, self.num_targets = success_radius, expert_speed_deg, targets
-        self.target, self.distractors = None, np.zeros((0, 2))  # the expert's choice, the other targets
-        self.reset()
-
-    def reset(self, rng=None):
-        """Place the target at a random grid spot (a second one at its mirror image across the arm's axis),
-        plus jitter; the expert picks one at random. Returns all, (targets, 2) metres, its choice first."""
-        rng = self.rng if rng is None else rng
-        pan_deg = TARGET_PAN_DEG[rng.integers(len(TARGET_PAN_DEG))]
-        pan = np.radians(np.array([pan_deg, -pan_deg][: self.num_targets]))  # (targets,)
-        reach = TARGET_REACH_M[rng.integers(len(TARGET_REACH_M))]
-        jitter = rng.uniform(-TARGET_JITTER_M, TARGET_JITTER_M, size=(len(pan), 2))
-        targets = np.stack([-reach * np.sin(pan), reach * np.cos(pan)], 1) + jitter  # (targets, 2)
-        chosen = rng.integers(len(pan)) if len(pan) > 1 else 0
-        self.target, self.distractors = targets[chosen], np.delete(targets, chosen, axis=0)
-        return np.vstack([self.target, self.distractors])
-
-    def success(self, joints_deg):
-        """True when the gripper tip is within success_radius of a target, touching the table (3-D distance)."""
-        tip = forward_kinematics(joints_deg)
-        targets = np.pad(np.vstack([self.target, self.distractors]), ((0, 0), (0, 1)))  # (targets, 3) on the table
-        return bool(np.linalg.norm(tip - targets, axis=1).min() < self.success_radius)
-
-    def expert_action(self, joints_deg):
-        """The scripted demonstrator: step all joints along a straight line (in joint space) toward the
-        inverse-kinematics solution, at most expert_speed_deg per step; the wrist and gripper hold still."""
-        joints = np.asarray(joints_deg, dtype=np.float64)
-        delta = np.concatenate([inverse_kinematics(self.target), joints[3:]]) - joints  # to the IK goal
-        # Scale the whole move (not each joint) so that the joints arrive together.
-        largest = np.abs(delta).max()
-        if largest > self.expert_speed_deg:
-            delta *= self.expert_speed_deg / largest
-        return (joints + delta).astype(np.float32)
-
-    def render(self, joints_deg, target=None):
-        """The top camera: an (H, W, 3) uint8 RGB image of the table, the target and the arm.
-
-        Drawn at 4x the resolution and averaged down, so that sub-pixel motions change the pixels smoothly.
-        `target` (one (x, y) or several) overrides the scene's targets (the shuffled-image evaluation).
-        """
-        width, height = self.width * 4, self.height * 4
-        image = Image.new("RGB", (width, height), (196, 186, 164))
-        draw = ImageDraw.Draw(image)
-
-        def to_pixels(point):
-            column = (point[0] - VIEW_X[0]) / (VIEW_X[1] - VIEW_X[0]) * width
-            row = (VIEW_Y[1] - point[1]) / (VIEW_Y[1] - VIEW_Y[0]) * height
-            return column, row
-
-        def disc(point, radius_m, color):
-            column, row = to_pixels(point)
-            radius = radius_m / (VIEW_X[1] - VIEW_X[0]) * width
-            draw.ellipse([column - radius, row - radius, column + radius, row + radius], fill=color)
-
-        pixels_per_metre = width / (VIEW_X[1] - VIEW_X[0])
-        for point in np.vstack([self.target, self.distractors]) if target is None else np.atleast_2d(target):
-            disc(point, 0.02, (215, 30, 30))
-        base, elbow, tip = np.zeros(3), elbow_position(joints_deg), forward_kinematics(joints_deg)
-        disc(base, 0.025, (40, 40, 48))
-        draw.line([to_pixels(base), to_pixels(elbow)], fill=(50, 60, 90), width=int(0.022 * pixels_per_metre))
-        disc(elbow, 0.011, (50, 60, 90))
-        draw.line([to_pixels(elbow), to_pixels(tip)], fill=(235, 150, 40), width=int(0.016 * pixels_per_metre))
-        # The tip is drawn larger the higher it is (closer to the camera): the only cue of height from above.
-        disc(tip, 0.010 + 0.04 * max(tip[2], 0.0), (250, 230, 90))
-        image = image.resize((self.width, self.height), Image.Resampling.BOX)
-        return np.array(image, dtype=np.uint8)
-
-    def cameras(self, keys, pose_fn):
-        """{key: SyntheticCamera named by the key's last part} filming this table with the arm at pose_fn()."""
-        return {key: SyntheticCamera(self, pose_fn, name=key.split(".")[-1]) for key in keys}
-
 
 def expert_episode(scene, rng, length, action_noise_deg=1.5):
     """One demonstration: reset the target, start near HOME_DEG, follow the expert for `length` steps.
@@ -209,8 +56,10 @@ def expert_episode(scene, rng, length, action_noise_deg=1.5):
     Returns {"observation.state": (T, 6), "action": (T, 6), "images": {"top": (T, H, W, 3)}} (degrees).
     """
     scene.reset(rng)
-    joints = (HOME_DEG + rng.uniform(-5.0, 5.0, size=6)).astype(np.float32)
-    states, actions, frames = [], [], []
+    joints = start_pose(rng)
+    states = []
+    actions = []
+    frames = []
     for _ in range(length):
         action = scene.expert_action(joints)
         states.append(joints)
@@ -220,59 +69,31 @@ def expert_episode(scene, rng, length, action_noise_deg=1.5):
     return {STATE: np.stack(states), ACTION: np.stack(actions), "images": {"top": np.stack(frames)}}
 
 
-class SyntheticCamera:
-    """A camera that films a ReachScene: read() renders the arm at the joints that state_fn() returns."""
-
-    def __init__(self, scene, state_fn, name="top"):
-        self.scene, self.state_fn, self.name = scene, state_fn, name
-        self.height, self.width = scene.height, scene.width
-
-    def read(self):
-        """(H, W, 3) uint8 RGB, like OpenCVCamera.read()."""
-        return self.scene.render(np.asarray(self.state_fn(), dtype=np.float64))
+def start_pose(rng):
+    """Where every episode starts: near the home pose, each joint off by up to 5 degrees."""
+    return (HOME_DEG + rng.uniform(-5.0, 5.0, size=6)).astype(np.float32)
 
 
-class ToyWorld:
-    """A ReachScene around an arm whose pose() it reads, filmed for the policy's cameras; look(), after every
-    action, notes the pose and when the tip first reached the target (`reached`: False, or seconds and action)."""
-
-    def __init__(self, pose, camera_keys, seed=0):
-        self.scene, self.pose, self.looks, self.start, self.reached = ReachScene(seed=seed), pose, [], None, False
-        self.cameras = self.scene.cameras(camera_keys, pose)
-
-    def look(self):
-        now, joints = time.monotonic(), np.asarray(self.pose(), dtype=np.float64)
-        self.start = self.start or now
-        self.looks.append(joints)
-        if not self.reached and self.scene.success(joints):
-            self.reached = {"after_s": round(now - self.start, 2), "action": len(self.looks)}  # since the first
-
-    def save_gif(self, path, fps=DEMO_FPS, before=()):
-        """`before`, then per look the camera's view 4x larger with the tip's path so far (the last held)."""
-        path_px = [(256 * (x - VIEW_X[0]) / (VIEW_X[1] - VIEW_X[0]), 256 * (VIEW_Y[1] - y) / (VIEW_Y[1] - VIEW_Y[0]))
-                   for x, y, _ in map(forward_kinematics, self.looks)]  # the tip, in pixels as render() maps the table
-        frames = list(before)
-        for n, joints in enumerate(self.looks, 1):
-            frames.append(Image.fromarray(self.scene.render(joints)).resize((256, 256)))
-            ImageDraw.Draw(frames[-1]).line(path_px[:n], fill=(30, 90, 220), width=2)
-            reached = self.reached and n >= self.reached["action"]
-            ImageDraw.Draw(frames[-1]).text((4, 4), f"action {n}: {'REACHED' if reached else 'reaching'}", fill=0)
-        frames[0].save(path, save_all=True, append_images=frames[1:] + frames[-1:] * 5, duration=round(1000 / fps), loop=0)
-        return frames + frames[-1:] * 5  # the last one held
+def observe(joints, camera, image):
+    """What the policy is given in the toy world: the joints, one camera image (H, W, 3) uint8, the task."""
+    return {STATE: torch.from_numpy(joints), camera: torch.from_numpy(image).permute(2, 0, 1), "task": TASK}
 
 
 def animate_episodes(policy, path, episodes=4, length=20, seed=0):
-    """`episodes` closed-loop episodes in new scenes, as evaluate_in_sim runs them (from home), as a GIF at `path`."""
-    camera, steps, frames = policy.config.camera_keys[0], policy.config.n_action_steps, []
-    for e in range(episodes):
-        world, joints = ToyWorld(lambda: joints[0], [camera], seed=seed + e), [HOME_DEG]
+    """`episodes` closed-loop episodes in new scenes, from home, as a GIF at `path` (rewritten after each)."""
+    camera = policy.config.camera_keys[0]
+    steps_per_chunk = policy.config.n_action_steps
+    frames = []
+    for episode in range(episodes):
+        joints = HOME_DEG.copy()
+        # the world films whatever pose its `pose` function returns: the arm's current joints
+        world = ToyWorld(lambda: joints, [camera], seed=seed + episode)
         for k in range(length):
-            if k % steps == 0:  # a new chunk, from what the camera sees now
-                image = torch.from_numpy(world.cameras[camera].read()).permute(2, 0, 1)  # (3, H, W) uint8
-                chunk = policy.predict_chunk({STATE: torch.from_numpy(joints[0]), camera: image, "task": DEMO_TASK})
-            joints[0] = step_arm(joints[0], chunk[0, k % steps].float().cpu().numpy())
+            if k % steps_per_chunk == 0:  # a new chunk, from what the camera sees now
+                chunk = policy.predict_chunk(observe(joints, camera, world.cameras[camera].read()))
+            joints = step_arm(joints, chunk[0, k % steps_per_chunk].float().cpu().numpy())
             world.look()
-        frames = world.save_gif(path, before=frames)  # the GIF so far, rewritten after each episode
+        frames = world.save_gif(path, before=frames)
     return path
 
 
@@ -317,15 +138,34 @@ def tiny_vlm_config(vocab_size, image_size=64):
         "pad_token_id": 0,
         "tie_word_embeddings": False,
         "vision_config": {
-            "model_type": "smolvlm_vision", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_channels": 3, "image_size": image_size, "patch_size": 8,
-            "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, "attention_dropout": 0.0,
+            "model_type": "smolvlm_vision",
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_channels": 3,
+            "image_size": image_size,
+            "patch_size": 8,
+            "hidden_act": "gelu_pytorch_tanh",
+            "layer_norm_eps": 1e-6,
+            "attention_dropout": 0.0,
         },
         "text_config": {
-            "model_type": "llama", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 8,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "hidden_act": "silu",
-            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512, "vocab_size": vocab_size,
-            "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+            "model_type": "llama",
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "max_position_embeddings": 512,
+            "vocab_size": vocab_size,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "tie_word_embeddings": False,
         },
     }
 
@@ -343,8 +183,12 @@ def write_tiny_vlm(directory, tasks, image_size=64):
     tokenizer_config = read_json(os.path.join(directory, "tokenizer_config.json"), "tokenizer config")
     tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     # ... and the named image tokens that SmolVLM's processor looks up on its tokenizer
-    named = {"fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
-             "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"}
+    named = {
+        "fake_image_token": "<fake_token_around_image>",
+        "image_token": "<image>",
+        "global_image_token": "<global-img>",
+        "end_of_utterance_token": "<end_of_utterance>",
+    }
     tokenizer_config.update(named, extra_special_tokens=named)
     vision = config["vision_config"]
     image_tokens = (image_size // vision["patch_size"]) ** 2 // config["scale_factor"] ** 2
@@ -353,11 +197,20 @@ def write_tiny_vlm(directory, tasks, image_size=64):
         "tokenizer_config.json": tokenizer_config,
         "processor_config.json": {"image_seq_len": image_tokens, "processor_class": "SmolVLMProcessor"},
         "preprocessor_config.json": {
-            "image_processor_type": "SmolVLMImageProcessor", "processor_class": "SmolVLMProcessor",
-            "do_convert_rgb": True, "do_resize": True, "size": {"longest_edge": image_size},
-            "max_image_size": {"longest_edge": image_size}, "do_image_splitting": False, "resample": 1,
-            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3,
-            "image_std": [0.5] * 3, "do_pad": True,
+            "image_processor_type": "SmolVLMImageProcessor",
+            "processor_class": "SmolVLMProcessor",
+            "do_convert_rgb": True,
+            "do_resize": True,
+            "size": {"longest_edge": image_size},
+            "max_image_size": {"longest_edge": image_size},
+            "do_image_splitting": False,
+            "resample": 1,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": [0.5] * 3,
+            "image_std": [0.5] * 3,
+            "do_pad": True,
         },
     }
     for name, content in files.items():
@@ -373,29 +226,38 @@ ATTENTION = {"interleaved": ("cross_attn", 2), "cross": ("cross_attn", 0), "self
 
 def demo_policy_config(dataset, args, image_size=64):
     """SmolVLA's config for the demo: short chunks (the toy episodes are 20 steps long), the VLM cut to its
-    first --demo-vlm-layers layers (SmolVLA keeps 16 of SmolVLM2's 32; here 4 of 8), everything trained
+    first --vlm-layers layers (SmolVLA keeps 16 of SmolVLM2's 32; here 4 of 8), everything trained
     (there are no pretrained weights to keep: the vision tower and the text model start random too)."""
     config = SmolVLAConfig()
-    config.input_features, config.output_features = features_from_dataset(dataset)
-    config.chunk_size, config.n_action_steps = args.demo_chunk_size, min(args.demo_action_steps, args.demo_chunk_size)
-    config.max_state_dim = config.max_action_dim = 8
+    config.input_features, config.output_features = train.features_from_dataset(dataset)
+    config.chunk_size = args.chunk_size
+    config.n_action_steps = min(args.action_steps, args.chunk_size)
+    config.max_state_dim = 8
+    config.max_action_dim = 8
     config.resize_imgs_with_padding = (image_size, image_size)
-    config.tokenizer_max_length, config.num_vlm_layers = 8, args.demo_vlm_layers
-    config.attention_mode, config.self_attn_every_n_layers = ATTENTION[args.demo_attention]
-    config.freeze_vision_encoder, config.train_expert_only = False, False
+    config.tokenizer_max_length = 8
+    config.num_vlm_layers = args.vlm_layers
+    config.attention_mode, config.self_attn_every_n_layers = ATTENTION[args.attention]
+    config.freeze_vision_encoder = False
+    config.train_expert_only = False
     return config
 
 
 # ----------------------------------------------------------------------------------------------------
-# Record, train, save, load, evaluate
+# Record, evaluate
 # ----------------------------------------------------------------------------------------------------
 
 def record_demonstrations(root, episodes, length, seed, targets=1):
     """Run the scripted expert and store what it saw and did as a LeRobot v3.0 dataset."""
-    scene, rng = ReachScene(seed=seed, targets=targets), np.random.default_rng(seed)
-    recorded = [{**expert_episode(scene, rng, length), "task": DEMO_TASK}
-                for _ in tqdm(range(episodes), desc="recording demonstrations")]
-    return write_lerobot_dataset(root, recorded, fps=DEMO_FPS, norm_mode="degrees")  # the toy arm's units
+    scene = ReachScene(seed=seed, targets=targets)
+    rng = np.random.default_rng(seed)
+    recorded = []
+    for _ in tqdm(range(episodes), desc="recording demonstrations"):
+        episode = expert_episode(scene, rng, length)
+        episode["task"] = TASK
+        recorded.append(episode)
+    # the toy arm's joints are in degrees, as a real SO-100's in lerobot's `degrees` mode
+    return write_lerobot_dataset(root, recorded, fps=FPS, norm_mode="degrees")
 
 
 @torch.no_grad()
@@ -407,29 +269,46 @@ def evaluate_in_sim(policy, episodes, length, seed, shuffle_images=False, target
     shuffle_images: the camera shows episode e+1's target instead of episode e's (the arm itself is drawn
     where it really is), so a policy that truly reads the image reaches for the wrong spot.
     """
-    scene, rng = ReachScene(seed=seed, targets=targets), np.random.default_rng(seed)
-    layouts = [scene.reset(rng) for _ in range(episodes)]  # each (targets, 2)
-    camera, steps_per_chunk = policy.config.camera_keys[0], policy.config.n_action_steps
-    successes, latencies = 0, []
-    for e in range(episodes):
-        scene.target, scene.distractors = layouts[e][0], layouts[e][1:]
-        shown = layouts[(e + 1) % episodes] if shuffle_images else layouts[e]
-        joints, queue = (HOME_DEG + rng.uniform(-5.0, 5.0, size=6)).astype(np.float32), []
+    scene = ReachScene(seed=seed, targets=targets)
+    rng = np.random.default_rng(seed)
+    layouts = [scene.reset(rng) for _ in range(episodes)]  # each (targets, 2): the target, then the others
+    camera = policy.config.camera_keys[0]
+    steps_per_chunk = policy.config.n_action_steps
+    successes = 0
+    latencies = []
+    for episode in range(episodes):
+        scene.target = layouts[episode][0]
+        scene.distractors = layouts[episode][1:]
+        if shuffle_images:
+            shown = layouts[(episode + 1) % episodes]
+        else:
+            shown = layouts[episode]
+        joints = start_pose(rng)
+        queue = []
         for _ in range(length):
             if not queue:
-                image = torch.from_numpy(scene.render(joints, target=shown)).permute(2, 0, 1)  # (3, H, W) uint8
-                observation = {STATE: torch.from_numpy(joints), camera: image, "task": DEMO_TASK}
-                tick = time.perf_counter()
-                queue = list(policy.predict_chunk(observation)[0, :steps_per_chunk].float().cpu().numpy())
-                latencies.append(time.perf_counter() - tick)
+                image = scene.render(joints, target=shown)
+                started = time.perf_counter()
+                chunk = policy.predict_chunk(observe(joints, camera, image))  # (1, chunk_size, 6)
+                queue = list(chunk[0, :steps_per_chunk].float().cpu().numpy())
+                latencies.append(time.perf_counter() - started)
             joints = step_arm(joints, queue.pop(0))
         successes += scene.success(joints)
     return successes / episodes, float(np.median(latencies))
 
 
-# The RTC lab's modes: what each request asks of the policy (policy_server.PolicyRunner.rtc_options)
-RTC_LAB = {"off": None, "guided": {"mode": "guided", "jacobian": False},
-           "guided_jacobian": {"mode": "guided", "jacobian": True}, "trained": {"mode": "trained"}}
+# ----------------------------------------------------------------------------------------------------
+# The Real-Time Chunking lab: asynchronous inference on a simulated clock (README lab 6)
+# ----------------------------------------------------------------------------------------------------
+
+# The lab's modes: what each request asks of the policy (policy_server.PolicyRunner.rtc_options). Each mode
+# is named here in full, whatever the library's defaults (the lab measures them side by side).
+RTC_LAB = {
+    "off": None,
+    "guided": {"mode": "guided", "jacobian": False},
+    "guided_jacobian": {"mode": "guided", "jacobian": True},
+    "trained": {"mode": "trained"},
+}
 
 
 class ToyServos:
@@ -447,103 +326,279 @@ class ToyServos:
 
 class DelayedWorker:
     """infer_async's InferenceWorker on a simulated clock: the chunk asked for at tick k is computed at once
-    and handed back at tick k + 1 + delay, however long it took (.tick: set before each control tick)."""
+    and handed back at tick k + 1 + delay, however long it took. The lab sets .tick before each control
+    tick."""
 
     def __init__(self, compute, delay):
-        self.compute, self.delay, self.tick, self.pending = compute, delay, 0, []
+        self.compute = compute
+        self.delay = delay
+        self.tick = 0
+        self.pending = []  # (tick due, Result)
+
+    def now(self):
+        """The simulated clock, in seconds (the scheduler's clock: it measures latencies with it)."""
+        return self.tick / FPS
 
     def submit(self, request, observation):
-        self.pending.append((self.tick + 1 + self.delay, Result.from_answer(request.id, self.compute(observation))))
+        result = Result.from_answer(request.id, self.compute(observation))
+        self.pending.append((self.tick + 1 + self.delay, result))
 
     def poll(self):
         return [result for due, result in self.pending if due == self.tick]
 
 
-def rtc_lab(policy, async_loop, episodes, length, seed, targets=2, delays=(0, 4, 8), threshold=0.7):
+def rtc_lab(policy, episodes, length, seed, targets=2, delays=(0, 4, 8), threshold=0.7):
     """Real-Time Chunking under asynchronous inference, on a simulated clock: infer_async's control loop
-    (async_loop: the infer_async module; it imports this one) with each chunk arriving `delay` ticks after
-    its observation. One row per (mode, delay): success rate, switch_jump_mean (robot units, mean over all
-    switches); `trained` if the policy was trained with RTC."""
-    camera, rows = policy.config.camera_keys[0], []
-    modes = [m for m in RTC_LAB if m != "trained" or policy.trained_on.get("rtc_max_delay")]
-    for mode, delay in [(mode, delay) for mode in modes for delay in delays]:
-        scene, rng = ReachScene(seed=seed, targets=targets), np.random.default_rng(seed)
-        runner, successes, jumps = PolicyRunner(policy, seed), 0, []  # the same noise for every mode
-        for _ in range(episodes):
-            scene.reset(rng)
-            arm = ToyServos((HOME_DEG + rng.uniform(-5.0, 5.0, size=6)).astype(np.float32))
-            worker = DelayedWorker(runner, delay)
-            scheduler = async_loop.AsyncScheduler(policy.config.chunk_size, threshold, rtc=RTC_LAB[mode],
-                                                  clock=lambda: worker.tick / DEMO_FPS, fps=DEMO_FPS)
-            for worker.tick in range(length):  # the simulated clock: the worker hands back what is due now
-                async_loop.control_tick(arm, lambda joints: {STATE: joints, camera: scene.render(joints),
-                                                             "task": DEMO_TASK}, worker, scheduler, log=print)
-            successes += scene.success(arm.joints)
-            jumps += [jump for _, jump in scheduler.metrics.switch_jumps()]
-        rows.append({"mode": mode, "delay_ticks": delay, "success_rate": successes / episodes,
-                     "switch_jump_mean": round(float(np.mean(jumps)), 3) if jumps else None})
-        print(f"rtc lab: {rows[-1]}")
+    with each chunk arriving `delay` ticks after its observation. One row per (mode, delay): success rate,
+    switch_jump_mean (robot units, mean over all switches); `trained` if the policy was trained with RTC."""
+    camera = policy.config.camera_keys[0]
+    modes = list(RTC_LAB)
+    if not policy.trained_on.get("rtc_max_delay"):
+        modes.remove("trained")
+    rows = []
+    for mode in modes:
+        for delay in delays:
+            rows.append(rtc_lab_row(policy, camera, mode, delay, episodes, length, seed, targets, threshold))
+            print(f"rtc lab: {rows[-1]}")
     return rows
 
 
+def rtc_lab_row(policy, camera, mode, delay, episodes, length, seed, targets, threshold):
+    """One row of the RTC lab: `episodes` episodes of `length` ticks in one mode at one delay."""
+    scene = ReachScene(seed=seed, targets=targets)
+    rng = np.random.default_rng(seed)
+    runner = PolicyRunner(policy, seed)  # the same noise for every mode
+    successes = 0
+    jumps = []
+
+    def capture(joints):
+        return {STATE: joints, camera: scene.render(joints), "task": TASK}
+
+    for _ in range(episodes):
+        scene.reset(rng)
+        arm = ToyServos(start_pose(rng))
+        worker = DelayedWorker(runner, delay)
+        scheduler = AsyncScheduler(policy.config.chunk_size, threshold, rtc=RTC_LAB[mode], clock=worker.now,
+                                   fps=FPS)
+        for tick in range(length):
+            worker.tick = tick  # the worker hands back what is due at this tick
+            control_tick(arm, capture, worker, scheduler, log=print)
+        successes += scene.success(arm.joints)
+        for _, jump in scheduler.metrics.switch_jumps():
+            jumps.append(jump)
+    jump_mean = None
+    if jumps:
+        jump_mean = round(float(np.mean(jumps)), 3)
+    return {
+        "mode": mode,
+        "delay_ticks": delay,
+        "success_rate": successes / episodes,
+        "switch_jump_mean": jump_mean,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# The demo: record -> train from scratch -> save -> reload -> evaluate
+# ----------------------------------------------------------------------------------------------------
+
+# The demo's training recipe: train.py's, but a tiny model from scratch learns fast with a higher lr and a
+# short schedule, in one process, saving only at the end.
+DEMO_RECIPE = {
+    **train.RECIPE,
+    "steps": 1_500,
+    "lr": 1e-3,
+    "decay_lr": 1e-5,
+    "warmup_steps": 100,
+    "decay_steps": None,  # None: the run's steps
+    "num_workers": 0,
+    "save_every": 0,
+    "log_every": 25,
+}
+
+# The demo's own settings (its flags, without the `--`).
+DEMO_SETTINGS = {
+    "targets": 1,          # 1, or 2 mirror-image targets (the expert picks one)
+    "episodes": 160,       # demonstrations recorded
+    "length": 20,          # steps per episode
+    "eval_episodes": 50,   # episodes per evaluation
+    "chunk_size": 10,      # actions per chunk
+    "action_steps": 5,     # actions executed per chunk, open loop
+    "vlm_layers": 4,       # VLM layers kept, of the tiny VLM's 8
+    "attention": "interleaved",  # ATTENTION's key
+}
+
+# With two targets: the settings README lab 6 (Real-Time Chunking) was measured with, so that its bare
+# command, `python demo.py --targets 2 --rtc-max-delay 8`, reproduces the table. A chunk of 20 spans the
+# whole delay range; 3000 steps and 200 evaluation episodes (success ±0.03). With --rtc-max-delay, prefixes
+# shifted by N(0, 0.2²) (the lab's finding: clean prefixes teach the policy that a still prefix means
+# "arrived"); train.py's own default stays the paper's clean prefixes.
+TWO_TARGET_SETTINGS = {"steps": 3_000, "chunk_size": 20, "eval_episodes": 200}
+TWO_TARGET_PREFIX_OFFSET = 0.2
+
+# What the demo has in place of train.py's data and starting-point flags (the run saves them for --resume).
+DEMO_RUN = {
+    "repo": None,          # the dataset it records (--resume: the run's dataset/)
+    "policy": None,        # a tiny SmolVLA from scratch
+    "from_scratch": False,
+    "vlm": None,           # its VLM description is written into the run (vlm/)
+    "rename": None,
+    "train_vlm": True,     # everything learns: nothing is pretrained
+}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    setting = DEMO_SETTINGS
+    parser.add_argument("--targets", type=int, help=f"1, or 2 mirror-image targets ({setting['targets']})")
+    parser.add_argument("--episodes", type=int, help=f"demonstrations recorded ({setting['episodes']})")
+    parser.add_argument("--length", type=int, help=f"steps per episode ({setting['length']})")
+    parser.add_argument("--eval-episodes", type=int,
+                        help=f"episodes per evaluation ({setting['eval_episodes']}; 2 targets: 200)")
+    parser.add_argument("--chunk-size", type=int,
+                        help=f"actions per chunk ({setting['chunk_size']}; 2 targets: 20)")
+    parser.add_argument("--action-steps", type=int,
+                        help=f"actions executed per chunk, open loop ({setting['action_steps']})")
+    parser.add_argument("--vlm-layers", type=int,
+                        help=f"VLM layers kept, of the tiny VLM's 8 ({setting['vlm_layers']})")
+    parser.add_argument("--attention",
+                        help="expert-VLM attention: interleaved cross/self (SmolVLA), cross only, self only "
+                             f"(demo.ATTENTION; {setting['attention']})")
+    train.add_run_arguments(parser)
+    parser.set_defaults(output=None)
+    return parser
+
+
+def fill_demo_options(args):
+    """The demo's settings and recipe where the command line left them out (two targets: lab 6's)."""
+    settings = dict(DEMO_SETTINGS)
+    recipe = dict(DEMO_RECIPE)
+    if args.targets == 2:
+        settings.update(TWO_TARGET_SETTINGS)
+        recipe["steps"] = TWO_TARGET_SETTINGS["steps"]
+        if args.rtc_max_delay and args.rtc_prefix_offset is None:
+            args.rtc_prefix_offset = TWO_TARGET_PREFIX_OFFSET
+    for name, value in settings.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    at_least = {name: 1 for name in DEMO_SETTINGS if name not in ("targets", "attention")}
+    train.fill_options(args, defaults=recipe, at_least=at_least)
+    if args.targets not in (1, 2):
+        raise ValueError(f"--targets {args.targets}: the toy world has 1 target or 2 mirror-image ones")
+    if args.attention not in ATTENTION:
+        raise ValueError(f"--attention {args.attention!r} is not one of {sorted(ATTENTION)}.")
+
+
 def prepare_demo(args, processes):
-    """The demo's own checks, before anything is written: one process, a known --demo-attention, and a new
-    (or empty) output directory, by default outputs/demo/<date> (train.py links outputs/demo/latest to it)."""
+    """The demo's checks, before anything is written: one process, its settings, and a new (or empty)
+    output directory, by default outputs/demo/<date> (outputs/demo/latest is linked to the newest)."""
     if processes.distributed:
-        raise ValueError("--demo runs in one process; run torchrun on the demo's dataset with --repo.")
-    if args.demo_attention not in ATTENTION:
-        raise ValueError(f"--demo-attention {args.demo_attention!r} is not one of {sorted(ATTENTION)}.")
-    args.output = args.output or os.path.join("outputs", "demo", time.strftime("%Y-%m-%d_%H-%M-%S"))
+        raise ValueError("demo.py runs in one process; "
+                         "run torchrun train.py on the demo's dataset with --repo.")
+    fill_demo_options(args)
+    default_output = args.output is None
+    if default_output:
+        args.output = os.path.join("outputs", "demo", time.strftime("%Y-%m-%d_%H-%M-%S"))
     if os.path.isdir(args.output) and os.listdir(args.output):
-        raise FileExistsError(f"{args.output!r} is not empty; the demo writes a new run: choose another --output.")
+        raise FileExistsError(f"{args.output!r} is not empty; the demo writes a new run: "
+                              "choose another --output.")
+    train.check_output(args.output, resume=False)
+    train.check_batch_size(args.episodes * args.length, args.batch_size, 1)
+    if default_output:
+        os.makedirs(args.output, exist_ok=True)
+        train.replace_link(os.path.dirname(args.output), "latest", os.path.basename(args.output))
 
 
-def run_demo(args, processes, train, async_loop=None):
-    """Record -> train from scratch -> save -> reload -> evaluate twice (and the RTC lab) -> eval.json.
-
-    `train(policy, dataset, args, processes)` is train.py's training loop (passed in: this file does not
-    import train.py); it writes the checkpoints under args.output. async_loop: infer_async, for rtc_lab."""
+def run_demo(args, processes):
+    """Record -> train from scratch -> save -> reload -> evaluate twice (and the RTC lab) -> eval.json."""
     started = time.perf_counter()
     # The demo's matrices are tiny: a second CPU thread gains little, and on a busy machine threads that
     # wait for each other cost a lot (measured on 2 shared cores: 0.3 s per step with 1 thread, 2.3 s with 2).
     torch.set_num_threads(1)
-    dataset_root = record_demonstrations(os.path.join(args.output, "dataset"), args.demo_episodes,
-                                         args.demo_length, seed=args.seed, targets=args.demo_targets)
+    dataset_root = record_demonstrations(os.path.join(args.output, "dataset"), args.episodes, args.length,
+                                         seed=args.seed, targets=args.targets)
     # from here on the demo data is an ordinary LeRobot dataset on disk
     dataset = LeRobotDataset(dataset_root)
     config = demo_policy_config(dataset, args)
     dataset.chunk_size = config.chunk_size
     vlm_dir = os.path.join(args.output, "vlm")
     torch.manual_seed(args.seed)  # the random initialization of the whole tiny model
-    policy = SmolVLA(config, *write_tiny_vlm(vlm_dir, dataset.tasks))
+    policy = SmolVLAPolicy(config, *write_tiny_vlm(vlm_dir, dataset.tasks))
     policy.vlm_dir = vlm_dir  # copied into every checkpoint's vlm/
     policy.set_normalization(dataset.stats)
-    args.train_vlm = True
     training_started = time.perf_counter()
-    train(policy, dataset, args, processes)
+    train.train(policy, dataset, args, processes)
     training_time = time.perf_counter() - training_started
 
     checkpoint = os.path.join(args.output, "checkpoints", "last", "pretrained_model")
     # evaluate the checkpoint as written, the way a user would load it
-    policy = SmolVLA.from_pretrained(checkpoint).to(processes.device)
-    print(f"evaluating in the simulator: {args.demo_eval_episodes} episodes with the real images, "
-          f"then {args.demo_eval_episodes} with images of other episodes' scenes")
-    episodes, length, targets = args.demo_eval_episodes, args.demo_length, args.demo_targets
-    x, seconds_per_chunk = evaluate_in_sim(policy, episodes, length, args.seed + 1, targets=targets)
-    y, _ = evaluate_in_sim(policy, episodes, length, args.seed + 1, shuffle_images=True, targets=targets)
-    result = {"success_rate": x, "success_rate_shuffled_images": y, "episodes": args.demo_eval_episodes,
-              "uses_images": x >= 0.8 and y <= x / 2, "inference_ms_per_chunk": round(1000 * seconds_per_chunk, 1),
-              "train_samples_per_s": round(args.steps * args.batch_size / training_time, 1),
-              "train_steps": args.steps, "train_episodes": args.demo_episodes, "episode_length": args.demo_length,
-              "chunk_size": config.chunk_size, "n_action_steps": config.n_action_steps,
-              "vlm_layers": config.num_vlm_layers, "attention": args.demo_attention, "checkpoint": checkpoint,
-              "wall_time_s": round(time.perf_counter() - started, 1),
-              "animation": animate_episodes(policy, os.path.join(args.output, "episodes.gif"), 4, args.demo_length)}
-    if async_loop is not None and (targets > 1 or args.rtc_max_delay):  # 2 x length: time for the delays
-        result["rtc_lab"] = rtc_lab(policy, async_loop, episodes, 2 * length, args.seed + 1, targets)
+    policy = SmolVLAPolicy.from_pretrained(checkpoint).to(processes.device)
+    print(f"evaluating in the simulator: {args.eval_episodes} episodes with the real images, "
+          f"then {args.eval_episodes} with images of other episodes' scenes")
+    evaluation_seed = args.seed + 1
+    episodes = args.eval_episodes
+    success_rate, seconds_per_chunk = evaluate_in_sim(policy, episodes, args.length, evaluation_seed,
+                                                      targets=args.targets)
+    success_rate_shuffled, _ = evaluate_in_sim(policy, episodes, args.length, evaluation_seed,
+                                               shuffle_images=True, targets=args.targets)
+    animation = animate_episodes(policy, os.path.join(args.output, "episodes.gif"), 4, args.length)
+    result = {
+        "success_rate": success_rate,
+        "success_rate_shuffled_images": success_rate_shuffled,
+        "episodes": args.eval_episodes,
+        "uses_images": success_rate >= 0.8 and success_rate_shuffled <= success_rate / 2,
+        "inference_ms_per_chunk": round(1000 * seconds_per_chunk, 1),
+        "train_samples_per_s": round(args.steps * args.batch_size / training_time, 1),
+        "train_steps": args.steps,
+        "train_episodes": args.episodes,
+        "episode_length": args.length,
+        "chunk_size": config.chunk_size,
+        "n_action_steps": config.n_action_steps,
+        "vlm_layers": config.num_vlm_layers,
+        "attention": args.attention,
+        "checkpoint": checkpoint,
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "animation": animation,
+    }
+    if args.targets > 1 or args.rtc_max_delay:
+        # episodes twice as long: time for the delays
+        result["rtc_lab"] = rtc_lab(policy, episodes, 2 * args.length, evaluation_seed, args.targets)
     with open(os.path.join(args.output, "eval.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))
     print(f"\ncheckpoint: {checkpoint}\nrun it on the virtual arm:\n"
-          f"  python infer_async.py --port sim --policy {checkpoint} --task \"{DEMO_TASK}\"")
+          f"  python infer_async.py --port sim --policy {checkpoint} --task \"{TASK}\"")
     return result
+
+
+def check_resume(args):
+    """A demo run continues like any training run: on the dataset it recorded, with the settings it saved."""
+    given = [name for name in DEMO_SETTINGS if getattr(args, name) is not None]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(f"{flags}: a resumed run keeps the settings it was recorded and trained with")
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    train.check_rtc_flags(parser, args)
+    for name, value in DEMO_RUN.items():
+        setattr(args, name, value)
+    processes = train.start_processes(args.device)
+    try:
+        if args.resume:
+            check_resume(args)
+            dataset, policy, start = train.prepare(args, processes)
+        else:
+            prepare_demo(args, processes)
+    except (FileNotFoundError, FileExistsError, PermissionError, ValueError) as error:
+        sys.exit(f"demo.py: error: {error}")
+    if args.resume:
+        train.train(policy, dataset, args, processes, start)
+        print(f"checkpoint: {os.path.join(args.output, 'checkpoints', 'last', 'pretrained_model')}")
+        return None
+    return run_demo(args, processes)
+
+
+if __name__ == "__main__":
+    main()

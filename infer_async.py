@@ -16,9 +16,9 @@ With Real-Time Chunking (`--rtc guided|trained`, flow.py) the request carries wh
 (normalized) and the delay d, the ticks it will still run; the chunk continues it and replaces the queue.
 
 The file reads top to bottom: 1. the action queue and the scheduler: pure logic, driven by an injectable
-clock (unit-tested); 2. the control loop at --fps, feeding the inference thread (policy_server.py's
-InferenceWorker: the policy in this process or on a server) and metrics; 3. the command line. The queue
-plot (the paper's Figure 3) is policy_server.plot_queue.
+clock (unit-tested); 2. the inference thread (`InferenceWorker`: the policy in this process or on a
+server, policy_server.py); 3. the control loop at --fps, its metrics and the queue plot (the paper's
+Figure 3); 4. the command line, with its checks and the defaults a checkpoint brings (`settle_run_options`).
 
     python infer_async.py --port sim --policy CKPT --vlm VLM --duration 20 --metrics m.json --plot q.png
     python infer_async.py --serve --host 127.0.0.1 --port-server 8765 --policy CKPT
@@ -35,27 +35,25 @@ import contextlib
 import json
 import math
 import os
+import queue
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
 
-# OpenMP threads that spin while waiting steal the CPU from the control loop's thread on a busy 2-core laptop:
-# a short spin before sleeping keeps inference speed and the loop's timing (measured in bench.py). Set before
-# torch starts (policy.py imports it); OMP_WAIT_POLICY or GOMP_SPINCOUNT given by the user win.
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-
-import numpy as np
-
 import plumbing
-from plumbing import HelpFormatter, parse_mapping
-from policy import IMAGE_PREFIX, STATE, settle_run_options
-from policy_server import (InferenceWorker, PolicyClient, RemoteError, add_policy_arguments, check_arguments, open_policy,
-                           plot_queue, serve)
-from policy_server import Result  # noqa: F401 (re-exported: the scheduler's input, made by the worker)
+
+plumbing.spin_briefly_before_sleeping()  # OpenMP's wait setting, before torch starts (policy.py imports it)
+
+import numpy as np  # noqa: E402
+
+from plumbing import HelpFormatter, parse_mapping  # noqa: E402
+from policy_server import PolicyClient, RemoteError, add_policy_arguments, open_policy, serve  # noqa: E402
+from smolvla import IMAGE_PREFIX, STATE  # noqa: E402
+from toy_world import ToyWorld  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. The action queue and the scheduler (pure logic: no threads, no I/O, time from an injectable clock)
@@ -339,7 +337,98 @@ class AsyncScheduler:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. The control loop and its metrics
+# 2. The inference thread: the policy, in this process or on a server, never blocks the loop
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    request_id: int
+    actions: np.ndarray = None  # (n, action_dim) float32 robot units; None when inference failed
+    error: str = None           # what went wrong, for the log and the metrics
+    latency_s: float = 0.0      # observation handed over -> chunk (or error) back, on the inference thread
+    normalized: np.ndarray = None  # with RTC: the chunk in the policy's normalized units (the next leftover)
+
+    @classmethod
+    def from_answer(cls, request_id, answer):
+        """The Result of a PolicyRunner's (or PolicyClient's) answer {"actions", and with RTC "normalized"}."""
+        return cls(request_id, np.asarray(answer["actions"], dtype=np.float32), normalized=answer.get("normalized"))
+
+
+class InferenceWorker:
+    """Runs compute(observation) -> {"actions", ...} on a background thread, so the control loop never waits.
+
+    compute is a PolicyRunner (in-process, the default) or a PolicyClient (remote). Every exception it
+    raises becomes a failed Result; extra_latency_s adds an artificial delay to study g (paper §3.3).
+    """
+
+    def __init__(self, compute, extra_latency_s=0.0):
+        self.compute = compute
+        self.extra_latency_s = extra_latency_s
+        self.requests = queue.Queue()
+        self.results = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self.thread.start()
+
+    def submit(self, request, observation):
+        self.requests.put((request, observation))
+
+    def poll(self):
+        """Results finished since the last poll (never blocks)."""
+        done = []
+        while not self.results.empty():  # one reader, the control loop: a result seen here stays there
+            done.append(self.results.get_nowait())
+        return done
+
+    def close(self, timeout_s=2.0):
+        self.requests.put(None)
+        self.thread.join(timeout_s)
+
+    def _run(self):
+        while (item := self.requests.get()) is not None:
+            request, observation = item
+            start = time.monotonic()
+            try:
+                answer = self.compute(observation)
+                time.sleep(self.extra_latency_s)
+                result = Result.from_answer(request.id, answer)
+            # any failure of the policy or the network must reach the scheduler as a failed Result,
+            # otherwise the request would stay in flight and the loop would wait for it forever
+            except Exception as e:  # noqa: BLE001
+                result = Result(request.id, error=f"{type(e).__name__}: {e}")
+            result.latency_s = time.monotonic() - start
+            self.results.put(result)
+
+
+def plot_queue(metrics, path):
+    """Queue size per tick, empty ticks included (the paper's Figure 3), with the trigger level g·n."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fps = metrics.config.get("fps", 30)
+    t = np.arange(len(metrics.queue_sizes)) / fps
+    sizes = np.asarray(metrics.queue_sizes)
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    ax.step(t, sizes, where="post", color="tab:blue", label="actions in queue")
+    if metrics.config.get("threshold", 0) > 0 and "chunk_size" in metrics.config:
+        ax.axhline(metrics.config["threshold"] * metrics.config["chunk_size"], color="gray", ls="--",
+                   label=f"trigger g·n (g = {metrics.config['threshold']})")
+    idle = (sizes == 0) & (np.arange(len(sizes)) >= (metrics.arrival_ticks[0] if metrics.arrival_ticks else 0))
+    ax.scatter(t[idle], sizes[idle], color="tab:red", s=8, zorder=3, label=f"idle ticks ({int(idle.sum())})")
+    ax.scatter(np.asarray(metrics.send_ticks) / fps, np.full(len(metrics.send_ticks), -2), marker="^",
+               color="tab:green", s=12, label="observation sent")
+    switches = np.asarray(metrics.switch_ticks()) / fps  # the executed actions pass to a newer chunk
+    ax.scatter(switches, np.full(len(switches), -4), marker="|", color="tab:purple", s=40, label="chunk switch")
+    ax.set(xlabel="time (s)", ylabel="queue size", title=metrics.config.get("title", "action queue"))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. The control loop, its metrics and the queue plot (the paper's Figure 3)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -389,7 +478,7 @@ def control_tick(arm, capture, worker, scheduler, log):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. Command line
+# 4. Command line
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -462,6 +551,8 @@ def make_async_scheduler(args, chunk_size, action_dim):
 
 def run_arm(args):
     """Drive the arm with the policy until --duration or Ctrl-C; torque goes off whatever happens."""
+    from so100 import open_arm, open_cameras  # the servo driver (pyserial) only beside an arm: --serve never
+
     compute, info = open_policy(args)
     settle_run_options(args, info.get("trained_on", {}))  # --fps, --norm-mode, --task: the policy's by default
     ticks = sys.maxsize if args.duration is None else round(args.duration * args.fps)
@@ -469,16 +560,15 @@ def run_arm(args):
     with contextlib.ExitStack() as cleanup:
         if isinstance(compute, PolicyClient):
             cleanup.callback(compute.close)
-        arm, virtual_arm = plumbing.open_arm(args.port, calibration=args.calibration, norm_mode=args.norm_mode,
-                                           max_relative_target=args.max_relative_target, arm_id=args.id)
+        arm, virtual_arm = open_arm(args.port, calibration=args.calibration, norm_mode=args.norm_mode,
+                                    max_relative_target=args.max_relative_target, arm_id=args.id)
         if virtual_arm is not None:
             cleanup.callback(virtual_arm.close)
         cleanup.callback(arm.disconnect)
         if virtual_arm is not None:  # --port sim: the toy world, whose "sim" cameras film it, watches the target
-            from demo import ToyWorld
             args.world = ToyWorld(virtual_arm.joint_positions_deg, camera_keys=())
         sources = camera_sources(args.cameras, args.rename, info["cameras"], sim=virtual_arm is not None)
-        cameras = plumbing.open_cameras(sources, virtual_arm, args.world and args.world.scene)
+        cameras = open_cameras(sources, virtual_arm, args.world and args.world.scene)
         cleanup.callback(lambda: [camera.close() for camera in cameras.values() if hasattr(camera, "close")])
 
         def capture(state):
@@ -525,6 +615,46 @@ def run_arm(args):
     if args.record_video and args.world:
         args.world.save_gif(args.record_video, fps=args.fps)
     return m
+
+
+def check_arguments(args):
+    """infer_async.py's numbers, output files and options that go together, checked before anything loads."""
+    folders = [os.path.dirname(os.path.abspath(p)) for p in (args.metrics, args.plot, args.record_video) if p]
+    if missing := [folder for folder in folders if not os.path.isdir(folder)]:
+        raise ValueError(f"no folder {missing[0]!r} to write --metrics, --plot or --record-video in")
+    if not 0 <= args.port_server <= 65535 or args.duration is not None and args.duration <= 0:
+        raise ValueError(f"--port-server must be 0..65535 and --duration positive (got {args.port_server}, {args.duration})")
+    if args.record_video and (args.port != "sim" or args.cameras):
+        raise ValueError("--record-video films the toy world: it needs --port sim without --cameras")
+    if args.fps is not None and args.fps <= 0 or args.extra_latency < 0:
+        raise ValueError(f"--fps must be positive and --extra-latency >= 0 (got {args.fps}, {args.extra_latency})")
+    if args.serve and args.extra_latency:
+        raise ValueError("--extra-latency is added on the client's inference thread: pass it to the client")
+
+
+def settle_run_options(args, trained_on: dict, log=print):
+    """Fill and check infer_async.py's --fps, --norm-mode, --task (None: not given) from what the policy was
+    trained on (model.trained_on; without trained_on.json, as lerobot's: 30 fps, degrees, no task)."""
+    fps, mode, tasks = trained_on.get("fps"), trained_on.get("norm_mode"), trained_on.get("tasks")
+    if args.fps is None:
+        args.fps = float(fps or 30)
+    elif fps and args.fps != fps:  # chunks are sequences of actions Δt = 1/fps apart: another rate warps them
+        log(f"warning: --fps {args.fps:g}, but the policy was trained on {fps:g} fps data: it moves "
+            f"{args.fps / fps:.2g}x as fast as it learned to, and g·n ticks last a different time")
+    if args.norm_mode is None:
+        args.norm_mode = mode or "degrees"
+    elif mode and args.norm_mode != mode:
+        raise ValueError(f"--norm-mode {args.norm_mode}: this policy was trained on joints in {mode} (its "
+                         f"dataset's units); drive it with --norm-mode {mode}, or leave the flag out")
+    if args.task is None and tasks is not None:
+        if len(tasks) != 1:
+            listed = "; ".join(f'--task "{task}"' for task in tasks) or "none recorded"
+            raise ValueError(f"give --task: this policy was trained on {len(tasks)} tasks ({listed})")
+        args.task = tasks[0]
+        log(f'task: "{args.task}" (the policy\'s only training task; --task gives another)')
+    if args.task is None:
+        log("note: no --task, so an empty instruction (this checkpoint does not record its training tasks)")
+    args.task = args.task or ""
 
 
 def main(argv=None):

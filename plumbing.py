@@ -1,4 +1,4 @@
-"""Files, frames and command lines: the input and output every other file shares (support tier).
+"""Files, videos and command lines: the input and output every other file shares (support tier).
 
 Nothing here is SmolVLA. It is what the tutorial files and the tools need from the outside world, kept in one
 place so that each of them reads as its own idea:
@@ -6,10 +6,8 @@ place so that each of them reads as its own idea:
 - where files come from: a local directory or the Hugging Face Hub (checkpoints, VLMs, datasets), JSON read
   with an error that names what was missing, files written atomically (a reader sees the old file or the
   whole new one: record.py's crash-safe datasets);
-- frames: a USB camera read in the background (or, with a virtual arm, the toy world's cameras), an mp4
-  encoder and per-channel statistics for recordings (record.py), pooled over episodes as the reader pools
-  them (data.py), and the mp4 decoding of data.py's reader;
-- arms: a real SO-100 on its serial port, or a fresh virtual one (`open_arm`);
+- videos: an mp4 encoder and per-channel statistics for recordings (record.py), pooled over episodes as
+  the reader pools them (data.py), and the mp4 decoding of data.py's reader;
 - the command lines' --help format (every default shown) and their name=value lists.
 """
 
@@ -17,12 +15,26 @@ import argparse
 import collections
 import json
 import os
-import threading
 from fractions import Fraction
 from pathlib import Path
 
 import av  # (PyAV: FFmpeg's decoders and encoders; its wheel ships libdav1d for AV1)
 import numpy as np
+
+# ----------------------------------------------------------------------------------------------------
+# Threads: OpenMP's wait, set before torch starts its thread pool (bench.py and infer_async.py call it first)
+
+def spin_briefly_before_sleeping():
+    """Let an idle OpenMP thread spin only briefly before it sleeps (GOMP_SPINCOUNT=10000), unless the user
+    set OMP_WAIT_POLICY or GOMP_SPINCOUNT. On a machine shared with other work (a 2-core laptop running the
+    control loop too), threads that spin long while waiting for a descheduled partner turn every parallel
+    operator into a wait for the scheduler (measured: an expert step 12x slower with 2 threads at load 3 on
+    2 cores). A short spin keeps the idle-machine speed (a chunk 2.07 s vs 2.08 s with libgomp's default
+    spin, 2.31 s with OMP_WAIT_POLICY=PASSIVE) and most of passive waiting's robustness. Read by GNU
+    OpenMP (torch's Linux builds, x86 and ARM); other OpenMP runtimes ignore it, so it is safe everywhere."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
 
 # ----------------------------------------------------------------------------------------------------
 # Where files come from and how they are written.
@@ -74,94 +86,9 @@ def write_json(path, value):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Frames: cameras, and the videos and statistics of a recording.
+# Videos and statistics of a recording.
 
 
-
-class OpenCVCamera:
-    """A USB camera (device index) or a video file, read as (H, W, 3) uint8 RGB frames. A thread takes the
-    frames as the camera delivers them and `read()` returns the latest at once: a control loop never waits
-    up to a frame period for the next one."""
-
-    def __init__(self, index_or_path, width=640, height=480):
-        import cv2
-
-        self._cv2, self.source, self._error, self._running = cv2, index_or_path, None, True
-        self._capture = cv2.VideoCapture(index_or_path)
-        if not self._capture.isOpened():
-            raise FileNotFoundError(f"cannot open camera {index_or_path!r}: check `ls /dev/video*` or the path")
-        self._capture.set(cv2.CAP_PROP_FRAME_WIDTH, width)
-        self._capture.set(cv2.CAP_PROP_FRAME_HEIGHT, height)
-        self.width, self.height, self._latest = width, height, self._grab()
-        (h, w) = self._latest.shape[:2]
-        if (h, w) != (height, width):
-            self.close()
-            raise ValueError(f"camera {index_or_path!r} delivers {w}x{h} frames, not {width}x{height}: pass "
-                             f"width={w}, height={h}")
-        self._thread = threading.Thread(target=self._keep_grabbing, name=f"camera {index_or_path}", daemon=True)
-        self._thread.start()
-
-    def _grab(self):
-        ok, bgr = self._capture.read()
-        if not ok:
-            raise RuntimeError(f"camera {self.source!r} returned no frame (unplugged, or end of the video)")
-        return self._cv2.cvtColor(bgr, self._cv2.COLOR_BGR2RGB)  # OpenCV delivers BGR; datasets are RGB
-
-    def _keep_grabbing(self):
-        try:
-            while self._running:  # a new array each time: frames already handed out never change
-                self._latest = self._grab()
-        except RuntimeError as e:
-            self._error = None if os.path.isfile(str(self.source)) else e  # a video's last frame stays
-
-    def read(self):
-        if self._error:
-            raise self._error
-        return self._latest
-
-    def close(self):
-        self._running = False
-        hasattr(self, "_thread") and self._thread.join()
-        self._capture.release()
-
-
-def open_cameras(sources, virtual_arm=None, scene=None, image_size=(64, 64)):
-    """{key: device index, path or "sim"} (e.g. from infer_async.camera_sources) -> {key: camera}; "sim"
-    cameras film the toy world (`scene`, or a new one of `image_size`) with `virtual_arm` in it."""
-    simulated = [key for key, source in sources.items() if source == "sim"]
-    if simulated and virtual_arm is None:
-        raise ValueError("camera device 'sim' films the virtual arm: it needs --port sim")
-    from virtual_arm import toy_world_cameras  # (here, not at the top: the servo simulator loads only with cameras)
-
-    cameras = toy_world_cameras(simulated, virtual_arm.joint_positions_deg, scene, image_size) if simulated else {}
-    return {key: cameras[key] if source == "sim" else OpenCVCamera(int(source) if source.isdigit() else source)
-            for key, source in sources.items()}
-
-
-
-# ----------------------------------------------------------------------------------------------------
-# Arms: a real SO-100 on its serial port, or a fresh virtual one.
-# ----------------------------------------------------------------------------------------------------
-
-def open_arm(port, calibration=None, norm_mode="degrees", max_relative_target=None, arm_id="my_so100",
-             verbose=True, leader=False, **sim_options):
-    """(connected SO100Follower, or SO100Leader if `leader`; VirtualArm or None) on a real port (calibration:
-    so100.py's <arm_id>.json by default) or on "sim", a fresh virtual arm (close it after the arm)."""
-    from so100 import SO100Follower, SO100Leader, default_calibration  # (pyserial: only beside an arm)
-    from virtual_arm import VirtualArm
-
-    arm_class = SO100Leader if leader else SO100Follower
-    if sim_options and port != "sim":
-        raise ValueError(f"options {sorted(sim_options)} only apply to --port sim")
-    virtual = VirtualArm(**sim_options) if port == "sim" else None
-    calibration = default_calibration(calibration, arm_id, virtual, arm_class.calibration_dir)
-    try:
-        # (a thread plays the virtual servos: on a busy machine it may answer later than a real servo's 50 ms)
-        return arm_class(virtual.port if virtual else port, calibration, norm_mode=norm_mode, verbose=verbose,
-                         max_relative_target=max_relative_target, timeout=0.3 if virtual else 0.05).connect(), virtual
-    except BaseException:
-        virtual and virtual.close()
-        raise
 
 # the codecs a recording's videos may use: name -> (FFmpeg encoder, the codec name a dataset's info.json gives)
 CODECS = {"libsvtav1": ("libsvtav1", "av1"), "av1": ("libsvtav1", "av1"), "h264": ("libx264", "h264"),

@@ -12,12 +12,13 @@ pre- and post-processors do, so that a checkpoint trained by lerobot drives an a
 `predict_chunk` is that path for one observation; `training_loss` the same for a batch of dataset
 samples (with the loss masked past the end of each episode).
 
-The rest of the file is lerobot's checkpoint format, so that `SmolVLA.from_pretrained("lerobot/smolvla_base")`
+`SmolVLAPolicy` is the model (smolvla.py) with that level added. The rest of the file is lerobot's
+checkpoint format, so that `SmolVLAPolicy.from_pretrained("lerobot/smolvla_base")`
 loads the official weights and `save_pretrained` writes what lerobot loads: config.json, model.safetensors
 (our parameter names differ from lerobot's only by a prefix per part; loading is strict by name and
 shape), the normalization statistics (two on-disk formats in the wild), the pre/post-processor JSON, and
 vlm/ (the VLM's config and tokenizer), and trained_on.json: what the policy was trained on, the defaults
-and checks of the command line that drives it (`settle_run_options`).
+and checks of the command line that drives it (infer_async.py's `settle_run_options`).
 """
 
 import fnmatch
@@ -32,93 +33,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from plumbing import read_json, resolve_dir
+from smolvla import ACTION, IMAGE_PREFIX, STATE, SmolVLA
 from vlm import VLM_DESCRIPTION_FILES, load_vlm_description, read_safetensors_dir
 
-# lerobot's names for what a policy reads and writes (a dataset's columns carry the same names)
-STATE, ACTION, IMAGE_PREFIX = "observation.state", "action", "observation.images."
 NORM_EPS = 1e-8  # lerobot's normalizer: (x - mean) / (std + 1e-8)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Robot units in and out.
-
-
-def set_normalization(model, stats: dict):
-    """Use these statistics (e.g. a LeRobot dataset's meta/stats.json) to normalize the state and actions.
-    stats: {"observation.state": {"mean": …, "std": …, "min": …, "max": …}, "action": {…}, …}."""
-    for feature, dim in ((STATE, model.config.state_dim), (ACTION, model.config.action_dim)):
-        if feature not in stats:
-            continue
-        model.stats[feature] = {}
-        for name, value in stats[feature].items():
-            if name not in ("mean", "std", "min", "max"):
-                continue
-            value = torch.as_tensor(value, dtype=torch.float32).flatten()
-            if value.shape != (dim,):
-                raise ValueError(f"{feature} {name} has shape {tuple(value.shape)}, the policy's has {dim} dims")
-            model.stats[feature][name] = value
-
-
-def _norm_stats(model, feature: str, feature_type: str, device) -> tuple[str, dict]:
-    """The feature's normalization mode and its statistics on `device` (MIN_MAX: with the span max − min,
-    NORM_EPS where max = min)."""
-    mode = model.config.normalization_mapping.get(feature_type, "IDENTITY")
-    needed = {"IDENTITY": (), "MEAN_STD": ("mean", "std"), "MIN_MAX": ("min", "max")}.get(mode)
-    if needed is None:
-        raise ValueError(f"normalization mode {mode} is not supported (IDENTITY, MEAN_STD, MIN_MAX are)")
-    have = model.stats.get(feature, {})
-    if any(n not in have for n in needed):
-        raise ValueError(
-            f"no {'/'.join(needed)} statistics for '{feature}' ({mode} normalization): the policy cannot map "
-            f"robot units to its own. Call model.set_normalization(dataset.stats) with the stats of the dataset "
-            f"it was trained on (found: {sorted(have) or 'none'})"
-        )
-    s = {name: have[name].to(device) for name in needed}
-    if mode == "MIN_MAX":
-        s["span"] = torch.where(s["max"] == s["min"], torch.full_like(s["max"], NORM_EPS), s["max"] - s["min"])
-    return mode, s
-
-
-def normalize(model, feature: str, feature_type: str, x: torch.Tensor) -> torch.Tensor:
-    """Robot units -> normalized units: MEAN_STD (x − mean) / (std + ε); MIN_MAX [min, max] -> [−1, 1]."""
-    mode, s = _norm_stats(model, feature, feature_type, x.device)
-    if mode == "MEAN_STD":
-        return (x - s["mean"]) / (s["std"] + NORM_EPS)
-    if mode == "MIN_MAX":
-        return 2 * (x - s["min"]) / s["span"] - 1
-    return x
-
-
-def unnormalize(model, feature: str, feature_type: str, x: torch.Tensor) -> torch.Tensor:
-    """Normalized units -> robot units (the inverse of normalize)."""
-    mode, s = _norm_stats(model, feature, feature_type, x.device)
-    if mode == "MEAN_STD":
-        return x * s["std"] + s["mean"]
-    if mode == "MIN_MAX":
-        return (x + 1) / 2 * s["span"] + s["min"]
-    return x
-
-
-def tokenize(model, tasks) -> tuple[torch.Tensor, torch.Tensor]:
-    """Task string(s) -> tokens (B, L) int64 and mask (B, L) bool, as lerobot's preprocessor does:
-    a newline appended, truncated to tokenizer_max_length, right-padded ("longest" or "max_length")."""
-    if model.tokenizer is None:
-        raise ValueError("this model has no tokenizer: load it with from_pretrained/from_vlm or pass one")
-    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
-    if not all(isinstance(t, str) for t in tasks):
-        raise ValueError(f"tasks must be strings, got {tasks!r}")
-    tasks = [t if t.endswith("\n") else t + "\n" for t in tasks]
-    out = model.tokenizer(
-        tasks,
-        max_length=model.config.tokenizer_max_length,
-        truncation=True,
-        padding=model.config.pad_language_to,
-        padding_side="right",
-        return_tensors="pt",
-    )
-    device = model.text.embed_tokens.weight.device
-    return out["input_ids"].to(device), out["attention_mask"].bool().to(device)
-
 
 _UNFILLED_SAID = set()  # the unfilled camera slots already reported (said once per run, not every chunk)
 
@@ -140,117 +62,259 @@ def present_cameras(config, observation: dict) -> list[str]:
     return present
 
 
-@torch.no_grad()
-def predict_chunk(model, observation: dict, noise: torch.Tensor | None = None, **rtc_options) -> torch.Tensor:
-    """One action chunk for one raw observation, in robot units: (1, chunk_size, action_dim).
 
-    observation: {"observation.state": (state_dim,) robot units, "observation.images.<cam>": (3, H, W)
-    uint8 pixels or float in [0, 1] for the policy's cameras (config.camera_keys), "task": str}.
-    noise: optional (1, chunk_size, max_action_dim) starting noise (for reproducible chunks). rtc_options:
-    Real-Time Chunking's keywords of SmolVLA.sample_actions (leftover in normalized units, inference_delay, ...).
+
+
+
+class SmolVLAPolicy(SmolVLA):
+    """SmolVLA (smolvla.py, normalized units) as lerobot's policy: robot units in and out, and checkpoints.
+
+    What it adds to the model: the normalization statistics (`stats`), the tokenizer's preprocessing, and
+    what it was trained on (`trained_on`, from trained_on.json); `predict_chunk` and `training_loss` in
+    robot units; `from_pretrained`, `from_vlm` and `save_pretrained` in lerobot's checkpoint format.
     """
-    model.eval()
-    config, device = model.config, model.state_proj.weight.device
-    if "task" not in observation or STATE not in observation:
-        raise ValueError(f"the observation needs '{STATE}' and 'task' (got keys {sorted(observation)})")
-    state = torch.as_tensor(observation[STATE], dtype=torch.float32, device=device)
-    if state.shape != (config.state_dim,):
-        raise ValueError(f"'{STATE}' must have shape ({config.state_dim},), got {tuple(state.shape)}")
-    images = []
-    for key in present_cameras(config, observation):
-        img = torch.as_tensor(observation[key], device=device)
-        if img.ndim != 3:
-            raise ValueError(f"'{key}' must be one frame (3, H, W), uint8 or float in [0, 1], got {tuple(img.shape)}")
-        images.append(img[None] if img.dtype == torch.uint8 else img[None].float())  # uint8: prepare_images / 255
-    img_masks = [torch.ones(1, dtype=torch.bool, device=device) for _ in images]
-    tokens, token_masks = tokenize(model, [observation["task"]])
-    state = normalize(model, STATE, "STATE", state[None])  # (1, state_dim)
-    actions = model.sample_actions(images, img_masks, tokens, token_masks, state, noise=noise, **rtc_options)
-    return unnormalize(model, ACTION, "ACTION", actions[:, :, : config.action_dim])
 
+    def __init__(self, config, vlm_config: dict, tokenizer=None):
+        super().__init__(config, vlm_config, tokenizer)
+        self.stats = {}  # normalization statistics of state and actions (set_normalization)
+        self.vlm_dir = None  # where the VLM description came from (copied into saved checkpoints' vlm/)
+        self.trained_on = {}  # what it was trained on (fps, norm mode, tasks, RTC): TRAINED_ON_FILE
 
-def training_loss(model, batch: dict, noise=None, time=None) -> torch.Tensor:
-    """Scalar training loss on a collated batch of dataset samples in robot units (data.py):
-    normalizes state and actions, tokenizes the tasks, and averages the flow-matching error over the
-    chunk steps that are inside the episode (not `action_is_pad`) and the real action dims."""
-    device = model.state_proj.weight.device
-    state = normalize(model, STATE, "STATE", batch[STATE].to(device).float())  # (B, state_dim)
-    actions = normalize(model, ACTION, "ACTION", batch[ACTION].to(device).float())  # (B, chunk, action_dim)
-    images = [batch[k].to(device) for k in present_cameras(model.config, batch)]  # uint8 or float, as read
-    img_masks = [torch.ones(state.shape[0], dtype=torch.bool, device=device) for _ in images]
-    tokens, token_masks = tokenize(model, batch["task"])
-    rtc_delay = batch.get("rtc_delay")  # training-time RTC (train.py --rtc-max-delay): prefixes left out
-    if "rtc_offset" in batch:  # ... shifted by flow.prefix_offsets (train.py --rtc-prefix-offset)
-        actions = actions + batch["rtc_offset"].to(device)
-    losses = model.compute_loss(images, img_masks, tokens, token_masks, state, actions, noise, time, rtc_delay)
-    losses = losses[:, :, : model.config.action_dim]  # (B, chunk, action_dim)
-    valid = torch.ones(losses.shape[:2], dtype=torch.bool, device=device)
-    if "action_is_pad" in batch:
-        valid = ~batch["action_is_pad"].to(device).bool()  # (B, chunk)
-    if rtc_delay is not None:
-        valid = valid & (torch.arange(valid.shape[1], device=device)[None] >= rtc_delay.to(device)[:, None])
-    return (losses * valid[..., None]).sum() / (valid.sum() * losses.shape[-1]).clamp(min=1)
+    # --- robot units in and out ------------------------------------------------------------------------
 
+    def set_normalization(self, stats: dict):
+        """Use these statistics (e.g. a LeRobot dataset's meta/stats.json) to normalize the state and actions.
+        stats: {"observation.state": {"mean": …, "std": …, "min": …, "max": …}, "action": {…}, …}."""
+        for feature, dim in ((STATE, self.config.state_dim), (ACTION, self.config.action_dim)):
+            if feature not in stats:
+                continue
+            self.stats[feature] = {}
+            for name, value in stats[feature].items():
+                if name not in ("mean", "std", "min", "max"):
+                    continue
+                value = torch.as_tensor(value, dtype=torch.float32).flatten()
+                if value.shape != (dim,):
+                    raise ValueError(f"{feature} {name} has shape {tuple(value.shape)}, the policy's has {dim} dims")
+                self.stats[feature][name] = value
 
-def features_from_dataset(dataset):
-    """lerobot's input/output feature dicts describing a dataset's state, cameras and actions (the
-    config of a policy trained from scratch on it)."""
-    sample = dataset[0]
-    inputs = {STATE: {"type": "STATE", "shape": list(sample[STATE].shape)}}
-    for key in dataset.camera_keys:
-        inputs[key] = {"type": "VISUAL", "shape": list(sample[key].shape)}
-    outputs = {ACTION: {"type": "ACTION", "shape": [sample[ACTION].shape[-1]]}}
-    return inputs, outputs
+    def _norm_stats(self, feature: str, feature_type: str, device) -> tuple[str, dict]:
+        """The feature's normalization mode and its statistics on `device` (MIN_MAX: with the span max − min,
+        NORM_EPS where max = min)."""
+        mode = self.config.normalization_mapping.get(feature_type, "IDENTITY")
+        needed = {"IDENTITY": (), "MEAN_STD": ("mean", "std"), "MIN_MAX": ("min", "max")}.get(mode)
+        if needed is None:
+            raise ValueError(f"normalization mode {mode} is not supported (IDENTITY, MEAN_STD, MIN_MAX are)")
+        have = self.stats.get(feature, {})
+        if any(n not in have for n in needed):
+            raise ValueError(
+                f"no {'/'.join(needed)} statistics for '{feature}' ({mode} normalization): the policy cannot map "
+                f"robot units to its own. Call policy.set_normalization(dataset.stats) with the stats of the dataset "
+                f"it was trained on (found: {sorted(have) or 'none'})"
+            )
+        s = {name: have[name].to(device) for name in needed}
+        if mode == "MIN_MAX":
+            s["span"] = torch.where(s["max"] == s["min"], torch.full_like(s["max"], NORM_EPS), s["max"] - s["min"])
+        return mode, s
 
+    def normalize(self, feature: str, feature_type: str, x: torch.Tensor) -> torch.Tensor:
+        """Robot units -> normalized units: MEAN_STD (x − mean) / (std + ε); MIN_MAX [min, max] -> [−1, 1]."""
+        mode, s = self._norm_stats(feature, feature_type, x.device)
+        if mode == "MEAN_STD":
+            return (x - s["mean"]) / (s["std"] + NORM_EPS)
+        if mode == "MIN_MAX":
+            return 2 * (x - s["min"]) / s["span"] - 1
+        return x
 
-def check_dataset_fits_policy(config, dataset, rename):
-    """One clear error if the dataset cannot train this policy: cameras named differently, or state/action
-    dims that differ. Policy cameras the dataset does not have at all (smolvla_base reads three, most
-    datasets have two) are dropped from the policy's inputs, as the reference does silently; we say so."""
-    short = lambda key: key[len(IMAGE_PREFIX):]
-    # the dataset's own camera names (before --rename), for the hint
-    original = {new: old for old, new in rename.items()}
-    dataset_name = lambda key: original.get(short(key), short(key))
-    policy_cameras = config.camera_keys
-    missing = [key for key in policy_cameras if key not in dataset.camera_keys]
-    unused = [key for key in dataset.camera_keys if key not in policy_cameras]
-    if unused and (missing or not policy_cameras):
-        pairs = [(dataset_name(old), short(new)) for old, new in zip(unused, missing)]
-        hint = ",".join(f"{old}={new}" for old, new in pairs if old != new)
-        renamed = f" (called {[short(k) for k in dataset.camera_keys]} after --rename)" if rename else ""
-        raise ValueError(f"the dataset's cameras {[dataset_name(k) for k in dataset.camera_keys]}{renamed} are not "
-                         f"the policy's {[short(k) for k in policy_cameras]}: map them with --rename"
-                         + (f", e.g. --rename {hint}" if hint else ""))
-    for key, kind in ((STATE, "input_features"), (ACTION, "output_features")):
-        wanted = int(getattr(config, kind)[key]["shape"][0])
-        found = int(dataset.stats[key]["mean"].shape[0])
-        if wanted != found:
-            raise ValueError(f"the dataset's {key} has {found} dims but the policy's has {wanted}; fine-tuning "
-                             "needs the same robot (or start a new policy with --from-scratch).")
-    if missing:
-        print(f"note: the dataset has no {[short(k) for k in missing]} camera(s); the policy is trained without "
-              "them (they are removed from its input features).")
-        for key in missing:
-            del config.input_features[key]
-    if unused:
-        print(f"note: the policy does not read the dataset's {[dataset_name(k) for k in unused]} camera(s).")
+    def unnormalize(self, feature: str, feature_type: str, x: torch.Tensor) -> torch.Tensor:
+        """Normalized units -> robot units (the inverse of normalize)."""
+        mode, s = self._norm_stats(feature, feature_type, x.device)
+        if mode == "MEAN_STD":
+            return x * s["std"] + s["mean"]
+        if mode == "MIN_MAX":
+            return (x + 1) / 2 * s["span"] + s["min"]
+        return x
+
+    def tokenize(self, tasks) -> tuple[torch.Tensor, torch.Tensor]:
+        """Task string(s) -> tokens (B, L) int64 and mask (B, L) bool, as lerobot's preprocessor does:
+        a newline appended, truncated to tokenizer_max_length, right-padded ("longest" or "max_length")."""
+        if self.tokenizer is None:
+            raise ValueError("this policy has no tokenizer: load it with from_pretrained/from_vlm or pass one")
+        tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+        if not all(isinstance(t, str) for t in tasks):
+            raise ValueError(f"tasks must be strings, got {tasks!r}")
+        tasks = [t if t.endswith("\n") else t + "\n" for t in tasks]
+        out = self.tokenizer(
+            tasks,
+            max_length=self.config.tokenizer_max_length,
+            truncation=True,
+            padding=self.config.pad_language_to,
+            padding_side="right",
+            return_tensors="pt",
+        )
+        device = self.text.embed_tokens.weight.device
+        return out["input_ids"].to(device), out["attention_mask"].bool().to(device)
+
+    @torch.no_grad()
+    def predict_chunk(self, observation: dict, noise: torch.Tensor | None = None, **rtc_options) -> torch.Tensor:
+        """One action chunk for one raw observation, in robot units: (1, chunk_size, action_dim).
+
+        observation: {"observation.state": (state_dim,) robot units, "observation.images.<cam>": (3, H, W)
+        uint8 pixels or float in [0, 1] for the policy's cameras (config.camera_keys), "task": str}.
+        noise: optional (1, chunk_size, max_action_dim) starting noise (for reproducible chunks). rtc_options:
+        Real-Time Chunking's keywords of SmolVLA.sample_actions (leftover in normalized units, inference_delay, ...).
+        """
+        self.eval()
+        config, device = self.config, self.state_proj.weight.device
+        if "task" not in observation or STATE not in observation:
+            raise ValueError(f"the observation needs '{STATE}' and 'task' (got keys {sorted(observation)})")
+        state = torch.as_tensor(observation[STATE], dtype=torch.float32, device=device)
+        if state.shape != (config.state_dim,):
+            raise ValueError(f"'{STATE}' must have shape ({config.state_dim},), got {tuple(state.shape)}")
+        images = []
+        for key in present_cameras(config, observation):
+            img = torch.as_tensor(observation[key], device=device)
+            if img.ndim != 3:
+                raise ValueError(f"'{key}' must be one frame (3, H, W), uint8 or float in [0, 1], got {tuple(img.shape)}")
+            images.append(img[None] if img.dtype == torch.uint8 else img[None].float())  # uint8: prepare_images / 255
+        img_masks = [torch.ones(1, dtype=torch.bool, device=device) for _ in images]
+        tokens, token_masks = self.tokenize([observation["task"]])
+        state = self.normalize(STATE, "STATE", state[None])  # (1, state_dim)
+        actions = self.sample_actions(images, img_masks, tokens, token_masks, state, noise=noise, **rtc_options)
+        return self.unnormalize(ACTION, "ACTION", actions[:, :, : config.action_dim])
+
+    def training_loss(self, batch: dict, noise=None, time=None) -> torch.Tensor:
+        """Scalar training loss on a collated batch of dataset samples in robot units (data.py):
+        normalizes state and actions, tokenizes the tasks, and averages the flow-matching error over the
+        chunk steps that are inside the episode (not `action_is_pad`) and the real action dims."""
+        device = self.state_proj.weight.device
+        state = self.normalize(STATE, "STATE", batch[STATE].to(device).float())  # (B, state_dim)
+        actions = self.normalize(ACTION, "ACTION", batch[ACTION].to(device).float())  # (B, chunk, action_dim)
+        images = [batch[k].to(device) for k in present_cameras(self.config, batch)]  # uint8 or float, as read
+        img_masks = [torch.ones(state.shape[0], dtype=torch.bool, device=device) for _ in images]
+        tokens, token_masks = self.tokenize(batch["task"])
+        rtc_delay = batch.get("rtc_delay")  # training-time RTC (train.py --rtc-max-delay): prefixes left out
+        if "rtc_offset" in batch:  # ... shifted by flow.prefix_offsets (train.py --rtc-prefix-offset)
+            actions = actions + batch["rtc_offset"].to(device)
+        losses = self.compute_loss(images, img_masks, tokens, token_masks, state, actions, noise, time, rtc_delay)
+        losses = losses[:, :, : self.config.action_dim]  # (B, chunk, action_dim)
+        valid = torch.ones(losses.shape[:2], dtype=torch.bool, device=device)
+        if "action_is_pad" in batch:
+            valid = ~batch["action_is_pad"].to(device).bool()  # (B, chunk)
+        if rtc_delay is not None:
+            valid = valid & (torch.arange(valid.shape[1], device=device)[None] >= rtc_delay.to(device)[:, None])
+        return (losses * valid[..., None]).sum() / (valid.sum() * losses.shape[-1]).clamp(min=1)
+
+    # --- checkpoints: lerobot's format (the constants and helpers below the class) ------------------------
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str, vlm: str | None = None):
+        """Load a lerobot SmolVLA checkpoint (a local directory or a Hub id such as "lerobot/smolvla_base").
+
+        vlm: where the VLM's description (config.json + tokenizer) is; default `<checkpoint>/vlm/` if present,
+        else the checkpoint's `vlm_model_name` on the Hub. Weights are loaded strictly by name and shape
+        into a float32 model (bf16 tensors are upcast); the model is returned in eval mode.
+        """
+        ckpt_dir = resolve_dir(checkpoint, "checkpoint", ["*.json", "*.safetensors", "*.md"])
+        config = cls.config_class.from_json_dict(read_json(os.path.join(ckpt_dir, "config.json"), "checkpoint config"))
+        weights_path = os.path.join(ckpt_dir, "model.safetensors")
+        if not os.path.isfile(weights_path):
+            raise FileNotFoundError(f"no model.safetensors in checkpoint directory {ckpt_dir}")
+        if vlm is None:
+            local_vlm = os.path.join(ckpt_dir, "vlm")
+            vlm = local_vlm if os.path.isdir(local_vlm) else config.vlm_model_name
+        hint = "Pass vlm=<a directory with the VLM's config.json and tokenizer files>."
+        vlm_dir = resolve_dir(vlm, "VLM", VLM_DESCRIPTION_FILES, hint=hint)
+        vlm_config, tokenizer = load_vlm_description(vlm_dir)
+        with torch.device("meta"):  # no memory, no random init: every tensor comes from the checkpoint
+            model = cls(config, vlm_config, tokenizer)
+        model.vlm_dir = vlm_dir
+        tensors = load_file(weights_path)
+        dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
+        buffer_stats = load_policy_tensors(model, tensors)
+        print(f"smolvla: {len(tensors)} tensors ({'/'.join(dtypes)} -> float32) from {weights_path}; VLM from {vlm}")
+        stats, source = read_processor_stats(ckpt_dir)
+        if not stats:
+            stats, source = read_buffer_stats(buffer_stats, config)
+        stats, ignored = usable_stats(stats, config)
+        model.set_normalization(stats)
+        model.report_normalization(source + (f"; ignored: {', '.join(ignored)}" if ignored else ""))
+        trained_on = os.path.join(ckpt_dir, TRAINED_ON_FILE)
+        model.trained_on = read_json(trained_on, TRAINED_ON_FILE) if os.path.isfile(trained_on) else {}
+        return model.eval()
+
+    @classmethod
+    def from_vlm(cls, vlm: str, config):
+        """A fresh policy for training from scratch: SmolVLM2's pretrained vision tower, connector and first
+        N text layers (Hugging Face format: model.vision_model.*, model.connector.*, model.text_model.*,
+        lm_head.*) and a newly initialized action expert and projections."""
+        vlm_dir = resolve_dir(vlm, "VLM", VLM_DESCRIPTION_FILES + ["*.safetensors"])
+        vlm_config, tokenizer = load_vlm_description(vlm_dir)
+        model = cls(config, vlm_config, tokenizer)
+        model.vlm_dir = vlm_dir
+        kept = len(model.text.layers)
+
+        def cut_layer(name: str) -> bool:  # text layers beyond the first N are dropped on purpose
+            m = re.match(r"text\.layers\.(\d+)\.", name)
+            return m is not None and int(m.group(1)) >= kept
+
+        load_weights(model, read_safetensors_dir(vlm_dir), HF_VLM, skip=cut_layer)
+        print(f"smolvla: VLM weights from {vlm_dir} ({kept} text layers kept); expert and projections initialized")
+        return model
+
+    def save_pretrained(self, directory: str):
+        """Write a checkpoint in lerobot's format (config.json, model.safetensors, the pre/post-processor
+        JSON with their normalization stats) plus vlm/ (the VLM's config.json and tokenizer), so that it
+        loads here without the Hub and in lerobot."""
+        os.makedirs(directory, exist_ok=True)
+        cfg = self.config.to_json_dict()
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=4)
+        if self.trained_on:
+            with open(os.path.join(directory, TRAINED_ON_FILE), "w") as f:
+                json.dump(self.trained_on, f, indent=4)
+        weights = {checkpoint_name(k, LEROBOT): v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(weights, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+        flat_stats = {f"{feat}.{name}": t.contiguous() for feat, s in self.stats.items() for name, t in s.items()}
+        for name, steps, stats_step, features in (
+            ("policy_preprocessor", preprocessor_steps(cfg), 5, {**cfg["input_features"], **cfg["output_features"]}),
+            ("policy_postprocessor", postprocessor_steps(cfg), 0, cfg["output_features"]),
+        ):
+            step = steps[stats_step]
+            step["config"]["features"] = features
+            if flat_stats:
+                step["state_file"] = f"{name}_step_{stats_step}_{step['registry_name']}.safetensors"
+                save_file(flat_stats, os.path.join(directory, step["state_file"]))
+            with open(os.path.join(directory, f"{name}.json"), "w") as f:
+                json.dump({"name": name, "steps": steps}, f, indent=4)
+        # vlm/: the VLM's description files as they came (config, tokenizer, processor configs), else the
+        # in-memory config and tokenizer
+        vlm_dir = os.path.join(directory, "vlm")
+        os.makedirs(vlm_dir, exist_ok=True)
+        if self.vlm_dir is not None:
+            for name in os.listdir(self.vlm_dir):
+                is_description = any(fnmatch.fnmatch(name, p) for p in VLM_DESCRIPTION_FILES)
+                if is_description and name != "model.safetensors.index.json":
+                    shutil.copyfile(os.path.join(self.vlm_dir, name), os.path.join(vlm_dir, name))
+        elif self.tokenizer is not None:
+            self.tokenizer.save_pretrained(vlm_dir)
+        with open(os.path.join(vlm_dir, "config.json"), "w") as f:
+            json.dump(self.vlm_config, f, indent=2)
+
+    def report_normalization(self, source: str):
+        """Say which statistics the policy will use (silently acting in normalized units would be a bug)."""
+        if self.stats:
+            found = "; ".join(f"{feat} ({', '.join(sorted(s))})" for feat, s in self.stats.items())
+            print(f"smolvla: normalization stats from {source}: {found}")
+        else:
+            print(
+                f"smolvla: no normalization stats found ({source}); call set_normalization(dataset.stats) "
+                "before predict_chunk or training_loss"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints: lerobot's format.
 
-# config.json's fields that lerobot writes and the model does not use (training bookkeeping; the Aloha flags
-# must be off, SmolVLAConfig.validate checks), with lerobot 0.4.4's defaults: a fresh checkpoint carries
-# them so that lerobot's strict config parser loads it.
-LEROBOT_CONFIG_FIELDS = {
-    "n_obs_steps": 1, "device": "cpu", "use_amp": False, "use_peft": False, "push_to_hub": False,
-    "repo_id": None, "private": None, "tags": None, "license": None, "pretrained_path": None,
-    "adapt_to_pi_aloha": False, "use_delta_joint_actions_aloha": False, "use_cache": True,
-    "optimizer_lr": 1e-4, "optimizer_betas": [0.9, 0.95], "optimizer_eps": 1e-8, "optimizer_weight_decay": 1e-10,
-    "optimizer_grad_clip_norm": 10, "scheduler_warmup_steps": 1000, "scheduler_decay_steps": 30000,
-    "scheduler_decay_lr": 2.5e-6, "load_vlm_weights": False, "rtc_config": None, "compile_model": False,
-    "compile_mode": "max-autotune",
-}
 # what a checkpoint was trained on (dataset fps, joint units, tasks, training-time RTC): lerobot's strict
 # config parser rejects unknown config.json fields, so these live in a file of their own beside it
 TRAINED_ON_FILE = "trained_on.json"
@@ -276,136 +340,12 @@ OLD_STATS_NAME = re.compile(
 )
 
 
-def load_pretrained(model_class, checkpoint: str, vlm: str | None = None):
-    """Load a lerobot SmolVLA checkpoint (a local directory or a Hub id such as "lerobot/smolvla_base").
-
-    vlm: where the VLM's description (config.json + tokenizer) is; default `<checkpoint>/vlm/` if present,
-    else the checkpoint's `vlm_model_name` on the Hub. Weights are loaded strictly by name and shape
-    into a float32 model (bf16 tensors are upcast); the model is returned in eval mode.
-    """
-    ckpt_dir = resolve_dir(checkpoint, "checkpoint", ["*.json", "*.safetensors", "*.md"])
-    config = model_class.config_class.from_json_dict(read_json(os.path.join(ckpt_dir, "config.json"), "checkpoint config"))
-    weights_path = os.path.join(ckpt_dir, "model.safetensors")
-    if not os.path.isfile(weights_path):
-        raise FileNotFoundError(f"no model.safetensors in checkpoint directory {ckpt_dir}")
-    if vlm is None:
-        local_vlm = os.path.join(ckpt_dir, "vlm")
-        vlm = local_vlm if os.path.isdir(local_vlm) else config.vlm_model_name
-    hint = "Pass vlm=<a directory with the VLM's config.json and tokenizer files>."
-    vlm_dir = resolve_dir(vlm, "VLM", VLM_DESCRIPTION_FILES, hint=hint)
-    vlm_config, tokenizer = load_vlm_description(vlm_dir)
-    with torch.device("meta"):  # no memory, no random init: every tensor comes from the checkpoint
-        model = model_class(config, vlm_config, tokenizer)
-    model.vlm_dir = vlm_dir
-    tensors = load_file(weights_path)
-    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
-    buffer_stats = load_policy_tensors(model, tensors)
-    print(f"smolvla: {len(tensors)} tensors ({'/'.join(dtypes)} -> float32) from {weights_path}; VLM from {vlm}")
-    stats, source = read_processor_stats(ckpt_dir)
-    if not stats:
-        stats, source = read_buffer_stats(buffer_stats, config)
-    stats, ignored = usable_stats(stats, config)
-    set_normalization(model, stats)
-    report_normalization(model, source + (f"; ignored: {', '.join(ignored)}" if ignored else ""))
-    trained_on = os.path.join(ckpt_dir, TRAINED_ON_FILE)
-    model.trained_on = read_json(trained_on, TRAINED_ON_FILE) if os.path.isfile(trained_on) else {}
-    return model.eval()
 
 
-def init_from_vlm(model_class, vlm: str, config):
-    """A fresh policy for training from scratch: SmolVLM2's pretrained vision tower, connector and first
-    N text layers (Hugging Face format: model.vision_model.*, model.connector.*, model.text_model.*,
-    lm_head.*) and a newly initialized action expert and projections."""
-    vlm_dir = resolve_dir(vlm, "VLM", VLM_DESCRIPTION_FILES + ["*.safetensors"])
-    vlm_config, tokenizer = load_vlm_description(vlm_dir)
-    model = model_class(config, vlm_config, tokenizer)
-    model.vlm_dir = vlm_dir
-    kept = len(model.text.layers)
-
-    def cut_layer(name: str) -> bool:  # text layers beyond the first N are dropped on purpose
-        m = re.match(r"text\.layers\.(\d+)\.", name)
-        return m is not None and int(m.group(1)) >= kept
-
-    load_weights(model, read_safetensors_dir(vlm_dir), HF_VLM, skip=cut_layer)
-    print(f"smolvla: VLM weights from {vlm_dir} ({kept} text layers kept); expert and projections initialized")
-    return model
 
 
-def save_pretrained(model, directory: str):
-    """Write a checkpoint in lerobot's format (config.json, model.safetensors, the pre/post-processor
-    JSON with their normalization stats) plus vlm/ (the VLM's config.json and tokenizer), so that it
-    loads here without the Hub and in lerobot."""
-    os.makedirs(directory, exist_ok=True)
-    cfg = model.config.to_json_dict()
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=4)
-    if model.trained_on:
-        with open(os.path.join(directory, TRAINED_ON_FILE), "w") as f:
-            json.dump(model.trained_on, f, indent=4)
-    weights = {checkpoint_name(k, LEROBOT): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-    flat_stats = {f"{feat}.{name}": t.contiguous() for feat, s in model.stats.items() for name, t in s.items()}
-    for name, steps, stats_step, features in (
-        ("policy_preprocessor", preprocessor_steps(cfg), 5, {**cfg["input_features"], **cfg["output_features"]}),
-        ("policy_postprocessor", postprocessor_steps(cfg), 0, cfg["output_features"]),
-    ):
-        step = steps[stats_step]
-        step["config"]["features"] = features
-        if flat_stats:
-            step["state_file"] = f"{name}_step_{stats_step}_{step['registry_name']}.safetensors"
-            save_file(flat_stats, os.path.join(directory, step["state_file"]))
-        with open(os.path.join(directory, f"{name}.json"), "w") as f:
-            json.dump({"name": name, "steps": steps}, f, indent=4)
-    # vlm/: the VLM's description files as they came (config, tokenizer, processor configs), else the
-    # in-memory config and tokenizer
-    vlm_dir = os.path.join(directory, "vlm")
-    os.makedirs(vlm_dir, exist_ok=True)
-    if model.vlm_dir is not None:
-        for name in os.listdir(model.vlm_dir):
-            is_description = any(fnmatch.fnmatch(name, p) for p in VLM_DESCRIPTION_FILES)
-            if is_description and name != "model.safetensors.index.json":
-                shutil.copyfile(os.path.join(model.vlm_dir, name), os.path.join(vlm_dir, name))
-    elif model.tokenizer is not None:
-        model.tokenizer.save_pretrained(vlm_dir)
-    with open(os.path.join(vlm_dir, "config.json"), "w") as f:
-        json.dump(model.vlm_config, f, indent=2)
 
 
-def report_normalization(model, source: str):
-    """Say which statistics the policy will use (silently acting in normalized units would be a bug)."""
-    if model.stats:
-        found = "; ".join(f"{feat} ({', '.join(sorted(s))})" for feat, s in model.stats.items())
-        print(f"smolvla: normalization stats from {source}: {found}")
-    else:
-        print(
-            f"smolvla: no normalization stats found ({source}); call set_normalization(dataset.stats) "
-            "before predict_chunk or training_loss"
-        )
-
-
-def settle_run_options(args, trained_on: dict, log=print):
-    """Fill and check infer_async.py's --fps, --norm-mode, --task (None: not given) from what the policy was
-    trained on (model.trained_on; without trained_on.json, as lerobot's: 30 fps, degrees, no task)."""
-    fps, mode, tasks = trained_on.get("fps"), trained_on.get("norm_mode"), trained_on.get("tasks")
-    if args.fps is None:
-        args.fps = float(fps or 30)
-    elif fps and args.fps != fps:  # chunks are sequences of actions Δt = 1/fps apart: another rate warps them
-        log(f"warning: --fps {args.fps:g}, but the policy was trained on {fps:g} fps data: it moves "
-            f"{args.fps / fps:.2g}x as fast as it learned to, and g·n ticks last a different time")
-    if args.norm_mode is None:
-        args.norm_mode = mode or "degrees"
-    elif mode and args.norm_mode != mode:
-        raise ValueError(f"--norm-mode {args.norm_mode}: this policy was trained on joints in {mode} (its "
-                         f"dataset's units); drive it with --norm-mode {mode}, or leave the flag out")
-    if args.task is None and tasks is not None:
-        if len(tasks) != 1:
-            listed = "; ".join(f'--task "{task}"' for task in tasks) or "none recorded"
-            raise ValueError(f"give --task: this policy was trained on {len(tasks)} tasks ({listed})")
-        args.task = tasks[0]
-        log(f'task: "{args.task}" (the policy\'s only training task; --task gives another)')
-    if args.task is None:
-        log("note: no --task, so an empty instruction (this checkpoint does not record its training tasks)")
-    args.task = args.task or ""
 
 
 def checkpoint_name(name: str, column: int) -> str | None:

@@ -7,7 +7,7 @@ action_dim) in robot units}. `open_policy` gives it one of two such callables:
 * remote (`--server HOST:PORT`): a `PolicyClient`, which sends the observation to a `PolicyServer` running
   on a GPU machine (`python infer_async.py --serve --policy CKPT`, handled by `serve`) and returns its answer.
 
-Either runs on infer_async's `InferenceWorker` thread (section 5). Real-Time Chunking (flow.py): "rtc" (options)
+Either runs on infer_async's `InferenceWorker` thread. Real-Time Chunking (flow.py): "rtc" (options)
 and "rtc_leftover" (normalized) in an observation add "normalized" to the answer: the same chunk in the policy's
 normalized units.
 
@@ -19,21 +19,19 @@ The wire: one message = a 16-byte prefix + a JSON header + safetensors bytes. JS
 never pickle (a message cannot run code on the receiver), and both lengths in the prefix are checked
 against limits before a single byte of the body is allocated or read.
 
-This file imports numpy and safetensors only: torch and the model are imported where a policy is loaded
-or run (load_policy, PolicyRunner), and the servo driver (so100, pyserial) never.
+This file imports numpy and safetensors only at its top: torch and the model are imported where a policy is
+loaded or run (load_policy, PolicyRunner) or its options are added to a command line (add_policy_arguments),
+and the servo driver (so100, pyserial) never.
 """
 
 import argparse
 import json
-import os
-import queue
 import socket
 import socketserver
 import struct
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
 import numpy as np
 from safetensors import SafetensorError
@@ -134,9 +132,9 @@ def load_policy(path, vlm=None, device="cpu", dtype="float32"):
     import torch
 
     import speed
-    from smolvla import SmolVLA
+    from policy import SmolVLAPolicy
 
-    policy = SmolVLA.from_pretrained(path, vlm=vlm)
+    policy = SmolVLAPolicy.from_pretrained(path, vlm=vlm)
     policy = policy.to(device=torch.device(device), dtype=getattr(torch, dtype))
     # speed.py's inference steps, once the dtype is final (CPU: linear layers packed for oneDNN; same numbers)
     return speed.prepare(policy)
@@ -160,7 +158,7 @@ class PolicyRunner:
     def __call__(self, observation):
         import torch
 
-        from policy import ACTION
+        from smolvla import ACTION
 
         rtc = observation.get("rtc")
         options = self.rtc_options(rtc, observation.get("rtc_leftover")) if rtc is not None else {}
@@ -415,26 +413,18 @@ def add_policy_arguments(parser):
     r = parser.add_argument_group("Real-Time Chunking (flow.py): each chunk continues the one being executed")
     r.add_argument("--rtc", choices=("off", "guided", "trained"), default="off",
                    help="guided: inpainting toward the leftover; trained: a policy trained with --rtc-max-delay")
-    r.add_argument("--execution-horizon", type=int, default=10, help="guided: the guidance ends this many steps in")
-    r.add_argument("--max-guidance-weight", type=float, default=10.0, help="guided: β, the cap of the guidance weight")
-    r.add_argument("--rtc-schedule", default="linear", help="guided: prefix weights zeros, ones, linear or exp")
-    r.add_argument("--rtc-jacobian", action=argparse.BooleanOptionalAction, default=False,
+    # the defaults are the library's: smolvla.RTC_DEFAULTS, chosen from the README's RTC lab (imported here,
+    # where a command line is built, like torch where a policy runs)
+    from smolvla import RTC_DEFAULTS
+
+    r.add_argument("--execution-horizon", type=int, default=RTC_DEFAULTS["execution_horizon"],
+                   help="guided: the guidance ends this many steps in (%(default)s)")
+    r.add_argument("--max-guidance-weight", type=float, default=RTC_DEFAULTS["max_guidance_weight"],
+                   help="guided: β, the cap of the guidance weight (%(default)s)")
+    r.add_argument("--rtc-schedule", default=RTC_DEFAULTS["schedule"],
+                   help="guided: prefix weights zeros, ones, linear or exp (%(default)s)")
+    r.add_argument("--rtc-jacobian", action=argparse.BooleanOptionalAction, default=RTC_DEFAULTS["jacobian"],
                    help="guided: the paper's correction, a backward pass per step (default: the reference's)")
-
-
-def check_arguments(args):
-    """infer_async.py's numbers, output files and options that go together, checked before anything loads."""
-    folders = [os.path.dirname(os.path.abspath(p)) for p in (args.metrics, args.plot, args.record_video) if p]
-    if missing := [folder for folder in folders if not os.path.isdir(folder)]:
-        raise ValueError(f"no folder {missing[0]!r} to write --metrics, --plot or --record-video in")
-    if not 0 <= args.port_server <= 65535 or args.duration is not None and args.duration <= 0:
-        raise ValueError(f"--port-server must be 0..65535 and --duration positive (got {args.port_server}, {args.duration})")
-    if args.record_video and (args.port != "sim" or args.cameras):
-        raise ValueError("--record-video films the toy world: it needs --port sim without --cameras")
-    if args.fps is not None and args.fps <= 0 or args.extra_latency < 0:
-        raise ValueError(f"--fps must be positive and --extra-latency >= 0 (got {args.fps}, {args.extra_latency})")
-    if args.serve and args.extra_latency:
-        raise ValueError("--extra-latency is added on the client's inference thread: pass it to the client")
 
 
 def open_policy(args):
@@ -450,95 +440,3 @@ def open_policy(args):
         raise ValueError("give exactly one --policy (a checkpoint dir or hub id), or --server HOST:PORT")
     runner = PolicyRunner(load_policy(args.policy[0], args.vlm, args.device, args.dtype), args.seed)
     return runner, runner.info
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 5. The inference thread (infer_async's), and its queue plot
-# ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Result:
-    request_id: int
-    actions: np.ndarray = None  # (n, action_dim) float32 robot units; None when inference failed
-    error: str = None           # what went wrong, for the log and the metrics
-    latency_s: float = 0.0      # observation handed over -> chunk (or error) back, on the inference thread
-    normalized: np.ndarray = None  # with RTC: the chunk in the policy's normalized units (the next leftover)
-
-    @classmethod
-    def from_answer(cls, request_id, answer):
-        """The Result of a PolicyRunner's (or PolicyClient's) answer {"actions", and with RTC "normalized"}."""
-        return cls(request_id, np.asarray(answer["actions"], dtype=np.float32), normalized=answer.get("normalized"))
-
-
-class InferenceWorker:
-    """Runs compute(observation) -> {"actions", ...} on a background thread, so the control loop never waits.
-
-    compute is a PolicyRunner (in-process, the default) or a PolicyClient (remote). Every exception it
-    raises becomes a failed Result; extra_latency_s adds an artificial delay to study g (paper §3.3).
-    """
-
-    def __init__(self, compute, extra_latency_s=0.0):
-        self.compute = compute
-        self.extra_latency_s = extra_latency_s
-        self.requests = queue.Queue()
-        self.results = queue.Queue()
-        self.thread = threading.Thread(target=self._run, name="inference", daemon=True)
-        self.thread.start()
-
-    def submit(self, request, observation):
-        self.requests.put((request, observation))
-
-    def poll(self):
-        """Results finished since the last poll (never blocks)."""
-        done = []
-        while not self.results.empty():  # one reader, the control loop: a result seen here stays there
-            done.append(self.results.get_nowait())
-        return done
-
-    def close(self, timeout_s=2.0):
-        self.requests.put(None)
-        self.thread.join(timeout_s)
-
-    def _run(self):
-        while (item := self.requests.get()) is not None:
-            request, observation = item
-            start = time.monotonic()
-            try:
-                answer = self.compute(observation)
-                time.sleep(self.extra_latency_s)
-                result = Result.from_answer(request.id, answer)
-            # any failure of the policy or the network must reach the scheduler as a failed Result,
-            # otherwise the request would stay in flight and the loop would wait for it forever
-            except Exception as e:  # noqa: BLE001
-                result = Result(request.id, error=f"{type(e).__name__}: {e}")
-            result.latency_s = time.monotonic() - start
-            self.results.put(result)
-
-
-def plot_queue(metrics, path):
-    """Queue size per tick, empty ticks included (the paper's Figure 3), with the trigger level g·n."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fps = metrics.config.get("fps", 30)
-    t = np.arange(len(metrics.queue_sizes)) / fps
-    sizes = np.asarray(metrics.queue_sizes)
-    fig, ax = plt.subplots(figsize=(10, 3.5))
-    ax.step(t, sizes, where="post", color="tab:blue", label="actions in queue")
-    if metrics.config.get("threshold", 0) > 0 and "chunk_size" in metrics.config:
-        ax.axhline(metrics.config["threshold"] * metrics.config["chunk_size"], color="gray", ls="--",
-                   label=f"trigger g·n (g = {metrics.config['threshold']})")
-    idle = (sizes == 0) & (np.arange(len(sizes)) >= (metrics.arrival_ticks[0] if metrics.arrival_ticks else 0))
-    ax.scatter(t[idle], sizes[idle], color="tab:red", s=8, zorder=3, label=f"idle ticks ({int(idle.sum())})")
-    ax.scatter(np.asarray(metrics.send_ticks) / fps, np.full(len(metrics.send_ticks), -2), marker="^",
-               color="tab:green", s=12, label="observation sent")
-    switches = np.asarray(metrics.switch_ticks()) / fps  # the executed actions pass to a newer chunk
-    ax.scatter(switches, np.full(len(switches), -4), marker="|", color="tab:purple", s=40, label="chunk switch")
-    ax.set(xlabel="time (s)", ylabel="queue size", title=metrics.config.get("title", "action queue"))
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -2,7 +2,7 @@
 
 SmolVLA learns from demonstrations (paper §4): a person moves a leader arm, the follower copies it, cameras
 film it, and every control tick's joint state, commanded action and task sentence are kept. Here (the devices,
-arms and cameras, real or virtual, are opened by plumbing.py's `open_arm` and `open_cameras`): the writer
+arms and cameras, real or virtual, are opened by so100.py's `open_arm` and `open_cameras`): the writer
 (`write_lerobot_dataset`: a LeRobot v3.0 or v2.1 dataset that lerobot and data.py read alike;
 `append_episode`: one more episode, and a crash never costs the ones before it); the loop and the command
 line: `python record.py --port P --leader-port P2 --dataset DIR --task "…"` records (or --teleoperate, or
@@ -29,13 +29,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data import SUPPORTED_VERSIONS, LeRobotDataset, recorded_episodes
-from infer_async import InferenceWorker, camera_sources, control_tick, make_async_scheduler, build_parser as async_parser
-from plumbing import (CODECS, aggregate_stats, array_stats, encode_video, open_arm, open_cameras, parse_mapping,
-                      video_stats, write_atomically, write_json)
-from policy import ACTION, IMAGE_PREFIX, STATE, settle_run_options
+from infer_async import InferenceWorker, camera_sources, control_tick, make_async_scheduler, settle_run_options
+from infer_async import build_parser as async_parser
+from plumbing import CODECS, aggregate_stats, array_stats, encode_video, parse_mapping, video_stats
+from plumbing import write_atomically, write_json
 from policy_server import add_policy_arguments, open_policy
-from so100 import STATE_NAMES, FeetechError
-from virtual_arm import ScriptedHand
+from smolvla import ACTION, IMAGE_PREFIX, STATE
+from so100 import STATE_NAMES, FeetechError, open_arm, open_cameras
+from toy_world import ScriptedHand
 
 try:  # keys without ENTER while recording: a POSIX terminal's cbreak mode (on Windows, ENTER-free keys are off)
     import termios
@@ -237,6 +238,48 @@ def _all_stats(columns, episodes, cameras):
     """The stats block of `episodes` whose rows are `columns`: every feature, images per channel."""
     return {**{name: array_stats(values) for name, values in columns.items()},
             **{IMAGE_PREFIX + name: video_stats([np.asarray(e["images"][name]) for e in episodes]) for name in cameras}}
+
+
+# Episodes made up for tests and benchmarks (the writer's input, without an arm)
+
+def synthetic_episodes(n_episodes, length, height=96, width=128, cameras=("top", "wrist"), state_dim=6, seed=0,
+                       noise=True, tasks=("Pick the red cube and place it in the box.", "Stack the red cube on the blue cube.")):
+    """Episodes of random joint motion with camera-like images that follow it, for tests and benchmarks.
+
+    Each camera sees a textured background (smooth waves plus fixed grain, a table seen by a camera) with
+    sensor noise in every frame and a red square that moves with the joints. At 480x640 this encodes to
+    ~25 KB per AV1 frame and decodes about as fast as real robot footage (flat colours would be far
+    cheaper). noise=False leaves out grain and sensor noise (what a codec would smooth away anyway).
+    `length` is an int or one int per episode.
+    """
+    rng = np.random.default_rng(seed)
+    lengths = [length] * n_episodes if np.isscalar(length) else list(length)
+    rows, cols = np.mgrid[0:height, 0:width]
+    backgrounds = {}
+    for name in cameras:
+        waves = np.zeros((height, width, 3))
+        for _ in range(8):
+            # periods of 40 to 400 pixels, whatever the image size
+            (fy, fx), phase, amplitude = rng.uniform(1 / 400, 1 / 40, 2), rng.uniform(0, 2 * np.pi), rng.uniform(5, 25, 3)
+            waves += np.sin(2 * np.pi * (fy * rows + fx * cols) + phase)[..., None] * amplitude
+        backgrounds[name] = 110 + waves + (rng.normal(0, 6, (height, width, 3)) if noise else 0)  # (H, W, 3)
+    episodes = []
+    for e, n in enumerate(lengths):
+        # state: a random walk in degrees; action: the next state (the arm follows its commands)
+        state = np.cumsum(rng.normal(0, 2.0, (n + 1, state_dim)), axis=0).astype(np.float32)
+        images = {}
+        for c, name in enumerate(cameras):
+            frames = np.empty((n, height, width, 3), dtype=np.uint8)
+            for t in range(n):
+                frame = backgrounds[name] + (rng.normal(0, 2, (height, width, 3)) if noise else 0)
+                y = int(height / 2 + state[t, c % state_dim] * height / 200) % height
+                x = int(width / 2 + state[t, (c + 1) % state_dim] * width / 200) % width
+                frame[max(0, y - height // 8):y + height // 8, max(0, x - width // 8):x + width // 8] = (230, 40, 40)
+                frames[t] = np.clip(frame, 0, 255)
+            images[name] = frames
+        episodes.append({"observation.state": state[:n], "action": state[1:], "task": tasks[e % len(tasks)],
+                         "images": images})
+    return episodes
 
 
 # ----------------------------------------------------------------------------------------------------

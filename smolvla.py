@@ -5,8 +5,9 @@ This file puts the pieces together. The *prefix* — what the robot sees, is tol
 
     [camera 1: 64 tokens] [camera 2: 64 tokens] ... [task words] [state: 1 token]
 
-(images through SigLIP, pixel shuffle and the connector, words through SmolLM2's embedding, both scaled by
-√D; the state through one linear layer, vlm.py). The *suffix* is the noisy action chunk x_τ, each action
+(images through SigLIP and pixel shuffle (vlm.py), then the connector, a linear layer defined here; words
+through SmolLM2's embedding, both scaled by √D; the state through one linear layer, the state projection,
+also defined here). The *suffix* is the noisy action chunk x_τ, each action
 fused with the flow time τ (flow.py). Who may attend to whom is one block mask over [prefix; suffix]:
 
                   keys: image  words  state  a1  a2  a3
@@ -22,10 +23,10 @@ actions before it, and nothing in the prefix sees an action. So the VLM runs onc
 (`encode_observation`, leaving per-layer keys/values) and each flow step runs only the expert
 (`velocity`, expert.py). Training: `compute_loss`; inference: `sample_actions`, both in normalized units.
 
-Around the model, policy.py makes it the official lerobot policy: robot units in and out (`predict_chunk`,
-`training_loss`) and lerobot's checkpoint format (`from_pretrained`, `save_pretrained`); the methods here
-hand over to it. speed.py makes it fast from outside. Reading order: the config, the block mask, the
-model (building it, the prefix, the suffix, the loss, sampling), then the hand-overs.
+Around the model, policy.py (read next) makes it the official lerobot policy, `SmolVLAPolicy`: robot
+units in and out (`predict_chunk`, `training_loss`) and lerobot's checkpoint format (`from_pretrained`,
+`save_pretrained`); this file knows nothing of it. speed.py makes it fast from outside. Reading order: the
+config, the block mask, the model (building it, the prefix, the suffix, the loss, sampling).
 """
 
 import copy
@@ -37,12 +38,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import policy
 from expert import ActionExpert, DecoderConfig, SuffixLayout, expert_mlp_width, rope_angles
 from flow import (euler_sample, flow_matching_loss, guided_sample, noisy_actions_and_target, prefix_sample,
                   prefix_times, sample_noise, sample_time, time_embedding)
-from policy import ACTION, IMAGE_PREFIX, STATE
 from vlm import TextModel, VisionTower, parse_vlm_config, pixel_shuffle, resize_with_pad
+
+# lerobot's names for what a policy reads and writes (a dataset's columns carry the same names)
+STATE = "observation.state"
+ACTION = "action"
+IMAGE_PREFIX = "observation.images."
+
+# Real-Time Chunking's guidance settings (flow.py), the one home of their defaults: sample_actions' and the
+# command line's (policy_server.add_policy_arguments). Chosen from the README's RTC lab (lab 6): the
+# reference's horizon 10, β = 10 and linear ramp; the reference's identity in place of the paper's
+# vector-Jacobian product (jacobian=False), which costs a backward pass per step and pulled less there.
+RTC_DEFAULTS = {"execution_horizon": 10, "schedule": "linear", "max_guidance_weight": 10.0, "jacobian": False}
+
+# config.json's fields that lerobot writes and the model does not use (training bookkeeping; the Aloha flags
+# must be off, SmolVLAConfig.validate checks), with lerobot 0.4.4's defaults: a fresh checkpoint carries
+# them so that lerobot's strict config parser loads it. The optimizer's and scheduler's fields are the
+# training recipe's (train.py's RECIPE writes them into the checkpoints it saves; lerobot's defaults fill
+# them in where a checkpoint lacks them).
+LEROBOT_CONFIG_FIELDS = {
+    "n_obs_steps": 1, "device": "cpu", "use_amp": False, "use_peft": False, "push_to_hub": False,
+    "repo_id": None, "private": None, "tags": None, "license": None, "pretrained_path": None,
+    "adapt_to_pi_aloha": False, "use_delta_joint_actions_aloha": False, "use_cache": True,
+    "load_vlm_weights": False, "rtc_config": None, "compile_model": False,
+    "compile_mode": "max-autotune",
+}
 
 # smolvla_base's camera/state/action features (its camera names: camera1 = top view, camera2 = wrist, ...)
 SMOLVLA_BASE_FEATURES = {
@@ -61,7 +84,7 @@ SMOLVLA_BASE_FEATURES = {
 @dataclass
 class SmolVLAConfig:
     """What the model reads from a policy's config.json. The other fields lerobot writes (training
-    bookkeeping) ride along in `extra` and are written back unchanged (policy.LEROBOT_CONFIG_FIELDS)."""
+    bookkeeping) ride along in `extra` and are written back unchanged (LEROBOT_CONFIG_FIELDS)."""
 
     input_features: dict = field(default_factory=lambda: copy.deepcopy(SMOLVLA_BASE_FEATURES["input_features"]))
     output_features: dict = field(default_factory=lambda: copy.deepcopy(SMOLVLA_BASE_FEATURES["output_features"]))
@@ -106,7 +129,7 @@ class SmolVLAConfig:
         return cfg
 
     def to_json_dict(self) -> dict:
-        d = {"type": "smolvla", **policy.LEROBOT_CONFIG_FIELDS, **self.extra}
+        d = {"type": "smolvla", **LEROBOT_CONFIG_FIELDS, **self.extra}
         d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
         return json.loads(json.dumps(d))  # tuples -> lists, fresh copy
 
@@ -180,9 +203,8 @@ def pad_last_dim(x: torch.Tensor, width: int) -> torch.Tensor:
 class SmolVLA(nn.Module):
     """SmolVLM2 cut to N layers + action expert + the projections in and out of the expert.
 
-    Tensor level (normalized units, this file): compute_loss, sample_actions. Robot units (policy.py):
-    predict_chunk, training_loss. Checkpoints in lerobot's format (policy.py): from_pretrained, from_vlm,
-    save_pretrained.
+    Tensor level, in normalized units: compute_loss, sample_actions. Robot units and checkpoints are
+    policy.py's SmolVLAPolicy, a subclass.
     """
 
     config_class = SmolVLAConfig
@@ -217,9 +239,6 @@ class SmolVLA(nn.Module):
         self.action_time_mlp_in = nn.Linear(2 * expert_width, expert_width)  # [action, time] fused by an MLP
         self.action_time_mlp_out = nn.Linear(expert_width, expert_width)
         self.action_out_proj = nn.Linear(expert_width, config.max_action_dim)  # expert output -> velocity
-        self.stats = {}  # normalization statistics of state and actions (policy.set_normalization)
-        self.vlm_dir = None  # where the VLM description came from (copied into saved checkpoints' vlm/)
-        self.trained_on = {}  # what it was trained on (fps, norm mode, tasks, RTC): policy.TRAINED_ON_FILE
         self._init_like_reference()
         self.set_requires_grad()
 
@@ -420,8 +439,12 @@ class SmolVLA(nn.Module):
 
     @torch.no_grad()
     def sample_actions(self, images, img_masks, lang_tokens, lang_masks, state, noise=None, leftover=None,
-                       inference_delay=0, execution_horizon=10, schedule="linear", max_guidance_weight=10.0,
-                       jacobian=True, rtc_mode="guided") -> torch.Tensor:
+                       inference_delay=0,
+                       execution_horizon=RTC_DEFAULTS["execution_horizon"],
+                       schedule=RTC_DEFAULTS["schedule"],
+                       max_guidance_weight=RTC_DEFAULTS["max_guidance_weight"],
+                       jacobian=RTC_DEFAULTS["jacobian"],
+                       rtc_mode="guided") -> torch.Tensor:
         """A chunk by `num_steps` Euler steps of the flow, from noise: (B, chunk, max_action_dim), normalized.
         The VLM runs once (encode_observation); each step runs only the expert.
 
@@ -429,7 +452,7 @@ class SmolVLA(nn.Module):
         timesteps, (B, T_prev, A_prev) normalized (zero-padded to the chunk). rtc_mode="guided": every velocity
         is guided toward it (first inference_delay steps frozen, a `schedule` ramp to 0 at
         execution_horizon, weight capped at max_guidance_weight; jacobian: the paper's vector-Jacobian
-        product, else the reference's identity). rtc_mode="trained" (a policy trained with --rtc-max-delay): the
+        product, else the reference's identity; defaults: RTC_DEFAULTS). rtc_mode="trained" (a policy trained with --rtc-max-delay): the
         first inference_delay tokens hold the leftover at flow time 0. leftover=None: no RTC.
         """
         shape = (state.shape[0], self.config.chunk_size, self.config.max_action_dim)
@@ -448,45 +471,3 @@ class SmolVLA(nn.Module):
         # causal: an action token's velocity depends only on the tokens up to it (the block mask)
         return guided_sample(velocity, noise.float(), steps, leftover, inference_delay, execution_horizon,
                              schedule, max_guidance_weight, jacobian, causal=True)
-
-    # --- robot units and checkpoints: policy.py ------------------------------------------------------
-
-    def tokenize(self, tasks) -> tuple[torch.Tensor, torch.Tensor]:
-        """Task string(s) -> tokens (B, L) int64 and mask (B, L) bool, as lerobot's preprocessor does."""
-        return policy.tokenize(self, tasks)
-
-    def set_normalization(self, stats: dict):
-        """Use these statistics (e.g. a LeRobot dataset's) to normalize the state and actions."""
-        policy.set_normalization(self, stats)
-
-    def normalize(self, feature: str, feature_type: str, x: torch.Tensor) -> torch.Tensor:
-        """Robot units -> the model's normalized units (standard scores for MEAN_STD)."""
-        return policy.normalize(self, feature, feature_type, x)
-
-    def unnormalize(self, feature: str, feature_type: str, x: torch.Tensor) -> torch.Tensor:
-        """The model's normalized units -> robot units."""
-        return policy.unnormalize(self, feature, feature_type, x)
-
-    @torch.no_grad()
-    def predict_chunk(self, observation: dict, noise: torch.Tensor | None = None, **rtc_options) -> torch.Tensor:
-        """One action chunk for one raw observation, in robot units: (1, chunk_size, action_dim). rtc_options:
-        the Real-Time Chunking keywords of sample_actions (leftover in normalized units, inference_delay, ...)."""
-        return policy.predict_chunk(self, observation, noise, **rtc_options)
-
-    def training_loss(self, batch: dict, noise=None, time=None) -> torch.Tensor:
-        """Scalar loss on a collated batch of dataset samples in robot units (data.py)."""
-        return policy.training_loss(self, batch, noise, time)
-
-    @classmethod
-    def from_pretrained(cls, checkpoint: str, vlm: str | None = None) -> "SmolVLA":
-        """Load a lerobot SmolVLA checkpoint (a directory or a Hub id such as "lerobot/smolvla_base")."""
-        return policy.load_pretrained(cls, checkpoint, vlm)
-
-    @classmethod
-    def from_vlm(cls, vlm: str, config: SmolVLAConfig | None = None) -> "SmolVLA":
-        """A fresh policy for training from scratch on SmolVLM2's pretrained weights."""
-        return policy.init_from_vlm(cls, vlm, config or SmolVLAConfig())
-
-    def save_pretrained(self, directory: str):
-        """Write a checkpoint in lerobot's format that loads here without the Hub and in lerobot."""
-        policy.save_pretrained(self, directory)

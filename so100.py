@@ -13,7 +13,7 @@ feetech.py speaks the servos' bus; this file turns it into that arm:
   safety cap, and switch the torque off whatever happens;
 - `SO100Leader`: the same arm with the torque off, moved by a person; its positions are the follower's goals;
 - `setup_motors`: new servos all answer as id 1; give each its id and 1 Mbaud, one servo at a time;
-- `default_calibration`: where an arm's calibration is (plumbing.open_arm opens a real arm or "sim", a
+- `default_calibration`: where an arm's calibration is (open_arm, below, opens a real arm or "sim", a
   `virtual_arm.VirtualArm` on a pseudo-terminal).
 
 `python so100.py --port /dev/ttyACM0 setup-motors|scan|calibrate|read|move …` is the lab entry point (`--leader`
@@ -28,6 +28,7 @@ import select
 import shlex
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ import serial
 
 from feetech import CALIBRATION_REGISTERS, MAX_TICK, STS3215_MODEL_NUMBER, set_id_and_baud
 from feetech import FeetechBus, FeetechError  # also re-exported: users of the arm catch so100.FeetechError
+from toy_world import toy_world_cameras
 from virtual_arm import VirtualArm
 
 # ------------------------------------------------------------------------------------------------------------
@@ -456,6 +458,89 @@ def default_calibration(calibration, arm_id, virtual=None, directory=CALIBRATION
     if calibration is not None:
         return calibration
     return virtual.calibration if virtual is not None else directory / f"{arm_id}.json"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Opening the robot: an arm (a real SO-100 on its serial port, or a fresh virtual one) and its cameras
+# (USB cameras, or with a virtual arm the toy world's)
+# ------------------------------------------------------------------------------------------------------------
+
+class OpenCVCamera:
+    """A USB camera (device index) or a video file, read as (H, W, 3) uint8 RGB frames. A thread takes the
+    frames as the camera delivers them and `read()` returns the latest at once: a control loop never waits
+    up to a frame period for the next one."""
+
+    def __init__(self, index_or_path, width=640, height=480):
+        import cv2
+
+        self._cv2, self.source, self._error, self._running = cv2, index_or_path, None, True
+        self._capture = cv2.VideoCapture(index_or_path)
+        if not self._capture.isOpened():
+            raise FileNotFoundError(f"cannot open camera {index_or_path!r}: check `ls /dev/video*` or the path")
+        self._capture.set(cv2.CAP_PROP_FRAME_WIDTH, width)
+        self._capture.set(cv2.CAP_PROP_FRAME_HEIGHT, height)
+        self.width, self.height, self._latest = width, height, self._grab()
+        (h, w) = self._latest.shape[:2]
+        if (h, w) != (height, width):
+            self.close()
+            raise ValueError(f"camera {index_or_path!r} delivers {w}x{h} frames, not {width}x{height}: pass "
+                             f"width={w}, height={h}")
+        self._thread = threading.Thread(target=self._keep_grabbing, name=f"camera {index_or_path}", daemon=True)
+        self._thread.start()
+
+    def _grab(self):
+        ok, bgr = self._capture.read()
+        if not ok:
+            raise RuntimeError(f"camera {self.source!r} returned no frame (unplugged, or end of the video)")
+        return self._cv2.cvtColor(bgr, self._cv2.COLOR_BGR2RGB)  # OpenCV delivers BGR; datasets are RGB
+
+    def _keep_grabbing(self):
+        try:
+            while self._running:  # a new array each time: frames already handed out never change
+                self._latest = self._grab()
+        except RuntimeError as e:
+            self._error = None if os.path.isfile(str(self.source)) else e  # a video's last frame stays
+
+    def read(self):
+        if self._error:
+            raise self._error
+        return self._latest
+
+    def close(self):
+        self._running = False
+        hasattr(self, "_thread") and self._thread.join()
+        self._capture.release()
+
+
+def open_cameras(sources, virtual_arm=None, scene=None, image_size=(64, 64)):
+    """{key: device index, path or "sim"} (e.g. from infer_async.camera_sources) -> {key: camera}; "sim"
+    cameras film the toy world (`scene`, or a new one of `image_size`) with `virtual_arm` in it."""
+    simulated = [key for key, source in sources.items() if source == "sim"]
+    if simulated and virtual_arm is None:
+        raise ValueError("camera device 'sim' films the virtual arm: it needs --port sim")
+    cameras = toy_world_cameras(simulated, virtual_arm.joint_positions_deg, scene, image_size) if simulated else {}
+    return {key: cameras[key] if source == "sim" else OpenCVCamera(int(source) if source.isdigit() else source)
+            for key, source in sources.items()}
+
+
+
+
+def open_arm(port, calibration=None, norm_mode="degrees", max_relative_target=None, arm_id="my_so100",
+             verbose=True, leader=False, **sim_options):
+    """(connected SO100Follower, or SO100Leader if `leader`; VirtualArm or None) on a real port (calibration:
+    so100.py's <arm_id>.json by default) or on "sim", a fresh virtual arm (close it after the arm)."""
+    arm_class = SO100Leader if leader else SO100Follower
+    if sim_options and port != "sim":
+        raise ValueError(f"options {sorted(sim_options)} only apply to --port sim")
+    virtual = VirtualArm(**sim_options) if port == "sim" else None
+    calibration = default_calibration(calibration, arm_id, virtual, arm_class.calibration_dir)
+    try:
+        # (a thread plays the virtual servos: on a busy machine it may answer later than a real servo's 50 ms)
+        return arm_class(virtual.port if virtual else port, calibration, norm_mode=norm_mode, verbose=verbose,
+                         max_relative_target=max_relative_target, timeout=0.3 if virtual else 0.05).connect(), virtual
+    except BaseException:
+        virtual and virtual.close()
+        raise
 
 
 # ------------------------------------------------------------------------------------------------------------

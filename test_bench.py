@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import bench
 import speed
 from expert import attention
+from policy import SmolVLAPolicy
 from smolvla import SmolVLA
 from speed import PackedLinear, pack_linear_layers
 from vlm import SMOLVLM2_500M_VIDEO_INSTRUCT
@@ -81,7 +82,7 @@ def sample(model, io):
 def test_bf16_sampled_actions_within_0_05_of_the_fp32_reference(io, packed):
     """bench.py's bf16 model (weights and activations bf16; RMSNorm, RoPE, softmax and the velocity
     projection in fp32), with and without packed weights, against the reference's fp32 actions."""
-    model = SmolVLA.from_pretrained(CKPT, vlm=VLM).to(torch.bfloat16)
+    model = SmolVLAPolicy.from_pretrained(CKPT, vlm=VLM).to(torch.bfloat16)
     if packed:
         pack_linear_layers(model)
         # packed where this CPU runs oneDNN's bf16 kernel; elsewhere (AVX2 only, some ARM) the plain path
@@ -99,13 +100,13 @@ def test_packed_fp32_model_is_the_reference_to_1e_5(io, fused, monkeypatch):
     """Either choice of the vision MLP's GELU (fused into the packed product or a separate pass, which
     speed.fuse_gelu makes by timing both on the machine) computes the reference's actions."""
     monkeypatch.setattr(speed, "fuse_gelu", lambda *shape: fused)
-    model = pack_linear_layers(SmolVLA.from_pretrained(CKPT, vlm=VLM))
+    model = pack_linear_layers(SmolVLAPolicy.from_pretrained(CKPT, vlm=VLM))
     mlp = model.vision.encoder["layers"][0].mlp
     assert isinstance(mlp.fc1, PackedLinear) and mlp.fc1.gelu_tanh == fused
     assert isinstance(mlp.activation, torch.nn.Identity) == fused  # the GELU moved into the product, or not
     torch.testing.assert_close(sample(model, io), io["expected_sampled"], atol=1e-5, rtol=0)
     # same names and tensors in the state dict: a packed model saves like any other
-    assert model.state_dict().keys() == SmolVLA.from_pretrained(CKPT, vlm=VLM).state_dict().keys()
+    assert model.state_dict().keys() == SmolVLAPolicy.from_pretrained(CKPT, vlm=VLM).state_dict().keys()
     # gradient-tracking calls take the plain (differentiable) path
     images, masks = [io["image0"], io["image1"]], [torch.ones(2, dtype=torch.bool)] * 2
     tokens, token_masks = io["lang_tokens"], io["lang_masks"]
@@ -198,7 +199,7 @@ def test_untracked_prefix_gives_the_same_loss_and_gradients(io):
     """Training with the frozen VLM tracks only the state token through the VLM; unfreezing the text model
     turns that off. Same loss, same gradients of the trained weights either way (the text model's own
     gradients left aside)."""
-    model = speed.prepare(SmolVLA.from_pretrained(CKPT, vlm=VLM), training=True)
+    model = speed.prepare(SmolVLAPolicy.from_pretrained(CKPT, vlm=VLM), training=True)
     images, masks = [io["image0"], io["image1"]], [torch.ones(2, dtype=torch.bool)] * 2
     args = (images, masks, io["lang_tokens"], io["lang_masks"], io["state"], io["actions"], io["noise"], io["time"])
     grads = []
@@ -238,7 +239,7 @@ def test_bf16_training_keeps_the_frozen_vlm_in_bf16_and_stays_near_the_fp32_refe
     """train.py --bf16: speed.prepare(training=True, autocast=True) casts the frozen parts to bf16 once (what
     autocast multiplies with anyway; smolvla_base stores its VLM in bf16) and keeps the trained ones in
     float32 for the optimizer. Losses stay within bf16 rounding of the reference's float32 losses."""
-    model = speed.prepare(SmolVLA.from_pretrained(CKPT, vlm=VLM), training=True, autocast=True).train()
+    model = speed.prepare(SmolVLAPolicy.from_pretrained(CKPT, vlm=VLM), training=True, autocast=True).train()
     assert model.vision.encoder["layers"][0].mlp.fc1.weight.dtype == torch.bfloat16
     assert model.text.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert model.expert.layers[0].mlp.up_proj.weight.dtype == model.state_proj.weight.dtype == torch.float32
@@ -292,7 +293,7 @@ def test_forced_unsupported_packing_takes_the_plain_path_with_the_reference_s_nu
     monkeypatch.setattr(namespace, name, answer)
     dtypes = [torch.bfloat16] if forced == "no oneDNN bf16" else [torch.float32, torch.bfloat16]
     for dtype in dtypes:
-        model = speed.prepare(SmolVLA.from_pretrained(CKPT, vlm=VLM).to(dtype))
+        model = speed.prepare(SmolVLAPolicy.from_pretrained(CKPT, vlm=VLM).to(dtype))
         assert not any(isinstance(m, PackedLinear) for m in model.modules())
         mlp = model.vision.encoder["layers"][0].mlp
         assert isinstance(mlp.activation, torch.nn.Module) and not isinstance(mlp.activation, torch.nn.Identity)
@@ -330,7 +331,7 @@ def test_forced_missing_compiler_runs_uncompiled_with_the_reference_s_numbers(io
         raise RuntimeError("Unsupported: no C++ compiler found")
 
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
-    model = speed.prepare(SmolVLA.from_pretrained(CKPT, vlm=VLM), compile=True)
+    model = speed.prepare(SmolVLAPolicy.from_pretrained(CKPT, vlm=VLM), compile=True)
     assert speed.PATHS["torch.compile"].startswith("not compiled: torch.compile needs a C++ compiler")
     assert "warning: --compile:" in capsys.readouterr().err
     assert not hasattr(model.vision, "_compiled_call_impl") or model.vision._compiled_call_impl is None

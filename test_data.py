@@ -13,8 +13,7 @@ import torch
 from safetensors.numpy import load_file
 
 from data import LeRobotDataset
-from record import write_lerobot_dataset
-from virtual_arm import synthetic_episodes
+from record import synthetic_episodes, write_lerobot_dataset
 from so100 import MOTOR_NAMES
 
 HERE = os.path.dirname(os.path.abspath(__file__))

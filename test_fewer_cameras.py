@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import infer_async as ia
 import policy
-from policy import LEROBOT, checkpoint_name, load_policy_tensors
+from policy import LEROBOT, SmolVLAPolicy, checkpoint_name, load_policy_tensors
 from smolvla import SmolVLA, SmolVLAConfig
 from vlm import SMOLVLM2_500M_VIDEO_INSTRUCT
 
@@ -106,7 +106,7 @@ def test_a_policy_says_once_which_camera_slots_are_unfilled(tiny, io, capsys):
 
 def test_infer_async_on_the_virtual_arm_with_two_of_three_cameras(tmp_path, capsys):
     """A checkpoint configured like smolvla_base (camera1..3, no empty slot) starts on an arm with two."""
-    model = SmolVLA.from_pretrained(os.path.join(TINY, "checkpoint"), vlm=os.path.join(TINY, "vlm"))
+    model = SmolVLAPolicy.from_pretrained(os.path.join(TINY, "checkpoint"), vlm=os.path.join(TINY, "vlm"))
     features = model.config.input_features
     frame = features.pop("observation.images.top")
     features.pop("observation.images.wrist")

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 import infer_async as ia
-import plumbing
 import policy_server as ps
+import so100
 from plumbing import parse_mapping
-from policy import settle_run_options
+from infer_async import settle_run_options
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -316,7 +316,7 @@ class AffinePolicy(torch.nn.Module):
     def predict_chunk(self, observation):
         if self.fail:
             raise RuntimeError("CUDA out of memory (simulated)")
-        if "observation.images.top" not in observation:  # as SmolVLA.predict_chunk does
+        if "observation.images.top" not in observation:  # as SmolVLAPolicy.predict_chunk does
             raise ValueError("the observation lacks camera(s) ['observation.images.top']")
         image = observation["observation.images.top"]
         assert image.shape[0] == 3 and image.dtype == torch.uint8  # (3, H, W) pixels, as the runner hands them on
@@ -496,7 +496,7 @@ def test_camera_names_are_mapped_and_checked_before_opening_devices():
 
 def test_ctrl_c_stops_cleanly_with_torque_off(server, monkeypatch, tmp_path):
     """Ctrl-C in the middle of a run: the loop stops, metrics are written, every servo's torque is off."""
-    open_arm = plumbing.open_arm  # the real one: run_arm looks it up in plumbing, where the patch below replaces it
+    open_arm = so100.open_arm  # the real one: run_arm looks it up in so100, where the patch below replaces it
     opened, sent = [], []
 
     def open_arm_then_interrupt(port, **options):
@@ -513,7 +513,7 @@ def test_ctrl_c_stops_cleanly_with_torque_off(server, monkeypatch, tmp_path):
         arm.send_action = send_or_interrupt
         return arm, virtual
 
-    monkeypatch.setattr(plumbing, "open_arm", open_arm_then_interrupt)
+    monkeypatch.setattr(so100, "open_arm", open_arm_then_interrupt)
     address = "%s:%d" % server.server_address
     start = time.monotonic()
     metrics = ia.main(["--port", "sim", "--server", address, "--fps", "50", "--duration", "60",
@@ -557,13 +557,14 @@ def check_run(metrics, path_json, path_png, ticks):
 
 
 def test_runner_samples_a_guided_chunk_when_the_request_leaves_jacobian_to_the_default(tiny):
-    """sample_actions' default is the paper's correction (jacobian=True): a request without "jacobian" runs it."""
+    """sample_actions' default is the reference's correction (jacobian=False, as --rtc-jacobian's default):
+    a request without "jacobian" runs it."""
     frame = np.zeros((48, 64, 3), np.uint8)
     observation = {"task": "x", "observation.state": np.zeros(6, np.float32), "observation.images.top": frame,
                    "observation.images.wrist": frame, "rtc_leftover": np.zeros((30, 6), np.float32)}
     answer = ps.PolicyRunner(tiny, seed=0)({**observation, "rtc": {"mode": "guided", "inference_delay": 3}})
     explicit = ps.PolicyRunner(tiny, seed=0)({**observation, "rtc": {"mode": "guided", "inference_delay": 3,
-                                                                     "jacobian": True}})
+                                                                     "jacobian": False}})
     assert answer["actions"].shape == (50, 6)
     np.testing.assert_array_equal(answer["actions"], explicit["actions"])
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from flow import (euler_sample, guidance_weight, guided_sample, guided_velocity, prefix_offsets, prefix_sample,
                   prefix_weights)
-from smolvla import SmolVLA
+from policy import SmolVLAPolicy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = os.path.join(HERE, "testdata", "smolvla_tiny")
@@ -108,7 +108,7 @@ def test_guided_sampling_matches_a_written_out_loop_on_variants(variant):
     directory = os.path.join(VARIANTS, variant)
     io = load_file(os.path.join(directory, "io.safetensors"))
     cams = json.load(open(os.path.join(directory, "io.json")))["camera_keys_present"]
-    model = SmolVLA.from_pretrained(os.path.join(directory, "checkpoint"), vlm=os.path.join(directory, "vlm"))
+    model = SmolVLAPolicy.from_pretrained(os.path.join(directory, "checkpoint"), vlm=os.path.join(directory, "vlm"))
     batch = io["state"].shape[0]
     inputs = ([io[f"image{i}"] for i in range(len(cams))], [torch.ones(batch, dtype=torch.bool)] * len(cams),
               io["lang_tokens"], io["lang_masks"], io["state"])
@@ -142,7 +142,7 @@ def test_guided_sampling_matches_a_written_out_loop_on_variants(variant):
     # the paper's correction (vector-Jacobian product through the expert) pulls toward the leftover too; it
     # differentiates through the first min(H, T_prev) action tokens alone (causal), as the whole chunk would
     with_jacobian = model.sample_actions(*inputs, noise=noise, leftover=leftover, inference_delay=d,
-                                         execution_horizon=horizon, max_guidance_weight=beta)
+                                         execution_horizon=horizon, max_guidance_weight=beta, jacobian=True)
     assert torch.isfinite(with_jacobian).all() and distance(with_jacobian) < 0.5 * distance(unguided)
     with torch.no_grad():
         whole = guided_sample(lambda x, t: model.velocity(ctx, x, t), noise, model.config.num_steps, leftover, d,

@@ -172,19 +172,20 @@ def test_virtual_arm_with_guided_rtc_records_what_it_executed(tmp_path):
 
 def test_two_mirror_targets_the_expert_picks_either_and_either_succeeds():
     import demo
+    import toy_world
 
-    scene, rng, sides = demo.ReachScene(seed=0, targets=2), np.random.default_rng(0), []
+    scene, rng, sides = toy_world.ReachScene(seed=0, targets=2), np.random.default_rng(0), []
     for _ in range(30):
         episode = demo.expert_episode(scene, rng, length=20)
         targets = np.vstack([scene.target, scene.distractors])  # (2, 2): mirror images up to the jitter
-        assert np.abs(targets[0] * [-1, 1] - targets[1]).max() <= 2 * demo.TARGET_JITTER_M + 1e-9
+        assert np.abs(targets[0] * [-1, 1] - targets[1]).max() <= 2 * toy_world.TARGET_JITTER_M + 1e-9
         assert scene.success(episode["observation.state"][-1])  # the expert reaches its choice ...
         other = np.zeros(6)
-        other[:3] = demo.inverse_kinematics(scene.distractors[0])
+        other[:3] = toy_world.inverse_kinematics(scene.distractors[0])
         assert scene.success(other)  # ... and touching the other one succeeds as well
         sides.append(np.sign(scene.target[0]))
     assert 5 < sides.count(1.0) < 25  # it picks left and right
-    red = np.argwhere((scene.render(demo.HOME_DEG)[..., 0] > 150) & (scene.render(demo.HOME_DEG)[..., 1] < 80))
+    red = np.argwhere((scene.render(toy_world.HOME_DEG)[..., 0] > 150) & (scene.render(toy_world.HOME_DEG)[..., 1] < 80))
     assert red[:, 1].min() < 28 and red[:, 1].max() > 36  # both discs are drawn
 
 
@@ -197,10 +198,10 @@ class ExpertPolicy(RecordingPolicy):
         self.trained_on = {"rtc_max_delay": 8} if trained else {}
 
     def predict_chunk(self, observation, **kwargs):
-        import demo
+        import toy_world
 
         self.calls.append(kwargs)
-        scene, joints, chunk_ = demo.ReachScene(), np.asarray(observation["observation.state"]), []
+        scene, joints, chunk_ = toy_world.ReachScene(), np.asarray(observation["observation.state"]), []
         scene.target = np.array([-0.15, 0.15])
         for _ in range(10):
             joints = scene.expert_action(joints)
@@ -212,7 +213,7 @@ def test_rtc_lab_runs_every_mode_and_delay_on_a_simulated_clock():
     import demo
 
     policy = ExpertPolicy()
-    rows = demo.rtc_lab(policy, ia, episodes=3, length=30, seed=0, delays=(0, 4))
+    rows = demo.rtc_lab(policy, episodes=3, length=30, seed=0, delays=(0, 4))
     assert [(r["mode"], r["delay_ticks"]) for r in rows] == [
         (m, d) for m in ("off", "guided", "guided_jacobian", "trained") for d in (0, 4)]
     assert all(0 <= r["success_rate"] <= 1 and r["switch_jump_mean"] > 0 for r in rows)
@@ -220,7 +221,7 @@ def test_rtc_lab_runs_every_mode_and_delay_on_a_simulated_clock():
     delays = {c["inference_delay"] for c in policy.calls if "inference_delay" in c}
     assert delays == {0, 4} and {c["rtc_mode"] for c in policy.calls if "rtc_mode" in c} == {"guided", "trained"}
     assert {c["jacobian"] for c in policy.calls if c.get("rtc_mode") == "guided"} == {False, True}
-    assert "trained" not in {r["mode"] for r in demo.rtc_lab(ExpertPolicy(trained=False), ia, 1, 5, 0)}
+    assert "trained" not in {r["mode"] for r in demo.rtc_lab(ExpertPolicy(trained=False), 1, 5, 0)}
 
 
 def test_bad_rtc_options_stop_at_the_warm_up():
@@ -232,9 +233,10 @@ def test_bad_rtc_options_stop_at_the_warm_up():
 
 
 def test_demo_with_rtc_training_in_miniature(tmp_path, monkeypatch):
-    """train.py --demo --demo-targets 2 --rtc-max-delay 3 --rtc-prefix-offset 0.2: each batch draws its prefixes
+    """demo.py --targets 2 --rtc-max-delay 3 --rtc-prefix-offset 0.2 (chunks of 10): each batch draws its prefixes
     and their offsets, the checkpoint says it was trained so (trained_on.json, not config.json), and eval.json
     holds the RTC lab."""
+    import demo
     import flow
     import train
     from smolvla import SmolVLA
@@ -248,9 +250,9 @@ def test_demo_with_rtc_training_in_miniature(tmp_path, monkeypatch):
 
     monkeypatch.setattr(SmolVLA, "compute_loss", spy)
     output = tmp_path / "demo"
-    train.main(["--demo", "--demo-targets", "2", "--rtc-max-delay", "3", "--steps", "4", "--batch-size", "8",
-                "--demo-episodes", "4", "--demo-length", "12", "--demo-eval-episodes", "1", "--output", str(output),
-                "--rtc-prefix-offset", "0.2"])
+    demo.main(["--targets", "2", "--rtc-max-delay", "3", "--steps", "4", "--batch-size", "8", "--chunk-size", "10",
+               "--episodes", "4", "--length", "12", "--eval-episodes", "1", "--output", str(output),
+               "--rtc-prefix-offset", "0.2"])
     drawn = torch.cat(delays[:4])
     assert drawn.shape == (32,) and drawn.min() >= 0 and drawn.max() <= 3 and len(drawn.unique()) > 1
     assert len(offsets) == 4 and all(a[1:] == (10, 6, 0.2) and a[0] is d for a, d in zip(offsets, delays))

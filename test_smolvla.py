@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flow import euler_sample, noisy_actions_and_target, sample_time
-from policy import LEROBOT, checkpoint_name, load_policy_tensors
+from policy import LEROBOT, SmolVLAPolicy, checkpoint_name, load_policy_tensors
 from smolvla import SmolVLA, SmolVLAConfig, block_attention_mask
 from vlm import SMOLVLM2_500M_VIDEO_INSTRUCT
 
@@ -90,7 +90,7 @@ def test_accelerator_matches_the_reference(io, device):
         pytest.skip(reason)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    model = SmolVLA.from_pretrained(CKPT, vlm=VLM).to(device)
+    model = SmolVLAPolicy.from_pretrained(CKPT, vlm=VLM).to(device)
     inputs = [x.to(device) if torch.is_tensor(x) else [m.to(device) for m in x] for x in tensor_inputs(io)]
     chunk = model.sample_actions(*inputs, noise=io["sample_noise"].to(device))
     torch.testing.assert_close(chunk.cpu(), io["expected_sampled"], atol=1e-4, rtol=0)
@@ -145,7 +145,7 @@ def test_variant_matches_reference(variant):
     directory = os.path.join(VARIANTS, variant)
     io = load_file(os.path.join(directory, "io.safetensors"))
     meta = json.load(open(os.path.join(directory, "io.json")))
-    model = SmolVLA.from_pretrained(os.path.join(directory, "checkpoint"), vlm=os.path.join(directory, "vlm"))
+    model = SmolVLAPolicy.from_pretrained(os.path.join(directory, "checkpoint"), vlm=os.path.join(directory, "vlm"))
     cams = meta["camera_keys_present"]
     assert model.config.camera_keys == cams
     tokens, masks = model.tokenize(meta["tasks"])
@@ -236,7 +236,7 @@ def copy_checkpoint(dst, tensors=None, config=None, processors=True):
 def test_bf16_fp32_mixed_weights_load_into_float32(tmp_path):
     tensors = load_file(os.path.join(CKPT, "model.safetensors"))
     mixed = {k: t.bfloat16() if "vlm_with_expert" in k else t for k, t in tensors.items()}
-    model = SmolVLA.from_pretrained(copy_checkpoint(tmp_path / "ckpt", mixed), vlm=VLM)
+    model = SmolVLAPolicy.from_pretrained(copy_checkpoint(tmp_path / "ckpt", mixed), vlm=VLM)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     name = "model.vlm_with_expert.vlm.model.text_model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(model.text.layers[0].self_attn.q_proj.weight, mixed[name].float())
@@ -250,7 +250,7 @@ def test_save_pretrained_round_trip(tmp_path, tiny, io):
     assert expected_files | {"vlm"} <= set(os.listdir(saved))
     assert load_file(saved / "model.safetensors").keys() == load_file(os.path.join(CKPT, "model.safetensors")).keys()
     assert json.load(open(saved / "config.json")) == json.load(open(os.path.join(CKPT, "config.json")))
-    reloaded = SmolVLA.from_pretrained(saved)  # the VLM description from saved/vlm/
+    reloaded = SmolVLAPolicy.from_pretrained(saved)  # the VLM description from saved/vlm/
     chunk = reloaded.predict_chunk(policy_observation(io), noise=io["sample_noise"][:1])
     torch.testing.assert_close(chunk, io["policy_expected_chunk"], atol=TOL, rtol=TOL)
 
@@ -265,7 +265,7 @@ def test_what_a_checkpoint_was_trained_on_lives_beside_config_json(tmp_path, tin
     finally:
         tiny.trained_on = {}
     assert json.load(open(tmp_path / "saved" / "config.json")) == json.load(open(os.path.join(CKPT, "config.json")))
-    assert SmolVLA.from_pretrained(tmp_path / "saved").trained_on == facts
+    assert SmolVLAPolicy.from_pretrained(tmp_path / "saved").trained_on == facts
 
 
 def test_old_format_stats_buffers_with_dataset_prefix(tmp_path, io):
@@ -276,7 +276,7 @@ def test_old_format_stats_buffers_with_dataset_prefix(tmp_path, io):
         tensors[f"normalize_targets.so100-red_buffer_action.{stat}"] = stats[f"action.{stat}"].clone()
         tensors[f"unnormalize_outputs.so100-red_buffer_action.{stat}"] = stats[f"action.{stat}"].clone()
         tensors[f"normalize_inputs.so100-red_buffer_observation_images_top.{stat}"] = torch.full((3, 1, 1), torch.inf)
-    model = SmolVLA.from_pretrained(copy_checkpoint(tmp_path / "old", tensors, processors=False), vlm=VLM)
+    model = SmolVLAPolicy.from_pretrained(copy_checkpoint(tmp_path / "old", tensors, processors=False), vlm=VLM)
     assert sorted(model.stats) == ["action", "observation.state"]
     chunk = model.predict_chunk(policy_observation(io), noise=io["sample_noise"][:1])
     torch.testing.assert_close(chunk, io["policy_expected_chunk"], atol=TOL, rtol=TOL)
@@ -285,7 +285,7 @@ def test_old_format_stats_buffers_with_dataset_prefix(tmp_path, io):
 def test_missing_stats_are_an_error_until_set(tmp_path, io, capsys):
     tensors = load_file(os.path.join(CKPT, "model.safetensors"))
     tensors["normalize_inputs.buffer_observation_state.mean"] = torch.full((6,), torch.inf)  # an unset buffer
-    model = SmolVLA.from_pretrained(copy_checkpoint(tmp_path / "none", tensors, processors=False), vlm=VLM)
+    model = SmolVLAPolicy.from_pretrained(copy_checkpoint(tmp_path / "none", tensors, processors=False), vlm=VLM)
     assert "no normalization stats found" in capsys.readouterr().out
     with pytest.raises(ValueError, match="set_normalization"):
         model.predict_chunk(policy_observation(io))
@@ -297,18 +297,18 @@ def test_missing_stats_are_an_error_until_set(tmp_path, io, capsys):
 
 def test_bad_checkpoints_get_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint directory not found"):
-        SmolVLA.from_pretrained(tmp_path / "nowhere", vlm=VLM)
+        SmolVLAPolicy.from_pretrained(tmp_path / "nowhere", vlm=VLM)
     config = json.load(open(os.path.join(CKPT, "config.json")))
     with pytest.raises(ValueError, match="'act' policy checkpoint"):
-        SmolVLA.from_pretrained(copy_checkpoint(tmp_path / "act", config={**config, "type": "act"}), vlm=VLM)
+        SmolVLAPolicy.from_pretrained(copy_checkpoint(tmp_path / "act", config={**config, "type": "act"}), vlm=VLM)
     os.remove(copy_checkpoint(tmp_path / "noweights") / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
-        SmolVLA.from_pretrained(tmp_path / "noweights", vlm=VLM)
+        SmolVLAPolicy.from_pretrained(tmp_path / "noweights", vlm=VLM)
     with pytest.raises(ValueError, match="wrong shape: model.state_proj.weight"):  # made for another state width
-        SmolVLA.from_pretrained(copy_checkpoint(tmp_path / "wide", config={**config, "max_state_dim": 16}), vlm=VLM)
+        SmolVLAPolicy.from_pretrained(copy_checkpoint(tmp_path / "wide", config={**config, "max_state_dim": 16}), vlm=VLM)
     os.makedirs(tmp_path / "novlm")
     with pytest.raises(FileNotFoundError, match="VLM config.json not found"):
-        SmolVLA.from_pretrained(CKPT, vlm=tmp_path / "novlm")
+        SmolVLAPolicy.from_pretrained(CKPT, vlm=tmp_path / "novlm")
 
 
 def test_bad_observations_get_clear_errors(tiny, io):
@@ -332,7 +332,7 @@ def test_from_vlm_takes_the_vlm_weights_and_a_fresh_expert(tmp_path, io):
     shutil.copytree(VLM, tmp_path / "vlm")
     save_file(hf, tmp_path / "vlm" / "model.safetensors")
     config = SmolVLAConfig.from_json_dict(json.load(open(os.path.join(CKPT, "config.json"))))
-    model = SmolVLA.from_vlm(tmp_path / "vlm", config)
+    model = SmolVLAPolicy.from_vlm(tmp_path / "vlm", config)
     assert len(model.text.layers) == 4
     for name, t in model.state_dict().items():
         same = torch.equal(t, tensors[checkpoint_name(name, LEROBOT)])
@@ -342,7 +342,7 @@ def test_from_vlm_takes_the_vlm_weights_and_a_fresh_expert(tmp_path, io):
     del hf["model.connector.modality_projection.proj.weight"]
     save_file(hf, tmp_path / "vlm" / "model.safetensors")
     with pytest.raises(ValueError, match="1 missing: model.connector.modality_projection.proj.weight"):
-        SmolVLA.from_vlm(tmp_path / "vlm", config)
+        SmolVLAPolicy.from_vlm(tmp_path / "vlm", config)
 
 
 # --- flow matching on its own -------------------------------------------------------------------------
@@ -378,7 +378,7 @@ def test_stats_that_do_not_fit_are_reported_not_used(tmp_path, capsys):
     tensors["normalize_inputs.buffer_observation_state.std"] = torch.ones(6)
     tensors["unnormalize_outputs.buffer_action.mean"] = torch.zeros(14)  # another robot's action size
     tensors["normalize_inputs.buffer_observation_velocity.mean"] = torch.zeros(6)  # a feature it does not have
-    model = SmolVLA.from_pretrained(copy_checkpoint(tmp_path / "odd", tensors, processors=False), vlm=VLM)
+    model = SmolVLAPolicy.from_pretrained(copy_checkpoint(tmp_path / "odd", tensors, processors=False), vlm=VLM)
     out = capsys.readouterr().out
     assert "action mean (not 6 values)" in out and "observation_velocity (not a feature of this policy)" in out
     assert sorted(model.stats) == ["observation.state"]

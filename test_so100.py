@@ -19,15 +19,13 @@ import numpy as np
 import pytest
 
 import feetech
-from plumbing import open_arm
 import so100
 from feetech import CONTROL_TABLE, FeetechBus, decode_sign_magnitude, encode_sign_magnitude, parse_status
 from so100 import (
-    FeetechError, MOTOR_IDS, MOTOR_NAMES, SO100Follower, SO100Leader, load_calibration,
+    FeetechError, MOTOR_IDS, MOTOR_NAMES, OpenCVCamera, SO100Follower, SO100Leader, load_calibration, open_arm,
     ticks_to_units as normalize, units_to_ticks as unnormalize,
 )
 from virtual_arm import TRUE_CALIBRATION, VirtualArm
-from plumbing import OpenCVCamera
 
 hexbytes = bytes.fromhex
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -13,11 +13,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import demo
-import demo as sim
+import toy_world as sim
 import train
 from data import LeRobotDataset
 from record import write_lerobot_dataset
-from smolvla import SmolVLA
+from policy import SmolVLAPolicy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKPOINT = os.path.join(HERE, "testdata", "smolvla_tiny", "checkpoint")
@@ -35,7 +35,7 @@ def frame_cache_in_tmp(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------------------
-# demo.py's toy world (imported as `sim`, its old name, so the tests read as before)
+# The toy world (toy_world.py, imported as `sim`, its old name, so the tests read as before)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -66,7 +66,7 @@ def test_every_target_is_within_the_virtual_arms_joint_ranges():
 def test_expert_reaches_every_target_and_success_needs_the_target():
     scene, rng = sim.ReachScene(seed=0), np.random.default_rng(0)
     for _ in range(40):
-        episode = sim.expert_episode(scene, rng, length=20)
+        episode = demo.expert_episode(scene, rng, length=20)
         assert not scene.success(episode["observation.state"][0])  # starts away from the target
         assert scene.success(episode["observation.state"][-1])  # ends on it
         # recorded actions are the expert's bounded steps, and the state follows them
@@ -139,10 +139,10 @@ def test_demo_evaluation_tells_image_use_from_blindness():
 
 
 def test_demo_pipeline_end_to_end_in_miniature(tmp_path):
-    """--demo with a few episodes and steps: dataset on disk, checkpoint with its VLM dir, eval.json."""
+    """demo.py with a few episodes and steps: dataset on disk, checkpoint with its VLM dir, eval.json."""
     output = tmp_path / "demo"
-    train.main(["--demo", "--steps", "3", "--batch-size", "8", "--demo-episodes", "4", "--demo-length", "12",
-                "--demo-eval-episodes", "2", "--output", str(output)])
+    demo.main(["--steps", "3", "--batch-size", "8", "--episodes", "4", "--length", "12",
+                "--eval-episodes", "2", "--output", str(output)])
     saved = json.load(open(output / "eval.json"))
     assert saved["episodes"] == 2 and 0 <= saved["success_rate"] <= 1 and saved["train_steps"] == 3
     dataset = LeRobotDataset(str(output / "dataset"))
@@ -152,7 +152,7 @@ def test_demo_pipeline_end_to_end_in_miniature(tmp_path):
         assert (checkpoint / "vlm" / name).is_file(), name
     tokenizer_config = json.load(open(checkpoint / "vlm" / "tokenizer_config.json"))
     assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"  # loads in transformers 4 and 5
-    policy = SmolVLA.from_pretrained(str(checkpoint))
+    policy = SmolVLAPolicy.from_pretrained(str(checkpoint))
     assert policy.config.chunk_size == 10 and policy.config.num_vlm_layers == 4
 
 
@@ -162,18 +162,18 @@ def test_a_demo_run_remembers_its_data_resumes_and_drives_the_sim_at_its_fps(tmp
     import infer_async
 
     monkeypatch.chdir(tmp_path)
-    train.main(["--demo", "--steps", "2", "--batch-size", "8", "--demo-episodes", "2", "--demo-length", "10",
-                "--demo-eval-episodes", "1"])
+    demo.main(["--steps", "2", "--batch-size", "8", "--episodes", "2", "--length", "10",
+                "--eval-episodes", "1"])
     run = tmp_path / "outputs" / "demo" / "latest"
     assert run.is_symlink() and (run / "eval.json").is_file()
     checkpoint = str(run / "checkpoints" / "last" / "pretrained_model")
     facts = json.load(open(os.path.join(checkpoint, "trained_on.json")))
-    assert facts == {"fps": demo.DEMO_FPS, "norm_mode": "degrees", "tasks": [demo.DEMO_TASK]}
+    assert facts == {"fps": sim.FPS, "norm_mode": "degrees", "tasks": [sim.TASK]}
     with Image.open(run / "episodes.gif") as gif:
         assert gif.n_frames > 4 and gif.size == (256, 256)
-    # --resume of a demo run trains on the dataset it recorded; --demo --resume does the same
+    # --resume of a demo run trains on the dataset it recorded; demo.py --resume does the same
     train.main(["--resume", str(run), "--steps", "3"])
-    train.main(["--demo", "--resume", str(run), "--steps", "4"])
+    demo.main(["--resume", str(run), "--steps", "4"])
     state = torch.load(run / "checkpoints" / "000004" / "training_state.pt", weights_only=True)
     assert [h["step"] for h in state["history"]] == [1, 2, 3, 4]
     message = error_of(["--resume", str(run), "--steps", "4"])
@@ -183,8 +183,8 @@ def test_a_demo_run_remembers_its_data_resumes_and_drives_the_sim_at_its_fps(tmp
     capsys.readouterr()
     infer_async.main(["--port", "sim", "--policy", checkpoint, "--duration", "1", "--metrics", "m.json"])
     metrics, out = json.load(open("m.json")), capsys.readouterr().out
-    assert metrics["config"]["fps"] == 10 and metrics["config"]["task"] == demo.DEMO_TASK and metrics["ticks"] == 10
-    assert f'task: "{demo.DEMO_TASK}"' in out and "target reached: " in out and "target_reached" in metrics
+    assert metrics["config"]["fps"] == 10 and metrics["config"]["task"] == sim.TASK and metrics["ticks"] == 10
+    assert f'task: "{sim.TASK}"' in out and "target reached: " in out and "target_reached" in metrics
     infer_async.main(["--port", "sim", "--policy", checkpoint, "--duration", "0.1", "--fps", "30", "--task", "x",
                       "--record-video", "v.gif"])
     assert "trained on 10 fps data" in capsys.readouterr().out and os.path.isfile("v.gif")
@@ -260,7 +260,7 @@ def test_fine_tune_save_resume_and_load(tmp_path):
     assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
     # the checkpoint loads back (its own vlm/ inside), in lerobot's layout, with the dataset's stats
     saved = os.path.join(first, "checkpoints", "last", "pretrained_model")
-    policy = SmolVLA.from_pretrained(saved)
+    policy = SmolVLAPolicy.from_pretrained(saved)
     assert sum(v.numel() for v in policy.state_dict().values()) == sum(v.numel() for v in w1.values())
     config = json.load(open(os.path.join(saved, "config.json")))
     assert config["type"] == "smolvla"
@@ -289,11 +289,11 @@ def test_ddp_two_processes_agree_on_the_weights(tmp_path):
 # Bad input: one clear message before any training
 # ----------------------------------------------------------------------------------------------------
 
-def error_of(argv):
+def error_of(argv, command=train):
     with pytest.raises(SystemExit) as exit_info:
-        train.main(argv)
+        command.main(argv)
     message = str(exit_info.value.code)
-    assert message.startswith("train.py: error: ") and "Traceback" not in message
+    assert message.startswith(f"{command.__name__}.py: error: ") and "Traceback" not in message
     return message
 
 
@@ -352,7 +352,7 @@ def test_unwritable_output_existing_run_and_too_small_dataset(tmp_path):
     assert "--resume" in message
     (tmp_path / "demo").mkdir()
     (tmp_path / "demo" / "eval.json").write_text("{}")
-    message = error_of(["--demo", "--output", str(tmp_path / "demo")])
+    message = error_of(["--output", str(tmp_path / "demo")], demo)
     assert "is not empty" in message and (tmp_path / "demo" / "eval.json").read_text() == "{}"
     message = error_of(FINE_TUNE + ["--batch-size", "64", "--output", str(tmp_path / "o")])
     assert "63 samples, fewer than one batch of 64" in message
@@ -361,13 +361,13 @@ def test_unwritable_output_existing_run_and_too_small_dataset(tmp_path):
 def test_numbers_that_cannot_run_are_one_message(tmp_path):
     message = error_of(FINE_TUNE + ["--batch-size", "0", "--log-every", "0", "--lr", "-1", "--output", str(tmp_path / "o")])
     assert "--batch-size 0, --log-every 0, --lr -1.0: counts must be at least 1" in message
-    assert "--demo-action-steps 0" in error_of(["--demo", "--demo-action-steps", "0", "--output", str(tmp_path / "d")])
+    assert "--action-steps 0" in error_of(["--action-steps", "0", "--output", str(tmp_path / "d")], demo)
     assert 1 <= train.RECIPE["num_workers"] <= min(4, os.cpu_count())  # never more workers than cores
 
 
 def test_a_prefix_offset_needs_rtc_prefixes_and_a_size(tmp_path, capsys):
     for rtc in (["--rtc-prefix-offset", "0.2"], ["--rtc-max-delay", "4", "--rtc-prefix-offset", "-1"]):
         with pytest.raises(SystemExit):
-            train.main(["--demo", *rtc, "--output", str(tmp_path / "d")])
+            demo.main([*rtc, "--output", str(tmp_path / "d")])
         assert "error: --rtc-prefix-offset must be >= 0, and shifts the prefixes of --rtc-max-delay" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "d")

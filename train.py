@@ -11,7 +11,6 @@ episode (data.py flags them in `action_is_pad`) are masked out of the loss.
     python train.py --repo lerobot/svla_so100_stacking --from-scratch        # fresh expert on SmolVLM2
     python train.py --resume outputs/train/latest --steps 30000              # continue where it stopped
     torchrun --nproc_per_node=4 train.py --repo ...                           # data-parallel, 4 GPUs
-    python train.py --demo                                                   # demo.py's offline toy run
 
 One process, or several: `torchrun` starts one process per GPU and tells each its RANK and WORLD_SIZE.
 Every process holds a full copy of the model, reads its own shard of every epoch (DistributedSampler) and
@@ -45,15 +44,15 @@ import speed
 from data import LeRobotDataset
 from flow import prefix_offsets
 from plumbing import parse_mapping
-from policy import ACTION, check_dataset_fits_policy, features_from_dataset
-from smolvla import SmolVLA, SmolVLAConfig
+from policy import SmolVLAPolicy
+from smolvla import ACTION, IMAGE_PREFIX, STATE, SmolVLAConfig
 
 DEFAULT_POLICY = "lerobot/smolvla_base"
 
 # ----------------------------------------------------------------------------------------------------
 # The recipe: every default of a training run. Command-line values win; a resumed run takes the values
-# it was started with. (config.json carries lerobot's own copy of the optimizer fields,
-# policy.LEROBOT_CONFIG_FIELDS; nothing here reads it.)
+# it was started with. (Every checkpoint's config.json records the run's optimizer and scheduler numbers in
+# lerobot's field names: lerobot_optimizer_fields.)
 # ----------------------------------------------------------------------------------------------------
 
 RECIPE = {
@@ -73,10 +72,6 @@ RECIPE = {
     "log_every": 100,        # progress-bar refresh period in steps
     "seed": 1000,            # data order, flow-matching noise and time, a fresh expert's initialization
 }
-# The demo's (demo.py): a tiny model from scratch learns fast with a higher lr and a short schedule.
-DEMO = {**RECIPE, "steps": 1_500, "lr": 1e-3, "decay_lr": 1e-5, "warmup_steps": 100,
-        "decay_steps": None,  # None: the run's steps
-        "num_workers": 0, "save_every": 0, "log_every": 25}
 # what a checkpoint stores for --resume: the recipe as run, and the inputs
 RUN_OPTIONS = list(RECIPE) + ["repo", "rename", "train_vlm", "bf16", "rtc_max_delay", "rtc_prefix_offset"]
 
@@ -186,13 +181,57 @@ def check_batch_size(samples, batch_size, world_size):
                          f"({world_size} process{'es' if world_size > 1 else ''}): lower --batch-size.")
 
 
+def features_from_dataset(dataset):
+    """lerobot's input/output feature dicts describing a dataset's state, cameras and actions (the
+    config of a policy trained from scratch on it)."""
+    sample = dataset[0]
+    inputs = {STATE: {"type": "STATE", "shape": list(sample[STATE].shape)}}
+    for key in dataset.camera_keys:
+        inputs[key] = {"type": "VISUAL", "shape": list(sample[key].shape)}
+    outputs = {ACTION: {"type": "ACTION", "shape": [sample[ACTION].shape[-1]]}}
+    return inputs, outputs
+
+
+def check_dataset_fits_policy(config, dataset, rename):
+    """One clear error if the dataset cannot train this policy: cameras named differently, or state/action
+    dims that differ. Policy cameras the dataset does not have at all (smolvla_base reads three, most
+    datasets have two) are dropped from the policy's inputs, as the reference does silently; we say so."""
+    short = lambda key: key[len(IMAGE_PREFIX):]
+    # the dataset's own camera names (before --rename), for the hint
+    original = {new: old for old, new in rename.items()}
+    dataset_name = lambda key: original.get(short(key), short(key))
+    policy_cameras = config.camera_keys
+    missing = [key for key in policy_cameras if key not in dataset.camera_keys]
+    unused = [key for key in dataset.camera_keys if key not in policy_cameras]
+    if unused and (missing or not policy_cameras):
+        pairs = [(dataset_name(old), short(new)) for old, new in zip(unused, missing)]
+        hint = ",".join(f"{old}={new}" for old, new in pairs if old != new)
+        renamed = f" (called {[short(k) for k in dataset.camera_keys]} after --rename)" if rename else ""
+        raise ValueError(f"the dataset's cameras {[dataset_name(k) for k in dataset.camera_keys]}{renamed} are not "
+                         f"the policy's {[short(k) for k in policy_cameras]}: map them with --rename"
+                         + (f", e.g. --rename {hint}" if hint else ""))
+    for key, kind in ((STATE, "input_features"), (ACTION, "output_features")):
+        wanted = int(getattr(config, kind)[key]["shape"][0])
+        found = int(dataset.stats[key]["mean"].shape[0])
+        if wanted != found:
+            raise ValueError(f"the dataset's {key} has {found} dims but the policy's has {wanted}; fine-tuning "
+                             "needs the same robot (or start a new policy with --from-scratch).")
+    if missing:
+        print(f"note: the dataset has no {[short(k) for k in missing]} camera(s); the policy is trained without "
+              "them (they are removed from its input features).")
+        for key in missing:
+            del config.input_features[key]
+    if unused:
+        print(f"note: the policy does not read the dataset's {[dataset_name(k) for k in unused]} camera(s).")
+
+
 def policy_to_train(args, dataset):
     """The policy to train: a checkpoint to fine-tune, or a fresh expert on the SmolVLM2 weights."""
     if args.from_scratch:
         config = SmolVLAConfig()
         config.input_features, config.output_features = features_from_dataset(dataset)
-        return SmolVLA.from_vlm(args.vlm or config.vlm_model_name, config)
-    return SmolVLA.from_pretrained(args.policy, vlm=args.vlm)
+        return SmolVLAPolicy.from_vlm(args.vlm or config.vlm_model_name, config)
+    return SmolVLAPolicy.from_pretrained(args.policy, vlm=args.vlm)
 
 
 def prepare_training(policy, args, device, autocast):
@@ -215,14 +254,26 @@ def prepare_training(policy, args, device, autocast):
 # Checkpoints: <output>/checkpoints/<step>/{pretrained_model, training_state.pt}, written atomically
 # ----------------------------------------------------------------------------------------------------
 
+def lerobot_optimizer_fields(options):
+    """The run's optimizer and scheduler numbers under lerobot's config.json names (what lerobot reads back
+    to continue training): a checkpoint says how it was trained, from the one home of those numbers."""
+    return {
+        "optimizer_lr": options["lr"], "optimizer_betas": list(options["betas"]), "optimizer_eps": options["eps"],
+        "optimizer_weight_decay": options["weight_decay"], "optimizer_grad_clip_norm": options["grad_clip"],
+        "scheduler_warmup_steps": options["warmup_steps"], "scheduler_decay_steps": options["decay_steps"],
+        "scheduler_decay_lr": options["decay_lr"],
+    }
+
+
 def save_checkpoint(output, step, policy, optimizer, scheduler, history, options):
-    """Write the policy (SmolVLA.from_pretrained / lerobot format) and what --resume needs, then point
+    """Write the policy (SmolVLAPolicy.from_pretrained / lerobot format) and what --resume needs, then point
     `checkpoints/last` at it. Everything goes to a temporary directory first and is renamed into place,
     so a run killed mid-save never leaves a half-written checkpoint behind."""
     checkpoints = os.path.join(output, "checkpoints")
     final = os.path.join(checkpoints, f"{step:06d}")
     os.makedirs(checkpoints, exist_ok=True)
     temporary = tempfile.mkdtemp(prefix=f".{step:06d}-", dir=checkpoints)
+    policy.config.extra.update(lerobot_optimizer_fields(options))
     policy.save_pretrained(os.path.join(temporary, "pretrained_model"))
     torch.save({"step": step, "options": options, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "history": history},
@@ -402,61 +453,70 @@ def train(policy, dataset, args, processes, start=None):
 # Command line
 # ----------------------------------------------------------------------------------------------------
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repo", help="LeRobot dataset: hub id (owner/name) or local directory")
-    parser.add_argument("--policy", default=DEFAULT_POLICY, help=f"checkpoint to fine-tune, hub id or directory ({DEFAULT_POLICY})")
-    parser.add_argument("--from-scratch", action="store_true",
-                        help="start from the SmolVLM2 weights (--vlm) with a freshly initialized action expert")
-    parser.add_argument("--vlm", default=None,
-                        help=f"VLM config/weights/tokenizer, dir or hub id (from scratch: {SmolVLAConfig.vlm_model_name}; "
-                             "fine-tuning: the checkpoint's own)")
+def add_run_arguments(parser):
+    """The flags of a training run, whatever it learns from (demo.py adds them to its own)."""
     parser.add_argument("--steps", type=int, help=f"optimizer steps ({RECIPE['steps']})")
     parser.add_argument("--batch-size", type=int, help=f"samples per step and process ({RECIPE['batch_size']})")
     parser.add_argument("--lr", type=float, help=f"peak learning rate ({RECIPE['lr']})")
     parser.add_argument("--decay-lr", type=float, help=f"learning rate at the end of the cosine ({RECIPE['decay_lr']})")
     parser.add_argument("--warmup-steps", type=int, help=f"linear warmup ({RECIPE['warmup_steps']})")
-    parser.add_argument("--decay-steps", type=int, help=f"cosine length ({RECIPE['decay_steps']}; shrunk to --steps if longer)")
+    parser.add_argument("--decay-steps", type=int,
+                        help=f"cosine length ({RECIPE['decay_steps']}; shrunk to --steps if longer)")
     parser.add_argument("--grad-clip", type=float, help=f"max gradient norm ({RECIPE['grad_clip']})")
-    parser.add_argument("--train-vlm", action="store_true", default=None,
-                        help="also train the VLM (text layers and connector)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast (default: on GPUs that support it)")
     parser.add_argument("--output", help="run directory (default outputs/train/<date>_<dataset>)")
     parser.add_argument("--resume", help="continue a run: its output dir or one of its checkpoint dirs")
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--num-workers", type=int, help=f"DataLoader worker processes ({RECIPE['num_workers']})")
-    parser.add_argument("--rename", help="camera renames dataset=policy, e.g. top=camera1,wrist=camera2")
-    parser.add_argument("--save-every", type=int, help=f"checkpoint period in steps, 0: only at the end ({RECIPE['save_every']})")
+    parser.add_argument("--save-every", type=int,
+                        help=f"checkpoint period in steps, 0: only at the end ({RECIPE['save_every']})")
     parser.add_argument("--log-every", type=int, help=f"progress-bar refresh period ({RECIPE['log_every']})")
     parser.add_argument("--seed", type=int, help=f"data order and noise ({RECIPE['seed']})")
     parser.add_argument("--rtc-max-delay", type=int, help="training-time Real-Time Chunking: up to D given actions")
     parser.add_argument("--rtc-prefix-offset", type=float,
                         help="with --rtc-max-delay: std of a random shift of the given actions, normalized (0: none)")
-    parser.add_argument("--demo", action="store_true", help="the offline toy run (demo.py): CPU, a few minutes")
-    parser.add_argument("--demo-targets", type=int, default=1, help="1, or 2 mirror-image targets (the expert picks one) (%(default)s)")
-    parser.add_argument("--demo-episodes", type=int, default=160, help="demonstrations the demo records (%(default)s)")
-    parser.add_argument("--demo-length", type=int, default=20, help="steps per demo episode (%(default)s)")
-    parser.add_argument("--demo-eval-episodes", type=int, default=50, help="episodes per demo evaluation (%(default)s)")
-    parser.add_argument("--demo-chunk-size", type=int, default=10, help="actions per chunk (demo policy) (%(default)s)")
-    parser.add_argument("--demo-action-steps", type=int, default=5, help="actions executed per chunk, open loop (%(default)s)")
-    parser.add_argument("--demo-vlm-layers", type=int, default=4, help="VLM layers kept, of the tiny VLM's 8 (%(default)s)")
-    parser.add_argument("--demo-attention", default="interleaved",
-                        help="expert-VLM attention: interleaved cross/self (SmolVLA), cross only, self only "
-                             "(demo.ATTENTION; %(default)s)")
-    args = parser.parse_args(argv)
-    if not (args.demo or args.repo or args.resume):
-        parser.error("give a dataset with --repo (or --resume a run, or run --demo)")
-    if (args.rtc_max_delay or 0) < 0 or args.demo_targets not in (1, 2):
-        parser.error("--rtc-max-delay must be >= 0 and --demo-targets 1 or 2")
-    if (args.rtc_prefix_offset or 0) < 0 or args.rtc_prefix_offset and not (args.rtc_max_delay or args.resume):
+
+
+def build_parser():
+    """train.py's flags: what to learn from and what to start from, then the run's own."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repo", help="LeRobot dataset: hub id (owner/name) or local directory")
+    parser.add_argument("--policy", default=DEFAULT_POLICY,
+                        help=f"checkpoint to fine-tune, hub id or directory ({DEFAULT_POLICY})")
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="start from the SmolVLM2 weights (--vlm) with a freshly initialized action expert")
+    parser.add_argument("--vlm", default=None,
+                        help="VLM config/weights/tokenizer, dir or hub id "
+                             f"(from scratch: {SmolVLAConfig.vlm_model_name}; fine-tuning: the checkpoint's own)")
+    parser.add_argument("--train-vlm", action="store_true", default=None,
+                        help="also train the VLM (text layers and connector)")
+    parser.add_argument("--rename", help="camera renames dataset=policy, e.g. top=camera1,wrist=camera2")
+    add_run_arguments(parser)
+    return parser
+
+
+def check_rtc_flags(parser, args):
+    """Training-time RTC's flags: a delay of 0 or more, and an offset only where there are prefixes."""
+    if (args.rtc_max_delay or 0) < 0:
+        parser.error("--rtc-max-delay must be >= 0")
+    offset_without_prefixes = args.rtc_prefix_offset and not (args.rtc_max_delay or args.resume)
+    if (args.rtc_prefix_offset or 0) < 0 or offset_without_prefixes:
         parser.error("--rtc-prefix-offset must be >= 0, and shifts the prefixes of --rtc-max-delay: give both")
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not (args.repo or args.resume):
+        parser.error("give a dataset with --repo (or --resume a run; the offline demo is python demo.py)")
+    check_rtc_flags(parser, args)
     return args
 
 
-def fill_options(args, saved=None):
-    """Options not given on the command line: from the resumed run, else from the recipe (or the demo's)."""
-    defaults = DEMO if args.demo else RECIPE
+def fill_options(args, saved=None, defaults=RECIPE, at_least=None):
+    """Options not given on the command line: from the resumed run, else from the recipe (`defaults`: the
+    demo passes its own). at_least: more {option: lowest value} to check (the demo's counts)."""
     for name in RUN_OPTIONS:  # the recipe's AdamW constants have no flag: args gets them here
         if getattr(args, name, None) is None and saved is not None and name in saved:
             setattr(args, name, saved[name])
@@ -465,10 +525,13 @@ def fill_options(args, saved=None):
     if args.decay_steps is None:
         args.decay_steps = args.steps
     # numbers that cannot run, all named in one message before anything loads
-    at_least = {"steps": 1, "batch_size": 1, "log_every": 1, "decay_steps": 1, "num_workers": 0, "save_every": 0,
-                "warmup_steps": 0, "demo_episodes": 1, "demo_length": 1, "demo_eval_episodes": 1, "demo_chunk_size": 1,
-                "demo_action_steps": 1, "demo_vlm_layers": 1, "lr": 1e-30, "decay_lr": 0, "grad_clip": 1e-30}
-    wrong = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name, low in at_least.items() if getattr(args, name) < low]
+    lowest = {"steps": 1, "batch_size": 1, "log_every": 1, "decay_steps": 1, "num_workers": 0, "save_every": 0,
+              "warmup_steps": 0, "lr": 1e-30, "decay_lr": 0, "grad_clip": 1e-30}
+    lowest.update(at_least or {})
+    wrong = []
+    for name, low in lowest.items():
+        if getattr(args, name) < low:
+            wrong.append(f"--{name.replace('_', '-')} {getattr(args, name)}")
     if wrong:
         raise ValueError(f"{', '.join(wrong)}: counts must be at least 1 (workers, periods, warmup: 0), rates positive")
     if args.rtc_prefix_offset and not args.rtc_max_delay:  # a resumed run without RTC prefixes
@@ -485,7 +548,7 @@ def prepare(args, processes):
         args.output = args.output or run
         args.policy, args.from_scratch = os.path.join(checkpoint, "pretrained_model"), False
     fill_options(args, start["options"] if start else None)
-    if args.repo is None and args.resume:  # a demo's run (--demo): it recorded its dataset into the run
+    if args.repo is None and args.resume:  # a demo's run (demo.py): it recorded its dataset into the run
         args.repo = os.path.join(run, "dataset")
     if start and start["step"] >= args.steps:
         raise ValueError(f"the run is already at step {start['step']} of {args.steps}: give more --steps to continue it")
@@ -512,32 +575,16 @@ def main(argv=None):
     if not processes.is_main:  # under torchrun only rank 0 prints (errors still go to stderr)
         sys.stdout = open(os.devnull, "w")
     default_output = args.output is None and not args.resume
-    args.demo = args.demo and not args.resume  # --demo --resume RUN: a demo's run continues like any run
     try:
-        if args.demo:
-            # The demo's code and its toy world are loaded only for --demo: a training run on a GPU box
-            # imports neither, nor the servo driver (which the demo's dataset writer, record.py, imports).
-            import demo
-
-            fill_options(args)
-            demo.prepare_demo(args, processes)
-            check_output(args.output, resume=False)
-            check_batch_size(args.demo_episodes * args.demo_length, args.batch_size, 1)
-        else:
-            dataset, policy, start = prepare(args, processes)
-        if default_output and processes.is_main:  # outputs/demo/latest, outputs/train/latest: the newest run
+        dataset, policy, start = prepare(args, processes)
+        if default_output and processes.is_main:  # outputs/train/latest: the newest run
             os.makedirs(args.output, exist_ok=True)
             replace_link(os.path.dirname(args.output), "latest", os.path.basename(args.output))
     except (FileNotFoundError, FileExistsError, PermissionError, ValueError) as error:
         sys.exit(f"train.py: error: {error}")
-    if args.demo:
-        import infer_async  # the RTC lab's control loop (passed in: infer_async imports demo)
-
-        demo.run_demo(args, processes, train, infer_async)
-    else:
-        train(policy, dataset, args, processes, start)
-        if processes.is_main:
-            print(f"checkpoint: {os.path.join(args.output, 'checkpoints', 'last', 'pretrained_model')}")
+    train(policy, dataset, args, processes, start)
+    if processes.is_main:
+        print(f"checkpoint: {os.path.join(args.output, 'checkpoints', 'last', 'pretrained_model')}")
     if processes.distributed:
         dist.destroy_process_group()
 

@@ -21,9 +21,8 @@ servos start with it written to their EEPROM, so `--port sim` works without cali
 driver's conversion of ticks to units (so100.py) can be checked against it. This file speaks only the protocol
 (feetech.py) and knows nothing of the driver: the joints are the calibration's, in its order.
 A pty moves bytes as fast as the two threads pass them, whatever baud rate the driver set.
-For recording without hardware, `ScriptedHand` moves a virtual leader arm like the scripted expert of the
-toy world (demo.py) reaching its red target, and `toy_world_cameras` film that world; `synthetic_episodes`
-are recordings of random motion, for tests and benchmarks.
+For recording without hardware, toy_world.py's `ScriptedHand` moves a virtual leader arm and its cameras film
+the arm; this file imports none of it.
 """
 
 import os
@@ -476,87 +475,3 @@ class VirtualArm:
 # ------------------------------------------------------------------------------------------------------------
 # Recording without hardware: a scripted hand on a virtual leader arm, and cameras filming the toy world
 # ------------------------------------------------------------------------------------------------------------
-
-
-class ScriptedHand:
-    """A person's hand on a virtual leader arm, played by the toy world's scripted expert (demo.py): `hz` times
-    a second it moves the joints one expert step toward the red target (`new_episode()`: a new target) or
-    toward home (`go_home()`: the reset between episodes). `toy_world_cameras` film its `scene`."""
-
-    def __init__(self, arm, hz=30.0, seed=0, image_size=(64, 64)):
-        from demo import HOME_DEG, ReachScene  # the toy world (imported only when a scripted hand is used)
-
-        self.arm, self.home, self.homing = arm, HOME_DEG.astype(np.float64), True
-        # the demo's expert moves 8° per step at 10 steps a second: the same speed at `hz`
-        self.step_deg = 8.0 * 10 / hz
-        self.scene = ReachScene(seed=seed, image_size=image_size, expert_speed_deg=self.step_deg)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._move, args=(1 / hz,), name="scripted-hand", daemon=True)
-        self._thread.start()
-
-    def new_episode(self):
-        self.scene.reset()
-        self.homing = False
-
-    def go_home(self):
-        self.homing = True
-
-    def _move(self, period):
-        while not self._stop.wait(period):
-            pose = self.arm.joint_positions_deg()
-            goal = self.home if self.homing else self.scene.expert_action(pose)
-            for name, value in zip(self.arm.calibration, pose + np.clip(goal - pose, -self.step_deg, self.step_deg)):
-                self.arm.move_joint(name, value)
-
-    def close(self):
-        self._stop.set()
-        self._thread.join()
-
-
-def toy_world_cameras(names, pose_fn, scene=None, image_size=(64, 64)):
-    """{name: camera} filming the toy world of demo.py (the table, its red target, and the arm whose true pose
-    `pose_fn()` returns, in `joint_positions_deg` units); `scene`: a ScriptedHand's, or a new one."""
-    from demo import ReachScene  # the toy world (imported only when a simulated camera opens)
-
-    scene = scene if scene is not None else ReachScene(seed=0, image_size=image_size)
-    return scene.cameras(names, pose_fn)
-
-
-def synthetic_episodes(n_episodes, length, height=96, width=128, cameras=("top", "wrist"), state_dim=6, seed=0,
-                       noise=True, tasks=("Pick the red cube and place it in the box.", "Stack the red cube on the blue cube.")):
-    """Episodes of random joint motion with camera-like images that follow it, for tests and benchmarks.
-
-    Each camera sees a textured background (smooth waves plus fixed grain, a table seen by a camera) with
-    sensor noise in every frame and a red square that moves with the joints. At 480x640 this encodes to
-    ~25 KB per AV1 frame and decodes about as fast as real robot footage (flat colours would be far
-    cheaper). noise=False leaves out grain and sensor noise (what a codec would smooth away anyway).
-    `length` is an int or one int per episode.
-    """
-    rng = np.random.default_rng(seed)
-    lengths = [length] * n_episodes if np.isscalar(length) else list(length)
-    rows, cols = np.mgrid[0:height, 0:width]
-    backgrounds = {}
-    for name in cameras:
-        waves = np.zeros((height, width, 3))
-        for _ in range(8):
-            # periods of 40 to 400 pixels, whatever the image size
-            (fy, fx), phase, amplitude = rng.uniform(1 / 400, 1 / 40, 2), rng.uniform(0, 2 * np.pi), rng.uniform(5, 25, 3)
-            waves += np.sin(2 * np.pi * (fy * rows + fx * cols) + phase)[..., None] * amplitude
-        backgrounds[name] = 110 + waves + (rng.normal(0, 6, (height, width, 3)) if noise else 0)  # (H, W, 3)
-    episodes = []
-    for e, n in enumerate(lengths):
-        # state: a random walk in degrees; action: the next state (the arm follows its commands)
-        state = np.cumsum(rng.normal(0, 2.0, (n + 1, state_dim)), axis=0).astype(np.float32)
-        images = {}
-        for c, name in enumerate(cameras):
-            frames = np.empty((n, height, width, 3), dtype=np.uint8)
-            for t in range(n):
-                frame = backgrounds[name] + (rng.normal(0, 2, (height, width, 3)) if noise else 0)
-                y = int(height / 2 + state[t, c % state_dim] * height / 200) % height
-                x = int(width / 2 + state[t, (c + 1) % state_dim] * width / 200) % width
-                frame[max(0, y - height // 8):y + height // 8, max(0, x - width // 8):x + width // 8] = (230, 40, 40)
-                frames[t] = np.clip(frame, 0, 255)
-            images[name] = frames
-        episodes.append({"observation.state": state[:n], "action": state[1:], "task": tasks[e % len(tasks)],
-                         "images": images})
-    return episodes
