@@ -69,14 +69,23 @@ def make_fusion(name, weight_new=0.7):
     latest:   new                  (trust the newest observation only)
     average:  (old + new) / 2
     """
+    def weighted(old, new):
+        return (1.0 - weight_new) * old + weight_new * new
+
+    def latest(old, new):
+        return new
+
+    def average(old, new):
+        return 0.5 * (old + new)
+
     if name == "weighted":
         if not 0.0 <= weight_new <= 1.0:
             raise ValueError(f"--aggregate-weight must be in [0, 1], got {weight_new}")
-        return lambda old, new: (1.0 - weight_new) * old + weight_new * new
+        return weighted
     if name == "latest":
-        return lambda old, new: new
+        return latest
     if name == "average":
-        return lambda old, new: 0.5 * (old + new)
+        return average
     raise ValueError(f"unknown aggregate {name!r}: choose one of {', '.join(AGGREGATES)}")
 
 
@@ -106,15 +115,17 @@ class ActionQueue:
 
         Returns how many of its actions were dropped (timestep already executed), fused with the queued
         action for their timestep, and appended after the queue's end."""
-        dropped = fused = appended = 0
+        dropped = 0   # actions for a timestep already executed
+        fused = 0     # actions fused with the queued action for their timestep
+        appended = 0  # actions past the queue's end
         for k, action in enumerate(chunk):
             # position of this action's timestep in the queue; negative = already executed
-            i = first_timestep + k - self.next_timestep
-            if i < 0:
+            position = first_timestep + k - self.next_timestep
+            if position < 0:
                 dropped += 1
-            elif i < len(self.actions):
-                self.actions[i] = self.fuse(self.actions[i], action)
-                self.chunk_ids[i] = chunk_id
+            elif position < len(self.actions):
+                self.actions[position] = self.fuse(self.actions[position], action)
+                self.chunk_ids[position] = chunk_id
                 fused += 1
             else:
                 # contiguous by construction: the chunk starts at or before next_timestep
@@ -129,9 +140,13 @@ class ActionQueue:
         start = self.next_timestep - first_timestep
         assert start >= 0, "a chunk cannot start after the next timestep to execute"
         rows = list(chunk[start:])
-        counts = (min(start, len(chunk)), min(len(rows), len(self.actions)), max(0, len(rows) - len(self.actions)))
-        self.actions, self.chunk_ids = rows, [chunk_id] * len(rows)
-        return counts
+        # counted against the queue it replaces, before the replacement
+        dropped = min(start, len(chunk))                   # rows for timesteps already executed
+        replaced = min(len(rows), len(self.actions))       # rows that take a queued action's place
+        appended = max(0, len(rows) - len(self.actions))   # rows past the old queue's end
+        self.actions = rows
+        self.chunk_ids = [chunk_id] * len(rows)
+        return dropped, replaced, appended
 
 
 @dataclass
@@ -139,7 +154,8 @@ class Request:
     id: int
     timestep: int  # timestep of the first action of the chunk to come (next_timestep when observed)
     sent_s: float = 0.0  # clock time when observed (the scheduler measures latencies on its own clock)
-    rtc: dict = field(default_factory=dict)  # RTC's additions to the observation: "rtc" options, "rtc_leftover"
+    # RTC's additions to the observation: the "rtc" options, the "rtc_leftover"
+    rtc: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -155,21 +171,31 @@ class Metrics:
     actions_fused: int = 0
     actions_appended: int = 0
     inference_latency_s: list = field(default_factory=list)
-    queue_sizes: list = field(default_factory=list)   # queue length at the start of each tick, before the pop
-    send_ticks: list = field(default_factory=list)    # tick index of every observation sent
-    arrival_ticks: list = field(default_factory=list) # tick index at which every chunk was merged
-    failure_messages: list = field(default_factory=list)  # the first 50, for the report
+    # queue length at the start of each tick, before the pop
+    queue_sizes: list = field(default_factory=list)
+    # tick index of every observation sent
+    send_ticks: list = field(default_factory=list)
+    # tick index at which every chunk was merged
+    arrival_ticks: list = field(default_factory=list)
+    # the first 50, for the report
+    failure_messages: list = field(default_factory=list)
     late_ticks: int = 0                   # ticks whose work overran the tick period (the loop fell behind)
     max_lateness_s: float = 0.0
     wall_s: float = 0.0                   # wall time of the loop (ticks / fps when it kept up)
-    executed: list = field(default_factory=list)      # {"tick", "chunk", "action"} per tick that sent an action
-    config: dict = field(default_factory=dict)        # the run's settings, filled in by the caller
+    # {"tick", "chunk", "action"} per tick that sent an action
+    executed: list = field(default_factory=list)
+    # the run's settings, filled in by the caller
+    config: dict = field(default_factory=dict)
 
     def switch_jumps(self):
-        """(tick, max_j |a_t − a_{t−1}|) at every chunk switch: a tick whose action came from a newer chunk
-        than the previous action's (robot units: how smooth the transition was)."""
-        return [(b["tick"], float(np.max(np.abs(np.subtract(b["action"], a["action"])))))
-                for a, b in zip(self.executed, self.executed[1:]) if a["chunk"] != b["chunk"]]
+        """(tick, max_j |a_t − a_{t−1}|) at every chunk switch: a tick whose action came from a newer
+        chunk than the previous action's (robot units: how smooth the transition was)."""
+        jumps = []
+        for previous, current in zip(self.executed, self.executed[1:]):
+            if previous["chunk"] != current["chunk"]:
+                jump = float(np.max(np.abs(np.subtract(current["action"], previous["action"]))))
+                jumps.append((current["tick"], jump))
+        return jumps
 
     def switch_ticks(self):
         return [tick for tick, _ in self.switch_jumps()]
@@ -182,12 +208,19 @@ class Metrics:
         """Derived numbers to compare with the paper's analysis (idle ≈ latency / Δt per chunk in sync)."""
         latency = np.asarray(self.inference_latency_s or [math.nan])
         # idle stretches: runs of empty-queue ticks after the first chunk (in sync, one per chunk awaited)
-        idle = np.asarray(self.queue_sizes[self.arrival_ticks[0]:] if self.arrival_ticks else []) == 0
+        if self.arrival_ticks:
+            sizes_since_first_chunk = self.queue_sizes[self.arrival_ticks[0]:]
+        else:
+            sizes_since_first_chunk = []
+        idle = np.asarray(sizes_since_first_chunk) == 0
+        # a stretch starts at an idle tick after a busy one, or at the first tick if that one is idle
         stretches = int(np.sum(idle[1:] & ~idle[:-1]) + (idle[:1].sum()))
-        return {"mean_inference_latency_s": float(latency.mean()), "max_inference_latency_s": float(latency.max()),
+        return {"mean_inference_latency_s": float(latency.mean()),
+                "max_inference_latency_s": float(latency.max()),
                 "mean_latency_in_ticks": float(latency.mean() * self.config.get("fps", math.nan)),
                 "switch_jump_mean": self.switch_jump_mean(),
-                "idle_stretches": stretches, "mean_idle_stretch_ticks": self.idle_ticks / max(1, stretches)}
+                "idle_stretches": stretches,
+                "mean_idle_stretch_ticks": self.idle_ticks / max(1, stretches)}
 
 
 class AsyncScheduler:
@@ -223,23 +256,26 @@ class AsyncScheduler:
         self.consecutive_failures = 0
         self.retry_at = -math.inf       # clock time before which no new request is sent (backoff)
         self._next_request_id = 0
-        self.rtc, self.fps = rtc, fps
-        self.recent_latencies_s = deque(maxlen=10)  # observed -> merged, on self.clock (RTC's delay estimate)
+        self.rtc = rtc                  # None, or the RTC options sent with each request
+        self.fps = fps                  # control ticks per second: RTC's delay d counts ticks
+        # observed -> merged, on self.clock (RTC's delay estimate)
+        self.recent_latencies_s = deque(maxlen=10)
         self.rtc_chunk = (0, None)  # RTC: (first timestep, normalized (n, A)) of the chunk the queue holds
 
     def next_action(self):
         """Pop the action for this tick, or None when the queue is empty (the arm holds its position)."""
-        m = self.metrics
-        m.ticks += 1
-        m.queue_sizes.append(len(self.queue))
+        metrics = self.metrics
+        metrics.ticks += 1
+        metrics.queue_sizes.append(len(self.queue))
         if len(self.queue) == 0:
-            if m.chunks_received:
-                m.idle_ticks += 1
+            if metrics.chunks_received:
+                metrics.idle_ticks += 1
             else:
-                m.startup_ticks += 1
+                metrics.startup_ticks += 1
             return None
         action, chunk_id = self.queue.pop()
-        m.executed.append({"tick": m.ticks - 1, "chunk": chunk_id, "action": np.asarray(action).tolist()})
+        executed = {"tick": metrics.ticks - 1, "chunk": chunk_id, "action": np.asarray(action).tolist()}
+        metrics.executed.append(executed)
         return action
 
     def wants_observation(self):
@@ -277,48 +313,52 @@ class AsyncScheduler:
         Returns None, or what went wrong (the inference's error, or why its chunk cannot be executed)."""
         if self.in_flight is None or result.request_id != self.in_flight.id:
             raise ValueError(f"result for request {result.request_id} but in flight is {self.in_flight}")
-        request, self.in_flight = self.in_flight, None
-        m = self.metrics
-        m.inference_latency_s.append(result.latency_s)
+        request = self.in_flight
+        self.in_flight = None
+        metrics = self.metrics
+        metrics.inference_latency_s.append(result.latency_s)
         error = result.error or self.chunk_problem(result.actions)
         if error is not None:
             self.consecutive_failures += 1
-            m.inference_failures += 1
-            if len(m.failure_messages) < 50:
-                m.failure_messages.append(error)
+            metrics.inference_failures += 1
+            if len(metrics.failure_messages) < 50:
+                metrics.failure_messages.append(error)
             # the failed observation was never used: do not let the similarity filter hold back the retry
             self.last_sent_state = None
             self.retry_at = self.clock() + self.backoff_s()
             return error
         self.consecutive_failures = 0
         self.retry_at = -math.inf
-        self.recent_latencies_s.append(self.clock() - request.sent_s)  # (a failure, e.g. a timeout, is no latency)
+        # (a failure, e.g. a timeout, is no latency)
+        self.recent_latencies_s.append(self.clock() - request.sent_s)
         if self.rtc:  # the chunk continues the leftover it was sent: it replaces the queue
             dropped, fused, appended = self.queue.replace(request.timestep, result.actions, request.id)
             self.rtc_chunk = (request.timestep, result.normalized)
         else:
             dropped, fused, appended = self.queue.merge(request.timestep, result.actions, request.id)
-        m.chunks_received += 1
-        m.arrival_ticks.append(m.ticks)
-        m.actions_dropped_stale += dropped
-        m.actions_fused += fused
-        m.actions_appended += appended
+        metrics.chunks_received += 1
+        metrics.arrival_ticks.append(metrics.ticks)
+        metrics.actions_dropped_stale += dropped
+        metrics.actions_fused += fused
+        metrics.actions_appended += appended
         return None
 
     def inference_delay(self, age_s=0.0):
         """d: how many queued actions will still run before a chunk asked for now replaces the queue. A chunk
         merged k ticks after its request has seen k − 1 of them run (sent and merged at tick starts); k is
         the largest of the recent latencies (in ticks), plus the observation's age; never past the queue."""
-        latency_ticks = round(max(self.recent_latencies_s, default=0.0) * self.fps) + math.ceil(age_s * self.fps)
+        latency_s = max(self.recent_latencies_s, default=0.0)
+        latency_ticks = round(latency_s * self.fps) + math.ceil(age_s * self.fps)
         return max(0, min(latency_ticks - 1, len(self.queue)))
 
     def rtc_inputs(self, age_s=0.0):
         """What RTC adds to the observation: the options with the delay d, and the leftover: the queue (the
         rest of the last chunk, which replaced it) in the policy's normalized units."""
         inputs = {"rtc": {**self.rtc, "inference_delay": self.inference_delay(age_s)}}
-        first, normalized = self.rtc_chunk
+        first_timestep, normalized = self.rtc_chunk
         if len(self.queue) and normalized is not None:
-            inputs["rtc_leftover"] = np.asarray(normalized[self.queue.next_timestep - first:], np.float32)  # (T, A)
+            not_executed = normalized[self.queue.next_timestep - first_timestep:]
+            inputs["rtc_leftover"] = np.asarray(not_executed, np.float32)  # (T, A)
         return inputs
 
     def chunk_problem(self, actions):
