@@ -390,8 +390,10 @@ class Result:
 
     @classmethod
     def from_answer(cls, request_id, answer):
-        """The Result of a PolicyRunner's (or PolicyClient's) answer {"actions", and with RTC "normalized"}."""
-        return cls(request_id, np.asarray(answer["actions"], dtype=np.float32), normalized=answer.get("normalized"))
+        """The Result of a PolicyRunner's (or PolicyClient's) answer {"actions", and with RTC
+        "normalized"}."""
+        actions = np.asarray(answer["actions"], dtype=np.float32)
+        return cls(request_id, actions, normalized=answer.get("normalized"))
 
 
 class InferenceWorker:
@@ -424,7 +426,10 @@ class InferenceWorker:
         self.thread.join(timeout_s)
 
     def _run(self):
-        while (item := self.requests.get()) is not None:
+        while True:
+            item = self.requests.get()
+            if item is None:  # close() asks the thread to stop
+                break
             request, observation = item
             start = time.monotonic()
             try:
@@ -437,6 +442,58 @@ class InferenceWorker:
                 result = Result(request.id, error=f"{type(e).__name__}: {e}")
             result.latency_s = time.monotonic() - start
             self.results.put(result)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. The control loop, its metrics and the queue plot (the paper's Figure 3)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_control_loop(arm, capture, worker, scheduler, fps, ticks, clock=time.monotonic, sleep=time.sleep,
+                     log=print):
+    """Run `ticks` control ticks at `fps` (see control_tick); returns scheduler.metrics.
+
+    arm: get_state() -> (S,) and send_action((A,)); capture(state) -> observation dict (cameras read now);
+    worker: submit(request, observation) / poll() -> [Result].
+    """
+    period = 1.0 / fps
+    metrics = scheduler.metrics
+    start = clock()
+    next_tick = start  # when the next tick is due
+    try:
+        for _ in range(ticks):
+            control_tick(arm, capture, worker, scheduler, log)
+            # sleep to the next tick; after an overrun start counting again from now instead of rushing
+            next_tick += period
+            delay = next_tick - clock()
+            if delay > 0:
+                sleep(delay)
+            else:
+                metrics.late_ticks += 1
+                metrics.max_lateness_s = max(metrics.max_lateness_s, -delay)
+                next_tick = clock()
+    finally:
+        metrics.wall_s = clock() - start
+    return metrics
+
+
+def control_tick(arm, capture, worker, scheduler, log):
+    """One tick: merge arrived chunks, execute one action (or hold still), maybe send an observation."""
+    for result in worker.poll():
+        error = scheduler.receive(result)
+        if error is not None:
+            log(f"inference failed ({scheduler.consecutive_failures} in a row): {error}; retrying in "
+                f"{scheduler.backoff_s():.1f} s; {len(scheduler.queue)} actions left, "
+                f"then the arm holds still")
+    action = scheduler.next_action()
+    # an empty queue sends nothing: the servos keep holding their last goal position
+    if action is not None:
+        arm.send_action(action)
+    if scheduler.wants_observation():
+        state = arm.get_state()
+        request = scheduler.observe(state)
+        if request is not None:
+            worker.submit(request, {**capture(state), **request.rtc})
 
 
 def plot_queue(metrics, path):
@@ -454,67 +511,23 @@ def plot_queue(metrics, path):
     if metrics.config.get("threshold", 0) > 0 and "chunk_size" in metrics.config:
         ax.axhline(metrics.config["threshold"] * metrics.config["chunk_size"], color="gray", ls="--",
                    label=f"trigger g·n (g = {metrics.config['threshold']})")
-    idle = (sizes == 0) & (np.arange(len(sizes)) >= (metrics.arrival_ticks[0] if metrics.arrival_ticks else 0))
+    # idle: an empty queue once the first chunk has arrived (before it, the model was warming up)
+    if metrics.arrival_ticks:
+        first_arrival_tick = metrics.arrival_ticks[0]
+    else:
+        first_arrival_tick = 0
+    idle = (sizes == 0) & (np.arange(len(sizes)) >= first_arrival_tick)
     ax.scatter(t[idle], sizes[idle], color="tab:red", s=8, zorder=3, label=f"idle ticks ({int(idle.sum())})")
     ax.scatter(np.asarray(metrics.send_ticks) / fps, np.full(len(metrics.send_ticks), -2), marker="^",
                color="tab:green", s=12, label="observation sent")
     switches = np.asarray(metrics.switch_ticks()) / fps  # the executed actions pass to a newer chunk
-    ax.scatter(switches, np.full(len(switches), -4), marker="|", color="tab:purple", s=40, label="chunk switch")
+    ax.scatter(switches, np.full(len(switches), -4), marker="|", color="tab:purple", s=40,
+               label="chunk switch")
     ax.set(xlabel="time (s)", ylabel="queue size", title=metrics.config.get("title", "action queue"))
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 3. The control loop, its metrics and the queue plot (the paper's Figure 3)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def run_control_loop(arm, capture, worker, scheduler, fps, ticks, clock=time.monotonic, sleep=time.sleep,
-                     log=print):
-    """Run `ticks` control ticks at `fps` (see control_tick); returns scheduler.metrics.
-
-    arm: get_state() -> (S,) and send_action((A,)); capture(state) -> observation dict (cameras read now);
-    worker: submit(request, observation) / poll() -> [Result].
-    """
-    period = 1.0 / fps
-    m = scheduler.metrics
-    start = next_tick = clock()
-    try:
-        for _ in range(ticks):
-            control_tick(arm, capture, worker, scheduler, log)
-            # sleep to the next tick; after an overrun start counting again from now instead of rushing
-            next_tick += period
-            delay = next_tick - clock()
-            if delay > 0:
-                sleep(delay)
-            else:
-                m.late_ticks += 1
-                m.max_lateness_s = max(m.max_lateness_s, -delay)
-                next_tick = clock()
-    finally:
-        m.wall_s = clock() - start
-    return m
-
-
-def control_tick(arm, capture, worker, scheduler, log):
-    """One tick: merge arrived chunks, execute one action (or hold still), maybe send an observation."""
-    for result in worker.poll():
-        error = scheduler.receive(result)
-        if error is not None:
-            log(f"inference failed ({scheduler.consecutive_failures} in a row): {error}; retrying in "
-                f"{scheduler.backoff_s():.1f} s; {len(scheduler.queue)} actions left, then the arm holds still")
-    action = scheduler.next_action()
-    # an empty queue sends nothing: the servos keep holding their last goal position
-    if action is not None:
-        arm.send_action(action)
-    if scheduler.wants_observation():
-        state = arm.get_state()
-        request = scheduler.observe(state)
-        if request is not None:
-            worker.submit(request, {**capture(state), **request.rtc})
 
 
 # ----------------------------------------------------------------------------------------------------------
