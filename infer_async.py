@@ -541,64 +541,104 @@ def camera_sources(cameras, rename, policy_cameras, sim=False):
     films the toy world."""
     if sim and not cameras:
         return dict.fromkeys(policy_cameras, "sim")
-    rename, sources = parse_mapping(rename, "--rename"), parse_mapping(cameras, "--cameras")
-    sources = {IMAGE_PREFIX + rename.get(name, name): source for name, source in sources.items()}
+    renames = parse_mapping(rename, "--rename")     # {your camera name: the policy's}
+    devices = parse_mapping(cameras, "--cameras")   # {your camera name: device}
+    sources = {IMAGE_PREFIX + renames.get(name, name): device for name, device in devices.items()}
     missing = [key for key in policy_cameras if key not in sources]
     unknown = [key for key in sources if key not in policy_cameras]
     if unknown or len(missing) == len(policy_cameras):  # fewer cameras: the policy runs on those present
-        raise ValueError(f"the policy reads cameras {policy_cameras}; --cameras/--rename give {sorted(sources)} "
-                         f"(missing {missing}, unknown {unknown}). Pass --cameras name=/dev/videoN,... and, where "
+        raise ValueError(f"the policy reads cameras {policy_cameras}; "
+                         f"--cameras/--rename give {sorted(sources)} "
+                         f"(missing {missing}, unknown {unknown}). "
+                         f"Pass --cameras name=/dev/videoN,... and, where "
                          f"your names differ from the policy's, --rename name=policy_name,...")
     return sources
 
 
 def build_parser():
     examples = __doc__[__doc__.index("    python infer_async.py"):__doc__.index("\nFailures never")]
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="examples:\n" + examples,
-                                formatter_class=HelpFormatter)  # the docstring's line breaks, and each default
-    p.add_argument("--port", default="sim", help="serial port of the SO-100 follower, or `sim` (virtual arm)")
-    p.add_argument("--task", help="language instruction (default: the policy's training task, if it had one)")
-    p.add_argument("--cameras", help="name=/dev/video0,name2=1 or name=sim (default with --port sim: all sim)")
-    p.add_argument("--rename", help="camera name=policy camera name, e.g. top=camera1,wrist=camera2")
-    p.add_argument("--fps", type=float, help="control ticks per second, one action each (default: the policy's, or 30)")
-    p.add_argument("--threshold", type=float, default=0.7, help="g: ask for a chunk when |queue|/n < g")
-    p.add_argument("--sync", action="store_true", help="g = 0: ask only when the queue is empty")
-    p.add_argument("--similarity-eps", type=float, default=0.0,
-                   help="skip observations whose joints all moved less than this (robot units); 0 disables")
-    p.add_argument("--aggregate", choices=AGGREGATES, default="weighted", help="fusion of overlapping actions")
-    p.add_argument("--aggregate-weight", type=float, default=0.7, help="weight of the new action (weighted)")
-    p.add_argument("--extra-latency", type=float, default=0.0, help="seconds added to every inference")
-    p.add_argument("--norm-mode", help="joint units the policy was trained in: degrees or range_m100_100 (default: "
-                   "the policy's, or degrees); printed when the arm connects")
-    p.add_argument("--id", default="my_so100", help="arm name: its calibration file is <id>.json (so100.py)")
-    p.add_argument("--calibration", help="calibration JSON of a real arm (default: so100.py's <id>.json)")
-    p.add_argument("--max-relative-target", type=float, help="largest joint step per action, robot units (no cap)")
-    p.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
-    p.add_argument("--metrics", help="write run metrics to this JSON file")
-    p.add_argument("--plot", help="draw the queue size over time to this PNG")
-    p.add_argument("--record-video", help="--port sim: the toy world's camera and the gripper's path, to this GIF")
-    add_policy_arguments(p)  # --policy, --vlm, --device, --dtype; --server, --timeout; --serve, --host, ...
-    return p
+    # HelpFormatter: the docstring's line breaks, and each default
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="examples:\n" + examples,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--port", default="sim",
+                        help="serial port of the SO-100 follower, or `sim` (virtual arm)")
+    parser.add_argument("--task",
+                        help="language instruction (default: the policy's training task, if it had one)")
+    parser.add_argument("--cameras",
+                        help="name=/dev/video0,name2=1 or name=sim (default with --port sim: all sim)")
+    parser.add_argument("--rename", help="camera name=policy camera name, e.g. top=camera1,wrist=camera2")
+    parser.add_argument("--fps", type=float,
+                        help="control ticks per second, one action each (default: the policy's, or 30)")
+    parser.add_argument("--threshold", type=float, default=0.7, help="g: ask for a chunk when |queue|/n < g")
+    parser.add_argument("--sync", action="store_true", help="g = 0: ask only when the queue is empty")
+    parser.add_argument("--similarity-eps", type=float, default=0.0,
+                        help="skip observations whose joints all moved less than this (robot units); "
+                             "0 disables")
+    parser.add_argument("--aggregate", choices=AGGREGATES, default="weighted",
+                        help="fusion of overlapping actions")
+    parser.add_argument("--aggregate-weight", type=float, default=0.7,
+                        help="weight of the new action (weighted)")
+    parser.add_argument("--extra-latency", type=float, default=0.0, help="seconds added to every inference")
+    parser.add_argument("--norm-mode",
+                        help="joint units the policy was trained in: degrees or range_m100_100 (default: "
+                             "the policy's, or degrees); printed when the arm connects")
+    parser.add_argument("--id", default="my_so100",
+                        help="arm name: its calibration file is <id>.json (so100.py)")
+    parser.add_argument("--calibration",
+                        help="calibration JSON of a real arm (default: so100.py's <id>.json)")
+    parser.add_argument("--max-relative-target", type=float,
+                        help="largest joint step per action, robot units (no cap)")
+    parser.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
+    parser.add_argument("--metrics", help="write run metrics to this JSON file")
+    parser.add_argument("--plot", help="draw the queue size over time to this PNG")
+    parser.add_argument("--record-video",
+                        help="--port sim: the toy world's camera and the gripper's path, to this GIF")
+    # --policy, --vlm, --device, --dtype; --server, --timeout; --serve, --host, ...
+    add_policy_arguments(parser)
+    return parser
 
 
 def rtc_options(args):
     """The RTC options a request carries (policy_server.PolicyRunner.rtc_options), or None for --rtc off."""
-    return None if args.rtc == "off" else {"mode": args.rtc, "execution_horizon": args.execution_horizon,
-        "schedule": args.rtc_schedule, "max_guidance_weight": args.max_guidance_weight, "jacobian": args.rtc_jacobian}
+    if args.rtc == "off":
+        return None
+    return {"mode": args.rtc,
+            "execution_horizon": args.execution_horizon,
+            "schedule": args.rtc_schedule,
+            "max_guidance_weight": args.max_guidance_weight,
+            "jacobian": args.rtc_jacobian}
 
 
 def make_async_scheduler(args, chunk_size, action_dim):
-    threshold = 0.0 if args.sync else args.threshold
-    scheduler = AsyncScheduler(chunk_size, threshold, args.similarity_eps,
-                               make_fusion(args.aggregate, args.aggregate_weight), action_dim,
+    """The AsyncScheduler the command line asks for, its metrics' config filled with the run's settings."""
+    if args.sync:
+        threshold = 0.0
+    else:
+        threshold = args.threshold
+    scheduler = AsyncScheduler(chunk_size, threshold=threshold, similarity_eps=args.similarity_eps,
+                               fuse=make_fusion(args.aggregate, args.aggregate_weight), action_dim=action_dim,
                                rtc=rtc_options(args), fps=args.fps)
+    if threshold == 0:
+        schedule = "sync"
+    else:
+        schedule = f"async g={threshold}"
     scheduler.metrics.config = {
-        "fps": args.fps, "chunk_size": chunk_size, "threshold": threshold, "aggregate": args.aggregate,
-        "aggregate_weight": args.aggregate_weight, "similarity_eps": args.similarity_eps,
-        "extra_latency_s": args.extra_latency, "port": args.port, "server": args.server, "policy": args.policy,
-        "task": args.task, "norm_mode": args.norm_mode, "rtc": rtc_options(args), "seed": args.seed,
-        "title": f"{'sync' if threshold == 0 else f'async g={threshold}'}, RTC {args.rtc}, "
-                 f"extra latency {args.extra_latency} s, {args.fps:g} fps"}
+        "fps": args.fps,
+        "chunk_size": chunk_size,
+        "threshold": threshold,
+        "aggregate": args.aggregate,
+        "aggregate_weight": args.aggregate_weight,
+        "similarity_eps": args.similarity_eps,
+        "extra_latency_s": args.extra_latency,
+        "port": args.port,
+        "server": args.server,
+        "policy": args.policy,
+        "task": args.task,
+        "norm_mode": args.norm_mode,
+        "rtc": rtc_options(args),
+        "seed": args.seed,
+        "title": f"{schedule}, RTC {args.rtc}, extra latency {args.extra_latency} s, {args.fps:g} fps",
+    }
     return scheduler
 
 
@@ -607,8 +647,12 @@ def run_arm(args):
     from so100 import open_arm, open_cameras  # the servo driver (pyserial) only beside an arm: --serve never
 
     compute, info = open_policy(args)
-    settle_run_options(args, info.get("trained_on", {}))  # --fps, --norm-mode, --task: the policy's by default
-    ticks = sys.maxsize if args.duration is None else round(args.duration * args.fps)
+    # --fps, --norm-mode, --task: the policy's by default
+    settle_run_options(args, info.get("trained_on", {}))
+    if args.duration is None:
+        ticks = sys.maxsize
+    else:
+        ticks = round(args.duration * args.fps)
     # closed in reverse order: inference thread, cameras, arm (torque off), virtual arm, server connection
     with contextlib.ExitStack() as cleanup:
         if isinstance(compute, PolicyClient):
@@ -618,23 +662,37 @@ def run_arm(args):
         if virtual_arm is not None:
             cleanup.callback(virtual_arm.close)
         cleanup.callback(arm.disconnect)
-        if virtual_arm is not None:  # --port sim: the toy world, whose "sim" cameras film it, watches the target
+        # --port sim: the toy world, whose "sim" cameras film it, watches the target
+        if virtual_arm is not None:
             args.world = ToyWorld(virtual_arm.joint_positions_deg, camera_keys=())
+        toy_scene = None
+        if args.world:
+            toy_scene = args.world.scene
         sources = camera_sources(args.cameras, args.rename, info["cameras"], sim=virtual_arm is not None)
-        cameras = open_cameras(sources, virtual_arm, args.world and args.world.scene)
-        cleanup.callback(lambda: [camera.close() for camera in cameras.values() if hasattr(camera, "close")])
+        cameras = open_cameras(sources, virtual_arm, toy_scene)
+
+        def close_cameras():
+            for camera in cameras.values():
+                if hasattr(camera, "close"):
+                    camera.close()
+
+        cleanup.callback(close_cameras)
 
         def capture(state):
             observation = {"task": args.task, STATE: np.asarray(state, dtype=np.float32)}
-            observation.update({key: camera.read() for key, camera in cameras.items()})
+            for key, camera in cameras.items():
+                observation[key] = camera.read()
             return observation
 
         # warm-up: the first inference allocates and initializes a lot; do it before the clock starts, and
         # let a policy that cannot drive this arm fail here, loudly, rather than as failures in the loop
         start = time.monotonic()
         state = arm.get_state()
-        rtc = {"rtc": rtc_options(args), "rtc_leftover": np.zeros((1, len(state)), np.float32)} if args.rtc != "off" else {}
-        warm_up = np.asarray(compute({**capture(state), **rtc})["actions"])  # with a leftover: RTC options checked too
+        rtc = {}
+        if args.rtc != "off":
+            rtc = {"rtc": rtc_options(args), "rtc_leftover": np.zeros((1, len(state)), np.float32)}
+        # with a leftover: the RTC options are checked too
+        warm_up = np.asarray(compute({**capture(state), **rtc})["actions"])
         print(f"warm-up inference took {time.monotonic() - start:.2f} s")
         if warm_up.ndim != 2 or warm_up.shape[1] != len(state):
             raise ValueError(f"the policy predicts chunks of shape {warm_up.shape} but the arm takes "
@@ -642,45 +700,75 @@ def run_arm(args):
         scheduler = make_async_scheduler(args, info["chunk_size"], len(state))
         worker = InferenceWorker(compute, args.extra_latency)
         cleanup.callback(worker.close)
-        print(f"running {'until Ctrl-C' if args.duration is None else f'{ticks} ticks'} at {args.fps:g} fps, "
+        if args.duration is None:
+            how_long = "until Ctrl-C"
+        else:
+            how_long = f"{ticks} ticks"
+        print(f"running {how_long} at {args.fps:g} fps, "
               f"g = {scheduler.threshold}, chunk {info['chunk_size']}, RTC {args.rtc}")
         try:
             # --port sim: the toy world looks at the arm after every action (did it reach the target, when)
-            watched = SimpleNamespace(get_state=arm.get_state, send_action=lambda a: (arm.send_action(a), args.world.look()))
-            run_control_loop(watched if args.world else arm, capture, worker, scheduler, args.fps, ticks)
+            if args.world:
+
+                def send_action_and_look(action):
+                    arm.send_action(action)
+                    args.world.look()
+
+                driven = SimpleNamespace(get_state=arm.get_state, send_action=send_action_and_look)
+            else:
+                driven = arm
+            run_control_loop(driven, capture, worker, scheduler, args.fps, ticks)
         except KeyboardInterrupt:
             print("stopped by Ctrl-C")
-    m, summary = scheduler.metrics, scheduler.metrics.summary()
-    print(f"ticks {m.ticks}, idle ticks {m.idle_ticks} (+{m.startup_ticks} before the first chunk), "
-          f"chunks {m.chunks_received}, observations sent {m.observations_sent}, skipped as similar "
-          f"{m.observations_skipped_similar}, failures {m.inference_failures}; mean latency "
-          f"{summary['mean_inference_latency_s']:.3f} s = {summary['mean_latency_in_ticks']:.1f} ticks, "
-          f"{summary['idle_stretches']} idle stretches of {summary['mean_idle_stretch_ticks']:.1f} ticks on average; "
-          f"{m.wall_s:.1f} s wall, {m.late_ticks} late ticks (max {m.max_lateness_s * 1000:.0f} ms)"
-          + (f"; target reached: {args.world.reached or 'no'}" if args.world else ""))
+    metrics = scheduler.metrics
+    summary = metrics.summary()
+    report = (f"ticks {metrics.ticks}, idle ticks {metrics.idle_ticks} "
+              f"(+{metrics.startup_ticks} before the first chunk), "
+              f"chunks {metrics.chunks_received}, observations sent {metrics.observations_sent}, "
+              f"skipped as similar {metrics.observations_skipped_similar}, "
+              f"failures {metrics.inference_failures}; "
+              f"mean latency {summary['mean_inference_latency_s']:.3f} s "
+              f"= {summary['mean_latency_in_ticks']:.1f} ticks, "
+              f"{summary['idle_stretches']} idle stretches "
+              f"of {summary['mean_idle_stretch_ticks']:.1f} ticks on average; "
+              f"{metrics.wall_s:.1f} s wall, {metrics.late_ticks} late ticks "
+              f"(max {metrics.max_lateness_s * 1000:.0f} ms)")
+    if args.world:
+        report += f"; target reached: {args.world.reached or 'no'}"
+    print(report)
     if args.metrics:
-        with open(args.metrics, "w") as f:
-            target = {"target_reached": args.world.reached} if args.world else {}  # --port sim: False or when
-            json.dump({**asdict(m), "switch_jump_mean": summary["switch_jump_mean"], "summary": summary, **target}, f,
-                      indent=1)
+        written = asdict(metrics)
+        written["switch_jump_mean"] = summary["switch_jump_mean"]
+        written["summary"] = summary
+        if args.world:  # --port sim: False, or when
+            written["target_reached"] = args.world.reached
+        with open(args.metrics, "w") as metrics_file:
+            json.dump(written, metrics_file, indent=1)
     if args.plot:
-        plot_queue(m, args.plot)
+        plot_queue(metrics, args.plot)
     if args.record_video and args.world:
         args.world.save_gif(args.record_video, fps=args.fps)
-    return m
+    return metrics
 
 
 def check_arguments(args):
     """infer_async.py's numbers, output files and options that go together, checked before anything loads."""
-    folders = [os.path.dirname(os.path.abspath(p)) for p in (args.metrics, args.plot, args.record_video) if p]
-    if missing := [folder for folder in folders if not os.path.isdir(folder)]:
+    outputs = [path for path in (args.metrics, args.plot, args.record_video) if path]
+    folders = [os.path.dirname(os.path.abspath(path)) for path in outputs]
+    missing = [folder for folder in folders if not os.path.isdir(folder)]
+    if missing:
         raise ValueError(f"no folder {missing[0]!r} to write --metrics, --plot or --record-video in")
-    if not 0 <= args.port_server <= 65535 or args.duration is not None and args.duration <= 0:
-        raise ValueError(f"--port-server must be 0..65535 and --duration positive (got {args.port_server}, {args.duration})")
+    port_out_of_range = not 0 <= args.port_server <= 65535
+    duration_not_positive = args.duration is not None and args.duration <= 0
+    if port_out_of_range or duration_not_positive:
+        raise ValueError(f"--port-server must be 0..65535 and --duration positive "
+                         f"(got {args.port_server}, {args.duration})")
     if args.record_video and (args.port != "sim" or args.cameras):
         raise ValueError("--record-video films the toy world: it needs --port sim without --cameras")
-    if args.fps is not None and args.fps <= 0 or args.extra_latency < 0:
-        raise ValueError(f"--fps must be positive and --extra-latency >= 0 (got {args.fps}, {args.extra_latency})")
+    fps_not_positive = args.fps is not None and args.fps <= 0
+    if fps_not_positive or args.extra_latency < 0:
+        raise ValueError(f"--fps must be positive and --extra-latency >= 0 "
+                         f"(got {args.fps}, {args.extra_latency})")
     if args.serve and args.extra_latency:
         raise ValueError("--extra-latency is added on the client's inference thread: pass it to the client")
 
@@ -688,10 +776,13 @@ def check_arguments(args):
 def settle_run_options(args, trained_on: dict, log=print):
     """Fill and check infer_async.py's --fps, --norm-mode, --task (None: not given) from what the policy was
     trained on (model.trained_on; without trained_on.json, as lerobot's: 30 fps, degrees, no task)."""
-    fps, mode, tasks = trained_on.get("fps"), trained_on.get("norm_mode"), trained_on.get("tasks")
+    fps = trained_on.get("fps")
+    mode = trained_on.get("norm_mode")
+    tasks = trained_on.get("tasks")
     if args.fps is None:
         args.fps = float(fps or 30)
-    elif fps and args.fps != fps:  # chunks are sequences of actions Δt = 1/fps apart: another rate warps them
+    elif fps and args.fps != fps:
+        # chunks are sequences of actions Δt = 1/fps apart: another rate warps them
         log(f"warning: --fps {args.fps:g}, but the policy was trained on {fps:g} fps data: it moves "
             f"{args.fps / fps:.2g}x as fast as it learned to, and g·n ticks last a different time")
     if args.norm_mode is None:
@@ -714,13 +805,18 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     args.world = None  # --port sim's toy world (run_arm)
     check_arguments(args)  # numbers, output folders and options that go together, before the policy loads
-    return serve(args) if args.serve else run_arm(args)
+    if args.serve:
+        return serve(args)
+    return run_arm(args)
 
 
 def one_line_errors():
     """Errors whose message says what to do, reported as one line (so100's only once run_arm loaded it)."""
+    errors = (FileNotFoundError, ConnectionError, ValueError, RemoteError)
     so100 = sys.modules.get("so100")
-    return (FileNotFoundError, ConnectionError, ValueError, RemoteError) + ((so100.FeetechError,) if so100 else ())
+    if so100:
+        errors += (so100.FeetechError,)
+    return errors
 
 
 if __name__ == "__main__":
@@ -728,5 +824,5 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         main()
-    except one_line_errors() as e:  # evaluated when an error arrives, after run_arm may have loaded so100
-        sys.exit(f"error: {e}")  # the torque is already off
+    except one_line_errors() as error:  # evaluated when an error arrives, after run_arm may have loaded so100
+        sys.exit(f"error: {error}")  # the torque is already off
