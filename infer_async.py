@@ -226,8 +226,14 @@ class Metrics:
 class AsyncScheduler:
     """Decides tick by tick when to ask for a chunk, and merges the chunks that come back.
 
-    Use per control tick:  for r in results: receive(r);  action = next_action();
-                           if wants_observation(): request = observe(state)
+    Use per control tick:
+
+        for result in results:
+            receive(result)
+        action = next_action()
+        if wants_observation():
+            request = observe(state)
+
     Guarantees: at most one request in flight; an empty queue always asks (once nothing is in flight);
     a failure clears the in-flight request and re-arms after a backoff, so no sequence of failures can
     leave the loop waiting forever. rtc: None (merge chunks), or the RTC options sent with each request
@@ -274,8 +280,8 @@ class AsyncScheduler:
                 metrics.startup_ticks += 1
             return None
         action, chunk_id = self.queue.pop()
-        executed = {"tick": metrics.ticks - 1, "chunk": chunk_id, "action": np.asarray(action).tolist()}
-        metrics.executed.append(executed)
+        record = {"tick": metrics.ticks - 1, "chunk": chunk_id, "action": np.asarray(action).tolist()}
+        metrics.executed.append(record)
         return action
 
     def wants_observation(self):
@@ -329,7 +335,7 @@ class AsyncScheduler:
             return error
         self.consecutive_failures = 0
         self.retry_at = -math.inf
-        # (a failure, e.g. a timeout, is no latency)
+        # observed -> merged, for a chunk only (a failure, e.g. a timeout, is no latency)
         self.recent_latencies_s.append(self.clock() - request.sent_s)
         if self.rtc:  # the chunk continues the leftover it was sent: it replaces the queue
             dropped, fused, appended = self.queue.replace(request.timestep, result.actions, request.id)
