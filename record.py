@@ -29,7 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data import SUPPORTED_VERSIONS, LeRobotDataset, recorded_episodes
-from infer_async import InferenceWorker, camera_sources, control_tick, make_async_scheduler, settle_run_options
+from infer_async import InferenceWorker, camera_sources, control_tick, make_async_scheduler
+from infer_async import settle_run_options
 from infer_async import build_parser as async_parser
 from plumbing import CODECS, aggregate_stats, array_stats, encode_video, parse_mapping, video_stats
 from plumbing import write_atomically, write_json
@@ -38,11 +39,13 @@ from smolvla import ACTION, IMAGE_PREFIX, STATE
 from so100 import STATE_NAMES, FeetechError, open_arm, open_cameras
 from toy_world import ScriptedHand
 
-try:  # keys without ENTER while recording: a POSIX terminal's cbreak mode (on Windows, ENTER-free keys are off)
+# keys without ENTER while recording: a POSIX terminal's cbreak mode (on Windows, ENTER-free keys are off)
+try:
     import termios
     import tty
 except ImportError:
-    termios = tty = None
+    termios = None
+    tty = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -51,10 +54,11 @@ except ImportError:
 
 def write_lerobot_dataset(root, episodes, fps=30, robot_type="so100", codec="libsvtav1", joint_names=None,
                           version="v3.0", norm_mode=None):
-    """Write episodes as a LeRobot dataset in `root` (must not exist or be empty); returns root. episodes: list
-    of {"observation.state": (T,S), "action": (T,A), "task": str, "images": {"top": (T,H,W,3) uint8, ...}}.
-    codec: "libsvtav1" (AV1, as on the hub) or "h264". version: "v3.0" (by `append_episode`) or "v2.1".
-    norm_mode: the joints' units (so100.NORM_MODES), kept in info.json: a policy trained on it remembers them."""
+    """Write episodes as a LeRobot dataset in `root` (must not exist or be empty); returns root. episodes:
+    list of {"observation.state": (T,S), "action": (T,A), "task": str, "images": {"top": (T,H,W,3) uint8,
+    ...}}. codec: "libsvtav1" (AV1, as on the hub) or "h264". version: "v3.0" (by `append_episode`) or
+    "v2.1". norm_mode: the joints' units (so100.NORM_MODES), kept in info.json: a policy trained on it
+    remembers them."""
     if codec not in CODECS:
         raise ValueError(f"codec {codec!r} is not one of {sorted(CODECS)}.")
     if version not in SUPPORTED_VERSIONS:
@@ -68,25 +72,39 @@ def write_lerobot_dataset(root, episodes, fps=30, robot_type="so100", codec="lib
         return root
     # v2.1: one parquet and one mp4 per episode; episodes, tasks and per-episode stats as JSON lines
     tasks, lengths, columns = _episode_columns(episodes, fps)
-    bounds = np.r_[0, np.cumsum(lengths)]
-    info = {"codebase_version": version, "robot_type": robot_type, "total_episodes": len(episodes),
-            "total_frames": int(bounds[-1]), "total_tasks": len(tasks), "chunks_size": 1000, "fps": fps,
-            "splits": {"train": f"0:{len(episodes)}"}, "features": _features(episodes, cameras, fps, codec, joint_names),
-            "total_chunks": 1, "total_videos": len(episodes) * len(cameras),
-            "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
-            "video_path": "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"} | (
-            {"norm_mode": norm_mode} if norm_mode else {})
-    meta = {"episodes.jsonl": [], "tasks.jsonl": [{"task_index": i, "task": t} for i, t in enumerate(tasks)],
-            "episodes_stats.jsonl": []}
+    bounds = np.r_[0, np.cumsum(lengths)]  # episode e is rows bounds[e]:bounds[e + 1]
+    info = {
+        "codebase_version": version,
+        "robot_type": robot_type,
+        "total_episodes": len(episodes),
+        "total_frames": int(bounds[-1]),
+        "total_tasks": len(tasks),
+        "chunks_size": 1000,
+        "fps": fps,
+        "splits": {"train": f"0:{len(episodes)}"},
+        "features": _features(episodes, cameras, fps, codec, joint_names),
+        "total_chunks": 1,
+        "total_videos": len(episodes) * len(cameras),
+        "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
+        "video_path": "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4",
+    }
+    if norm_mode:
+        info["norm_mode"] = norm_mode
+    meta = {
+        "episodes.jsonl": [],
+        "tasks.jsonl": [{"task_index": index, "task": task} for index, task in enumerate(tasks)],
+        "episodes_stats.jsonl": [],
+    }
     for e, episode in enumerate(episodes):
         rows = slice(bounds[e], bounds[e + 1])
         path = os.path.join(root, info["data_path"].format(episode_chunk=0, episode_index=e))
-        write_atomically(path, lambda p: pq.write_table(_data_table(columns, rows), p))
+        _write_parquet(path, _data_table(columns, rows))
         for name in cameras:
             video = info["video_path"].format(episode_chunk=0, video_key=IMAGE_PREFIX + name, episode_index=e)
             encode_video(os.path.join(root, video), [episode["images"][name]], fps, codec)
         meta["episodes.jsonl"].append({"episode_index": e, "tasks": [episode["task"]], "length": lengths[e]})
-        stats = _all_stats({name: values[rows] for name, values in columns.items()}, [episode], cameras)
+        episode_columns = {name: values[rows] for name, values in columns.items()}
+        stats = _all_stats(episode_columns, [episode], cameras)
         meta["episodes_stats.jsonl"].append({"episode_index": e, "stats": stats})
     write_json(os.path.join(root, "meta", "info.json"), info)
     for name, rows in meta.items():
@@ -94,7 +112,8 @@ def write_lerobot_dataset(root, episodes, fps=30, robot_type="so100", codec="lib
     return root
 
 
-def append_episode(root, episode, fps=30, codec="libsvtav1", robot_type="so100", joint_names=None, norm_mode=None):
+def append_episode(root, episode, fps=30, codec="libsvtav1", robot_type="so100", joint_names=None,
+                   norm_mode=None):
     """Add one episode to the LeRobot v3.0 dataset in `root` (started if there is none); returns its index.
 
     The episode gets an mp4 per camera, then its parquet file (lerobot reads all of data/), then the metadata,
@@ -102,56 +121,157 @@ def append_episode(root, episode, fps=30, codec="libsvtav1", robot_type="so100",
     moment leaves the episodes before it whole, and the next append overwrites what it left."""
     cameras = _check_episodes([episode])
     features = _features([episode], cameras, fps, codec, joint_names)
-    info, rows = recorded_episodes(root)
-    info = info or {"codebase_version": "v3.0", "robot_type": robot_type, "chunks_size": 1000, "fps": fps,
-                    "features": features, "data_files_size_in_mb": 100, "video_files_size_in_mb": 200,
-                    "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
-                    "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"} | (
-                    {"norm_mode": norm_mode} if norm_mode else {})
+    info, rows = recorded_episodes(root)  # rows: one per episode already recorded, from meta/episodes
+    if not info:
+        info = _new_info_v3(fps, robot_type, features, norm_mode)
     check_same_features(root, info, features, fps, norm_mode)
-    tasks = list(dict.fromkeys([task for row in rows for task in row["tasks"]] + [episode["task"]]))
-    e, start = len(rows), rows[-1]["dataset_to_index"] if rows else 0
+    # every task so far, in order of first appearance, then this episode's (if it is new)
+    earlier_tasks = [task for row in rows for task in row["tasks"]]
+    tasks = list(dict.fromkeys(earlier_tasks + [episode["task"]]))
+    episode_index = len(rows)
+    # the dataset-wide index of this episode's first frame
+    if rows:
+        start = rows[-1]["dataset_to_index"]
+    else:
+        start = 0
     _, (length,), columns = _episode_columns([episode], fps)
-    columns.update(episode_index=np.full(length, e), index=start + np.arange(length),
-                   task_index=np.full(length, tasks.index(episode["task"])))
-    where = {"chunk_index": e // info["chunks_size"], "file_index": e % info["chunks_size"]}
-    row = {"episode_index": e, "tasks": [episode["task"]], "length": length, "meta/episodes/chunk_index": 0,
-           "meta/episodes/file_index": 0, **{f"data/{k}": v for k, v in where.items()},
-           "dataset_from_index": start, "dataset_to_index": start + length}
+    # the columns that place these rows in the whole dataset
+    columns["episode_index"] = np.full(length, episode_index)
+    columns["index"] = start + np.arange(length)
+    columns["task_index"] = np.full(length, tasks.index(episode["task"]))
+    # the episode's own files, for its data and each video: episode e is file e % chunks_size of chunk
+    # e // chunks_size
+    location = {"chunk_index": episode_index // info["chunks_size"],
+                "file_index": episode_index % info["chunks_size"]}
+    row = _episode_row(episode_index, episode["task"], length, start, location)
     for name in cameras:
         key = IMAGE_PREFIX + name
-        write_atomically(os.path.join(root, info["video_path"].format(video_key=key, **where)),
-                    lambda p: encode_video(p, [episode["images"][name]], fps, codec))
-        row.update({**{f"videos/{key}/{k}": v for k, v in where.items()}, f"videos/{key}/from_timestamp": 0.0,
-                    f"videos/{key}/to_timestamp": length / fps})
-    write_atomically(os.path.join(root, info["data_path"].format(**where)), lambda p: pq.write_table(_data_table(columns), p))
-    row.update({f"stats/{feature}/{name}": value for feature, stats in _all_stats(columns, [episode], cameras).items()
-                for name, value in stats.items()})  # per episode, as lerobot keeps them: pooled into stats.json
-    rows.append(row | ({"success": episode["success"]} if "success" in episode else {}))  # an evaluation's verdict
-    columns = dict.fromkeys(name for row in rows for name in row)  # (a recording's rows have no verdict)
-    stats = aggregate_stats([{feature: {name: row[f"stats/{feature}/{name}"] for name in ("min", "max", "mean", "std",
-                             "count")} for feature in info["features"]} for row in rows])
-    write_atomically(os.path.join(root, "meta", "tasks.parquet"), lambda p: pq.write_table(_tasks_table(tasks), p))
-    write_json(os.path.join(root, "meta", "stats.json"),
-                {feature: {k: np.asarray(v).tolist() for k, v in s.items()} for feature, s in stats.items()})
-    write_atomically(os.path.join(root, "meta", "episodes", "chunk-000", "file-000.parquet"),
-                lambda p: pq.write_table(pa.Table.from_pylist([{k: row.get(k) for k in columns} for row in rows]), p))
+        _write_video(os.path.join(root, info["video_path"].format(video_key=key, **location)),
+                     episode["images"][name], fps, codec)
+        row.update(_video_columns(key, location, length, fps))
+    _write_parquet(os.path.join(root, info["data_path"].format(**location)), _data_table(columns))
+    # per episode, as lerobot keeps them: pooled into stats.json
+    row.update(_flat_stats(_all_stats(columns, [episode], cameras)))
+    if "success" in episode:  # an evaluation's verdict (a recording's rows have no verdict)
+        row["success"] = episode["success"]
+    rows.append(row)
+    stats = _pooled_stats(rows, info["features"])
+    _write_parquet(os.path.join(root, "meta", "tasks.parquet"), _tasks_table(tasks))
+    write_json(os.path.join(root, "meta", "stats.json"), _stats_as_json(stats))
+    episodes_path = os.path.join(root, "meta", "episodes", "chunk-000", "file-000.parquet")
+    _write_parquet(episodes_path, _episodes_table(rows))
     info.update(total_episodes=len(rows), total_frames=start + length, total_tasks=len(tasks),
                 total_videos=len(rows) * len(cameras), splits={"train": f"0:{len(rows)}"})
     write_json(os.path.join(root, "meta", "info.json"), info)
-    return e
+    return episode_index
 
 
 def check_same_features(root, info, features, fps, norm_mode=None):
     """One dataset, one kind of recording: the same joints, cameras (and frame sizes), fps and joint units
     (norm_mode, where both say) throughout."""
-    differ = sorted(k for k in set(info["features"]) | set(features) if info["features"].get(k) != features.get(k))
+    all_keys = set(info["features"]) | set(features)
+    differ = sorted(key for key in all_keys if info["features"].get(key) != features.get(key))
     if info["fps"] != fps or differ:
-        raise ValueError(f"{root} holds a recording at {info['fps']} fps of {sorted(info['features'])}; this one "
-                         f"is at {fps} fps and differs in {differ}: record into another --dataset directory")
-    if norm_mode and info.get("norm_mode", norm_mode) != norm_mode:
-        raise ValueError(f"{root} holds joints in {info['norm_mode']} units; this recording's are in {norm_mode}: "
+        raise ValueError(f"{root} holds a recording at {info['fps']} fps of {sorted(info['features'])}; "
+                         f"this one is at {fps} fps and differs in {differ}: "
                          "record into another --dataset directory")
+    if norm_mode and info.get("norm_mode", norm_mode) != norm_mode:
+        raise ValueError(f"{root} holds joints in {info['norm_mode']} units; "
+                         f"this recording's are in {norm_mode}: record into another --dataset directory")
+
+
+# -- the pieces of append_episode: a new dataset's info, an episode's row in meta/episodes, atomic files -
+
+def _new_info_v3(fps, robot_type, features, norm_mode):
+    """meta/info.json of a v3.0 dataset with no episode yet (append_episode fills in the totals)."""
+    info = {
+        "codebase_version": "v3.0",
+        "robot_type": robot_type,
+        "chunks_size": 1000,
+        "fps": fps,
+        "features": features,
+        "data_files_size_in_mb": 100,
+        "video_files_size_in_mb": 200,
+        "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+        "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4",
+    }
+    if norm_mode:
+        info["norm_mode"] = norm_mode
+    return info
+
+
+def _episode_row(episode_index, task, length, start, location):
+    """The episode's row in meta/episodes: its task, its rows start:start + length of the dataset, and
+    where its data file is (chunk and file index; the metadata itself is all in chunk 0, file 0)."""
+    return {
+        "episode_index": episode_index,
+        "tasks": [task],
+        "length": length,
+        "meta/episodes/chunk_index": 0,
+        "meta/episodes/file_index": 0,
+        "data/chunk_index": location["chunk_index"],
+        "data/file_index": location["file_index"],
+        "dataset_from_index": start,
+        "dataset_to_index": start + length,
+    }
+
+
+def _video_columns(key, location, length, fps):
+    """The row's columns for camera `key`: its video file, and the episode's span in it (the whole file)."""
+    return {
+        f"videos/{key}/chunk_index": location["chunk_index"],
+        f"videos/{key}/file_index": location["file_index"],
+        f"videos/{key}/from_timestamp": 0.0,
+        f"videos/{key}/to_timestamp": length / fps,
+    }
+
+
+def _flat_stats(stats):
+    """{feature: {"min": ..., ...}} -> the row's columns {"stats/<feature>/min": ..., ...}."""
+    columns = {}
+    for feature, feature_stats in stats.items():
+        for name, value in feature_stats.items():
+            columns[f"stats/{feature}/{name}"] = value
+    return columns
+
+
+def _pooled_stats(rows, features):
+    """The whole dataset's stats: every episode's (its row's stats/ columns), pooled."""
+    per_episode = []
+    for row in rows:
+        episode_stats = {}
+        for feature in features:
+            names = ("min", "max", "mean", "std", "count")
+            episode_stats[feature] = {name: row[f"stats/{feature}/{name}"] for name in names}
+        per_episode.append(episode_stats)
+    return aggregate_stats(per_episode)
+
+
+def _stats_as_json(stats):
+    """meta/stats.json: every statistic as (nested) lists of numbers."""
+    return {feature: {name: np.asarray(value).tolist() for name, value in feature_stats.items()}
+            for feature, feature_stats in stats.items()}
+
+
+def _episodes_table(rows):
+    """meta/episodes as a table: a column for every key any row has (None where a row has none: the
+    demonstrations have no "success" beside the evaluation episodes)."""
+    columns = dict.fromkeys(name for row in rows for name in row)  # every key, in order of first appearance
+    return pa.Table.from_pylist([{name: row.get(name) for name in columns} for row in rows])
+
+
+def _write_parquet(path, table):
+    """`table` as the parquet file `path`, by a rename: readers see the old file or the whole new one."""
+    def write(temporary_path):
+        pq.write_table(table, temporary_path)
+    write_atomically(path, write)
+
+
+def _write_video(path, frames, fps, codec):
+    """The (T, H, W, 3) frames as the mp4 file `path`, by a rename, like `_write_parquet`."""
+    def write(temporary_path):
+        encode_video(temporary_path, [frames], fps, codec)
+    write_atomically(path, write)
 
 
 # -- the writer's pieces: input checks, columns and features, tables, statistics (videos: plumbing.py) -
@@ -162,10 +282,11 @@ def _check_episodes(episodes):
         raise ValueError("write_lerobot_dataset needs at least one episode.")
     cameras = {name: np.asarray(image).shape[1:3] for name, image in episodes[0].get("images", {}).items()}
     for e, episode in enumerate(episodes):
-        state, action = np.asarray(episode["observation.state"]), np.asarray(episode["action"])
+        state = np.asarray(episode["observation.state"])
+        action = np.asarray(episode["action"])
         if state.ndim != 2 or action.ndim != 2 or len(state) != len(action) or len(state) == 0:
-            raise ValueError(f"episode {e}: observation.state (T,S) and action (T,A) must be 2-D with the same T >= 1, "
-                             f"got {state.shape} and {action.shape}.")
+            raise ValueError(f"episode {e}: observation.state (T,S) and action (T,A) must be 2-D with the "
+                             f"same T >= 1, got {state.shape} and {action.shape}.")
         if not isinstance(episode.get("task"), str):
             raise ValueError(f"episode {e}: 'task' must be a string.")
         images = episode.get("images", {})
@@ -173,9 +294,10 @@ def _check_episodes(episodes):
             raise ValueError(f"episode {e} has cameras {sorted(images)}, episode 0 has {sorted(cameras)}.")
         for name, image in images.items():
             image = np.asarray(image)
-            if image.dtype != np.uint8 or image.shape != (len(state),) + tuple(cameras[name]) + (3,):
-                raise ValueError(f"episode {e} camera {name}: expected uint8 ({len(state)}, H, W, 3) with the "
-                                 f"same H, W in every episode, got {image.dtype} {image.shape}.")
+            expected_shape = (len(state),) + tuple(cameras[name]) + (3,)  # (T, H, W, 3)
+            if image.dtype != np.uint8 or image.shape != expected_shape:
+                raise ValueError(f"episode {e} camera {name}: expected uint8 ({len(state)}, H, W, 3) with "
+                                 f"the same H, W in every episode, got {image.dtype} {image.shape}.")
             if image.shape[1] % 2 or image.shape[2] % 2:
                 raise ValueError(f"camera {name}: yuv420p video needs an even height and width, got "
                                  f"{image.shape[1]}x{image.shape[2]}.")
@@ -184,17 +306,20 @@ def _check_episodes(episodes):
 
 def _episode_columns(episodes, fps):
     """Flat per-row columns of all episodes (global index continues across episodes)."""
-    tasks = list(dict.fromkeys(e["task"] for e in episodes))
-    lengths = [len(e["action"]) for e in episodes]
+    tasks = list(dict.fromkeys(episode["task"] for episode in episodes))
+    lengths = [len(episode["action"]) for episode in episodes]
     frame_index = np.concatenate([np.arange(n) for n in lengths])
+    states = [np.asarray(episode["observation.state"], np.float32) for episode in episodes]
+    actions = [np.asarray(episode["action"], np.float32) for episode in episodes]
+    task_indices = [tasks.index(episode["task"]) for episode in episodes]
     return tasks, lengths, {
-        "observation.state": np.concatenate([np.asarray(e["observation.state"], np.float32) for e in episodes]),
-        "action": np.concatenate([np.asarray(e["action"], np.float32) for e in episodes]),
+        "observation.state": np.concatenate(states),
+        "action": np.concatenate(actions),
         "timestamp": (frame_index / fps).astype(np.float32),
         "frame_index": frame_index,
         "episode_index": np.repeat(np.arange(len(episodes)), lengths),
         "index": np.arange(sum(lengths)),
-        "task_index": np.repeat([tasks.index(e["task"]) for e in episodes], lengths),
+        "task_index": np.repeat(task_indices, lengths),
     }
 
 
@@ -221,13 +346,20 @@ def _features(episodes, cameras, fps, codec, joint_names):
 
 def _data_table(columns, rows=slice(None)):
     """The rows' columns; vectors as fixed-size lists of float32, as lerobot writes them."""
-    return pa.table({name: pa.FixedSizeListArray.from_arrays(pa.array(v[rows].reshape(-1)), v.shape[1]) if v.ndim == 2
-                     else pa.array(v[rows]) for name, v in columns.items()})
+    arrays = {}
+    for name, values in columns.items():
+        if values.ndim == 2:  # (T, D): T lists of D entries
+            flat = pa.array(values[rows].reshape(-1))
+            arrays[name] = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+        else:  # (T,)
+            arrays[name] = pa.array(values[rows])
+    return pa.table(arrays)
 
 
 def _tasks_table(tasks):
     """meta/tasks.parquet with the task strings as the pandas index, the way lerobot reads them back."""
-    table = pa.table({"task_index": pa.array(range(len(tasks)), pa.int64()), "task": pa.array(tasks, pa.string())})
+    table = pa.table({"task_index": pa.array(range(len(tasks)), pa.int64()),
+                      "task": pa.array(tasks, pa.string())})
     columns = [{"name": name, "field_name": name, "pandas_type": kind, "numpy_type": dtype, "metadata": None}
                for name, kind, dtype in (("task_index", "int64", "int64"), ("task", "unicode", "object"))]
     pandas = {"index_columns": ["task"], "column_indexes": [], "pandas_version": "2.2.3", "columns": columns}
@@ -236,14 +368,20 @@ def _tasks_table(tasks):
 
 def _all_stats(columns, episodes, cameras):
     """The stats block of `episodes` whose rows are `columns`: every feature, images per channel."""
-    return {**{name: array_stats(values) for name, values in columns.items()},
-            **{IMAGE_PREFIX + name: video_stats([np.asarray(e["images"][name]) for e in episodes]) for name in cameras}}
+    stats = {}
+    for name, values in columns.items():
+        stats[name] = array_stats(values)
+    for name in cameras:
+        videos = [np.asarray(episode["images"][name]) for episode in episodes]
+        stats[IMAGE_PREFIX + name] = video_stats(videos)
+    return stats
 
 
 # Episodes made up for tests and benchmarks (the writer's input, without an arm)
 
-def synthetic_episodes(n_episodes, length, height=96, width=128, cameras=("top", "wrist"), state_dim=6, seed=0,
-                       noise=True, tasks=("Pick the red cube and place it in the box.", "Stack the red cube on the blue cube.")):
+def synthetic_episodes(n_episodes, length, height=96, width=128, cameras=("top", "wrist"), state_dim=6,
+                       seed=0, noise=True, tasks=("Pick the red cube and place it in the box.",
+                                          "Stack the red cube on the blue cube.")):
     """Episodes of random joint motion with camera-like images that follow it, for tests and benchmarks.
 
     Each camera sees a textured background (smooth waves plus fixed grain, a table seen by a camera) with
@@ -253,32 +391,42 @@ def synthetic_episodes(n_episodes, length, height=96, width=128, cameras=("top",
     `length` is an int or one int per episode.
     """
     rng = np.random.default_rng(seed)
-    lengths = [length] * n_episodes if np.isscalar(length) else list(length)
+    if np.isscalar(length):
+        lengths = [length] * n_episodes
+    else:
+        lengths = list(length)
     rows, cols = np.mgrid[0:height, 0:width]
     backgrounds = {}
     for name in cameras:
         waves = np.zeros((height, width, 3))
         for _ in range(8):
             # periods of 40 to 400 pixels, whatever the image size
-            (fy, fx), phase, amplitude = rng.uniform(1 / 400, 1 / 40, 2), rng.uniform(0, 2 * np.pi), rng.uniform(5, 25, 3)
+            fy, fx = rng.uniform(1 / 400, 1 / 40, 2)  # spatial frequencies, cycles per pixel
+            phase = rng.uniform(0, 2 * np.pi)
+            amplitude = rng.uniform(5, 25, 3)  # per colour channel
             waves += np.sin(2 * np.pi * (fy * rows + fx * cols) + phase)[..., None] * amplitude
         backgrounds[name] = 110 + waves + (rng.normal(0, 6, (height, width, 3)) if noise else 0)  # (H, W, 3)
+    half_height = height // 8  # the red square's half size
+    half_width = width // 8
     episodes = []
-    for e, n in enumerate(lengths):
+    for e, ticks in enumerate(lengths):
         # state: a random walk in degrees; action: the next state (the arm follows its commands)
-        state = np.cumsum(rng.normal(0, 2.0, (n + 1, state_dim)), axis=0).astype(np.float32)
+        state = np.cumsum(rng.normal(0, 2.0, (ticks + 1, state_dim)), axis=0).astype(np.float32)
         images = {}
         for c, name in enumerate(cameras):
-            frames = np.empty((n, height, width, 3), dtype=np.uint8)
-            for t in range(n):
+            frames = np.empty((ticks, height, width, 3), dtype=np.uint8)
+            for t in range(ticks):
                 frame = backgrounds[name] + (rng.normal(0, 2, (height, width, 3)) if noise else 0)
+                # the square's centre follows two of the joints
                 y = int(height / 2 + state[t, c % state_dim] * height / 200) % height
                 x = int(width / 2 + state[t, (c + 1) % state_dim] * width / 200) % width
-                frame[max(0, y - height // 8):y + height // 8, max(0, x - width // 8):x + width // 8] = (230, 40, 40)
+                top = max(0, y - half_height)
+                left = max(0, x - half_width)
+                frame[top:y + half_height, left:x + half_width] = (230, 40, 40)
                 frames[t] = np.clip(frame, 0, 255)
             images[name] = frames
-        episodes.append({"observation.state": state[:n], "action": state[1:], "task": tasks[e % len(tasks)],
-                         "images": images})
+        episodes.append({"observation.state": state[:ticks], "action": state[1:],
+                         "task": tasks[e % len(tasks)], "images": images})
     return episodes
 
 
