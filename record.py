@@ -434,19 +434,25 @@ def synthetic_episodes(n_episodes, length, height=96, width=128, cameras=("top",
 # The recording loop (the leader's positions are the follower's goals, every tick is kept), the command line
 # ----------------------------------------------------------------------------------------------------
 
-KEYS = {"n": "next", "\x1b[C": "next", "r": "redo", "\x1b[D": "redo", "q": "stop", "\x1b": "stop", "y": "success"}
+KEYS = {"n": "next", "\x1b[C": "next", "r": "redo", "\x1b[D": "redo", "q": "stop", "\x1b": "stop",
+        "y": "success"}  # the keys (and arrows: ESC [ C, ESC [ D) that end an episode early
 
 
 def control_loop(follower, act, cameras, fps, seconds, label):
     """`seconds` of ticks at `fps`: read the follower's state and one frame per camera, send act(tick, state,
-    frames), the goal, through the follower's per-step cap. Returns ({state, action, images: {camera: frames}}, the key
-    that ended it early or None, late ticks: ticks ending after the next should have begun (the clock then
-    restarts from now). Frames are kept as the cameras give them: no copy, no encoding in the loop."""
-    period, ticks = 1.0 / fps, round(seconds * fps)
+    frames), the goal, through the follower's per-step cap. Returns ({state, action, images: {camera:
+    frames}}, the key that ended it early or None, late ticks: ticks ending after the next should have begun
+    (the clock then restarts from now). Frames are kept as the cameras give them: no copy, no encoding in
+    the loop."""
+    period = 1.0 / fps
+    ticks = round(seconds * fps)
     kept = {STATE: [], ACTION: [], "images": {key: [] for key in cameras}}
-    late, key, next_tick = 0, None, time.monotonic()
+    late = 0  # ticks that ended after the next one should have begun
+    key = None  # the key that ends the loop early
+    next_tick = time.monotonic()  # when the next tick begins
     for tick in range(ticks):
-        state, frames = follower.get_state(), {name: camera.read() for name, camera in cameras.items()}
+        state = follower.get_state()
+        frames = {name: camera.read() for name, camera in cameras.items()}
         for name, frame in frames.items():
             kept["images"][name].append(frame)
         goal = np.asarray(act(tick, state, frames), dtype=np.float32)
@@ -457,8 +463,9 @@ def control_loop(follower, act, cameras, fps, seconds, label):
             pressed = os.read(sys.stdin.fileno(), 8).decode(errors="ignore")  # an arrow is 3 bytes: ESC [ C
             key = KEYS.get(pressed, KEYS.get(pressed[:1]))
         if sys.stdout.isatty():  # the status line: a bar, seconds left, late ticks, the keys
-            print(f"\r{label} [{'#' * (20 * tick // ticks):20}] {(ticks - tick) / fps:5.1f} s left, {late} late "
-                  "ticks (n/→ next, r/← again, q/Esc stop) ", end="", flush=True)
+            bar = "#" * (20 * tick // ticks)
+            print(f"\r{label} [{bar:20}] {(ticks - tick) / fps:5.1f} s left, {late} late ticks "
+                  "(n/→ next, r/← again, q/Esc stop) ", end="", flush=True)
         if key is not None:
             break
         next_tick += period
@@ -466,7 +473,8 @@ def control_loop(follower, act, cameras, fps, seconds, label):
         if delay > 0:
             time.sleep(delay)
         else:
-            late, next_tick = late + 1, time.monotonic()
+            late += 1
+            next_tick = time.monotonic()
     return kept, key, late
 
 
@@ -478,25 +486,52 @@ class PolicyDriver:
     the arm's true pose from `pose()`): whether the gripper touched the target."""
 
     def __init__(self, args, compute, chunk_size, rename, scene=None, pose=None):
-        self.args, self.compute, self.chunk_size, self.rename = args, compute, chunk_size, rename
-        self.scene, self.pose, self.worker = scene, pose, None
+        self.args = args
+        self.compute = compute
+        self.chunk_size = chunk_size
+        self.rename = rename  # {camera key: the policy's camera key}
+        self.scene = scene
+        self.pose = pose
+        self.worker = None  # the inference thread, one per episode
 
     def __call__(self, tick, state, frames):
         if tick == 0:
             self.close()
             self.scheduler = make_async_scheduler(self.args, self.chunk_size, len(state))
-            self.worker, self.goal, self.reached = InferenceWorker(self.compute), state, self.scene and False
-        arm = SimpleNamespace(get_state=lambda: state, send_action=lambda action: setattr(self, "goal", action))
-        control_tick(arm, lambda _: self.observation(state, frames), self.worker, self.scheduler,
-                     log=lambda text: print("\n" + text))
-        self.reached = self.reached or (self.scene and self.scene.success(self.pose()))
+            self.worker = InferenceWorker(self.compute)
+            self.goal = state  # until a chunk comes: hold still
+            # False until the gripper touches the target; None (unknown) outside the toy world
+            self.reached = False if self.scene else None
+
+        # the arm as control_tick sees it: this tick's state, and its action kept as the goal
+        def get_state():
+            return state
+
+        def send_action(action):
+            self.goal = action
+
+        def capture(_state):  # the observation sent with a request
+            return self.observation(state, frames)
+
+        def log(text):
+            print("\n" + text)
+
+        arm = SimpleNamespace(get_state=get_state, send_action=send_action)
+        control_tick(arm, capture, self.worker, self.scheduler, log=log)
+        if self.scene and not self.reached:
+            self.reached = self.scene.success(self.pose())
         return self.goal
 
-    def observation(self, state, frames):  # the frames under the policy's camera names
-        return {"task": self.args.task, STATE: state, **{self.rename[key]: f for key, f in frames.items()}}
+    def observation(self, state, frames):
+        """The policy's observation: the task, the state, the frames under the policy's camera names."""
+        observation = {"task": self.args.task, STATE: state}
+        for key, frame in frames.items():
+            observation[self.rename[key]] = frame
+        return observation
 
     def close(self):  # (waits for a request in flight: a --server client carries one request at a time)
-        self.worker and self.worker.close(self.args.timeout + 1)
+        if self.worker:
+            self.worker.close(self.args.timeout + 1)
 
 
 def keys_without_enter():
@@ -511,8 +546,10 @@ def verdict(key, reached):
         return key == "success"
     if key is None and keys_without_enter():
         print("\nsuccess? y/n ", end="", flush=True)
-        while (answer := os.read(sys.stdin.fileno(), 8).decode(errors="ignore")[:1].lower()) not in ("y", "n", ""):
-            pass
+        while True:  # until y, n, or nothing: the terminal is gone
+            answer = os.read(sys.stdin.fileno(), 8).decode(errors="ignore")[:1].lower()
+            if answer in ("y", "n", ""):
+                break
         return {"y": True, "n": False}.get(answer)  # ("": the terminal is gone: not judged)
     return reached
 
@@ -521,46 +558,92 @@ def record(args, follower, act, cameras, hand, done, driver=None, reset=None):
     """Episodes `done`..args.episodes: record one (act: the leader's pose, or a PolicyDriver: then each is
     judged), save it in the background while the scene is reset (by reset, default act), start the next only
     once it is completely written. Returns {episodes, late_ticks, ticks, successes: the verdicts}."""
-    saving, episode, late_total, ticks_total, verdicts = None, done, 0, 0, []
+    saving = None  # the write of the last episode, in the background
+    episode = done  # episodes in the dataset (the next one's index)
+    late_total = 0
+    ticks_total = 0
+    verdicts = []  # an evaluation's: True, False or None (not judged), one per episode
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:  # leaving waits for the last write
         while episode < args.episodes:
-            hand.new_episode() if hand else driver and driver.scene and driver.scene.reset()  # sim: a new target
-            kept, key, late = control_loop(follower, act, cameras, args.fps, args.episode_s, f"episode {episode + 1}/"
-                                           f"{args.episodes}" + " (y: success, n: failure)" * bool(driver))
-            ticks_total, late_total = ticks_total + len(kept[ACTION]), late_total + late
-            judged = {"success": verdict(key, driver.reached)} if driver and key != "redo" else {}
-            print("\n" * sys.stdout.isatty() + f"episode {episode + 1}: {len(kept[ACTION])} ticks, {late} late"
-                  + "; recording it again" * (key == "redo") + {True: "; success", False: "; failure"}.get(
-                      judged.get("success"), "; not judged" * bool(judged)))
+            # sim: a new target
+            if hand:
+                hand.new_episode()
+            elif driver and driver.scene:
+                driver.scene.reset()
+            label = f"episode {episode + 1}/{args.episodes}"
+            if driver:
+                label += " (y: success, n: failure)"
+            kept, key, late = control_loop(follower, act, cameras, args.fps, args.episode_s, label)
+            ticks_total += len(kept[ACTION])
+            late_total += late
+            if driver and key != "redo":
+                judged = {"success": verdict(key, driver.reached)}
+            else:
+                judged = {}
+            _print_episode_summary(episode + 1, len(kept[ACTION]), late, key, judged)
             if key != "redo":
-                data = {STATE: np.stack(kept[STATE]), ACTION: np.stack(kept[ACTION]), "task": args.task, "images":
-                        {name[len(IMAGE_PREFIX):]: np.stack(frames) for name, frames in kept["images"].items()}}
-                saving, episode = writer.submit(append_episode, args.dataset, data | judged, args.fps,
-                                                norm_mode=follower.norm_mode), episode + 1
+                data = {STATE: np.stack(kept[STATE]), ACTION: np.stack(kept[ACTION]), "task": args.task,
+                        "images": _stacked_images(kept["images"])}
+                saving = writer.submit(append_episode, args.dataset, data | judged, args.fps,
+                                       norm_mode=follower.norm_mode)
+                episode += 1
                 verdicts += judged.values()
             if key == "stop" or episode == args.episodes:
                 break
-            hand and hand.go_home()
+            if hand:
+                hand.go_home()
             control_loop(follower, reset or act, {}, args.fps, args.reset_s, "reset the scene")
-            saving and saving.result()  # (raises if the episode could not be written)
-    saving and saving.result()
-    print(f"{episode} episodes in {args.dataset}; late ticks: {late_total} of {ticks_total} "
-          f"({100 * late_total / max(ticks_total, 1):.1f}%)" + (f"; success: {verdicts.count(True)} of {len(verdicts)}"
-          f" ({verdicts.count(None)} not judged)" if driver else ""))
-    if args.push:  # lerobot finds a hub dataset's format by its version tag
-        from huggingface_hub import HfApi
-        api = HfApi()
-        api.create_repo(args.repo_id, repo_type="dataset", exist_ok=True)
-        api.upload_folder(folder_path=args.dataset, repo_id=args.repo_id, repo_type="dataset")
-        api.create_tag(args.repo_id, tag="v3.0", repo_type="dataset", exist_ok=True)
+            if saving is not None:
+                saving.result()  # (raises if the episode could not be written)
+    if saving is not None:
+        saving.result()
+    summary = (f"{episode} episodes in {args.dataset}; late ticks: {late_total} of {ticks_total} "
+               f"({100 * late_total / max(ticks_total, 1):.1f}%)")
+    if driver:
+        summary += f"; success: {verdicts.count(True)} of {len(verdicts)} ({verdicts.count(None)} not judged)"
+    print(summary)
+    if args.push:
+        _push_to_hub(args.dataset, args.repo_id)
     return {"episodes": episode, "late_ticks": late_total, "ticks": ticks_total, "successes": verdicts}
+
+
+def _print_episode_summary(number, ticks, late, key, judged):
+    """One line after episode `number`: its ticks, late ticks, and its verdict (or that it is recorded
+    again)."""
+    line = f"episode {number}: {ticks} ticks, {late} late"
+    if key == "redo":
+        line += "; recording it again"
+    if judged:
+        line += {True: "; success", False: "; failure"}.get(judged["success"], "; not judged")
+    if sys.stdout.isatty():  # (below the status line)
+        line = "\n" + line
+    print(line)
+
+
+def _stacked_images(kept_images):
+    """{camera key: the list of its frames} -> {camera name (without the prefix): (T, H, W, 3)}."""
+    return {key[len(IMAGE_PREFIX):]: np.stack(frames) for key, frames in kept_images.items()}
+
+
+def _push_to_hub(dataset, repo_id):
+    """Upload the dataset to repo_id on the Hugging Face hub."""
+    from huggingface_hub import HfApi
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="dataset", exist_ok=True)
+    api.upload_folder(folder_path=dataset, repo_id=repo_id, repo_type="dataset")
+    # lerobot finds a hub dataset's format by its version tag
+    api.create_tag(repo_id, tag="v3.0", repo_type="dataset", exist_ok=True)
 
 
 def replay(args, follower):
     """Drive the follower with the recorded actions of episode --episode of the dataset --replay."""
     dataset = LeRobotDataset(args.replay, episodes=[args.episode], max_cache_gb=0)
-    control_loop(follower, lambda tick, state, frames: dataset.action[tick], {}, dataset.fps,
-                 len(dataset) / dataset.fps, f"replaying episode {args.episode}")
+
+    def recorded_action(tick, state, frames):
+        return dataset.action[tick]
+
+    control_loop(follower, recorded_action, {}, dataset.fps, len(dataset) / dataset.fps,
+                 f"replaying episode {args.episode}")
     return dataset.action
 
 
