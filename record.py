@@ -648,11 +648,12 @@ def replay(args, follower):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add = p.add_argument
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
     add("--port", required=True, help="the follower's serial port, or sim (the virtual arm)")
     add("--leader-port", help="the leader arm's serial port, or sim (a scripted hand moves it)")
-    add("--cameras", help="name=/dev/video0,...; name=sim films the toy world (default with --port sim: top=sim)")
+    add("--cameras", help="name=/dev/video0,...; name=sim films the toy world "
+                          "(default with --port sim: top=sim)")
     add("--dataset", help="the dataset directory to record into")
     add("--task", help="what the demonstrations do, in words: the policy's instruction")
     add("--episodes", type=int, default=50, help="episodes in the dataset (with --resume: in all)")
@@ -669,8 +670,9 @@ def build_parser():
     add("--id", default="my_so100", help="the arms' calibration name (so100.py --id, and --leader --id)")
     add("--sim-size", default="64x64", help="HxW of the frames of the sim cameras")
     add("--rename", help="--policy: camera name=the policy's camera name, e.g. top=camera1,wrist=camera2")
-    add_policy_arguments(p)  # --policy CKPT: record evaluation episodes it drives; --server HOST:PORT, ...
-    return p
+    # --policy CKPT: record evaluation episodes it drives; --server HOST:PORT, ...
+    add_policy_arguments(parser)
+    return parser
 
 
 def check_arguments(args):
@@ -680,10 +682,13 @@ def check_arguments(args):
         raise ValueError("--fps, --episode-s and --episodes must be positive, --reset-s at least 0")
     if args.serve:
         raise ValueError("record.py drives an arm; a policy server is started with infer_async.py --serve")
-    if not (args.replay or args.leader_port or args.policy or args.server) or recording and not (
-            args.dataset and (args.task or args.policy or args.server)):
-        raise ValueError("the leader arm (--leader-port, or sim) or a --policy moves the follower; recording also "
-                         "needs --dataset DIR and --task \"what the robot does\"")
+    # something moves the follower: the recorded actions, the leader arm, or a policy
+    something_moves_it = args.replay or args.leader_port or args.policy or args.server
+    # a recording also needs a directory and a task (a policy may know its own)
+    has_dataset_and_task = args.dataset and (args.task or args.policy or args.server)
+    if not something_moves_it or (recording and not has_dataset_and_task):
+        raise ValueError("the leader arm (--leader-port, or sim) or a --policy moves the follower; "
+                         "recording also needs --dataset DIR and --task \"what the robot does\"")
     if args.push and not args.repo_id:
         raise ValueError("--push needs --repo-id user/name")
     if recording and os.path.isdir(args.dataset) and os.listdir(args.dataset) and not args.resume:
@@ -703,69 +708,193 @@ def check_dataset(args, frames):
         features = _features([probe], _check_episodes([probe]), args.fps, "libsvtav1", None)
         check_same_features(args.dataset, info, features, args.fps, args.norm_mode or "degrees")
     raw = sum(frame.size for frame in frames.values())  # bytes per tick, uncompressed (480x640x3: 921,600)
-    needed = (args.episodes - len(rows)) * args.episode_s * args.fps * (5e4 / 921_600 * raw + 200)
+    to_record = args.episodes - len(rows)
+    needed = to_record * args.episode_s * args.fps * (5e4 / 921_600 * raw + 200)
     os.makedirs(args.dataset, exist_ok=True)  # (empty: nothing is recorded before these checks pass)
     free = shutil.disk_usage(args.dataset).free
     if free < needed:
-        raise OSError(f"{args.episodes - len(rows)} episodes need about {needed / 1e9:.1f} GB; {free / 1e9:.1f} "
-                      f"GB are free where {args.dataset} goes")
+        raise OSError(f"{to_record} episodes need about {needed / 1e9:.1f} GB; {free / 1e9:.1f} GB are free "
+                      f"where {args.dataset} goes")
     return len(rows)
+
+
+def with_infer_async_defaults(args):
+    """An evaluation runs infer_async.py's scheduler and inference thread, which read options record.py does
+    not have (--threshold, --aggregate, --rtc, ...): args with infer_async.py's defaults added for those
+    (record.py's own values win where both have an option)."""
+    defaults = vars(async_parser().parse_args([]))
+    return argparse.Namespace(**(defaults | vars(args)))
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    recording, args.norm_mode = check_arguments(args), None
-    if recording and (args.policy or args.server):  # an evaluation: infer_async.py's defaults for the rest
-        args = argparse.Namespace(**vars(async_parser().parse_args([])) | vars(args))
-    terminal = termios.tcgetattr(sys.stdin) if keys_without_enter() else None
+    recording = check_arguments(args)
+    args.norm_mode = None  # the joints' units: the policy's (settle_run_options), else degrees
+    # an evaluation: a policy, not a leader, makes the episodes
+    evaluating = bool(recording and (args.policy or args.server))
+    if evaluating:
+        args = with_infer_async_defaults(args)
+    if keys_without_enter():
+        terminal = termios.tcgetattr(sys.stdin)  # the terminal's settings, restored at the end
+    else:
+        terminal = None
     with contextlib.ExitStack() as cleanup:  # unwound in reverse: the arms' torque off, then the virtual arms
         if terminal is not None:
             tty.setcbreak(sys.stdin)  # keys without ENTER, until the end
             cleanup.callback(termios.tcsetattr, sys.stdin, termios.TCSADRAIN, terminal)
-        cameras_text = args.cameras or ("top=sim" if args.port == "sim" else "")
-        names = parse_mapping(cameras_text, "--cameras").items()
-        if driver := recording and (args.policy or args.server):  # the policy first: its units, fps and cameras
-            compute, info = open_policy(args)
-            hasattr(compute, "close") and cleanup.callback(compute.close)
-            settle_run_options(args, info.get("trained_on", {}))  # (--fps: the policy's by default)
-            args.fps = round(args.fps)  # (a dataset's frames per second)
-            camera_sources(cameras_text, args.rename, info["cameras"])  # (checks them against the policy's)
-            renames = parse_mapping(args.rename, "--rename")
-            rename = {IMAGE_PREFIX + n: IMAGE_PREFIX + renames.get(n, n) for n, _ in names}
+        if args.cameras:
+            cameras_text = args.cameras
+        elif args.port == "sim":
+            cameras_text = "top=sim"
+        else:
+            cameras_text = ""
+        camera_sources_by_name = parse_mapping(cameras_text, "--cameras")
+        if evaluating:  # the policy first: its units, fps and cameras
+            compute, policy_info, rename = _open_the_policy(args, cameras_text, camera_sources_by_name,
+                                                            cleanup)
         args.fps = args.fps or 30
-        units = args.norm_mode or "degrees"  # the follower's and the leader's alike: the leader's pose is the goal
-        follower, virtual = open_arm(args.port, arm_id=args.id, max_relative_target=args.max_relative_target,
-                                     verbose=False, norm_mode=units)
-        cleanup.callback(lambda: virtual and virtual.close())
-        cleanup.callback(follower.disconnect)
+        # the follower's and the leader's alike: the leader's pose is the goal
+        units = args.norm_mode or "degrees"
+        follower, virtual = _open_the_follower(args, units, cleanup)
         if args.replay:
             return replay(args, follower)
-        leader, leader_virtual = open_arm(args.leader_port, arm_id=args.id, leader=True, verbose=False,
-                                          norm_mode=units) if args.leader_port else (None, None)
-        cleanup.callback(lambda: leader_virtual and leader_virtual.close())
-        leader and cleanup.callback(leader.disconnect)
-        size = [int(n) for n in args.sim_size.split("x")]  # a virtual leader is moved by a scripted hand
-        hand = leader_virtual and ScriptedHand(leader_virtual, args.fps, image_size=size)
-        cleanup.callback(lambda: hand and hand.close())
-        teleoperate = lambda tick, state, frames: leader.get_state()  # noqa: E731 -- the leader's pose is the goal
+        leader, leader_virtual = _open_the_leader(args, units, cleanup)
+        size = [int(n) for n in args.sim_size.split("x")]  # the sim cameras' (H, W)
+        hand = _open_the_scripted_hand(leader_virtual, args.fps, size, cleanup)
+        teleoperate = _follow(leader)
         if not recording:
-            while control_loop(follower, teleoperate, {}, args.fps, 3600, "teleoperating")[1] != "stop":
-                pass
+            _teleoperate_until_stopped(follower, teleoperate, args.fps)
             return None
-        cameras = open_cameras({IMAGE_PREFIX + name: source for name, source in names}, virtual, hand and hand.scene, size)
-        scene = next((camera.scene for camera in cameras.values() if hasattr(camera, "scene")), None)  # the toy world
-        cleanup.callback(lambda: [camera.close() for camera in cameras.values() if hasattr(camera, "close")])
+        cameras = _open_the_cameras(camera_sources_by_name, virtual, hand, size, cleanup)
         done = check_dataset(args, {key: camera.read() for key, camera in cameras.items()})
-        if not driver:
+        if not evaluating:
             return record(args, follower, teleoperate, cameras, hand, done)
-        driver = PolicyDriver(args, compute, info["chunk_size"], rename, scene, virtual and virtual.joint_positions_deg)
-        cleanup.callback(driver.close)
-        state = follower.get_state()  # warm-up: the first inference is slow; and a policy for another arm fails here
-        chunk = np.asarray(compute(driver.observation(state, {key: c.read() for key, c in cameras.items()}))["actions"])
-        if chunk.ndim != 2 or chunk.shape[1] != len(state):
-            raise ValueError(f"the policy predicts chunks of shape {chunk.shape}; the arm takes {len(state)} joints")
-        reset = teleoperate if leader else lambda tick, now, frames: state  # (without a leader: back to the start)
+        driver = _open_the_policy_driver(args, compute, policy_info, rename, cameras, virtual, cleanup)
+        start = _warm_up(compute, driver, follower, cameras)
+        if leader:
+            reset = teleoperate
+        else:
+            reset = _hold(start)  # (without a leader: back to the start)
         return record(args, follower, driver, cameras, hand, done, driver, reset)
+
+
+# -- main's steps: each opens one thing and hands its closing to `cleanup` (an ExitStack, unwound in
+# reverse: the policy's driver, the cameras, the scripted hand, the leader (torque off), its virtual arm,
+# the follower (torque off), its virtual arm, the policy, the terminal's settings)
+
+def _open_the_policy(args, cameras_text, camera_sources_by_name, cleanup):
+    """The policy (here or on a --server): (compute, its info, {camera key: the policy's camera key}). It
+    settles --fps, --norm-mode and --task (the policy's by default), and its cameras are checked against
+    --cameras and --rename before any device opens."""
+    compute, info = open_policy(args)
+    if hasattr(compute, "close"):
+        cleanup.callback(compute.close)
+    settle_run_options(args, info.get("trained_on", {}))  # (--fps: the policy's by default)
+    args.fps = round(args.fps)  # (a dataset's frames per second)
+    camera_sources(cameras_text, args.rename, info["cameras"])  # (checks them against the policy's)
+    renames = parse_mapping(args.rename, "--rename")
+    rename = {}
+    for name in camera_sources_by_name:
+        rename[IMAGE_PREFIX + name] = IMAGE_PREFIX + renames.get(name, name)
+    return compute, info, rename
+
+
+def _open_the_follower(args, units, cleanup):
+    """The follower arm: (arm, its virtual arm for --port sim, else None)."""
+    follower, virtual = open_arm(args.port, arm_id=args.id, max_relative_target=args.max_relative_target,
+                                 verbose=False, norm_mode=units)
+    if virtual:
+        cleanup.callback(virtual.close)
+    cleanup.callback(follower.disconnect)
+    return follower, virtual
+
+
+def _open_the_leader(args, units, cleanup):
+    """The leader arm, if --leader-port: (arm, its virtual arm for sim, else None); else (None, None)."""
+    if not args.leader_port:
+        return None, None
+    leader, leader_virtual = open_arm(args.leader_port, arm_id=args.id, leader=True, verbose=False,
+                                      norm_mode=units)
+    if leader_virtual:
+        cleanup.callback(leader_virtual.close)
+    if leader:
+        cleanup.callback(leader.disconnect)
+    return leader, leader_virtual
+
+
+def _open_the_scripted_hand(leader_virtual, fps, size, cleanup):
+    """A virtual leader is moved by a scripted hand (its scene is the toy world the sim cameras film); a
+    real one by a person: None."""
+    if not leader_virtual:
+        return None
+    hand = ScriptedHand(leader_virtual, fps, image_size=size)
+    cleanup.callback(hand.close)
+    return hand
+
+
+def _open_the_cameras(camera_sources_by_name, virtual, hand, size, cleanup):
+    """{camera key: camera}; a sim camera films the toy world: the scripted hand's scene, if there is one."""
+    sources = {IMAGE_PREFIX + name: source for name, source in camera_sources_by_name.items()}
+    if hand:
+        scene = hand.scene
+    else:
+        scene = None
+    cameras = open_cameras(sources, virtual, scene, size)
+    cleanup.callback(_close_cameras, cameras)
+    return cameras
+
+
+def _close_cameras(cameras):
+    for camera in cameras.values():
+        if hasattr(camera, "close"):
+            camera.close()
+
+
+def _follow(leader):
+    """act for control_loop: the leader's pose is the follower's goal."""
+    def teleoperate(tick, state, frames):
+        return leader.get_state()
+    return teleoperate
+
+
+def _hold(pose):
+    """act for control_loop: `pose` is the goal, every tick."""
+    def hold(tick, state, frames):
+        return pose
+    return hold
+
+
+def _teleoperate_until_stopped(follower, teleoperate, fps):
+    """--teleoperate: the follower copies the leader, an hour at a time, until q/Esc."""
+    while True:
+        _, key, _ = control_loop(follower, teleoperate, {}, fps, 3600, "teleoperating")
+        if key == "stop":
+            break
+
+
+def _open_the_policy_driver(args, compute, policy_info, rename, cameras, virtual, cleanup):
+    """The PolicyDriver of the evaluation episodes; in the toy world (a sim camera films it) it judges each
+    episode by the virtual arm's true pose."""
+    scene = next((camera.scene for camera in cameras.values() if hasattr(camera, "scene")), None)
+    if virtual:
+        pose = virtual.joint_positions_deg
+    else:
+        pose = None
+    driver = PolicyDriver(args, compute, policy_info["chunk_size"], rename, scene, pose)
+    cleanup.callback(driver.close)
+    return driver
+
+
+def _warm_up(compute, driver, follower, cameras):
+    """One inference before the first episode: the first is slow; and a policy for another arm fails here.
+    Returns the follower's state, where it started."""
+    state = follower.get_state()
+    frames = {key: camera.read() for key, camera in cameras.items()}
+    chunk = np.asarray(compute(driver.observation(state, frames))["actions"])  # (chunk_size, joints)
+    if chunk.ndim != 2 or chunk.shape[1] != len(state):
+        raise ValueError(f"the policy predicts chunks of shape {chunk.shape}; "
+                         f"the arm takes {len(state)} joints")
+    return state
 
 
 if __name__ == "__main__":
