@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# SmolVLA's RoPE uses base 10000. Note: SmolVLM2's text config says rope_theta = 100000, but the reference
-# SmolVLA computes RoPE itself with 10000 — the checkpoints were trained that way, so we match the reference.
+# SmolVLA's RoPE uses base 10000. Note: SmolVLM2's text config says rope_theta = 100000, but the
+# reference SmolVLA computes RoPE itself with 10000 — the checkpoints were trained that way, so we match
+# the reference.
 ROPE_BASE = 10_000.0
 
 
@@ -96,7 +97,8 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
     cos, sin = rope
     half = x.shape[-1] // 2
     x32 = x.float()
-    x1, x2 = x32[..., :half], x32[..., half:]
+    x1 = x32[..., :half]
+    x2 = x32[..., half:]
     rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return rotated.to(x.dtype)
 
@@ -113,8 +115,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if not fused:
         # the formula written out: each kv head serves H/Hkv query heads; scores and softmax in float32
         group = q.shape[2] // k.shape[2]
-        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)  # (B, Lk, H, hd)
-        scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / math.sqrt(q.shape[-1])  # (B, H, Lq, Lk)
+        k = k.repeat_interleave(group, dim=2)  # (B, Lk, H, hd)
+        v = v.repeat_interleave(group, dim=2)  # (B, Lk, H, hd)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float())  # (B, H, Lq, Lk)
+        scores = scores / math.sqrt(q.shape[-1])
         if mask is not None:
             scores = scores.masked_fill(~mask[:, None], float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query that may see nothing: zeros
@@ -177,12 +181,13 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
     def qkv(self, x: torch.Tensor, rope: tuple):
-        """x: (B, L, d) -> q (B, L, H, hd), k and v (B, L, Hkv, hd); q and k rotated by RoPE (rope_angles)."""
-        a = self.self_attn
+        """x: (B, L, d) -> q (B, L, H, hd), k and v (B, L, Hkv, hd); q and k rotated by RoPE
+        (rope_angles)."""
+        projections = self.self_attn
         h = self.input_layernorm(x)
-        q = apply_rope(a.split_heads(a.q_proj(h)), rope)
-        k = apply_rope(a.split_heads(a.k_proj(h)), rope)
-        v = a.split_heads(a.v_proj(h))
+        q = apply_rope(projections.split_heads(projections.q_proj(h)), rope)
+        k = apply_rope(projections.split_heads(projections.k_proj(h)), rope)
+        v = projections.split_heads(projections.v_proj(h))
         return q, k, v
 
     def finish(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
@@ -204,9 +209,13 @@ class SuffixLayout:
         """The layout of the first s action tokens alone. Each action token sees only the prefix and the
         actions before it, so their outputs do not depend on the later tokens: RTC's guidance
         (flow.guided_velocity) differentiates through these s tokens only."""
-        p = self.cross_mask.shape[2]
-        return SuffixLayout(self.joint_mask[:, :s, : p + s], self.cross_mask[:, :s],
-                            tuple(r[:, :s] for r in self.rope), tuple(r[:, :s] for r in self.cross_rope))
+        prefix_len = self.cross_mask.shape[2]
+        return SuffixLayout(
+            joint_mask=self.joint_mask[:, :s, : prefix_len + s],
+            cross_mask=self.cross_mask[:, :s],
+            rope=tuple(angles[:, :s] for angles in self.rope),
+            cross_rope=tuple(angles[:, :s] for angles in self.cross_rope),
+        )
 
 
 class ActionExpert(nn.Module):
@@ -226,7 +235,8 @@ class ActionExpert(nn.Module):
         super().__init__()
         if num_vlm_layers % cfg.num_layers != 0:
             raise ValueError(
-                f"the VLM's {num_vlm_layers} layers must be a multiple of the expert's {cfg.num_layers} layers"
+                f"the VLM's {num_vlm_layers} layers must be a multiple of "
+                f"the expert's {cfg.num_layers} layers"
             )
         use_cross = "cross" in attention_mode
 
@@ -237,9 +247,12 @@ class ActionExpert(nn.Module):
         # other VLM layers have no expert partner (the suffix passes them unchanged).
         stride = num_vlm_layers // cfg.num_layers
         # plan[i] = (index of the expert layer beside VLM layer i or None, does it cross-attend?)
-        self.plan = [
-            (i // stride, cross_layer(i)) if i % stride == 0 else (None, False) for i in range(num_vlm_layers)
-        ]
+        self.plan = []
+        for i in range(num_vlm_layers):
+            if i % stride == 0:
+                self.plan.append((i // stride, cross_layer(i)))
+            else:
+                self.plan.append((None, False))
         # The reference shapes expert layer j's k/v by j's own parity, but uses it by its VLM layer's; the
         # two agree whenever stride is 1. Refuse configurations where they would not (the reference crashes).
         for i, (j, cross) in enumerate(self.plan):
@@ -251,7 +264,8 @@ class ActionExpert(nn.Module):
         # layer_cross[j]: expert layer j cross-attends, so its k/v read the VLM's keys/values (320 wide)
         self.layer_cross = [cross_layer(j) for j in range(cfg.num_layers)]
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, kv_input_width=vlm_cfg.kv_width if cross else None) for cross in self.layer_cross
+            DecoderLayer(cfg, kv_input_width=vlm_cfg.kv_width if cross else None)
+            for cross in self.layer_cross
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -265,9 +279,12 @@ class ActionExpert(nn.Module):
             if j is None:
                 cache.append(None)
             elif cross:
-                proj = self.layers[j].self_attn
-                flat_k, flat_v = k.flatten(2), v.flatten(2)  # (B, P, Hkv·hd) = (B, P, 320)
-                cache.append((proj.split_heads(proj.k_proj(flat_k)), proj.split_heads(proj.v_proj(flat_v))))
+                projections = self.layers[j].self_attn
+                flat_k = k.flatten(2)  # (B, P, Hkv·hd) = (B, P, 320)
+                flat_v = v.flatten(2)
+                projected_k = projections.split_heads(projections.k_proj(flat_k))  # (B, P, Hkv, hd)
+                projected_v = projections.split_heads(projections.v_proj(flat_v))
+                cache.append((projected_k, projected_v))
             else:
                 cache.append((k, v))
         return cache

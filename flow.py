@@ -57,7 +57,8 @@ def flow_matching_loss(predicted_velocity: torch.Tensor, target_velocity: torch.
 
 
 def euler_sample(velocity, noise: torch.Tensor, num_steps: int = 10, after_step=None) -> torch.Tensor:
-    """Integrate dx/dτ = velocity(x, τ) from τ = 1 (noise) to τ = 0 (actions) with `num_steps` Euler steps.
+    """Integrate dx/dτ = velocity(x, τ) from τ = 1 (noise) to τ = 0 (actions) with `num_steps` Euler
+    steps.
 
     velocity: callable (x (B, T, A) float32, τ (B,) float32) -> (B, T, A) float32
     noise: (B, T, A) float32 -> (B, T, A) float32, the sampled chunk
@@ -66,9 +67,10 @@ def euler_sample(velocity, noise: torch.Tensor, num_steps: int = 10, after_step=
     """
     dt = -1.0 / num_steps
     batch_size = noise.shape[0]
-    # τ = 1, 1 + dt, ..., computed in double precision, then rounded once to float32 (as the reference does);
-    # speed: all steps' τ made before the loop, each step takes a view of its own
-    taus = (1.0 + dt * torch.arange(num_steps, dtype=torch.float64)).float().to(noise.device)  # (num_steps,)
+    # τ = 1, 1 + dt, ..., computed in double precision, then rounded once to float32 (as the reference
+    # does); speed: all steps' τ made before the loop, each step takes a view of its own
+    taus = 1.0 + dt * torch.arange(num_steps, dtype=torch.float64)  # (num_steps,)
+    taus = taus.float().to(noise.device)
     x = noise
     for step in range(num_steps):
         x = x + dt * velocity(x, taus[step].expand(batch_size))
@@ -116,13 +118,16 @@ def time_embedding(time: torch.Tensor, dim: int, min_period: float, max_period: 
 #     v_guided = v + min(β, (1 − τ)/(τ·r_τ²)) · (Y − Â¹)ᵀ diag(W) ∂Â¹/∂A^τ
 #     r_τ² = (1 − τ)²/(τ² + (1 − τ)²)             how uncertain Â¹ is at τ
 #
-# In SmolVLA's time the same step reads: Â = x_t − t·v_t, v_t ← v_t − w·(∂Â/∂x_t)ᵀ diag(W)(Y − Â).
+# In SmolVLA's time the same step reads:
+#
+#     Â = x_t − t·v_t,  v_t ← v_t − w·(∂Â/∂x_t)ᵀ diag(W)(Y − Â).
 #
 # H is the execution horizon (the paper's H − s: where the guidance ends; capped at the leftover's
 # length). The last factor is a vector-Jacobian product through the denoiser (one backward pass of the
 # expert per flow step): "correct A^τ in the direction that moves Â¹ toward Y". The reference
 # implementation (lerobot 0.4.4, policies/rtc/) computes v before A^τ requires a gradient, so its
-# ∂Â¹/∂A^τ is the identity and the correction is the weighted error W·(Y − Â¹) itself (`jacobian=False`).
+# ∂Â¹/∂A^τ is the identity and the correction is the weighted error W·(Y − Â¹) itself
+# (`jacobian=False`).
 # β (max_guidance_weight) caps the weight, which grows without bound as τ -> 0 and τ -> 1.
 # The two differ most on a policy that is nearly sure of its answer: if every noise leads to almost the
 # same chunk, Â¹ barely moves with A^τ, the product is small, and mid-flow the weight is only about 2
@@ -146,15 +151,17 @@ def prefix_weights(inference_delay: int, execution_horizon: int, chunk_size: int
     """W: how strongly each of the chunk's steps is pulled toward the leftover, (chunk_size,) float32.
 
     zeros: 1 for i < d, then 0 (only the hard prefix); ones: 1 for i < H, then 0; linear: 1 for i < d, a
-    ramp from 1 to 0 (both ends excluded) over d ≤ i < H, 0 from H on; exp: the ramp c·(e^c − 1)/(e − 1)
-    (the paper's). d is capped at H, as the reference does.
+    ramp from 1 to 0 (both ends excluded) over d ≤ i < H, 0 from H on; exp: the ramp
+    c·(e^c − 1)/(e − 1) (the paper's). d is capped at H, as the reference does.
     """
     if schedule not in RTC_SCHEDULES:
         raise ValueError(f"unknown RTC schedule {schedule!r}: choose one of {', '.join(RTC_SCHEDULES)}")
     if inference_delay < 0 or execution_horizon < 0:
         raise ValueError(f"inference delay and execution horizon must be >= 0, got {inference_delay}, "
                          f"{execution_horizon}")
-    d, h, n = min(inference_delay, execution_horizon), execution_horizon, chunk_size
+    d = min(inference_delay, execution_horizon)  # the delay, capped at the horizon
+    h = execution_horizon
+    n = chunk_size
     if schedule == "ones":
         return (torch.arange(n) < h).float()
     if schedule == "zeros":
@@ -167,26 +174,31 @@ def prefix_weights(inference_delay: int, execution_horizon: int, chunk_size: int
 
 
 def guidance_weight(t: float, max_guidance_weight: float) -> torch.Tensor:
-    """min(β, c/r_τ²) at SmolVLA flow time t (τ = 1 − t): c = (1 − τ)/τ, 1/r_τ² = ((1 − τ)² + τ²)/(1 − τ)².
+    """min(β, c/r_τ²) at SmolVLA flow time t (τ = 1 − t): c = (1 − τ)/τ,
+    1/r_τ² = ((1 − τ)² + τ²)/(1 − τ)².
 
     At τ = 0 (the first step, pure noise) c is infinite and at τ = 1 the product is 0·∞; both are limits
     of +∞, so both give β. (The reference maps the second, NaN, to 0; its Euler steps never reach τ = 1.)
     Float32 scalar tensor, computed as the reference does.
     """
-    tau, beta = torch.tensor(1.0 - t, dtype=torch.float32), torch.tensor(max_guidance_weight, dtype=torch.float32)
+    tau = torch.tensor(1.0 - t, dtype=torch.float32)
+    beta = torch.tensor(max_guidance_weight, dtype=torch.float32)
     inverse_r2 = ((1 - tau) ** 2 + tau**2) / (1 - tau) ** 2
     weight = (1 - tau) / tau * inverse_r2
     return torch.minimum(torch.where(torch.isfinite(weight), weight, beta), beta)
 
 
 def pad_leftover(leftover: torch.Tensor, shape) -> torch.Tensor:
-    """The leftover Y (B, T_prev, A_prev), zero-padded at the end of both axes to the chunk's (B, T, A), as
-    the reference does (the padded steps and action dims are pulled toward 0 where W > 0)."""
+    """The leftover Y (B, T_prev, A_prev), zero-padded at the end of both axes to the chunk's (B, T, A),
+    as the reference does (the padded steps and action dims are pulled toward 0 where W > 0)."""
     batch, steps, dims = shape
-    if leftover.ndim != 3 or leftover.shape[0] != batch or leftover.shape[1] > steps or leftover.shape[2] > dims:
+    if (leftover.ndim != 3 or leftover.shape[0] != batch or leftover.shape[1] > steps
+            or leftover.shape[2] > dims):
         raise ValueError(f"leftover must be (B={batch}, ≤ {steps} steps, ≤ {dims} action dims), "
                          f"got {tuple(leftover.shape)}")
-    return torch.nn.functional.pad(leftover.float(), (0, dims - leftover.shape[2], 0, steps - leftover.shape[1]))
+    # F.pad's amounts run from the last axis: (dims: before, after, steps: before, after)
+    padding = (0, dims - leftover.shape[2], 0, steps - leftover.shape[1])
+    return torch.nn.functional.pad(leftover.float(), padding)
 
 
 def guided_velocity(velocity, x: torch.Tensor, t: float, target: torch.Tensor, weights: torch.Tensor,
@@ -196,13 +208,17 @@ def guided_velocity(velocity, x: torch.Tensor, t: float, target: torch.Tensor, w
     x, target (the padded leftover Y): (B, T, A); weights W: (T,). In SmolVLA's time the clean estimate is
     Â = x − t·v_t, and correction = (∂Â/∂x)ᵀ (W·(Y − Â)): a vector-Jacobian product by autograd
     (jacobian=True, the paper's) or W·(Y − Â) itself (jacobian=False, the reference's).
-    causal: velocity(x[:, :h]) gives the first h steps' velocities, which depend on no later step (SmolVLA's
-    action tokens). The error is 0 from the first step h with W = 0 on, so the product then involves the
-    first h steps only: speed: a graph (and a backward pass) of h steps instead of T.
+    causal: velocity(x[:, :h]) gives the first h steps' velocities, which depend on no later step
+    (SmolVLA's action tokens). The error is 0 from the first step h with W = 0 on, so the product then
+    involves the first h steps only: speed: a graph (and a backward pass) of h steps instead of T.
     """
     time = torch.tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])  # (B,)
     steps = x.shape[1]
-    h = int(weights.nonzero().max()) + 1 if causal and jacobian and weights.any() else steps  # W = 0 from h on
+    # h: W = 0 from step h on, so only the first h steps need a graph (all T steps unless causal)
+    if causal and jacobian and weights.any():
+        h = int(weights.nonzero().max()) + 1
+    else:
+        h = steps
     weights = weights.to(x.device)  # (after h: read from the CPU copy, no wait for the device)
     # the sampler runs under no_grad: the vector-Jacobian product needs a graph of the first h steps
     with torch.enable_grad() if jacobian else torch.no_grad():
@@ -216,7 +232,8 @@ def guided_velocity(velocity, x: torch.Tensor, t: float, target: torch.Tensor, w
         clean = x - t * v_t  # Â (B, T, A)
         error = (target - clean) * weights[None, :, None]  # W·(Y − Â)
     correction = error
-    if jacobian:  # (∂Â/∂x)ᵀ e; none past step h: e is 0 there and, causal, no step reaches an earlier one
+    # (∂Â/∂x)ᵀ e; none past step h: e is 0 there and, causal, no step reaches an earlier one
+    if jacobian:
         correction = torch.zeros_like(x)
         correction[:, :h] = torch.autograd.grad(tracked_clean, tracked, error[:, :h])[0]
     return v_t - guidance_weight(t, max_guidance_weight).to(x.device) * correction
@@ -349,7 +366,8 @@ def main():
     import os
     import time
 
-    parser = argparse.ArgumentParser(description="Flow matching on a two-mode toy distribution (SmolVLA §3.2).")
+    parser = argparse.ArgumentParser(
+        description="Flow matching on a two-mode toy distribution (SmolVLA §3.2).")
     parser.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
     parser.add_argument("--plot", metavar="PNG", help="also draw the data and the samples to this PNG")
     args = parser.parse_args()
@@ -361,13 +379,16 @@ def main():
     start = time.perf_counter()
     model = train_toy(args.steps)
     samples = sample_toy(model)  # (n, 2)
-    left, right = samples[samples[:, 0] < -1], samples[samples[:, 0] > 1]
+    left = samples[samples[:, 0] < -1]
+    right = samples[samples[:, 0] > 1]
     between = len(samples) - len(left) - len(right)
-    print(f"trained in {time.perf_counter() - start:.1f} s; {len(samples)} samples by 10 Euler steps from noise:")
+    print(f"trained in {time.perf_counter() - start:.1f} s; "
+          f"{len(samples)} samples by 10 Euler steps from noise:")
     for name, part in (("left mode  (−2, 0)", left), ("right mode (+2, 0)", right)):
         mean = part.mean(0).tolist() if len(part) else [float("nan")] * 2
         print(f"  {name}: {len(part) / len(samples):5.1%}, mean ({mean[0]:+.2f}, {mean[1]:+.2f})")
-    print(f"  in between (|a₁| < 1): {between / len(samples):5.1%}  (regression would put every point at (0, 0))")
+    print(f"  in between (|a₁| < 1): {between / len(samples):5.1%}  "
+          "(regression would put every point at (0, 0))")
     if args.plot:
         import matplotlib
 

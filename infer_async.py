@@ -69,14 +69,23 @@ def make_fusion(name, weight_new=0.7):
     latest:   new                  (trust the newest observation only)
     average:  (old + new) / 2
     """
+    def weighted(old, new):
+        return (1.0 - weight_new) * old + weight_new * new
+
+    def latest(old, new):
+        return new
+
+    def average(old, new):
+        return 0.5 * (old + new)
+
     if name == "weighted":
         if not 0.0 <= weight_new <= 1.0:
             raise ValueError(f"--aggregate-weight must be in [0, 1], got {weight_new}")
-        return lambda old, new: (1.0 - weight_new) * old + weight_new * new
+        return weighted
     if name == "latest":
-        return lambda old, new: new
+        return latest
     if name == "average":
-        return lambda old, new: 0.5 * (old + new)
+        return average
     raise ValueError(f"unknown aggregate {name!r}: choose one of {', '.join(AGGREGATES)}")
 
 
@@ -106,15 +115,17 @@ class ActionQueue:
 
         Returns how many of its actions were dropped (timestep already executed), fused with the queued
         action for their timestep, and appended after the queue's end."""
-        dropped = fused = appended = 0
+        dropped = 0   # actions for a timestep already executed
+        fused = 0     # actions fused with the queued action for their timestep
+        appended = 0  # actions past the queue's end
         for k, action in enumerate(chunk):
             # position of this action's timestep in the queue; negative = already executed
-            i = first_timestep + k - self.next_timestep
-            if i < 0:
+            position = first_timestep + k - self.next_timestep
+            if position < 0:
                 dropped += 1
-            elif i < len(self.actions):
-                self.actions[i] = self.fuse(self.actions[i], action)
-                self.chunk_ids[i] = chunk_id
+            elif position < len(self.actions):
+                self.actions[position] = self.fuse(self.actions[position], action)
+                self.chunk_ids[position] = chunk_id
                 fused += 1
             else:
                 # contiguous by construction: the chunk starts at or before next_timestep
@@ -129,9 +140,13 @@ class ActionQueue:
         start = self.next_timestep - first_timestep
         assert start >= 0, "a chunk cannot start after the next timestep to execute"
         rows = list(chunk[start:])
-        counts = (min(start, len(chunk)), min(len(rows), len(self.actions)), max(0, len(rows) - len(self.actions)))
-        self.actions, self.chunk_ids = rows, [chunk_id] * len(rows)
-        return counts
+        # counted against the queue it replaces, before the replacement
+        dropped = min(start, len(chunk))                   # rows for timesteps already executed
+        replaced = min(len(rows), len(self.actions))       # rows that take a queued action's place
+        appended = max(0, len(rows) - len(self.actions))   # rows past the old queue's end
+        self.actions = rows
+        self.chunk_ids = [chunk_id] * len(rows)
+        return dropped, replaced, appended
 
 
 @dataclass
@@ -139,7 +154,8 @@ class Request:
     id: int
     timestep: int  # timestep of the first action of the chunk to come (next_timestep when observed)
     sent_s: float = 0.0  # clock time when observed (the scheduler measures latencies on its own clock)
-    rtc: dict = field(default_factory=dict)  # RTC's additions to the observation: "rtc" options, "rtc_leftover"
+    # RTC's additions to the observation: the "rtc" options, the "rtc_leftover"
+    rtc: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -155,21 +171,31 @@ class Metrics:
     actions_fused: int = 0
     actions_appended: int = 0
     inference_latency_s: list = field(default_factory=list)
-    queue_sizes: list = field(default_factory=list)   # queue length at the start of each tick, before the pop
-    send_ticks: list = field(default_factory=list)    # tick index of every observation sent
-    arrival_ticks: list = field(default_factory=list) # tick index at which every chunk was merged
-    failure_messages: list = field(default_factory=list)  # the first 50, for the report
+    # queue length at the start of each tick, before the pop
+    queue_sizes: list = field(default_factory=list)
+    # tick index of every observation sent
+    send_ticks: list = field(default_factory=list)
+    # tick index at which every chunk was merged
+    arrival_ticks: list = field(default_factory=list)
+    # the first 50, for the report
+    failure_messages: list = field(default_factory=list)
     late_ticks: int = 0                   # ticks whose work overran the tick period (the loop fell behind)
     max_lateness_s: float = 0.0
     wall_s: float = 0.0                   # wall time of the loop (ticks / fps when it kept up)
-    executed: list = field(default_factory=list)      # {"tick", "chunk", "action"} per tick that sent an action
-    config: dict = field(default_factory=dict)        # the run's settings, filled in by the caller
+    # {"tick", "chunk", "action"} per tick that sent an action
+    executed: list = field(default_factory=list)
+    # the run's settings, filled in by the caller
+    config: dict = field(default_factory=dict)
 
     def switch_jumps(self):
-        """(tick, max_j |a_t − a_{t−1}|) at every chunk switch: a tick whose action came from a newer chunk
-        than the previous action's (robot units: how smooth the transition was)."""
-        return [(b["tick"], float(np.max(np.abs(np.subtract(b["action"], a["action"])))))
-                for a, b in zip(self.executed, self.executed[1:]) if a["chunk"] != b["chunk"]]
+        """(tick, max_j |a_t − a_{t−1}|) at every chunk switch: a tick whose action came from a newer
+        chunk than the previous action's (robot units: how smooth the transition was)."""
+        jumps = []
+        for previous, current in zip(self.executed, self.executed[1:]):
+            if previous["chunk"] != current["chunk"]:
+                jump = float(np.max(np.abs(np.subtract(current["action"], previous["action"]))))
+                jumps.append((current["tick"], jump))
+        return jumps
 
     def switch_ticks(self):
         return [tick for tick, _ in self.switch_jumps()]
@@ -182,19 +208,32 @@ class Metrics:
         """Derived numbers to compare with the paper's analysis (idle ≈ latency / Δt per chunk in sync)."""
         latency = np.asarray(self.inference_latency_s or [math.nan])
         # idle stretches: runs of empty-queue ticks after the first chunk (in sync, one per chunk awaited)
-        idle = np.asarray(self.queue_sizes[self.arrival_ticks[0]:] if self.arrival_ticks else []) == 0
+        if self.arrival_ticks:
+            sizes_since_first_chunk = self.queue_sizes[self.arrival_ticks[0]:]
+        else:
+            sizes_since_first_chunk = []
+        idle = np.asarray(sizes_since_first_chunk) == 0
+        # a stretch starts at an idle tick after a busy one, or at the first tick if that one is idle
         stretches = int(np.sum(idle[1:] & ~idle[:-1]) + (idle[:1].sum()))
-        return {"mean_inference_latency_s": float(latency.mean()), "max_inference_latency_s": float(latency.max()),
+        return {"mean_inference_latency_s": float(latency.mean()),
+                "max_inference_latency_s": float(latency.max()),
                 "mean_latency_in_ticks": float(latency.mean() * self.config.get("fps", math.nan)),
                 "switch_jump_mean": self.switch_jump_mean(),
-                "idle_stretches": stretches, "mean_idle_stretch_ticks": self.idle_ticks / max(1, stretches)}
+                "idle_stretches": stretches,
+                "mean_idle_stretch_ticks": self.idle_ticks / max(1, stretches)}
 
 
 class AsyncScheduler:
     """Decides tick by tick when to ask for a chunk, and merges the chunks that come back.
 
-    Use per control tick:  for r in results: receive(r);  action = next_action();
-                           if wants_observation(): request = observe(state)
+    Use per control tick:
+
+        for result in results:
+            receive(result)
+        action = next_action()
+        if wants_observation():
+            request = observe(state)
+
     Guarantees: at most one request in flight; an empty queue always asks (once nothing is in flight);
     a failure clears the in-flight request and re-arms after a backoff, so no sequence of failures can
     leave the loop waiting forever. rtc: None (merge chunks), or the RTC options sent with each request
@@ -223,23 +262,26 @@ class AsyncScheduler:
         self.consecutive_failures = 0
         self.retry_at = -math.inf       # clock time before which no new request is sent (backoff)
         self._next_request_id = 0
-        self.rtc, self.fps = rtc, fps
-        self.recent_latencies_s = deque(maxlen=10)  # observed -> merged, on self.clock (RTC's delay estimate)
+        self.rtc = rtc                  # None, or the RTC options sent with each request
+        self.fps = fps                  # control ticks per second: RTC's delay d counts ticks
+        # observed -> merged, on self.clock (RTC's delay estimate)
+        self.recent_latencies_s = deque(maxlen=10)
         self.rtc_chunk = (0, None)  # RTC: (first timestep, normalized (n, A)) of the chunk the queue holds
 
     def next_action(self):
         """Pop the action for this tick, or None when the queue is empty (the arm holds its position)."""
-        m = self.metrics
-        m.ticks += 1
-        m.queue_sizes.append(len(self.queue))
+        metrics = self.metrics
+        metrics.ticks += 1
+        metrics.queue_sizes.append(len(self.queue))
         if len(self.queue) == 0:
-            if m.chunks_received:
-                m.idle_ticks += 1
+            if metrics.chunks_received:
+                metrics.idle_ticks += 1
             else:
-                m.startup_ticks += 1
+                metrics.startup_ticks += 1
             return None
         action, chunk_id = self.queue.pop()
-        m.executed.append({"tick": m.ticks - 1, "chunk": chunk_id, "action": np.asarray(action).tolist()})
+        record = {"tick": metrics.ticks - 1, "chunk": chunk_id, "action": np.asarray(action).tolist()}
+        metrics.executed.append(record)
         return action
 
     def wants_observation(self):
@@ -277,48 +319,52 @@ class AsyncScheduler:
         Returns None, or what went wrong (the inference's error, or why its chunk cannot be executed)."""
         if self.in_flight is None or result.request_id != self.in_flight.id:
             raise ValueError(f"result for request {result.request_id} but in flight is {self.in_flight}")
-        request, self.in_flight = self.in_flight, None
-        m = self.metrics
-        m.inference_latency_s.append(result.latency_s)
+        request = self.in_flight
+        self.in_flight = None
+        metrics = self.metrics
+        metrics.inference_latency_s.append(result.latency_s)
         error = result.error or self.chunk_problem(result.actions)
         if error is not None:
             self.consecutive_failures += 1
-            m.inference_failures += 1
-            if len(m.failure_messages) < 50:
-                m.failure_messages.append(error)
+            metrics.inference_failures += 1
+            if len(metrics.failure_messages) < 50:
+                metrics.failure_messages.append(error)
             # the failed observation was never used: do not let the similarity filter hold back the retry
             self.last_sent_state = None
             self.retry_at = self.clock() + self.backoff_s()
             return error
         self.consecutive_failures = 0
         self.retry_at = -math.inf
-        self.recent_latencies_s.append(self.clock() - request.sent_s)  # (a failure, e.g. a timeout, is no latency)
+        # observed -> merged, for a chunk only (a failure, e.g. a timeout, is no latency)
+        self.recent_latencies_s.append(self.clock() - request.sent_s)
         if self.rtc:  # the chunk continues the leftover it was sent: it replaces the queue
             dropped, fused, appended = self.queue.replace(request.timestep, result.actions, request.id)
             self.rtc_chunk = (request.timestep, result.normalized)
         else:
             dropped, fused, appended = self.queue.merge(request.timestep, result.actions, request.id)
-        m.chunks_received += 1
-        m.arrival_ticks.append(m.ticks)
-        m.actions_dropped_stale += dropped
-        m.actions_fused += fused
-        m.actions_appended += appended
+        metrics.chunks_received += 1
+        metrics.arrival_ticks.append(metrics.ticks)
+        metrics.actions_dropped_stale += dropped
+        metrics.actions_fused += fused
+        metrics.actions_appended += appended
         return None
 
     def inference_delay(self, age_s=0.0):
         """d: how many queued actions will still run before a chunk asked for now replaces the queue. A chunk
         merged k ticks after its request has seen k − 1 of them run (sent and merged at tick starts); k is
         the largest of the recent latencies (in ticks), plus the observation's age; never past the queue."""
-        latency_ticks = round(max(self.recent_latencies_s, default=0.0) * self.fps) + math.ceil(age_s * self.fps)
+        latency_s = max(self.recent_latencies_s, default=0.0)
+        latency_ticks = round(latency_s * self.fps) + math.ceil(age_s * self.fps)
         return max(0, min(latency_ticks - 1, len(self.queue)))
 
     def rtc_inputs(self, age_s=0.0):
         """What RTC adds to the observation: the options with the delay d, and the leftover: the queue (the
         rest of the last chunk, which replaced it) in the policy's normalized units."""
         inputs = {"rtc": {**self.rtc, "inference_delay": self.inference_delay(age_s)}}
-        first, normalized = self.rtc_chunk
+        first_timestep, normalized = self.rtc_chunk
         if len(self.queue) and normalized is not None:
-            inputs["rtc_leftover"] = np.asarray(normalized[self.queue.next_timestep - first:], np.float32)  # (T, A)
+            not_executed = normalized[self.queue.next_timestep - first_timestep:]
+            inputs["rtc_leftover"] = np.asarray(not_executed, np.float32)  # (T, A)
         return inputs
 
     def chunk_problem(self, actions):
@@ -350,8 +396,10 @@ class Result:
 
     @classmethod
     def from_answer(cls, request_id, answer):
-        """The Result of a PolicyRunner's (or PolicyClient's) answer {"actions", and with RTC "normalized"}."""
-        return cls(request_id, np.asarray(answer["actions"], dtype=np.float32), normalized=answer.get("normalized"))
+        """The Result of a PolicyRunner's (or PolicyClient's) answer {"actions", and with RTC
+        "normalized"}."""
+        actions = np.asarray(answer["actions"], dtype=np.float32)
+        return cls(request_id, actions, normalized=answer.get("normalized"))
 
 
 class InferenceWorker:
@@ -384,7 +432,10 @@ class InferenceWorker:
         self.thread.join(timeout_s)
 
     def _run(self):
-        while (item := self.requests.get()) is not None:
+        while True:
+            item = self.requests.get()
+            if item is None:  # close() asks the thread to stop
+                break
             request, observation = item
             start = time.monotonic()
             try:
@@ -397,6 +448,58 @@ class InferenceWorker:
                 result = Result(request.id, error=f"{type(e).__name__}: {e}")
             result.latency_s = time.monotonic() - start
             self.results.put(result)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. The control loop, its metrics and the queue plot (the paper's Figure 3)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_control_loop(arm, capture, worker, scheduler, fps, ticks, clock=time.monotonic, sleep=time.sleep,
+                     log=print):
+    """Run `ticks` control ticks at `fps` (see control_tick); returns scheduler.metrics.
+
+    arm: get_state() -> (S,) and send_action((A,)); capture(state) -> observation dict (cameras read now);
+    worker: submit(request, observation) / poll() -> [Result].
+    """
+    period = 1.0 / fps
+    metrics = scheduler.metrics
+    start = clock()
+    next_tick = start  # when the next tick is due
+    try:
+        for _ in range(ticks):
+            control_tick(arm, capture, worker, scheduler, log)
+            # sleep to the next tick; after an overrun start counting again from now instead of rushing
+            next_tick += period
+            delay = next_tick - clock()
+            if delay > 0:
+                sleep(delay)
+            else:
+                metrics.late_ticks += 1
+                metrics.max_lateness_s = max(metrics.max_lateness_s, -delay)
+                next_tick = clock()
+    finally:
+        metrics.wall_s = clock() - start
+    return metrics
+
+
+def control_tick(arm, capture, worker, scheduler, log):
+    """One tick: merge arrived chunks, execute one action (or hold still), maybe send an observation."""
+    for result in worker.poll():
+        error = scheduler.receive(result)
+        if error is not None:
+            log(f"inference failed ({scheduler.consecutive_failures} in a row): {error}; retrying in "
+                f"{scheduler.backoff_s():.1f} s; {len(scheduler.queue)} actions left, "
+                f"then the arm holds still")
+    action = scheduler.next_action()
+    # an empty queue sends nothing: the servos keep holding their last goal position
+    if action is not None:
+        arm.send_action(action)
+    if scheduler.wants_observation():
+        state = arm.get_state()
+        request = scheduler.observe(state)
+        if request is not None:
+            worker.submit(request, {**capture(state), **request.rtc})
 
 
 def plot_queue(metrics, path):
@@ -414,67 +517,23 @@ def plot_queue(metrics, path):
     if metrics.config.get("threshold", 0) > 0 and "chunk_size" in metrics.config:
         ax.axhline(metrics.config["threshold"] * metrics.config["chunk_size"], color="gray", ls="--",
                    label=f"trigger g·n (g = {metrics.config['threshold']})")
-    idle = (sizes == 0) & (np.arange(len(sizes)) >= (metrics.arrival_ticks[0] if metrics.arrival_ticks else 0))
+    # idle: an empty queue once the first chunk has arrived (before it, the model was warming up)
+    if metrics.arrival_ticks:
+        first_arrival_tick = metrics.arrival_ticks[0]
+    else:
+        first_arrival_tick = 0
+    idle = (sizes == 0) & (np.arange(len(sizes)) >= first_arrival_tick)
     ax.scatter(t[idle], sizes[idle], color="tab:red", s=8, zorder=3, label=f"idle ticks ({int(idle.sum())})")
     ax.scatter(np.asarray(metrics.send_ticks) / fps, np.full(len(metrics.send_ticks), -2), marker="^",
                color="tab:green", s=12, label="observation sent")
     switches = np.asarray(metrics.switch_ticks()) / fps  # the executed actions pass to a newer chunk
-    ax.scatter(switches, np.full(len(switches), -4), marker="|", color="tab:purple", s=40, label="chunk switch")
+    ax.scatter(switches, np.full(len(switches), -4), marker="|", color="tab:purple", s=40,
+               label="chunk switch")
     ax.set(xlabel="time (s)", ylabel="queue size", title=metrics.config.get("title", "action queue"))
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 3. The control loop, its metrics and the queue plot (the paper's Figure 3)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def run_control_loop(arm, capture, worker, scheduler, fps, ticks, clock=time.monotonic, sleep=time.sleep,
-                     log=print):
-    """Run `ticks` control ticks at `fps` (see control_tick); returns scheduler.metrics.
-
-    arm: get_state() -> (S,) and send_action((A,)); capture(state) -> observation dict (cameras read now);
-    worker: submit(request, observation) / poll() -> [Result].
-    """
-    period = 1.0 / fps
-    m = scheduler.metrics
-    start = next_tick = clock()
-    try:
-        for _ in range(ticks):
-            control_tick(arm, capture, worker, scheduler, log)
-            # sleep to the next tick; after an overrun start counting again from now instead of rushing
-            next_tick += period
-            delay = next_tick - clock()
-            if delay > 0:
-                sleep(delay)
-            else:
-                m.late_ticks += 1
-                m.max_lateness_s = max(m.max_lateness_s, -delay)
-                next_tick = clock()
-    finally:
-        m.wall_s = clock() - start
-    return m
-
-
-def control_tick(arm, capture, worker, scheduler, log):
-    """One tick: merge arrived chunks, execute one action (or hold still), maybe send an observation."""
-    for result in worker.poll():
-        error = scheduler.receive(result)
-        if error is not None:
-            log(f"inference failed ({scheduler.consecutive_failures} in a row): {error}; retrying in "
-                f"{scheduler.backoff_s():.1f} s; {len(scheduler.queue)} actions left, then the arm holds still")
-    action = scheduler.next_action()
-    # an empty queue sends nothing: the servos keep holding their last goal position
-    if action is not None:
-        arm.send_action(action)
-    if scheduler.wants_observation():
-        state = arm.get_state()
-        request = scheduler.observe(state)
-        if request is not None:
-            worker.submit(request, {**capture(state), **request.rtc})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -488,64 +547,104 @@ def camera_sources(cameras, rename, policy_cameras, sim=False):
     films the toy world."""
     if sim and not cameras:
         return dict.fromkeys(policy_cameras, "sim")
-    rename, sources = parse_mapping(rename, "--rename"), parse_mapping(cameras, "--cameras")
-    sources = {IMAGE_PREFIX + rename.get(name, name): source for name, source in sources.items()}
+    renames = parse_mapping(rename, "--rename")     # {your camera name: the policy's}
+    devices = parse_mapping(cameras, "--cameras")   # {your camera name: device}
+    sources = {IMAGE_PREFIX + renames.get(name, name): device for name, device in devices.items()}
     missing = [key for key in policy_cameras if key not in sources]
     unknown = [key for key in sources if key not in policy_cameras]
     if unknown or len(missing) == len(policy_cameras):  # fewer cameras: the policy runs on those present
-        raise ValueError(f"the policy reads cameras {policy_cameras}; --cameras/--rename give {sorted(sources)} "
-                         f"(missing {missing}, unknown {unknown}). Pass --cameras name=/dev/videoN,... and, where "
+        raise ValueError(f"the policy reads cameras {policy_cameras}; "
+                         f"--cameras/--rename give {sorted(sources)} "
+                         f"(missing {missing}, unknown {unknown}). "
+                         f"Pass --cameras name=/dev/videoN,... and, where "
                          f"your names differ from the policy's, --rename name=policy_name,...")
     return sources
 
 
 def build_parser():
     examples = __doc__[__doc__.index("    python infer_async.py"):__doc__.index("\nFailures never")]
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="examples:\n" + examples,
-                                formatter_class=HelpFormatter)  # the docstring's line breaks, and each default
-    p.add_argument("--port", default="sim", help="serial port of the SO-100 follower, or `sim` (virtual arm)")
-    p.add_argument("--task", help="language instruction (default: the policy's training task, if it had one)")
-    p.add_argument("--cameras", help="name=/dev/video0,name2=1 or name=sim (default with --port sim: all sim)")
-    p.add_argument("--rename", help="camera name=policy camera name, e.g. top=camera1,wrist=camera2")
-    p.add_argument("--fps", type=float, help="control ticks per second, one action each (default: the policy's, or 30)")
-    p.add_argument("--threshold", type=float, default=0.7, help="g: ask for a chunk when |queue|/n < g")
-    p.add_argument("--sync", action="store_true", help="g = 0: ask only when the queue is empty")
-    p.add_argument("--similarity-eps", type=float, default=0.0,
-                   help="skip observations whose joints all moved less than this (robot units); 0 disables")
-    p.add_argument("--aggregate", choices=AGGREGATES, default="weighted", help="fusion of overlapping actions")
-    p.add_argument("--aggregate-weight", type=float, default=0.7, help="weight of the new action (weighted)")
-    p.add_argument("--extra-latency", type=float, default=0.0, help="seconds added to every inference")
-    p.add_argument("--norm-mode", help="joint units the policy was trained in: degrees or range_m100_100 (default: "
-                   "the policy's, or degrees); printed when the arm connects")
-    p.add_argument("--id", default="my_so100", help="arm name: its calibration file is <id>.json (so100.py)")
-    p.add_argument("--calibration", help="calibration JSON of a real arm (default: so100.py's <id>.json)")
-    p.add_argument("--max-relative-target", type=float, help="largest joint step per action, robot units (no cap)")
-    p.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
-    p.add_argument("--metrics", help="write run metrics to this JSON file")
-    p.add_argument("--plot", help="draw the queue size over time to this PNG")
-    p.add_argument("--record-video", help="--port sim: the toy world's camera and the gripper's path, to this GIF")
-    add_policy_arguments(p)  # --policy, --vlm, --device, --dtype; --server, --timeout; --serve, --host, ...
-    return p
+    # HelpFormatter: the docstring's line breaks, and each default
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="examples:\n" + examples,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--port", default="sim",
+                        help="serial port of the SO-100 follower, or `sim` (virtual arm)")
+    parser.add_argument("--task",
+                        help="language instruction (default: the policy's training task, if it had one)")
+    parser.add_argument("--cameras",
+                        help="name=/dev/video0,name2=1 or name=sim (default with --port sim: all sim)")
+    parser.add_argument("--rename", help="camera name=policy camera name, e.g. top=camera1,wrist=camera2")
+    parser.add_argument("--fps", type=float,
+                        help="control ticks per second, one action each (default: the policy's, or 30)")
+    parser.add_argument("--threshold", type=float, default=0.7, help="g: ask for a chunk when |queue|/n < g")
+    parser.add_argument("--sync", action="store_true", help="g = 0: ask only when the queue is empty")
+    parser.add_argument("--similarity-eps", type=float, default=0.0,
+                        help="skip observations whose joints all moved less than this (robot units); "
+                             "0 disables")
+    parser.add_argument("--aggregate", choices=AGGREGATES, default="weighted",
+                        help="fusion of overlapping actions")
+    parser.add_argument("--aggregate-weight", type=float, default=0.7,
+                        help="weight of the new action (weighted)")
+    parser.add_argument("--extra-latency", type=float, default=0.0, help="seconds added to every inference")
+    parser.add_argument("--norm-mode",
+                        help="joint units the policy was trained in: degrees or range_m100_100 (default: "
+                             "the policy's, or degrees); printed when the arm connects")
+    parser.add_argument("--id", default="my_so100",
+                        help="arm name: its calibration file is <id>.json (so100.py)")
+    parser.add_argument("--calibration",
+                        help="calibration JSON of a real arm (default: so100.py's <id>.json)")
+    parser.add_argument("--max-relative-target", type=float,
+                        help="largest joint step per action, robot units (no cap)")
+    parser.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
+    parser.add_argument("--metrics", help="write run metrics to this JSON file")
+    parser.add_argument("--plot", help="draw the queue size over time to this PNG")
+    parser.add_argument("--record-video",
+                        help="--port sim: the toy world's camera and the gripper's path, to this GIF")
+    # --policy, --vlm, --device, --dtype; --server, --timeout; --serve, --host, ...
+    add_policy_arguments(parser)
+    return parser
 
 
 def rtc_options(args):
     """The RTC options a request carries (policy_server.PolicyRunner.rtc_options), or None for --rtc off."""
-    return None if args.rtc == "off" else {"mode": args.rtc, "execution_horizon": args.execution_horizon,
-        "schedule": args.rtc_schedule, "max_guidance_weight": args.max_guidance_weight, "jacobian": args.rtc_jacobian}
+    if args.rtc == "off":
+        return None
+    return {"mode": args.rtc,
+            "execution_horizon": args.execution_horizon,
+            "schedule": args.rtc_schedule,
+            "max_guidance_weight": args.max_guidance_weight,
+            "jacobian": args.rtc_jacobian}
 
 
 def make_async_scheduler(args, chunk_size, action_dim):
-    threshold = 0.0 if args.sync else args.threshold
-    scheduler = AsyncScheduler(chunk_size, threshold, args.similarity_eps,
-                               make_fusion(args.aggregate, args.aggregate_weight), action_dim,
+    """The AsyncScheduler the command line asks for, its metrics' config filled with the run's settings."""
+    if args.sync:
+        threshold = 0.0
+    else:
+        threshold = args.threshold
+    scheduler = AsyncScheduler(chunk_size, threshold=threshold, similarity_eps=args.similarity_eps,
+                               fuse=make_fusion(args.aggregate, args.aggregate_weight), action_dim=action_dim,
                                rtc=rtc_options(args), fps=args.fps)
+    if threshold == 0:
+        schedule = "sync"
+    else:
+        schedule = f"async g={threshold}"
     scheduler.metrics.config = {
-        "fps": args.fps, "chunk_size": chunk_size, "threshold": threshold, "aggregate": args.aggregate,
-        "aggregate_weight": args.aggregate_weight, "similarity_eps": args.similarity_eps,
-        "extra_latency_s": args.extra_latency, "port": args.port, "server": args.server, "policy": args.policy,
-        "task": args.task, "norm_mode": args.norm_mode, "rtc": rtc_options(args), "seed": args.seed,
-        "title": f"{'sync' if threshold == 0 else f'async g={threshold}'}, RTC {args.rtc}, "
-                 f"extra latency {args.extra_latency} s, {args.fps:g} fps"}
+        "fps": args.fps,
+        "chunk_size": chunk_size,
+        "threshold": threshold,
+        "aggregate": args.aggregate,
+        "aggregate_weight": args.aggregate_weight,
+        "similarity_eps": args.similarity_eps,
+        "extra_latency_s": args.extra_latency,
+        "port": args.port,
+        "server": args.server,
+        "policy": args.policy,
+        "task": args.task,
+        "norm_mode": args.norm_mode,
+        "rtc": rtc_options(args),
+        "seed": args.seed,
+        "title": f"{schedule}, RTC {args.rtc}, extra latency {args.extra_latency} s, {args.fps:g} fps",
+    }
     return scheduler
 
 
@@ -554,8 +653,12 @@ def run_arm(args):
     from so100 import open_arm, open_cameras  # the servo driver (pyserial) only beside an arm: --serve never
 
     compute, info = open_policy(args)
-    settle_run_options(args, info.get("trained_on", {}))  # --fps, --norm-mode, --task: the policy's by default
-    ticks = sys.maxsize if args.duration is None else round(args.duration * args.fps)
+    # --fps, --norm-mode, --task: the policy's by default
+    settle_run_options(args, info.get("trained_on", {}))
+    if args.duration is None:
+        ticks = sys.maxsize
+    else:
+        ticks = round(args.duration * args.fps)
     # closed in reverse order: inference thread, cameras, arm (torque off), virtual arm, server connection
     with contextlib.ExitStack() as cleanup:
         if isinstance(compute, PolicyClient):
@@ -565,23 +668,37 @@ def run_arm(args):
         if virtual_arm is not None:
             cleanup.callback(virtual_arm.close)
         cleanup.callback(arm.disconnect)
-        if virtual_arm is not None:  # --port sim: the toy world, whose "sim" cameras film it, watches the target
+        # --port sim: the toy world, whose "sim" cameras film it, watches the target
+        if virtual_arm is not None:
             args.world = ToyWorld(virtual_arm.joint_positions_deg, camera_keys=())
+        toy_scene = None
+        if args.world:
+            toy_scene = args.world.scene
         sources = camera_sources(args.cameras, args.rename, info["cameras"], sim=virtual_arm is not None)
-        cameras = open_cameras(sources, virtual_arm, args.world and args.world.scene)
-        cleanup.callback(lambda: [camera.close() for camera in cameras.values() if hasattr(camera, "close")])
+        cameras = open_cameras(sources, virtual_arm, toy_scene)
+
+        def close_cameras():
+            for camera in cameras.values():
+                if hasattr(camera, "close"):
+                    camera.close()
+
+        cleanup.callback(close_cameras)
 
         def capture(state):
             observation = {"task": args.task, STATE: np.asarray(state, dtype=np.float32)}
-            observation.update({key: camera.read() for key, camera in cameras.items()})
+            for key, camera in cameras.items():
+                observation[key] = camera.read()
             return observation
 
         # warm-up: the first inference allocates and initializes a lot; do it before the clock starts, and
         # let a policy that cannot drive this arm fail here, loudly, rather than as failures in the loop
         start = time.monotonic()
         state = arm.get_state()
-        rtc = {"rtc": rtc_options(args), "rtc_leftover": np.zeros((1, len(state)), np.float32)} if args.rtc != "off" else {}
-        warm_up = np.asarray(compute({**capture(state), **rtc})["actions"])  # with a leftover: RTC options checked too
+        rtc = {}
+        if args.rtc != "off":
+            rtc = {"rtc": rtc_options(args), "rtc_leftover": np.zeros((1, len(state)), np.float32)}
+        # with a leftover: the RTC options are checked too
+        warm_up = np.asarray(compute({**capture(state), **rtc})["actions"])
         print(f"warm-up inference took {time.monotonic() - start:.2f} s")
         if warm_up.ndim != 2 or warm_up.shape[1] != len(state):
             raise ValueError(f"the policy predicts chunks of shape {warm_up.shape} but the arm takes "
@@ -589,45 +706,75 @@ def run_arm(args):
         scheduler = make_async_scheduler(args, info["chunk_size"], len(state))
         worker = InferenceWorker(compute, args.extra_latency)
         cleanup.callback(worker.close)
-        print(f"running {'until Ctrl-C' if args.duration is None else f'{ticks} ticks'} at {args.fps:g} fps, "
+        if args.duration is None:
+            how_long = "until Ctrl-C"
+        else:
+            how_long = f"{ticks} ticks"
+        print(f"running {how_long} at {args.fps:g} fps, "
               f"g = {scheduler.threshold}, chunk {info['chunk_size']}, RTC {args.rtc}")
         try:
             # --port sim: the toy world looks at the arm after every action (did it reach the target, when)
-            watched = SimpleNamespace(get_state=arm.get_state, send_action=lambda a: (arm.send_action(a), args.world.look()))
-            run_control_loop(watched if args.world else arm, capture, worker, scheduler, args.fps, ticks)
+            if args.world:
+
+                def send_action_and_look(action):
+                    arm.send_action(action)
+                    args.world.look()
+
+                driven = SimpleNamespace(get_state=arm.get_state, send_action=send_action_and_look)
+            else:
+                driven = arm
+            run_control_loop(driven, capture, worker, scheduler, args.fps, ticks)
         except KeyboardInterrupt:
             print("stopped by Ctrl-C")
-    m, summary = scheduler.metrics, scheduler.metrics.summary()
-    print(f"ticks {m.ticks}, idle ticks {m.idle_ticks} (+{m.startup_ticks} before the first chunk), "
-          f"chunks {m.chunks_received}, observations sent {m.observations_sent}, skipped as similar "
-          f"{m.observations_skipped_similar}, failures {m.inference_failures}; mean latency "
-          f"{summary['mean_inference_latency_s']:.3f} s = {summary['mean_latency_in_ticks']:.1f} ticks, "
-          f"{summary['idle_stretches']} idle stretches of {summary['mean_idle_stretch_ticks']:.1f} ticks on average; "
-          f"{m.wall_s:.1f} s wall, {m.late_ticks} late ticks (max {m.max_lateness_s * 1000:.0f} ms)"
-          + (f"; target reached: {args.world.reached or 'no'}" if args.world else ""))
+    metrics = scheduler.metrics
+    summary = metrics.summary()
+    report = (f"ticks {metrics.ticks}, idle ticks {metrics.idle_ticks} "
+              f"(+{metrics.startup_ticks} before the first chunk), "
+              f"chunks {metrics.chunks_received}, observations sent {metrics.observations_sent}, "
+              f"skipped as similar {metrics.observations_skipped_similar}, "
+              f"failures {metrics.inference_failures}; "
+              f"mean latency {summary['mean_inference_latency_s']:.3f} s "
+              f"= {summary['mean_latency_in_ticks']:.1f} ticks, "
+              f"{summary['idle_stretches']} idle stretches "
+              f"of {summary['mean_idle_stretch_ticks']:.1f} ticks on average; "
+              f"{metrics.wall_s:.1f} s wall, {metrics.late_ticks} late ticks "
+              f"(max {metrics.max_lateness_s * 1000:.0f} ms)")
+    if args.world:
+        report += f"; target reached: {args.world.reached or 'no'}"
+    print(report)
     if args.metrics:
-        with open(args.metrics, "w") as f:
-            target = {"target_reached": args.world.reached} if args.world else {}  # --port sim: False or when
-            json.dump({**asdict(m), "switch_jump_mean": summary["switch_jump_mean"], "summary": summary, **target}, f,
-                      indent=1)
+        written = asdict(metrics)
+        written["switch_jump_mean"] = summary["switch_jump_mean"]
+        written["summary"] = summary
+        if args.world:  # --port sim: False, or when
+            written["target_reached"] = args.world.reached
+        with open(args.metrics, "w") as metrics_file:
+            json.dump(written, metrics_file, indent=1)
     if args.plot:
-        plot_queue(m, args.plot)
+        plot_queue(metrics, args.plot)
     if args.record_video and args.world:
         args.world.save_gif(args.record_video, fps=args.fps)
-    return m
+    return metrics
 
 
 def check_arguments(args):
     """infer_async.py's numbers, output files and options that go together, checked before anything loads."""
-    folders = [os.path.dirname(os.path.abspath(p)) for p in (args.metrics, args.plot, args.record_video) if p]
-    if missing := [folder for folder in folders if not os.path.isdir(folder)]:
+    outputs = [path for path in (args.metrics, args.plot, args.record_video) if path]
+    folders = [os.path.dirname(os.path.abspath(path)) for path in outputs]
+    missing = [folder for folder in folders if not os.path.isdir(folder)]
+    if missing:
         raise ValueError(f"no folder {missing[0]!r} to write --metrics, --plot or --record-video in")
-    if not 0 <= args.port_server <= 65535 or args.duration is not None and args.duration <= 0:
-        raise ValueError(f"--port-server must be 0..65535 and --duration positive (got {args.port_server}, {args.duration})")
+    port_out_of_range = not 0 <= args.port_server <= 65535
+    duration_not_positive = args.duration is not None and args.duration <= 0
+    if port_out_of_range or duration_not_positive:
+        raise ValueError(f"--port-server must be 0..65535 and --duration positive "
+                         f"(got {args.port_server}, {args.duration})")
     if args.record_video and (args.port != "sim" or args.cameras):
         raise ValueError("--record-video films the toy world: it needs --port sim without --cameras")
-    if args.fps is not None and args.fps <= 0 or args.extra_latency < 0:
-        raise ValueError(f"--fps must be positive and --extra-latency >= 0 (got {args.fps}, {args.extra_latency})")
+    fps_not_positive = args.fps is not None and args.fps <= 0
+    if fps_not_positive or args.extra_latency < 0:
+        raise ValueError(f"--fps must be positive and --extra-latency >= 0 "
+                         f"(got {args.fps}, {args.extra_latency})")
     if args.serve and args.extra_latency:
         raise ValueError("--extra-latency is added on the client's inference thread: pass it to the client")
 
@@ -635,10 +782,13 @@ def check_arguments(args):
 def settle_run_options(args, trained_on: dict, log=print):
     """Fill and check infer_async.py's --fps, --norm-mode, --task (None: not given) from what the policy was
     trained on (model.trained_on; without trained_on.json, as lerobot's: 30 fps, degrees, no task)."""
-    fps, mode, tasks = trained_on.get("fps"), trained_on.get("norm_mode"), trained_on.get("tasks")
+    fps = trained_on.get("fps")
+    mode = trained_on.get("norm_mode")
+    tasks = trained_on.get("tasks")
     if args.fps is None:
         args.fps = float(fps or 30)
-    elif fps and args.fps != fps:  # chunks are sequences of actions Δt = 1/fps apart: another rate warps them
+    elif fps and args.fps != fps:
+        # chunks are sequences of actions Δt = 1/fps apart: another rate warps them
         log(f"warning: --fps {args.fps:g}, but the policy was trained on {fps:g} fps data: it moves "
             f"{args.fps / fps:.2g}x as fast as it learned to, and g·n ticks last a different time")
     if args.norm_mode is None:
@@ -661,13 +811,18 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     args.world = None  # --port sim's toy world (run_arm)
     check_arguments(args)  # numbers, output folders and options that go together, before the policy loads
-    return serve(args) if args.serve else run_arm(args)
+    if args.serve:
+        return serve(args)
+    return run_arm(args)
 
 
 def one_line_errors():
     """Errors whose message says what to do, reported as one line (so100's only once run_arm loaded it)."""
+    errors = (FileNotFoundError, ConnectionError, ValueError, RemoteError)
     so100 = sys.modules.get("so100")
-    return (FileNotFoundError, ConnectionError, ValueError, RemoteError) + ((so100.FeetechError,) if so100 else ())
+    if so100:
+        errors += (so100.FeetechError,)
+    return errors
 
 
 if __name__ == "__main__":
@@ -675,5 +830,5 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         main()
-    except one_line_errors() as e:  # evaluated when an error arrives, after run_arm may have loaded so100
-        sys.exit(f"error: {e}")  # the torque is already off
+    except one_line_errors() as error:  # evaluated when an error arrives, after run_arm may have loaded so100
+        sys.exit(f"error: {error}")  # the torque is already off

@@ -48,22 +48,19 @@ _UNFILLED_SAID = set()  # the unfilled camera slots already reported (said once 
 def present_cameras(config, observation: dict) -> list[str]:
     """The configured cameras found in the observation, in config order. As in lerobot, the policy runs on
     the cameras it gets (at least one); the slots left unfilled are named once, on stderr."""
-    present = [k for k in config.camera_keys if k in observation]
-    missing = tuple(k for k in config.camera_keys if k not in observation)
+    present = [camera for camera in config.camera_keys if camera in observation]
+    missing = tuple(camera for camera in config.camera_keys if camera not in observation)
     if not present:
+        observed_cameras = [key for key in observation if key.startswith(IMAGE_PREFIX)]
         raise ValueError(
             f"the observation has none of the policy's cameras {config.camera_keys} (it has "
-            f"{[k for k in observation if k.startswith(IMAGE_PREFIX)]}). Rename your cameras to the policy's names."
+            f"{observed_cameras}). Rename your cameras to the policy's names."
         )
     if missing and missing not in _UNFILLED_SAID:
         _UNFILLED_SAID.add(missing)
         print(f"note: camera slot(s) {', '.join(missing)} unfilled: the policy runs on {', '.join(present)} "
               "(as lerobot does)", file=sys.stderr)
     return present
-
-
-
-
 
 
 class SmolVLAPolicy(SmolVLA):
@@ -83,8 +80,8 @@ class SmolVLAPolicy(SmolVLA):
     # --- robot units in and out ------------------------------------------------------------------------
 
     def set_normalization(self, stats: dict):
-        """Use these statistics (e.g. a LeRobot dataset's meta/stats.json) to normalize the state and actions.
-        stats: {"observation.state": {"mean": …, "std": …, "min": …, "max": …}, "action": {…}, …}."""
+        """Use these statistics (e.g. a LeRobot dataset's meta/stats.json) to normalize the state and
+        actions. stats: {"observation.state": {"mean": …, "std": …, "min": …, "max": …}, "action": {…}, …}."""
         for feature, dim in ((STATE, self.config.state_dim), (ACTION, self.config.action_dim)):
             if feature not in stats:
                 continue
@@ -94,55 +91,62 @@ class SmolVLAPolicy(SmolVLA):
                     continue
                 value = torch.as_tensor(value, dtype=torch.float32).flatten()
                 if value.shape != (dim,):
-                    raise ValueError(f"{feature} {name} has shape {tuple(value.shape)}, the policy's has {dim} dims")
+                    raise ValueError(f"{feature} {name} has shape {tuple(value.shape)}, "
+                                     f"the policy's has {dim} dims")
                 self.stats[feature][name] = value
 
     def _norm_stats(self, feature: str, feature_type: str, device) -> tuple[str, dict]:
-        """The feature's normalization mode and its statistics on `device` (MIN_MAX: with the span max − min,
-        NORM_EPS where max = min)."""
+        """The feature's normalization mode and its statistics on `device` (MIN_MAX: with the span
+        max − min, NORM_EPS where max = min)."""
         mode = self.config.normalization_mapping.get(feature_type, "IDENTITY")
         needed = {"IDENTITY": (), "MEAN_STD": ("mean", "std"), "MIN_MAX": ("min", "max")}.get(mode)
         if needed is None:
-            raise ValueError(f"normalization mode {mode} is not supported (IDENTITY, MEAN_STD, MIN_MAX are)")
+            raise ValueError(f"normalization mode {mode} is not supported "
+                             "(IDENTITY, MEAN_STD, MIN_MAX are)")
         have = self.stats.get(feature, {})
-        if any(n not in have for n in needed):
+        if any(name not in have for name in needed):
             raise ValueError(
-                f"no {'/'.join(needed)} statistics for '{feature}' ({mode} normalization): the policy cannot map "
-                f"robot units to its own. Call policy.set_normalization(dataset.stats) with the stats of the dataset "
+                f"no {'/'.join(needed)} statistics for '{feature}' ({mode} normalization): "
+                "the policy cannot map robot units to its own. "
+                "Call policy.set_normalization(dataset.stats) with the stats of the dataset "
                 f"it was trained on (found: {sorted(have) or 'none'})"
             )
-        s = {name: have[name].to(device) for name in needed}
+        stats = {name: have[name].to(device) for name in needed}
         if mode == "MIN_MAX":
-            s["span"] = torch.where(s["max"] == s["min"], torch.full_like(s["max"], NORM_EPS), s["max"] - s["min"])
-        return mode, s
+            # max − min, or NORM_EPS where the two are equal (a dimension that never moved)
+            no_span = torch.full_like(stats["max"], NORM_EPS)
+            stats["span"] = torch.where(stats["max"] == stats["min"], no_span, stats["max"] - stats["min"])
+        return mode, stats
 
     def normalize(self, feature: str, feature_type: str, x: torch.Tensor) -> torch.Tensor:
-        """Robot units -> normalized units: MEAN_STD (x − mean) / (std + ε); MIN_MAX [min, max] -> [−1, 1]."""
-        mode, s = self._norm_stats(feature, feature_type, x.device)
+        """Robot units -> normalized units: MEAN_STD (x − mean) / (std + ε); MIN_MAX [min, max] ->
+        [−1, 1]."""
+        mode, stats = self._norm_stats(feature, feature_type, x.device)
         if mode == "MEAN_STD":
-            return (x - s["mean"]) / (s["std"] + NORM_EPS)
+            return (x - stats["mean"]) / (stats["std"] + NORM_EPS)
         if mode == "MIN_MAX":
-            return 2 * (x - s["min"]) / s["span"] - 1
+            return 2 * (x - stats["min"]) / stats["span"] - 1
         return x
 
     def unnormalize(self, feature: str, feature_type: str, x: torch.Tensor) -> torch.Tensor:
         """Normalized units -> robot units (the inverse of normalize)."""
-        mode, s = self._norm_stats(feature, feature_type, x.device)
+        mode, stats = self._norm_stats(feature, feature_type, x.device)
         if mode == "MEAN_STD":
-            return x * s["std"] + s["mean"]
+            return x * stats["std"] + stats["mean"]
         if mode == "MIN_MAX":
-            return (x + 1) / 2 * s["span"] + s["min"]
+            return (x + 1) / 2 * stats["span"] + stats["min"]
         return x
 
     def tokenize(self, tasks) -> tuple[torch.Tensor, torch.Tensor]:
         """Task string(s) -> tokens (B, L) int64 and mask (B, L) bool, as lerobot's preprocessor does:
         a newline appended, truncated to tokenizer_max_length, right-padded ("longest" or "max_length")."""
         if self.tokenizer is None:
-            raise ValueError("this policy has no tokenizer: load it with from_pretrained/from_vlm or pass one")
+            raise ValueError("this policy has no tokenizer: "
+                             "load it with from_pretrained/from_vlm or pass one")
         tasks = [tasks] if isinstance(tasks, str) else list(tasks)
-        if not all(isinstance(t, str) for t in tasks):
+        if not all(isinstance(task, str) for task in tasks):
             raise ValueError(f"tasks must be strings, got {tasks!r}")
-        tasks = [t if t.endswith("\n") else t + "\n" for t in tasks]
+        tasks = [task if task.endswith("\n") else task + "\n" for task in tasks]
         out = self.tokenizer(
             tasks,
             max_length=self.config.tokenizer_max_length,
@@ -155,16 +159,19 @@ class SmolVLAPolicy(SmolVLA):
         return out["input_ids"].to(device), out["attention_mask"].bool().to(device)
 
     @torch.no_grad()
-    def predict_chunk(self, observation: dict, noise: torch.Tensor | None = None, **rtc_options) -> torch.Tensor:
+    def predict_chunk(self, observation: dict, noise: torch.Tensor | None = None,
+                      **rtc_options) -> torch.Tensor:
         """One action chunk for one raw observation, in robot units: (1, chunk_size, action_dim).
 
         observation: {"observation.state": (state_dim,) robot units, "observation.images.<cam>": (3, H, W)
         uint8 pixels or float in [0, 1] for the policy's cameras (config.camera_keys), "task": str}.
-        noise: optional (1, chunk_size, max_action_dim) starting noise (for reproducible chunks). rtc_options:
-        Real-Time Chunking's keywords of SmolVLA.sample_actions (leftover in normalized units, inference_delay, ...).
+        noise: optional (1, chunk_size, max_action_dim) starting noise (for reproducible chunks).
+        rtc_options: Real-Time Chunking's keywords of SmolVLA.sample_actions (leftover in normalized units,
+        inference_delay, ...).
         """
         self.eval()
-        config, device = self.config, self.state_proj.weight.device
+        config = self.config
+        device = self.state_proj.weight.device
         if "task" not in observation or STATE not in observation:
             raise ValueError(f"the observation needs '{STATE}' and 'task' (got keys {sorted(observation)})")
         state = torch.as_tensor(observation[STATE], dtype=torch.float32, device=device)
@@ -174,12 +181,17 @@ class SmolVLAPolicy(SmolVLA):
         for key in present_cameras(config, observation):
             img = torch.as_tensor(observation[key], device=device)
             if img.ndim != 3:
-                raise ValueError(f"'{key}' must be one frame (3, H, W), uint8 or float in [0, 1], got {tuple(img.shape)}")
-            images.append(img[None] if img.dtype == torch.uint8 else img[None].float())  # uint8: prepare_images / 255
+                raise ValueError(f"'{key}' must be one frame (3, H, W), uint8 or float in [0, 1], "
+                                 f"got {tuple(img.shape)}")
+            if img.dtype == torch.uint8:  # uint8 stays uint8: prepare_images divides it by 255
+                images.append(img[None])
+            else:
+                images.append(img[None].float())
         img_masks = [torch.ones(1, dtype=torch.bool, device=device) for _ in images]
         tokens, token_masks = self.tokenize([observation["task"]])
         state = self.normalize(STATE, "STATE", state[None])  # (1, state_dim)
-        actions = self.sample_actions(images, img_masks, tokens, token_masks, state, noise=noise, **rtc_options)
+        actions = self.sample_actions(images, img_masks, tokens, token_masks, state, noise=noise,
+                                      **rtc_options)
         return self.unnormalize(ACTION, "ACTION", actions[:, :, : config.action_dim])
 
     def training_loss(self, batch: dict, noise=None, time=None) -> torch.Tensor:
@@ -189,19 +201,23 @@ class SmolVLAPolicy(SmolVLA):
         device = self.state_proj.weight.device
         state = self.normalize(STATE, "STATE", batch[STATE].to(device).float())  # (B, state_dim)
         actions = self.normalize(ACTION, "ACTION", batch[ACTION].to(device).float())  # (B, chunk, action_dim)
-        images = [batch[k].to(device) for k in present_cameras(self.config, batch)]  # uint8 or float, as read
+        # uint8 or float, as read
+        images = [batch[camera].to(device) for camera in present_cameras(self.config, batch)]
         img_masks = [torch.ones(state.shape[0], dtype=torch.bool, device=device) for _ in images]
         tokens, token_masks = self.tokenize(batch["task"])
         rtc_delay = batch.get("rtc_delay")  # training-time RTC (train.py --rtc-max-delay): prefixes left out
         if "rtc_offset" in batch:  # ... shifted by flow.prefix_offsets (train.py --rtc-prefix-offset)
             actions = actions + batch["rtc_offset"].to(device)
-        losses = self.compute_loss(images, img_masks, tokens, token_masks, state, actions, noise, time, rtc_delay)
+        losses = self.compute_loss(images, img_masks, tokens, token_masks, state, actions, noise, time,
+                                   rtc_delay)
         losses = losses[:, :, : self.config.action_dim]  # (B, chunk, action_dim)
         valid = torch.ones(losses.shape[:2], dtype=torch.bool, device=device)
         if "action_is_pad" in batch:
             valid = ~batch["action_is_pad"].to(device).bool()  # (B, chunk)
         if rtc_delay is not None:
-            valid = valid & (torch.arange(valid.shape[1], device=device)[None] >= rtc_delay.to(device)[:, None])
+            # the given prefix (its first rtc_delay[b] steps) is not the policy's to predict
+            step = torch.arange(valid.shape[1], device=device)[None]  # (1, chunk)
+            valid = valid & (step >= rtc_delay.to(device)[:, None])
         return (losses * valid[..., None]).sum() / (valid.sum() * losses.shape[-1]).clamp(min=1)
 
     # --- checkpoints: lerobot's format (the constants and helpers below the class) ------------------------
@@ -338,14 +354,6 @@ NAME_PREFIXES = (
 OLD_STATS_NAME = re.compile(
     r"^(normalize_inputs|normalize_targets|unnormalize_outputs)\.(?:(.+)_)?buffer_(.+)\.(mean|std|min|max)$"
 )
-
-
-
-
-
-
-
-
 
 
 def checkpoint_name(name: str, column: int) -> str | None:

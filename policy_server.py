@@ -8,8 +8,8 @@ action_dim) in robot units}. `open_policy` gives it one of two such callables:
   on a GPU machine (`python infer_async.py --serve --policy CKPT`, handled by `serve`) and returns its answer.
 
 Either runs on infer_async's `InferenceWorker` thread. Real-Time Chunking (flow.py): "rtc" (options)
-and "rtc_leftover" (normalized) in an observation add "normalized" to the answer: the same chunk in the policy's
-normalized units.
+and "rtc_leftover" (normalized) in an observation add "normalized" to the answer: the same chunk in the
+policy's normalized units.
 
 An observation is plain numpy: {"task": str, "observation.state": (S,) float32, "observation.images.<cam>":
 (H, W, 3) uint8 camera frame}. Frames stay uint8 until the model turns them into floats in [0, 1]
@@ -73,7 +73,8 @@ def parse_prefix(prefix, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES):
     if header_len > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {header_len} bytes announced, limit {MAX_HEADER_BYTES}")
     if header_len + tensor_len > max_message_bytes:
-        raise ProtocolError(f"message of {header_len + tensor_len} bytes announced, limit {max_message_bytes} "
+        raise ProtocolError(f"message of {header_len + tensor_len} bytes announced, "
+                            f"limit {max_message_bytes} "
                             f"(raise --max-message-mb on both sides if this is intended)")
     return header_len, tensor_len
 
@@ -100,10 +101,10 @@ def _recv_exact(sock, n, deadline):
     got = 0
     while got < n:
         sock.settimeout(max(1e-3, deadline - time.monotonic()))
-        k = sock.recv_into(view[got:])
-        if k == 0:
+        received = sock.recv_into(view[got:])
+        if received == 0:
             raise ConnectionError(f"peer closed the connection ({got} of {n} bytes received)")
-        got += k
+        got += received
     return buffer
 
 
@@ -151,9 +152,13 @@ class PolicyRunner:
         self.policy = policy
         self.lock = threading.Lock()
         # what a client needs to know to drive this policy
-        self.info = {"chunk_size": int(policy.config.chunk_size), "cameras": list(policy.config.camera_keys),
+        self.info = {"chunk_size": int(policy.config.chunk_size),
+                     "cameras": list(policy.config.camera_keys),
                      "trained_on": dict(getattr(policy, "trained_on", {}))}  # fps, units, tasks (policy.py)
-        self.rng = None if seed is None else np.random.default_rng(seed)  # --seed: reproducible sampling noise
+        # --seed: reproducible sampling noise
+        self.rng = None
+        if seed is not None:
+            self.rng = np.random.default_rng(seed)
 
     def __call__(self, observation):
         import torch
@@ -173,8 +178,13 @@ class PolicyRunner:
             if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
                 raise ValueError(f"{key}: expected an (H, W, 3) uint8 frame, got {frame.dtype} {frame.shape}")
             inputs[key] = torch.from_numpy(frame).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W) uint8, a view
-        # RTC: no_grad, since the guided sampler's vector-Jacobian product needs autograd (inference_mode forbids it)
-        with self.lock, torch.no_grad() if rtc is not None else torch.inference_mode():
+        # RTC: no_grad, since the guided sampler's vector-Jacobian product needs autograd
+        # (inference_mode forbids it)
+        if rtc is not None:
+            autograd_mode = torch.no_grad()
+        else:
+            autograd_mode = torch.inference_mode()
+        with self.lock, autograd_mode:
             chunk = self.policy.predict_chunk(inputs, **options)  # (1, chunk, action_dim)
             answer = {"actions": chunk[0].float().cpu().numpy()}
             if rtc is not None:
@@ -184,18 +194,24 @@ class PolicyRunner:
     def rtc_options(self, rtc, leftover):
         """The sample_actions keywords for an observation's RTC request (none without a leftover: the first
         chunk, or after the queue ran dry, is sampled from noise alone)."""
-        mode, max_delay = rtc.get("mode"), getattr(self.policy, "trained_on", {}).get("rtc_max_delay", 0)
+        mode = rtc.get("mode")
+        max_delay = getattr(self.policy, "trained_on", {}).get("rtc_max_delay", 0)
         if mode not in ("guided", "trained"):
             raise ValueError(f"unknown RTC mode {mode!r}: choose guided or trained (or off)")
         if mode == "trained" and not max_delay:
-            raise ValueError("--rtc trained needs a policy trained with --rtc-max-delay (trained_on.json says none)")
+            raise ValueError("--rtc trained needs a policy trained with --rtc-max-delay "
+                             "(trained_on.json says none)")
         if leftover is None or len(leftover) == 0:
             return {}
-        options = {k: rtc[k] for k in ("inference_delay", "execution_horizon", "schedule", "max_guidance_weight",
-                                       "jacobian") if k in rtc}
+        # the request's options that sample_actions takes as they are
+        passed_on = ("inference_delay", "execution_horizon", "schedule", "max_guidance_weight", "jacobian")
+        options = {key: rtc[key] for key in passed_on if key in rtc}
         if mode == "trained":  # no guidance; the prefix no longer than the model saw in training
-            options.update(jacobian=False, inference_delay=min(int(options.get("inference_delay", 0)), max_delay))
-        return {**options, "rtc_mode": mode, "leftover": np.asarray(leftover, np.float32)[None]}  # (1, T_prev, A)
+            options["jacobian"] = False
+            options["inference_delay"] = min(int(options.get("inference_delay", 0)), max_delay)
+        options["rtc_mode"] = mode
+        options["leftover"] = np.asarray(leftover, np.float32)[None]  # (1, T_prev, A)
+        return options
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -207,8 +223,9 @@ class PolicyServer(socketserver.ThreadingTCPServer):
     """Serves the policies named on its own command line; a client can only pick one of them by name.
 
     Requests: {"type": "hello"} -> {"type": "hello", "policies": {name: info}};
-              {"type": "observation", "id", "policy", "task"[, "rtc"]} + tensors -> {"type": "actions", "id"} +
-              {"actions": (n, action_dim) float32[, "normalized"]}. Anything wrong -> {"type": "error", "message"}.
+              {"type": "observation", "id", "policy", "task"[, "rtc"]} + tensors
+                  -> {"type": "actions", "id"} + {"actions": (n, action_dim) float32[, "normalized"]}.
+    Anything wrong -> {"type": "error", "message"}.
     """
 
     allow_reuse_address = True
@@ -226,19 +243,24 @@ class PolicyServer(socketserver.ThreadingTCPServer):
     def answer(self, header, tensors):
         """One request -> (reply header, reply tensors). Raises ValueError on a bad request."""
         if header["type"] == "hello":
-            return {"type": "hello", "policies": {name: r.info for name, r in self.runners.items()}}, None
+            policies = {name: runner.info for name, runner in self.runners.items()}
+            return {"type": "hello", "policies": policies}, None
         if header["type"] != "observation":
             raise ValueError(f"unknown request type {header['type']!r} (expected 'hello' or 'observation')")
         name = header.get("policy") or next(iter(self.runners))
         if name not in self.runners:
             raise ValueError(f"policy {name!r} is not served here; this server has {list(self.runners)}")
-        rtc = {"rtc": header["rtc"]} if isinstance(header.get("rtc"), dict) else {}
-        answer = self.runners[name]({"task": header.get("task", ""), **rtc, **tensors})
+        observation = {"task": header.get("task", "")}
+        if isinstance(header.get("rtc"), dict):
+            observation["rtc"] = header["rtc"]
+        observation.update(tensors)
+        answer = self.runners[name](observation)
         return {"type": "actions", "id": header.get("id")}, answer
 
     def start(self):
         """Accept connections on a background thread; returns self."""
-        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, name="server")
+        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
+                                       name="server")
         self.thread.start()
         return self
 
@@ -259,7 +281,8 @@ class _PolicyConnection(socketserver.BaseRequestHandler):
     """One client connection: read a request, answer it, repeat until the client goes away."""
 
     def handle(self):
-        server, sock = self.server, self.request
+        server = self.server
+        sock = self.request
         server.connections.add(sock)
         try:
             while True:
@@ -273,12 +296,14 @@ class _PolicyConnection(socketserver.BaseRequestHandler):
                 except (OSError, ConnectionError):
                     return  # client left or stayed silent past idle_timeout_s
                 try:
-                    reply = server.answer(header, tensors)
+                    reply_header, reply_tensors = server.answer(header, tensors)
                 # a bad request or a failing policy is answered as an error; the server keeps serving
                 except Exception as e:  # noqa: BLE001
                     print(f"[server] request failed: {type(e).__name__}: {e}", file=sys.stderr)
-                    reply = {"type": "error", "id": header.get("id"), "message": f"{type(e).__name__}: {e}"}, None
-                if not self._reply(*reply):
+                    reply_header = {"type": "error", "id": header.get("id"),
+                                    "message": f"{type(e).__name__}: {e}"}
+                    reply_tensors = None
+                if not self._reply(reply_header, reply_tensors):
                     return
         finally:
             server.connections.discard(sock)
@@ -296,7 +321,9 @@ def serve(args):
     names = args.policy or []
     if not names:
         raise ValueError("--serve needs at least one --policy")
-    runners = {name: PolicyRunner(load_policy(name, args.vlm, args.device, args.dtype), args.seed) for name in names}
+    runners = {}
+    for name in names:
+        runners[name] = PolicyRunner(load_policy(name, args.vlm, args.device, args.dtype), args.seed)
     server = PolicyServer((args.host, args.port_server), runners, int(args.max_message_mb * 2**20))
     server.start()
     print(f"serving {list(runners)} on {args.host}:{args.port_server} (Ctrl-C stops)")
@@ -331,7 +358,8 @@ class PolicyClient:
         policies = header.get("policies")
         if header["type"] != "hello" or not isinstance(policies, dict) or not policies:
             raise ProtocolError(f"server answered hello with {header!r:.200}")
-        self.policy = self.policy or next(iter(policies))
+        if not self.policy:
+            self.policy = next(iter(policies))  # the server's first
         if self.policy not in policies:
             raise ValueError(f"server {self.address} does not serve {self.policy!r}; it has {list(policies)}")
         return policies[self.policy]
@@ -339,12 +367,19 @@ class PolicyClient:
     def __call__(self, observation):
         self._next_id += 1
         request = {"type": "observation", "id": self._next_id, "policy": self.policy,
-                   "task": observation.get("task", ""), **({"rtc": observation["rtc"]} if "rtc" in observation else {})}
-        tensors = {k: np.ascontiguousarray(v) for k, v in observation.items() if isinstance(v, np.ndarray)}
+                   "task": observation.get("task", "")}
+        if "rtc" in observation:
+            request["rtc"] = observation["rtc"]
+        # the state, the camera frames and RTC's leftover travel as tensors
+        tensors = {}
+        for name, value in observation.items():
+            if isinstance(value, np.ndarray):
+                tensors[name] = np.ascontiguousarray(value)
         header, reply = self._exchange(request, tensors)
         if header["type"] != "actions" or header.get("id") != self._next_id or "actions" not in reply:
+            shapes = [(name, tensor.shape) for name, tensor in reply.items()]
             raise ProtocolError(f"unexpected answer to request {self._next_id}: {header!r:.200}, "
-                                f"tensors {[(k, v.shape) for k, v in reply.items()]}")
+                                f"tensors {shapes}")
         # its shape and values are checked by the scheduler; "normalized" comes with an RTC request
         return reply
 
@@ -395,45 +430,56 @@ def connect_to_server(client, wait_s=10.0):
 
 
 def add_policy_arguments(parser):
-    """The command-line flags that serve and open_policy read: which policy, where it runs, the wire's limits."""
-    g = parser.add_argument_group("the policy: in this process (default), on a --server, or --serve it")
-    g.add_argument("--policy", action="append",
-                   help="checkpoint dir or hub id; with --serve repeatable; with --server the name of one "
-                        "of the server's policies (default: its first)")
-    g.add_argument("--vlm", help="VLM dir or hub id (default: <checkpoint>/vlm or the config's)")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    g.add_argument("--server", help="HOST:PORT of a policy server (default: infer in-process)")
-    g.add_argument("--timeout", type=float, default=10.0, help="seconds per request to the server")
-    g.add_argument("--serve", action="store_true", help="run a policy server instead of an arm")
-    g.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on")
-    g.add_argument("--port-server", type=int, default=8765, help="--serve: TCP port to listen on")
-    g.add_argument("--max-message-mb", type=float, default=64.0, help="largest message accepted")
-    g.add_argument("--seed", type=int, help="seed of the sampling noise (with --server: give it to the server)")
-    r = parser.add_argument_group("Real-Time Chunking (flow.py): each chunk continues the one being executed")
-    r.add_argument("--rtc", choices=("off", "guided", "trained"), default="off",
-                   help="guided: inpainting toward the leftover; trained: a policy trained with --rtc-max-delay")
+    """The command-line flags that serve and open_policy read: which policy, where it runs, the wire's
+    limits."""
+    policy_group = parser.add_argument_group("the policy: in this process (default), on a --server, "
+                                             "or --serve it")
+    policy_group.add_argument("--policy", action="append",
+                              help="checkpoint dir or hub id; with --serve repeatable; with --server the "
+                                   "name of one of the server's policies (default: its first)")
+    policy_group.add_argument("--vlm", help="VLM dir or hub id (default: <checkpoint>/vlm or the config's)")
+    policy_group.add_argument("--device", default="cpu")
+    policy_group.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    policy_group.add_argument("--server", help="HOST:PORT of a policy server (default: infer in-process)")
+    policy_group.add_argument("--timeout", type=float, default=10.0, help="seconds per request to the server")
+    policy_group.add_argument("--serve", action="store_true", help="run a policy server instead of an arm")
+    policy_group.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on")
+    policy_group.add_argument("--port-server", type=int, default=8765, help="--serve: TCP port to listen on")
+    policy_group.add_argument("--max-message-mb", type=float, default=64.0, help="largest message accepted")
+    policy_group.add_argument("--seed", type=int,
+                              help="seed of the sampling noise (with --server: give it to the server)")
+    rtc_group = parser.add_argument_group("Real-Time Chunking (flow.py): each chunk continues the one "
+                                          "being executed")
+    rtc_group.add_argument("--rtc", choices=("off", "guided", "trained"), default="off",
+                           help="guided: inpainting toward the leftover; "
+                                "trained: a policy trained with --rtc-max-delay")
     # the defaults are the library's: smolvla.RTC_DEFAULTS, chosen from the README's RTC lab (imported here,
     # where a command line is built, like torch where a policy runs)
     from smolvla import RTC_DEFAULTS
 
-    r.add_argument("--execution-horizon", type=int, default=RTC_DEFAULTS["execution_horizon"],
-                   help="guided: the guidance ends this many steps in (%(default)s)")
-    r.add_argument("--max-guidance-weight", type=float, default=RTC_DEFAULTS["max_guidance_weight"],
-                   help="guided: β, the cap of the guidance weight (%(default)s)")
-    r.add_argument("--rtc-schedule", default=RTC_DEFAULTS["schedule"],
-                   help="guided: prefix weights zeros, ones, linear or exp (%(default)s)")
-    r.add_argument("--rtc-jacobian", action=argparse.BooleanOptionalAction, default=RTC_DEFAULTS["jacobian"],
-                   help="guided: the paper's correction, a backward pass per step (default: the reference's)")
+    rtc_group.add_argument("--execution-horizon", type=int, default=RTC_DEFAULTS["execution_horizon"],
+                           help="guided: the guidance ends this many steps in (%(default)s)")
+    rtc_group.add_argument("--max-guidance-weight", type=float, default=RTC_DEFAULTS["max_guidance_weight"],
+                           help="guided: β, the cap of the guidance weight (%(default)s)")
+    rtc_group.add_argument("--rtc-schedule", default=RTC_DEFAULTS["schedule"],
+                           help="guided: prefix weights zeros, ones, linear or exp (%(default)s)")
+    rtc_group.add_argument("--rtc-jacobian", action=argparse.BooleanOptionalAction,
+                           default=RTC_DEFAULTS["jacobian"],
+                           help="guided: the paper's correction, a backward pass per step "
+                                "(default: the reference's)")
 
 
 def open_policy(args):
-    """-> (callable observation -> {"actions", ...}, {"chunk_size", "cameras", "trained_on"}): in-process, or a
-    policy server."""
+    """-> (callable observation -> {"actions", ...}, {"chunk_size", "cameras", "trained_on"}): in-process,
+    or a policy server."""
     if args.server:
         if args.policy and len(args.policy) > 1:
             raise ValueError("with --server, --policy names one of the server's policies")
-        client = PolicyClient(parse_address(args.server), (args.policy or [None])[0], args.timeout,
+        # the server's policy named by --policy, or None: the server's first
+        policy_name = None
+        if args.policy:
+            policy_name = args.policy[0]
+        client = PolicyClient(parse_address(args.server), policy_name, args.timeout,
                               int(args.max_message_mb * 2**20))
         return client, connect_to_server(client)
     if not args.policy or len(args.policy) != 1:

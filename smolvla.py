@@ -52,7 +52,12 @@ IMAGE_PREFIX = "observation.images."
 # command line's (policy_server.add_policy_arguments). Chosen from the README's RTC lab (lab 6): the
 # reference's horizon 10, β = 10 and linear ramp; the reference's identity in place of the paper's
 # vector-Jacobian product (jacobian=False), which costs a backward pass per step and pulled less there.
-RTC_DEFAULTS = {"execution_horizon": 10, "schedule": "linear", "max_guidance_weight": 10.0, "jacobian": False}
+RTC_DEFAULTS = {
+    "execution_horizon": 10,
+    "schedule": "linear",
+    "max_guidance_weight": 10.0,
+    "jacobian": False,
+}
 
 # config.json's fields that lerobot writes and the model does not use (training bookkeeping; the Aloha flags
 # must be off, SmolVLAConfig.validate checks), with lerobot 0.4.4's defaults: a fresh checkpoint carries
@@ -81,13 +86,21 @@ SMOLVLA_BASE_FEATURES = {
 # Configuration: the fields of lerobot's config.json for a "smolvla" policy that this code reads.
 
 
+def default_input_features() -> dict:  # a fresh copy of smolvla_base's, for every new config
+    return copy.deepcopy(SMOLVLA_BASE_FEATURES["input_features"])
+
+
+def default_output_features() -> dict:
+    return copy.deepcopy(SMOLVLA_BASE_FEATURES["output_features"])
+
+
 @dataclass
 class SmolVLAConfig:
     """What the model reads from a policy's config.json. The other fields lerobot writes (training
     bookkeeping) ride along in `extra` and are written back unchanged (LEROBOT_CONFIG_FIELDS)."""
 
-    input_features: dict = field(default_factory=lambda: copy.deepcopy(SMOLVLA_BASE_FEATURES["input_features"]))
-    output_features: dict = field(default_factory=lambda: copy.deepcopy(SMOLVLA_BASE_FEATURES["output_features"]))
+    input_features: dict = field(default_factory=default_input_features)
+    output_features: dict = field(default_factory=default_output_features)
     chunk_size: int = 50  # actions per chunk
     n_action_steps: int = 50  # actions executed per chunk before looking again (the demo's evaluation)
     # per feature type: IDENTITY, MEAN_STD or MIN_MAX
@@ -120,24 +133,29 @@ class SmolVLAConfig:
     def from_json_dict(cls, d: dict) -> "SmolVLAConfig":
         if d.get("type", "smolvla") != "smolvla":
             raise ValueError(
-                f"this is a '{d.get('type')}' policy checkpoint, not a SmolVLA one ('type' must be 'smolvla')"
+                f"this is a '{d.get('type')}' policy checkpoint, not a SmolVLA one "
+                "('type' must be 'smolvla')"
             )
-        known = {f.name for f in fields(cls)} - {"extra"}
-        cfg = cls(**{k: v for k, v in d.items() if k in known})
-        cfg.extra = {k: v for k, v in d.items() if k not in known and k != "type"}
+        known = {config_field.name for config_field in fields(cls)} - {"extra"}
+        cfg = cls(**{key: value for key, value in d.items() if key in known})
+        cfg.extra = {key: value for key, value in d.items() if key not in known and key != "type"}
         cfg.validate()
         return cfg
 
     def to_json_dict(self) -> dict:
-        d = {"type": "smolvla", **LEROBOT_CONFIG_FIELDS, **self.extra}
-        d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
-        return json.loads(json.dumps(d))  # tuples -> lists, fresh copy
+        as_json = {"type": "smolvla", **LEROBOT_CONFIG_FIELDS, **self.extra}
+        for config_field in fields(self):
+            if config_field.name != "extra":
+                as_json[config_field.name] = getattr(self, config_field.name)
+        return json.loads(json.dumps(as_json))  # tuples -> lists, fresh copy
 
     def validate(self):
         if self.extra.get("adapt_to_pi_aloha") or self.extra.get("use_delta_joint_actions_aloha"):
-            raise ValueError("the Aloha adaptations of SmolVLA (adapt_to_pi_aloha, ...) are not supported here")
+            raise ValueError("the Aloha adaptations of SmolVLA (adapt_to_pi_aloha, ...) "
+                             "are not supported here")
         if self.pad_language_to not in ("longest", "max_length"):
-            raise ValueError(f"pad_language_to must be 'longest' or 'max_length', got {self.pad_language_to!r}")
+            raise ValueError("pad_language_to must be 'longest' or 'max_length', "
+                             f"got {self.pad_language_to!r}")
         if STATE not in self.input_features or ACTION not in self.output_features:
             raise ValueError(f"the config needs an input feature '{STATE}' and an output feature '{ACTION}'")
 
@@ -149,9 +167,11 @@ class SmolVLAConfig:
     @property
     def camera_keys(self) -> list[str]:
         """The real cameras the policy reads, in config order (what an observation must provide)."""
-        return [
-            k for k, f in self.input_features.items() if f["type"] == "VISUAL" and k not in self.empty_camera_keys
-        ]
+        cameras = []
+        for key, feature in self.input_features.items():
+            if feature["type"] == "VISUAL" and key not in self.empty_camera_keys:
+                cameras.append(key)
+        return cameras
 
     @property
     def state_dim(self) -> int:
@@ -183,7 +203,8 @@ def block_attention_mask(pad_mask: torch.Tensor, blocks: torch.Tensor) -> torch.
 @dataclass
 class PrefixContext:
     """What one observation leaves behind for the flow steps: the expert's view of the VLM (per-layer
-    keys/values) and the action tokens' attention masks and rotary angles, which are the same at every step."""
+    keys/values) and the action tokens' attention masks and rotary angles, which are the same at every
+    step."""
 
     cache: list  # per VLM layer (k, v) (B, P, Hkv, hd), see ActionExpert.cache_prefix
     suffix: SuffixLayout  # the action tokens' masks and rotary angles, see ActionExpert.suffix_layout
@@ -212,7 +233,9 @@ class SmolVLA(nn.Module):
     def __init__(self, config: SmolVLAConfig, vlm_config: dict, tokenizer=None):
         super().__init__()
         config.validate()
-        self.config, self.vlm_config, self.tokenizer = config, vlm_config, tokenizer
+        self.config = config
+        self.vlm_config = vlm_config  # the VLM's config.json, as read
+        self.tokenizer = tokenizer
         vision_cfg, text_cfg, self.scale_factor, vocab_size = parse_vlm_config(vlm_config)
         if config.num_vlm_layers > 0:  # layer skipping: keep the first N text layers
             text_cfg.num_layers = min(config.num_vlm_layers, text_cfg.num_layers)
@@ -247,11 +270,11 @@ class SmolVLA(nn.Module):
         by pretrained weights anyway); the expert's cross-attention k/v and the five projections keep
         PyTorch's default init, as in the reference (they are plain nn.Linear there)."""
         for tower in (self.vision, self.text, self.expert):
-            for m in tower.modules():
-                if isinstance(m, (nn.Linear, nn.Embedding)):
-                    nn.init.normal_(m.weight, std=std)
-                    if getattr(m, "bias", None) is not None:
-                        nn.init.zeros_(m.bias)
+            for module in tower.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(module.weight, std=std)
+                    if getattr(module, "bias", None) is not None:
+                        nn.init.zeros_(module.bias)
         for layer, cross in zip(self.expert.layers, self.expert.layer_cross):
             if cross:
                 layer.self_attn.k_proj.reset_parameters()
@@ -267,7 +290,7 @@ class SmolVLA(nn.Module):
         elif cfg.freeze_vision_encoder:
             frozen += [self.vision]
         for module in self.children():
-            module.requires_grad_(all(module is not f for f in frozen))
+            module.requires_grad_(all(module is not frozen_module for frozen_module in frozen))
         self.state_proj.requires_grad_(cfg.train_state_proj)
 
     # --- prefix: images, words, state ----------------------------------------------------------------
@@ -276,8 +299,8 @@ class SmolVLA(nn.Module):
         """Check the frames, resize-with-pad them and map [0, 1] -> [-1, 1] (SigLIP's range); append the
         config's blank cameras (all −1, masked out). images: list of (B, 3, H, W) float in [0, 1] or uint8
         (0..255, converted here), img_masks: list of (B,): the cameras present, in config order. Like the
-        reference, the model runs on fewer cameras than it configures (smolvla_base reads three, most arms have
-        two): an unfilled slot adds no tokens at all."""
+        reference, the model runs on fewer cameras than it configures (smolvla_base reads three, most arms
+        have two): an unfilled slot adds no tokens at all."""
         cfg = self.config
         n_real = len(cfg.camera_keys)
         if len(images) != len(img_masks):
@@ -285,14 +308,18 @@ class SmolVLA(nn.Module):
         if not images:
             raise ValueError("at least one camera image is needed")
         if len(images) > n_real:
-            raise ValueError(f"got {len(images)} cameras; this policy reads {n_real} ({', '.join(cfg.camera_keys)})")
+            raise ValueError(f"got {len(images)} cameras; "
+                             f"this policy reads {n_real} ({', '.join(cfg.camera_keys)})")
         prepared = []
         for img in images:
-            if img.dtype == torch.uint8:  # frames as the dataset reader gives them: to float here, where they land
+            # frames as the dataset reader gives them: to float here, where they land
+            if img.dtype == torch.uint8:
                 img = img.float() / 255
             if img.ndim != 4 or img.shape[1] != 3 or not img.is_floating_point():
-                raise ValueError(f"images must be float or uint8 (B, 3, H, W), got {tuple(img.shape)} {img.dtype}")
-            lo, hi = img.min().item(), img.max().item()
+                raise ValueError("images must be float or uint8 (B, 3, H, W), "
+                                 f"got {tuple(img.shape)} {img.dtype}")
+            lo = img.min().item()
+            hi = img.max().item()
             if lo < 0 or hi > 1:
                 raise ValueError(
                     f"images must be in [0, 1] (got values in [{lo:.3g}, {hi:.3g}]): divide uint8 by 255"
@@ -300,7 +327,7 @@ class SmolVLA(nn.Module):
             if cfg.resize_imgs_with_padding is not None:
                 img = resize_with_pad(img, *cfg.resize_imgs_with_padding)
             prepared.append(img * 2.0 - 1.0)
-        masks = [m.bool() for m in img_masks]
+        masks = [mask.bool() for mask in img_masks]
         # lerobot always adds `empty_cameras` blank slots after the cameras it found (frames of −1 = black
         # after scaling, masked out so that no token attends to them)
         for _ in range(cfg.empty_cameras):
@@ -331,8 +358,13 @@ class SmolVLA(nn.Module):
         Returns embeddings (B, P, D), padding mask (B, P) bool, block starts (B, P) int."""
         batch = state.shape[0]
         width = self.text.embed_tokens.weight.shape[1]
-        embs, pad, blocks = [], [], []
-        ones = lambda n: torch.ones(batch, n, dtype=torch.bool, device=state.device)  # noqa: E731
+        # the prefix's pieces, in order: their embeddings, padding masks and block starts
+        embs = []
+        pad = []
+        blocks = []
+
+        def all_real(n):  # the padding mask of n real tokens: (B, n) bool, all True
+            return torch.ones(batch, n, dtype=torch.bool, device=state.device)
 
         def add(emb, mask, block_start):  # emb (B, n, D), mask (B, n) bool
             embs.append(emb)
@@ -340,27 +372,30 @@ class SmolVLA(nn.Module):
             blocks.extend([block_start] + [0] * (emb.shape[1] - 1))
 
         def add_marker(*tokens):  # SmolVLM's image marker tokens, all real, in the images' block
-            add(self.embed_marker_tokens(tokens, batch), ones(len(tokens)), 0)
+            add(self.embed_marker_tokens(tokens, batch), all_real(len(tokens)), 0)
 
         for img_emb, img_mask in zip(self.embed_images(images), img_masks):
             if self.config.add_image_special_tokens:
                 add_marker("<fake_token_around_image>", "<global-img>")
-            # SmolVLA scales image and word embeddings by √D (as Gemma-style models do); as in the reference,
-            # the images' factor is first rounded to their dtype (in bf16 √960 = 31.0), the words' is not
+            # SmolVLA scales image and word embeddings by √D (as Gemma-style models do); as in the
+            # reference, the images' factor is first rounded to their dtype (in bf16 √960 = 31.0), the
+            # words' is not
             img_emb = img_emb * torch.tensor(width**0.5, dtype=img_emb.dtype, device=img_emb.device)
             add(img_emb, img_mask[:, None].expand(batch, img_emb.shape[1]), 0)
             if self.config.add_image_special_tokens:
                 add_marker("<fake_token_around_image>")
         add(self.embed_tokens(lang_tokens) * math.sqrt(width), lang_masks.bool(), 0)  # (B, L, D)
         # the state: one token, a block of its own (images and words do not attend to it)
-        add(self.state_proj(state.to(self.state_proj.weight.dtype))[:, None, :], ones(1), 1)  # (B, 1, D)
+        add(self.state_proj(state.to(self.state_proj.weight.dtype))[:, None, :], all_real(1), 1)  # (B, 1, D)
 
-        embs, pad = torch.cat(embs, dim=1), torch.cat(pad, dim=1)  # (B, P, D), (B, P)
+        embs = torch.cat(embs, dim=1)  # (B, P, D)
+        pad = torch.cat(pad, dim=1)  # (B, P)
         blocks = torch.tensor(blocks, dtype=torch.long, device=pad.device)[None].expand(batch, -1)  # (B, P)
         if embs.shape[1] < self.config.prefix_length:  # optional fixed-length prefix: pad with masked zeros
             extra = self.config.prefix_length - embs.shape[1]
             embs = F.pad(embs, (0, 0, 0, extra))
-            pad, blocks = F.pad(pad, (0, extra), value=False), F.pad(blocks, (0, extra), value=0)
+            pad = F.pad(pad, (0, extra), value=False)
+            blocks = F.pad(blocks, (0, extra), value=0)
         return embs, pad, blocks
 
     def embed_marker_tokens(self, tokens, batch: int) -> torch.Tensor:
@@ -376,11 +411,13 @@ class SmolVLA(nn.Module):
         images, img_masks = self.prepare_images(images, img_masks)
         state = pad_last_dim(state, self.config.max_state_dim)
         embs, pad, blocks = self.embed_prefix(images, img_masks, lang_tokens, lang_masks, state)  # (B, P, ·)
-        # the whole sequence [prefix; suffix]: the suffix's chunk_size action tokens are real and each starts
-        # a block of its own; one mask for both parts (the diagram at the top), sliced below
-        (batch, p), chunk = pad.shape, self.config.chunk_size
+        # the whole sequence [prefix; suffix]: the suffix's chunk_size action tokens are real and each
+        # starts a block of its own; one mask for both parts (the diagram at the top), sliced below
+        batch, p = pad.shape
+        chunk = self.config.chunk_size
         real = torch.ones(batch, chunk, dtype=torch.bool, device=pad.device)
-        pad, blocks = torch.cat([pad, real], dim=1), torch.cat([blocks, real.long()], dim=1)  # (B, P + S)
+        pad = torch.cat([pad, real], dim=1)  # (B, P + S)
+        blocks = torch.cat([blocks, real.long()], dim=1)  # (B, P + S)
         mask = block_attention_mask(pad, blocks)  # (B, P + S, P + S)
         positions = torch.cumsum(pad, dim=1) - 1  # (B, P + S): padding tokens do not advance the position
         # the VLM over the prefix, once: per layer its keys/values, what the expert attends to
@@ -393,25 +430,31 @@ class SmolVLA(nn.Module):
     # --- suffix: noisy actions and flow time ---------------------------------------------------------
 
     def embed_suffix(self, noisy_actions: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
-        """(B, S, max_action_dim) float32 noisy actions and flow time, (B,) or per token (B, S) (training-time
-        RTC) -> (B, S, d_e) expert tokens: each projected action concatenated with its time's sine-cosine
-        embedding, then Linear-SiLU-Linear."""
+        """(B, S, max_action_dim) float32 noisy actions and flow time, (B,) or per token (B, S)
+        (training-time RTC) -> (B, S, d_e) expert tokens: each projected action concatenated with its
+        time's sine-cosine embedding, then Linear-SiLU-Linear."""
         action_emb = self.action_in_proj(noisy_actions.to(self.action_in_proj.weight.dtype))  # (B, S, d_e)
         time_emb = time_embedding(time, action_emb.shape[-1], self.config.min_period, self.config.max_period)
         time_emb = time_emb.to(action_emb.dtype)  # (B, d_e) or (B, S, d_e)
-        time_emb = time_emb[:, None, :].expand_as(action_emb) if time.ndim == 1 else time_emb  # (B, S, d_e)
-        fused = self.action_time_mlp_in(torch.cat([action_emb, time_emb], dim=2))  # (B, S, 2·d_e) -> (B, S, d_e)
+        if time.ndim == 1:  # one time for the whole chunk: the same for every action token
+            time_emb = time_emb[:, None, :].expand_as(action_emb)  # (B, S, d_e)
+        # (B, S, 2·d_e) -> (B, S, d_e)
+        fused = self.action_time_mlp_in(torch.cat([action_emb, time_emb], dim=2))
         return self.action_time_mlp_out(F.silu(fused))  # (B, S, d_e)
 
     def velocity(self, ctx: PrefixContext, noisy_actions: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
         """The expert's predicted flow velocity v(x_τ, τ | observation): (B, S, max_action_dim) float32.
         S may be shorter than the chunk: the first S action tokens' velocities (SuffixLayout.head)."""
         suffix = self.embed_suffix(noisy_actions, time)  # (B, S, d_e)
-        layout = ctx.suffix if suffix.shape[1] == ctx.suffix.cross_mask.shape[1] else ctx.suffix.head(suffix.shape[1])
+        if suffix.shape[1] == ctx.suffix.cross_mask.shape[1]:  # the whole chunk
+            layout = ctx.suffix
+        else:
+            layout = ctx.suffix.head(suffix.shape[1])
         hidden = self.expert(suffix, ctx.cache, layout)  # (B, S, d_e)
         # the output projection runs in float32 whatever the model's dtype (as in the reference)
-        w, b = self.action_out_proj.weight, self.action_out_proj.bias
-        return F.linear(hidden.float(), w.float(), b.float())
+        weight = self.action_out_proj.weight
+        bias = self.action_out_proj.bias
+        return F.linear(hidden.float(), weight.float(), bias.float())
 
     # --- tensor level: training loss and sampling, in normalized units -------------------------------
 
@@ -422,16 +465,18 @@ class SmolVLA(nn.Module):
         images: list of (B, 3, H, W) in [0, 1] (the cameras present, config order); img_masks: list of (B,)
         bool; lang_tokens (B, L) int64 / lang_masks (B, L) bool; state (B, state_dim) and actions
         (B, chunk, action_dim) normalized; noise (B, chunk, max_action_dim); time (B,).
-        rtc_delay (B,) int, training-time RTC (flow.py): sample b's first rtc_delay[b] action tokens carry the
-        clean actions at flow time 0; their losses are set to 0 here and the caller leaves them out.
+        rtc_delay (B,) int, training-time RTC (flow.py): sample b's first rtc_delay[b] action tokens carry
+        the clean actions at flow time 0; their losses are set to 0 here and the caller leaves them out.
         """
         if actions.ndim != 3 or actions.shape[1] != self.config.chunk_size:
-            raise ValueError(f"actions must be (B, {self.config.chunk_size}, action_dim), got {tuple(actions.shape)}")
+            raise ValueError(f"actions must be (B, {self.config.chunk_size}, action_dim), "
+                             f"got {tuple(actions.shape)}")
         actions = pad_last_dim(actions.float(), self.config.max_action_dim)  # (B, chunk, max_action_dim)
         noise = sample_noise(actions.shape, actions.device) if noise is None else noise
         time = sample_time(actions.shape[0], actions.device) if time is None else time
         if rtc_delay is not None:
-            time = prefix_times(time, rtc_delay.to(time.device), actions.shape[1])  # (B, chunk): 0 in the prefix
+            # (B, chunk): 0 in the prefix
+            time = prefix_times(time, rtc_delay.to(time.device), actions.shape[1])
         x_t, u_t = noisy_actions_and_target(actions, noise, time)
         ctx = self.encode_observation(images, img_masks, lang_tokens, lang_masks, state)
         losses = flow_matching_loss(self.velocity(ctx, x_t, time), u_t)
@@ -445,22 +490,28 @@ class SmolVLA(nn.Module):
                        max_guidance_weight=RTC_DEFAULTS["max_guidance_weight"],
                        jacobian=RTC_DEFAULTS["jacobian"],
                        rtc_mode="guided") -> torch.Tensor:
-        """A chunk by `num_steps` Euler steps of the flow, from noise: (B, chunk, max_action_dim), normalized.
-        The VLM runs once (encode_observation); each step runs only the expert.
+        """A chunk by `num_steps` Euler steps of the flow, from noise: (B, chunk, max_action_dim),
+        normalized. The VLM runs once (encode_observation); each step runs only the expert.
 
-        Real-Time Chunking (flow.py) when `leftover` is given: the previous chunk's actions for this chunk's
-        timesteps, (B, T_prev, A_prev) normalized (zero-padded to the chunk). rtc_mode="guided": every velocity
-        is guided toward it (first inference_delay steps frozen, a `schedule` ramp to 0 at
+        Real-Time Chunking (flow.py) when `leftover` is given: the previous chunk's actions for this
+        chunk's timesteps, (B, T_prev, A_prev) normalized (zero-padded to the chunk). rtc_mode="guided":
+        every velocity is guided toward it (first inference_delay steps frozen, a `schedule` ramp to 0 at
         execution_horizon, weight capped at max_guidance_weight; jacobian: the paper's vector-Jacobian
-        product, else the reference's identity; defaults: RTC_DEFAULTS). rtc_mode="trained" (a policy trained with --rtc-max-delay): the
-        first inference_delay tokens hold the leftover at flow time 0. leftover=None: no RTC.
+        product, else the reference's identity; defaults: RTC_DEFAULTS). rtc_mode="trained" (a policy
+        trained with --rtc-max-delay): the first inference_delay tokens hold the leftover at flow time 0.
+        leftover=None: no RTC.
         """
         shape = (state.shape[0], self.config.chunk_size, self.config.max_action_dim)
         if noise is not None and tuple(noise.shape) != shape:
-            raise ValueError(f"noise must have shape {shape} (B, chunk_size, max_action_dim), got {tuple(noise.shape)}")
+            raise ValueError(f"noise must have shape {shape} (B, chunk_size, max_action_dim), "
+                             f"got {tuple(noise.shape)}")
         ctx = self.encode_observation(images, img_masks, lang_tokens, lang_masks, state)
         noise = sample_noise(shape, state.device) if noise is None else noise.to(state.device)
-        velocity, steps = (lambda x, t: self.velocity(ctx, x, t)), self.config.num_steps
+
+        def velocity(x, t):  # the flow's velocity field for this observation: the expert over ctx
+            return self.velocity(ctx, x, t)
+
+        steps = self.config.num_steps
         if leftover is None:
             return euler_sample(velocity, noise.float(), steps)
         leftover = torch.as_tensor(leftover, device=state.device)

@@ -7,7 +7,8 @@ model that reads them together with the task's words. Two choices of §3.1 make 
 - **visual token reduction**: SigLIP turns a 512×512 frame into 32×32 = 1024 patch tokens; the pixel
   shuffle folds every 4×4 block of them into one token 16× wider, so a camera costs 64 tokens:
 
-      frame (3, 512, 512) ─► SigLIP (12 layers) ─► (1024, 768) ─► pixel shuffle ─► (64, 12288) ─► linear ─► (64, 960)
+      frame (3, 512, 512) ─► SigLIP (12 layers) ─► (1024, 768)
+          ─► pixel shuffle ─► (64, 12288) ─► linear ─► (64, 960)
 
 - **layer skipping**: only the first N = 16 of SmolLM2's 32 layers are kept; robot control needs the
   VLM's features, not its last layers' next-token predictions, and half the layers is half the cost.
@@ -87,33 +88,35 @@ def parse_vlm_config(vlm_config: dict) -> tuple[VisionConfig, DecoderConfig, int
     from transformers import SmolVLMConfig
 
     if vlm_config.get("model_type", "smolvlm") != "smolvlm":
-        raise ValueError(f"the VLM must be a SmolVLM (model_type 'smolvlm'), got {vlm_config.get('model_type')!r}")
+        raise ValueError("the VLM must be a SmolVLM (model_type 'smolvlm'), "
+                         f"got {vlm_config.get('model_type')!r}")
     full = SmolVLMConfig.from_dict(vlm_config)
-    v, t = full.vision_config, full.text_config
-    if v.hidden_act != "gelu_pytorch_tanh" or t.hidden_act != "silu":
+    hf_vision = full.vision_config
+    hf_text = full.text_config
+    if hf_vision.hidden_act != "gelu_pytorch_tanh" or hf_text.hidden_act != "silu":
         raise ValueError("only SmolVLM's activations are supported (gelu_pytorch_tanh vision, silu text)")
-    if getattr(t, "attention_bias", False) or getattr(t, "mlp_bias", False):
+    if getattr(hf_text, "attention_bias", False) or getattr(hf_text, "mlp_bias", False):
         raise ValueError("only SmolLM2-style text models without biases are supported")
     vision = VisionConfig(
-        hidden_size=v.hidden_size,
-        intermediate_size=v.intermediate_size,
-        num_layers=v.num_hidden_layers,
-        num_heads=v.num_attention_heads,
-        image_size=v.image_size,
-        patch_size=v.patch_size,
-        layer_norm_eps=v.layer_norm_eps,
-        num_channels=v.num_channels,
+        hidden_size=hf_vision.hidden_size,
+        intermediate_size=hf_vision.intermediate_size,
+        num_layers=hf_vision.num_hidden_layers,
+        num_heads=hf_vision.num_attention_heads,
+        image_size=hf_vision.image_size,
+        patch_size=hf_vision.patch_size,
+        layer_norm_eps=hf_vision.layer_norm_eps,
+        num_channels=hf_vision.num_channels,
     )
     text = DecoderConfig(
-        hidden_size=t.hidden_size,
-        intermediate_size=t.intermediate_size,
-        num_layers=t.num_hidden_layers,
-        num_heads=t.num_attention_heads,
-        num_kv_heads=t.num_key_value_heads or t.num_attention_heads,
-        head_dim=getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads,
-        rms_norm_eps=t.rms_norm_eps,
+        hidden_size=hf_text.hidden_size,
+        intermediate_size=hf_text.intermediate_size,
+        num_layers=hf_text.num_hidden_layers,
+        num_heads=hf_text.num_attention_heads,
+        num_kv_heads=hf_text.num_key_value_heads or hf_text.num_attention_heads,
+        head_dim=getattr(hf_text, "head_dim", None) or hf_text.hidden_size // hf_text.num_attention_heads,
+        rms_norm_eps=hf_text.rms_norm_eps,
     )
-    return vision, text, full.scale_factor, t.vocab_size
+    return vision, text, full.scale_factor, hf_text.vocab_size
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -130,9 +133,15 @@ class VisionAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, D), every patch sees every patch
-        heads = lambda t: t.view(*t.shape[:-1], -1, self.head_dim)  # (B, N, D) -> (B, N, H, hd)
-        out = attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)), mask=None)
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, H, hd)
+        return x.view(*x.shape[:-1], -1, self.head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, N, D) -> (B, N, D), every patch sees every patch
+        q = self.split_heads(self.q_proj(x))
+        k = self.split_heads(self.k_proj(x))
+        v = self.split_heads(self.v_proj(x))
+        out = attention(q, k, v, mask=None)
         return self.out_proj(out)
 
 
@@ -201,14 +210,16 @@ def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
     """Fold each factor×factor block of neighbouring patch tokens into one token (space -> channels).
 
     (B, N, D) -> (B, N/factor², D·factor²): for smolvla_base (B, 1024, 768) -> (B, 64, 12288). The patch
-    tokens form a side×side grid (32×32); token (I, J) of the output is the block of rows I·f..I·f+f−1 and
-    columns J·f..J·f+f−1, its channels ordered (row in block, column in block, feature). Nothing is lost —
-    the tokens are only regrouped — but the language model now sees 16× fewer, 16× wider image tokens.
+    tokens form a side×side grid (32×32); token (I, J) of the output is the block of rows
+    I·f..I·f+f−1 and columns J·f..J·f+f−1, its channels ordered (row in block, column in block,
+    feature). Nothing is lost — the tokens are only regrouped — but the language model now sees 16×
+    fewer, 16× wider image tokens.
     """
     batch, num_tokens, dim = x.shape
     side = math.isqrt(num_tokens)
     if side * side != num_tokens or side % factor != 0:
-        raise ValueError(f"pixel shuffle needs a square grid of patches, a multiple of {factor} wide: {num_tokens}")
+        raise ValueError(f"pixel shuffle needs a square grid of patches, a multiple of {factor} wide: "
+                         f"{num_tokens}")
     blocks = side // factor
     x = x.view(batch, blocks, factor, blocks, factor, dim)  # (B, I, row in block, J, column in block, D)
     x = x.permute(0, 1, 3, 2, 4, 5)  # (B, I, J, row in block, column in block, D)
@@ -229,18 +240,22 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def keys_values(self, x: torch.Tensor, mask: torch.Tensor, rope: tuple, past: list | None = None) -> list:
-        """Run the layers over tokens x (B, L, D); return per layer their keys (after RoPE) and values, each
-        (B, L, Hkv, hd): what the action expert attends to. mask (B, L, L) bool, rope from rope_angles.
+    def keys_values(self, x: torch.Tensor, mask: torch.Tensor, rope: tuple,
+                    past: list | None = None) -> list:
+        """Run the layers over tokens x (B, L, D); return per layer their keys (after RoPE) and values,
+        each (B, L, Hkv, hd): what the action expert attends to. mask (B, L, L) bool, rope from rope_angles.
 
         past: per layer the keys/values of earlier tokens, which x also attends to (then mask is
-        (B, L, earlier + L)) and which lead the returned ones; speed.py uses it to run a prefix in two parts.
+        (B, L, earlier + L)) and which lead the returned ones; speed.py uses it to run a prefix in two
+        parts.
         """
         keys_values = []
         for i, layer in enumerate(self.layers):
             q, k, v = layer.qkv(x, rope)  # (B, L, H, hd), (B, L, Hkv, hd) ×2
             if past is not None:
-                k, v = torch.cat([past[i][0], k], dim=1), torch.cat([past[i][1], v], dim=1)
+                past_k, past_v = past[i]
+                k = torch.cat([past_k, k], dim=1)  # (B, earlier + L, Hkv, hd)
+                v = torch.cat([past_v, v], dim=1)
             keys_values.append((k, v))
             # the last layer's output is never used: only its keys/values are
             if i < len(self.layers) - 1:
@@ -253,11 +268,12 @@ class TextModel(nn.Module):
 
 
 def resize_with_pad(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Resize (B, C, h, w) to fit width×height keeping the aspect ratio (bilinear), then pad with zeros on the
-    left and top (where the reference puts the padding) to exactly (B, C, height, width)."""
+    """Resize (B, C, h, w) to fit width×height keeping the aspect ratio (bilinear), then pad with zeros on
+    the left and top (where the reference puts the padding) to exactly (B, C, height, width)."""
     h, w = images.shape[2:]
     ratio = max(w / width, h / height)
-    new_h, new_w = int(h / ratio), int(w / ratio)
+    new_h = int(h / ratio)
+    new_w = int(w / ratio)
     resized = F.interpolate(images, size=(new_h, new_w), mode="bilinear", align_corners=False)
     return F.pad(resized, (max(0, width - new_w), 0, max(0, height - new_h), 0), value=0.0)
 
