@@ -31,7 +31,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-if os.environ.get("RANK", "0") != "0":  # torchrun: only rank 0 shows progress bars (tqdm reads this on import)
+# torchrun: only rank 0 shows progress bars (tqdm reads this on import)
+if os.environ.get("RANK", "0") != "0":
     os.environ["TQDM_DISABLE"] = "1"
 
 import numpy as np
@@ -48,6 +49,14 @@ from policy import SmolVLAPolicy
 from smolvla import ACTION, IMAGE_PREFIX, STATE, SmolVLAConfig
 
 DEFAULT_POLICY = "lerobot/smolvla_base"
+
+
+def _usable_cores():
+    """The CPU cores this process may run on (its affinity where the OS says, else the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
 
 # ----------------------------------------------------------------------------------------------------
 # The recipe: every default of a training run. Command-line values win; a resumed run takes the values
@@ -67,7 +76,7 @@ RECIPE = {
     "decay_steps": 30_000,   # the cosine reaches decay_lr at this step (both shrunk for shorter runs)
     "decay_lr": 2.5e-6,      # the final learning rate
     # DataLoader worker processes (video decoding): 4, or fewer on a machine with fewer usable cores
-    "num_workers": min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1),
+    "num_workers": min(4, _usable_cores()),
     "save_every": 5_000,     # checkpoint period in steps (0: only at the end)
     "log_every": 100,        # progress-bar refresh period in steps
     "seed": 1000,            # data order, flow-matching noise and time, a fresh expert's initialization
@@ -103,8 +112,11 @@ def fit_schedule(warmup_steps, decay_steps, total_steps):
 
 def make_lr_scheduler(optimizer, peak_lr, final_lr, warmup_steps, decay_steps):
     """A LambdaLR whose multiplier turns the optimizer's peak lr into learning_rate(step, ...)."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate(step, peak_lr, final_lr, warmup_steps, decay_steps) / peak_lr)
+
+    def fraction_of_peak(step):
+        return learning_rate(step, peak_lr, final_lr, warmup_steps, decay_steps) / peak_lr
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fraction_of_peak)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,9 +139,11 @@ class Processes:
 
 
 def start_processes(device_name):
-    """Join torchrun's process group if we were started by it (WORLD_SIZE > 1), and pick this process's device."""
+    """Join torchrun's process group if we were started by it (WORLD_SIZE > 1), and pick this process's
+    device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    rank = int(os.environ.get("RANK", "0"))  # among all processes
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # among this machine's processes
     if device_name is None:
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device_name)
@@ -167,18 +181,22 @@ def check_output(output, resume):
     try:  # the sure test of "writable" (permission bits say yes to root on read-only or virtual file systems)
         tempfile.TemporaryDirectory(dir=existing).cleanup()
     except OSError:
-        raise PermissionError(f"cannot write to the output directory {output!r} ({existing} is not a writable "
-                              "directory); choose another with --output.") from None
+        raise PermissionError(f"cannot write to the output directory {output!r} ({existing} is not a "
+                              "writable directory); choose another with --output.") from None
     if not resume and os.path.isdir(os.path.join(output, "checkpoints")):
-        raise FileExistsError(f"{output!r} already holds a training run; continue it with `python train.py "
-                              f"--resume {output}` (and more --steps), or choose a new --output.")
+        raise FileExistsError(f"{output!r} already holds a training run; continue it with "
+                              f"`python train.py --resume {output}` (and more --steps), or choose a new "
+                              "--output.")
 
 
 def check_batch_size(samples, batch_size, world_size):
     """Every process needs at least one full batch per epoch."""
     if samples // world_size < batch_size:
-        raise ValueError(f"the dataset has {samples} samples, fewer than one batch of {batch_size} per process "
-                         f"({world_size} process{'es' if world_size > 1 else ''}): lower --batch-size.")
+        processes = "process"
+        if world_size > 1:
+            processes = "processes"
+        raise ValueError(f"the dataset has {samples} samples, fewer than one batch of {batch_size} per "
+                         f"process ({world_size} {processes}): lower --batch-size.")
 
 
 def features_from_dataset(dataset):
@@ -196,33 +214,47 @@ def check_dataset_fits_policy(config, dataset, rename):
     """One clear error if the dataset cannot train this policy: cameras named differently, or state/action
     dims that differ. Policy cameras the dataset does not have at all (smolvla_base reads three, most
     datasets have two) are dropped from the policy's inputs, as the reference does silently; we say so."""
-    short = lambda key: key[len(IMAGE_PREFIX):]
     # the dataset's own camera names (before --rename), for the hint
     original = {new: old for old, new in rename.items()}
-    dataset_name = lambda key: original.get(short(key), short(key))
+
+    def short(key):
+        """A camera's key without the observation.images. prefix: the name the flags use."""
+        return key[len(IMAGE_PREFIX):]
+
+    def dataset_name(key):
+        """A camera's name as the dataset itself calls it (before --rename)."""
+        return original.get(short(key), short(key))
+
     policy_cameras = config.camera_keys
     missing = [key for key in policy_cameras if key not in dataset.camera_keys]
     unused = [key for key in dataset.camera_keys if key not in policy_cameras]
     if unused and (missing or not policy_cameras):
+        # the renames that would pair the dataset's unused cameras with the policy's missing ones
         pairs = [(dataset_name(old), short(new)) for old, new in zip(unused, missing)]
         hint = ",".join(f"{old}={new}" for old, new in pairs if old != new)
-        renamed = f" (called {[short(k) for k in dataset.camera_keys]} after --rename)" if rename else ""
-        raise ValueError(f"the dataset's cameras {[dataset_name(k) for k in dataset.camera_keys]}{renamed} are not "
-                         f"the policy's {[short(k) for k in policy_cameras]}: map them with --rename"
-                         + (f", e.g. --rename {hint}" if hint else ""))
+        dataset_cameras = [dataset_name(key) for key in dataset.camera_keys]
+        renamed = ""
+        if rename:
+            renamed = f" (called {[short(key) for key in dataset.camera_keys]} after --rename)"
+        message = (f"the dataset's cameras {dataset_cameras}{renamed} are not "
+                   f"the policy's {[short(key) for key in policy_cameras]}: map them with --rename")
+        if hint:
+            message += f", e.g. --rename {hint}"
+        raise ValueError(message)
     for key, kind in ((STATE, "input_features"), (ACTION, "output_features")):
         wanted = int(getattr(config, kind)[key]["shape"][0])
         found = int(dataset.stats[key]["mean"].shape[0])
         if wanted != found:
-            raise ValueError(f"the dataset's {key} has {found} dims but the policy's has {wanted}; fine-tuning "
-                             "needs the same robot (or start a new policy with --from-scratch).")
+            raise ValueError(f"the dataset's {key} has {found} dims but the policy's has {wanted}; "
+                             "fine-tuning needs the same robot (or start a new policy with --from-scratch).")
     if missing:
-        print(f"note: the dataset has no {[short(k) for k in missing]} camera(s); the policy is trained without "
-              "them (they are removed from its input features).")
+        print(f"note: the dataset has no {[short(key) for key in missing]} camera(s); the policy is trained "
+              "without them (they are removed from its input features).")
         for key in missing:
             del config.input_features[key]
     if unused:
-        print(f"note: the policy does not read the dataset's {[dataset_name(k) for k in unused]} camera(s).")
+        print(f"note: the policy does not read the dataset's {[dataset_name(key) for key in unused]} "
+              "camera(s).")
 
 
 def policy_to_train(args, dataset):
@@ -258,9 +290,13 @@ def lerobot_optimizer_fields(options):
     """The run's optimizer and scheduler numbers under lerobot's config.json names (what lerobot reads back
     to continue training): a checkpoint says how it was trained, from the one home of those numbers."""
     return {
-        "optimizer_lr": options["lr"], "optimizer_betas": list(options["betas"]), "optimizer_eps": options["eps"],
-        "optimizer_weight_decay": options["weight_decay"], "optimizer_grad_clip_norm": options["grad_clip"],
-        "scheduler_warmup_steps": options["warmup_steps"], "scheduler_decay_steps": options["decay_steps"],
+        "optimizer_lr": options["lr"],
+        "optimizer_betas": list(options["betas"]),
+        "optimizer_eps": options["eps"],
+        "optimizer_weight_decay": options["weight_decay"],
+        "optimizer_grad_clip_norm": options["grad_clip"],
+        "scheduler_warmup_steps": options["warmup_steps"],
+        "scheduler_decay_steps": options["decay_steps"],
         "scheduler_decay_lr": options["decay_lr"],
     }
 
@@ -275,9 +311,14 @@ def save_checkpoint(output, step, policy, optimizer, scheduler, history, options
     temporary = tempfile.mkdtemp(prefix=f".{step:06d}-", dir=checkpoints)
     policy.config.extra.update(lerobot_optimizer_fields(options))
     policy.save_pretrained(os.path.join(temporary, "pretrained_model"))
-    torch.save({"step": step, "options": options, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "history": history},
-               os.path.join(temporary, "training_state.pt"))
+    training_state = {
+        "step": step,
+        "options": options,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "history": history,
+    }
+    torch.save(training_state, os.path.join(temporary, "training_state.pt"))
     if os.path.isdir(final):  # the same step saved again (a resumed run): replace it
         shutil.rmtree(final)
     os.replace(temporary, final)
@@ -287,7 +328,8 @@ def save_checkpoint(output, step, policy, optimizer, scheduler, history, options
 
 
 def replace_link(directory, name, target):
-    """directory/name -> target (relative to directory), replaced atomically: a reader never finds it missing."""
+    """directory/name -> target (relative to directory), replaced atomically: a reader never finds it
+    missing."""
     temporary = os.path.join(directory, f".{name}-{os.getpid()}")
     os.symlink(target, temporary)
     os.replace(temporary, os.path.join(directory, name))
@@ -340,7 +382,13 @@ class TrainingLoss(nn.Module):
 
 
 def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """The batch's tensors moved to the device (its task strings as they are)."""
+    moved = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            value = value.to(device, non_blocking=True)
+        moved[key] = value
+    return moved
 
 
 def batches(dataset, batch_size, processes, seed, num_workers, start_step):
@@ -350,7 +398,8 @@ def batches(dataset, batch_size, processes, seed, num_workers, start_step):
     batches the first run consumed and then sees the same ones it would have.
     """
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=processes.world_size,
-                                                  rank=processes.rank, shuffle=True, seed=seed, drop_last=True)
+                                                  rank=processes.rank, shuffle=True, seed=seed,
+                                                  drop_last=True)
     per_epoch = len(sampler) // batch_size
     epoch, skip = divmod(start_step, per_epoch)
     while True:
@@ -361,7 +410,8 @@ def batches(dataset, batch_size, processes, seed, num_workers, start_step):
             pin_memory=processes.device.type == "cuda", persistent_workers=False,
             generator=torch.Generator().manual_seed(seed + epoch))
         yield from loader
-        epoch, skip = epoch + 1, 0
+        epoch += 1
+        skip = 0  # only the resumed epoch starts part-way
 
 
 def use_autocast(device):
@@ -382,44 +432,66 @@ def training_step(model, optimizer, trainable, batch, grad_clip, autocast):
 
 
 def train(policy, dataset, args, processes, start=None):
-    """Run the optimization; returns the history [{"step", "loss", "lr"}]. `start`: a loaded training state."""
+    """Run the optimization; returns the history [{"step", "loss", "lr"}]. `start`: a loaded training
+    state."""
     device = processes.device
-    autocast = use_autocast(device) if args.bf16 is None else args.bf16
+    autocast = args.bf16
+    if autocast is None:
+        autocast = use_autocast(device)
     trainable, optimizer = prepare_training(policy, args, device, autocast)
     model = TrainingLoss(policy)
     if processes.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = None  # gloo on CPUs
+        if device.type == "cuda":
+            device_ids = [device.index]
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     warmup, decay = fit_schedule(args.warmup_steps, args.decay_steps, args.steps)
     scheduler = make_lr_scheduler(optimizer, args.lr, args.decay_lr, warmup, decay)
-    step, history = 0, []
+    step = 0  # optimizer steps taken
+    history = []  # one {"step", "loss", "lr"} per step
     if args.rtc_max_delay:  # the checkpoint says so (policy.TRAINED_ON_FILE): its sampler may use it
         policy.trained_on["rtc_max_delay"] = args.rtc_max_delay
     if start is not None:
         optimizer.load_state_dict(start["optimizer"])
         scheduler.load_state_dict(start["scheduler"])
-        step, history = start["step"], start["history"]
+        step = start["step"]
+        history = start["history"]
     data = batches(dataset, args.batch_size, processes, args.seed, args.num_workers, step)
     samples_per_step = args.batch_size * processes.world_size
     if processes.is_main:
         count = sum(p.numel() for p in trainable)
-        print(f"training {count:,} of {sum(p.numel() for p in policy.parameters()):,} parameters on "
+        total = sum(p.numel() for p in policy.parameters())
+        print(f"training {count:,} of {total:,} parameters on "
               f"{processes.world_size} x {device} (bf16 autocast: {'on' if autocast else 'off'}), "
               f"{len(dataset):,} samples, steps {step} -> {args.steps}")
     # what it learns from, saved beside it (policy.TRAINED_ON_FILE): the defaults and checks of its drivers
     info = getattr(dataset, "info", {})  # "norm_mode": the joints' units, where the dataset says (record.py)
-    policy.trained_on = {**policy.trained_on, "fps": dataset.fps, "norm_mode": info.get("norm_mode"),
-                         "tasks": list(dataset.tasks)}
+    policy.trained_on = {
+        **policy.trained_on,
+        "fps": dataset.fps,
+        "norm_mode": info.get("norm_mode"),
+        "tasks": list(dataset.tasks),
+    }
     bar = tqdm(total=args.steps, initial=step, disable=not processes.is_main, dynamic_ncols=True)
-    tick, tick_step, loss_sum, loss_count = time.perf_counter(), step, 0.0, 0
+    # the progress bar's window: since when, from which step, and the losses summed in it
+    tick = time.perf_counter()
+    tick_step = step
+    loss_sum = 0.0
+    loss_count = 0
     while step < args.steps:
         batch = to_device(next(data), device)
         # The flow-matching noise and time of step k depend only on (seed, k, rank): a resumed run
         # draws exactly what the first run would have drawn, without storing random-generator states.
         torch.manual_seed(args.seed * 1_000_003 + step * processes.world_size + processes.rank)
-        if args.rtc_max_delay:  # training-time RTC (flow.py): each sample's first d ~ U{0..D} actions are given
-            batch["rtc_delay"] = torch.randint(0, args.rtc_max_delay + 1, (len(batch["task"]),), device=device)
-        if args.rtc_prefix_offset:  # ... shifted by a random offset the continuation recovers from
-            batch["rtc_offset"] = prefix_offsets(batch["rtc_delay"], *batch[ACTION].shape[1:], args.rtc_prefix_offset)
+        # training-time RTC (flow.py): each sample's first d ~ U{0..D} actions are given
+        if args.rtc_max_delay:
+            batch_size = len(batch["task"])
+            batch["rtc_delay"] = torch.randint(0, args.rtc_max_delay + 1, (batch_size,), device=device)
+        # ... shifted by a random offset the continuation recovers from
+        if args.rtc_prefix_offset:
+            chunk_size, action_dim = batch[ACTION].shape[1:]
+            batch["rtc_offset"] = prefix_offsets(batch["rtc_delay"], chunk_size, action_dim,
+                                                 args.rtc_prefix_offset)
         lr = optimizer.param_groups[0]["lr"]
         loss = training_step(model, optimizer, trainable, batch, args.grad_clip, autocast)
         scheduler.step()
@@ -430,22 +502,29 @@ def train(policy, dataset, args, processes, start=None):
             dist.all_reduce(value)
             value /= processes.world_size
         history.append({"step": step, "loss": value.item(), "lr": lr})
-        loss_sum, loss_count = loss_sum + history[-1]["loss"], loss_count + 1
+        loss_sum += history[-1]["loss"]
+        loss_count += 1
         bar.update(1)
         if step % args.log_every == 0 or step == args.steps:
             now = time.perf_counter()
             rate = (step - tick_step) * samples_per_step / max(now - tick, 1e-9)
             bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}")
-            tick, tick_step, loss_sum, loss_count = now, step, 0.0, 0
+            # a new window starts here
+            tick = now
+            tick_step = step
+            loss_sum = 0.0
+            loss_count = 0
         if (args.save_every and step % args.save_every == 0) or step == args.steps:
             if processes.distributed:
                 check_ranks_agree(policy, processes)
             if processes.is_main:
-                save_checkpoint(args.output, step, policy, optimizer, scheduler, history,
-                                {name: getattr(args, name) for name in RUN_OPTIONS})
+                options = {name: getattr(args, name) for name in RUN_OPTIONS}
+                save_checkpoint(args.output, step, policy, optimizer, scheduler, history, options)
     bar.close()
-    if processes.distributed and check_ranks_agree(policy, processes) and processes.is_main:
-        print(f"all {processes.world_size} processes hold identical weights after step {step}")
+    if processes.distributed:
+        check_ranks_agree(policy, processes)  # raises if they differ
+        if processes.is_main:
+            print(f"all {processes.world_size} processes hold identical weights after step {step}")
     return history
 
 
@@ -456,9 +535,11 @@ def train(policy, dataset, args, processes, start=None):
 def add_run_arguments(parser):
     """The flags of a training run, whatever it learns from (demo.py adds them to its own)."""
     parser.add_argument("--steps", type=int, help=f"optimizer steps ({RECIPE['steps']})")
-    parser.add_argument("--batch-size", type=int, help=f"samples per step and process ({RECIPE['batch_size']})")
+    parser.add_argument("--batch-size", type=int,
+                        help=f"samples per step and process ({RECIPE['batch_size']})")
     parser.add_argument("--lr", type=float, help=f"peak learning rate ({RECIPE['lr']})")
-    parser.add_argument("--decay-lr", type=float, help=f"learning rate at the end of the cosine ({RECIPE['decay_lr']})")
+    parser.add_argument("--decay-lr", type=float,
+                        help=f"learning rate at the end of the cosine ({RECIPE['decay_lr']})")
     parser.add_argument("--warmup-steps", type=int, help=f"linear warmup ({RECIPE['warmup_steps']})")
     parser.add_argument("--decay-steps", type=int,
                         help=f"cosine length ({RECIPE['decay_steps']}; shrunk to --steps if longer)")
@@ -468,14 +549,17 @@ def add_run_arguments(parser):
     parser.add_argument("--output", help="run directory (default outputs/train/<date>_<dataset>)")
     parser.add_argument("--resume", help="continue a run: its output dir or one of its checkpoint dirs")
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
-    parser.add_argument("--num-workers", type=int, help=f"DataLoader worker processes ({RECIPE['num_workers']})")
+    parser.add_argument("--num-workers", type=int,
+                        help=f"DataLoader worker processes ({RECIPE['num_workers']})")
     parser.add_argument("--save-every", type=int,
                         help=f"checkpoint period in steps, 0: only at the end ({RECIPE['save_every']})")
     parser.add_argument("--log-every", type=int, help=f"progress-bar refresh period ({RECIPE['log_every']})")
     parser.add_argument("--seed", type=int, help=f"data order and noise ({RECIPE['seed']})")
-    parser.add_argument("--rtc-max-delay", type=int, help="training-time Real-Time Chunking: up to D given actions")
+    parser.add_argument("--rtc-max-delay", type=int,
+                        help="training-time Real-Time Chunking: up to D given actions")
     parser.add_argument("--rtc-prefix-offset", type=float,
-                        help="with --rtc-max-delay: std of a random shift of the given actions, normalized (0: none)")
+                        help="with --rtc-max-delay: std of a random shift of the given actions, "
+                             "normalized (0: none)")
 
 
 def build_parser():
@@ -485,10 +569,12 @@ def build_parser():
     parser.add_argument("--policy", default=DEFAULT_POLICY,
                         help=f"checkpoint to fine-tune, hub id or directory ({DEFAULT_POLICY})")
     parser.add_argument("--from-scratch", action="store_true",
-                        help="start from the SmolVLM2 weights (--vlm) with a freshly initialized action expert")
+                        help="start from the SmolVLM2 weights (--vlm) with a freshly initialized "
+                             "action expert")
     parser.add_argument("--vlm", default=None,
                         help="VLM config/weights/tokenizer, dir or hub id "
-                             f"(from scratch: {SmolVLAConfig.vlm_model_name}; fine-tuning: the checkpoint's own)")
+                             f"(from scratch: {SmolVLAConfig.vlm_model_name}; "
+                             "fine-tuning: the checkpoint's own)")
     parser.add_argument("--train-vlm", action="store_true", default=None,
                         help="also train the VLM (text layers and connector)")
     parser.add_argument("--rename", help="camera renames dataset=policy, e.g. top=camera1,wrist=camera2")
@@ -502,7 +588,8 @@ def check_rtc_flags(parser, args):
         parser.error("--rtc-max-delay must be >= 0")
     offset_without_prefixes = args.rtc_prefix_offset and not (args.rtc_max_delay or args.resume)
     if (args.rtc_prefix_offset or 0) < 0 or offset_without_prefixes:
-        parser.error("--rtc-prefix-offset must be >= 0, and shifts the prefixes of --rtc-max-delay: give both")
+        parser.error("--rtc-prefix-offset must be >= 0, and shifts the prefixes of --rtc-max-delay: "
+                     "give both")
 
 
 def parse_args(argv=None):
@@ -525,15 +612,26 @@ def fill_options(args, saved=None, defaults=RECIPE, at_least=None):
     if args.decay_steps is None:
         args.decay_steps = args.steps
     # numbers that cannot run, all named in one message before anything loads
-    lowest = {"steps": 1, "batch_size": 1, "log_every": 1, "decay_steps": 1, "num_workers": 0, "save_every": 0,
-              "warmup_steps": 0, "lr": 1e-30, "decay_lr": 0, "grad_clip": 1e-30}
+    lowest = {
+        "steps": 1,
+        "batch_size": 1,
+        "log_every": 1,
+        "decay_steps": 1,
+        "num_workers": 0,
+        "save_every": 0,
+        "warmup_steps": 0,
+        "lr": 1e-30,
+        "decay_lr": 0,
+        "grad_clip": 1e-30,
+    }
     lowest.update(at_least or {})
     wrong = []
     for name, low in lowest.items():
         if getattr(args, name) < low:
             wrong.append(f"--{name.replace('_', '-')} {getattr(args, name)}")
     if wrong:
-        raise ValueError(f"{', '.join(wrong)}: counts must be at least 1 (workers, periods, warmup: 0), rates positive")
+        raise ValueError(f"{', '.join(wrong)}: counts must be at least 1 (workers, periods, warmup: 0), "
+                         "rates positive")
     if args.rtc_prefix_offset and not args.rtc_max_delay:  # a resumed run without RTC prefixes
         raise ValueError("--rtc-prefix-offset shifts the prefixes of --rtc-max-delay, and this run has none")
 
@@ -546,12 +644,14 @@ def prepare(args, processes):
         start = torch.load(os.path.join(checkpoint, "training_state.pt"), weights_only=True)
         run = os.path.dirname(os.path.dirname(checkpoint))
         args.output = args.output or run
-        args.policy, args.from_scratch = os.path.join(checkpoint, "pretrained_model"), False
+        args.policy = os.path.join(checkpoint, "pretrained_model")
+        args.from_scratch = False  # the checkpoint has the expert it trained
     fill_options(args, start["options"] if start else None)
     if args.repo is None and args.resume:  # a demo's run (demo.py): it recorded its dataset into the run
         args.repo = os.path.join(run, "dataset")
     if start and start["step"] >= args.steps:
-        raise ValueError(f"the run is already at step {start['step']} of {args.steps}: give more --steps to continue it")
+        raise ValueError(f"the run is already at step {start['step']} of {args.steps}: "
+                         "give more --steps to continue it")
     if args.output is None:
         name = os.path.basename(os.path.normpath(args.repo))
         args.output = os.path.join("outputs", "train", f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{name}")
