@@ -337,7 +337,8 @@ TRAINED_ON_FILE = "trained_on.json"
 
 # Our parameter names differ from the checkpoints' only by these prefixes (the names inside each part
 # follow Hugging Face's). Columns: ours, lerobot's SmolVLA checkpoint, Hugging Face SmolVLM2 weights.
-LEROBOT, HF_VLM = 1, 2
+LEROBOT = 1  # the column of lerobot's SmolVLA checkpoint names
+HF_VLM = 2  # the column of Hugging Face's SmolVLM2 weight names
 NAME_PREFIXES = (
     ("vision.", "model.vlm_with_expert.vlm.model.vision_model.", "model.vision_model."),
     (
@@ -357,7 +358,8 @@ OLD_STATS_NAME = re.compile(
 
 
 def checkpoint_name(name: str, column: int) -> str | None:
-    """Our parameter name -> its name in a lerobot checkpoint (column LEROBOT) or SmolVLM2's weights (HF_VLM)."""
+    """Our parameter name -> its name in a lerobot checkpoint (column LEROBOT) or SmolVLM2's weights
+    (HF_VLM)."""
     for row in NAME_PREFIXES:
         if name.startswith(row[0]):
             return None if row[column] is None else row[column] + name[len(row[0]) :]
@@ -366,22 +368,34 @@ def checkpoint_name(name: str, column: int) -> str | None:
 
 def our_name(name: str, column: int) -> str | None:
     """A checkpoint tensor's name -> ours (None if it belongs to no part we know)."""
-    name = ".".join(p for p in name.split(".") if p != "_orig_mod")  # saved under torch.compile
+    name = ".".join(part for part in name.split(".") if part != "_orig_mod")  # saved under torch.compile
     for row in NAME_PREFIXES:
         if row[column] is not None and name.startswith(row[column]):
             return row[0] + name[len(row[column]) :]
     return None
 
 
-def load_weights(model: nn.Module, tensors: dict, column: int, skip=lambda name: False, assign: bool = False):
+def _skip_nothing(name: str) -> bool:
+    """load_weights' default skip: every tensor of the checkpoint is wanted."""
+    return False
+
+
+def load_weights(model: nn.Module, tensors: dict, column: int, skip=_skip_nothing, assign: bool = False):
     """Copy named tensors into the model, strictly: every parameter the checkpoint should hold must be there
     with the right shape, and every tensor must have a place. All problems are listed in one error.
 
     column: LEROBOT (a whole policy: every parameter is expected) or HF_VLM (only the VLM's parts).
     skip(our_name): tensors deliberately left out (the VLM's text layers beyond the first N).
     """
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if checkpoint_name(k, column) is not None}
-    found, seen, unexpected, misshaped = {}, set(), [], []
+    # our name -> its shape, for every tensor the checkpoint should hold
+    expected = {}
+    for key, value in model.state_dict().items():
+        if checkpoint_name(key, column) is not None:
+            expected[key] = tuple(value.shape)
+    found = {}  # our name -> the checkpoint's tensor, where it fits
+    seen = set()  # our names the checkpoint holds, fitting or not
+    unexpected = []  # checkpoint names with no place in the model
+    misshaped = []  # "name: checkpoint shape, model shape"
     for name, tensor in tensors.items():
         mine = our_name(name, column)
         if mine is not None and skip(mine):
@@ -399,7 +413,10 @@ def load_weights(model: nn.Module, tensors: dict, column: int, skip=lambda name:
         lines = [f"checkpoint does not fit the model built from its config ({len(found)} tensors matched):"]
         for title, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
             if names:
-                lines.append(f"  {len(names)} {title}: " + ", ".join(names[:20]) + (" …" if len(names) > 20 else ""))
+                listed = ", ".join(names[:20])  # the first 20, then an ellipsis
+                if len(names) > 20:
+                    listed += " …"
+                lines.append(f"  {len(names)} {title}: {listed}")
         raise ValueError("\n".join(lines))
     model.load_state_dict(found, strict=False, assign=assign)
 
@@ -415,7 +432,8 @@ def load_policy_tensors(model: nn.Module, tensors: dict) -> dict:
 def read_processor_stats(ckpt_dir: str) -> tuple[dict, str]:
     """New-format stats: the (un)normalizer steps of policy_pre/postprocessor.json name a safetensors
     file of flat `<feature>.<stat>` tensors. Returns ({feature: {stat: tensor}}, where they came from)."""
-    stats, sources = {}, []
+    stats = {}  # {feature: {stat: tensor}}
+    sources = []  # the stats files read
     for name in ("policy_preprocessor.json", "policy_postprocessor.json"):
         path = os.path.join(ckpt_dir, name)
         if not os.path.isfile(path):
@@ -430,26 +448,35 @@ def read_processor_stats(ckpt_dir: str) -> tuple[dict, str]:
                 feature, stat = key.rsplit(".", 1)
                 stats.setdefault(feature, {}).setdefault(stat, value)
             sources.append(step["state_file"])
-    return stats, " and ".join(sources) or "no policy_pre/postprocessor stats files"
+    if not sources:
+        return stats, "no policy_pre/postprocessor stats files"
+    return stats, " and ".join(sources)
 
 
 def read_buffer_stats(buffers: dict, config) -> tuple[dict, str]:
-    """Old-format stats: buffers inside model.safetensors such as normalize_inputs.buffer_observation_state.mean,
-    possibly with a dataset prefix (normalize_inputs.so100-red_buffer_…). Buffers left at inf were never set."""
-    features = {k.replace(".", "_"): k for k in {**config.input_features, **config.output_features}}
+    """Old-format stats: buffers inside model.safetensors such as
+    normalize_inputs.buffer_observation_state.mean, possibly with a dataset prefix
+    (normalize_inputs.so100-red_buffer_…). Buffers left at inf were never set."""
+    # a feature's name as the buffer names spell it (dots as underscores) -> the feature
+    features = {}
+    for feature in list(config.input_features) + list(config.output_features):
+        features[feature.replace(".", "_")] = feature
     stats = {}
     for key, value in buffers.items():
         _, _, feature, stat = OLD_STATS_NAME.match(key).groups()
         if torch.isfinite(value).all():
             stats.setdefault(features.get(feature, feature), {}).setdefault(stat, value)
-    return stats, "buffers in model.safetensors" if buffers else "no stats buffers in model.safetensors"
+    if not buffers:
+        return stats, "no stats buffers in model.safetensors"
+    return stats, "buffers in model.safetensors"
 
 
 def usable_stats(stats: dict, config) -> tuple[dict, list[str]]:
     """The state/action statistics that fit the config, and a note for each one that does not (statistics
     of another feature name or another robot's size are reported, not used)."""
     dims = {STATE: config.state_dim, ACTION: config.action_dim}
-    usable, ignored = {}, []
+    usable = {}  # {feature: {stat: tensor}} that fit
+    ignored = []  # a note for each statistic that does not
     for feature, feature_stats in stats.items():
         if feature not in dims:
             if feature not in config.input_features and feature not in config.output_features:
@@ -467,15 +494,22 @@ def usable_stats(stats: dict, config) -> tuple[dict, list[str]]:
 
 def preprocessor_steps(cfg: dict) -> list:
     """lerobot's SmolVLA input pipeline, as its policy_preprocessor.json describes it."""
-    tokenizer = {"max_length": cfg["tokenizer_max_length"], "task_key": "task", "padding_side": "right",
-                 "padding": cfg["pad_language_to"], "truncation": True, "tokenizer_name": cfg["vlm_model_name"]}
+    tokenizer = {
+        "max_length": cfg["tokenizer_max_length"],
+        "task_key": "task",
+        "padding_side": "right",
+        "padding": cfg["pad_language_to"],
+        "truncation": True,
+        "tokenizer_name": cfg["vlm_model_name"],
+    }
     normalizer = {"eps": NORM_EPS, "norm_map": cfg["normalization_mapping"]}
+    device_config = {"device": cfg["device"] or "cpu", "float_dtype": None}
     return [
         {"registry_name": "rename_observations_processor", "config": {"rename_map": {}}},
         {"registry_name": "to_batch_processor", "config": {}},
         {"registry_name": "smolvla_new_line_processor", "config": {}},
         {"registry_name": "tokenizer_processor", "config": tokenizer},
-        {"registry_name": "device_processor", "config": {"device": cfg["device"] or "cpu", "float_dtype": None}},
+        {"registry_name": "device_processor", "config": device_config},
         {"registry_name": "normalizer_processor", "config": normalizer},
     ]
 
