@@ -107,6 +107,17 @@ def test_synthetic_camera_films_the_current_joints():
     assert np.abs(camera.read().astype(int) - first).sum() > 0
 
 
+def test_a_world_that_saw_no_action_still_saves_a_gif_of_the_arm_where_it_stands(tmp_path):
+    # a --duration shorter than the first chunk's arrival: no look was taken
+    world = sim.ToyWorld(lambda: sim.HOME_DEG.copy(), camera_keys=())
+    frames = world.save_gif(tmp_path / "v.gif")
+    expected = Image.fromarray(world.scene.render(sim.HOME_DEG)).resize((256, 256))
+    np.testing.assert_array_equal(np.asarray(frames[0])[20:], np.asarray(expected)[20:])  # below the label
+    with Image.open(tmp_path / "v.gif") as gif:
+        assert gif.size == (256, 256)  # (identical frames: PIL stores them as one)
+    assert len(frames) == 6  # the one view, held for five more
+
+
 class ImageReadingController:
     """A hand-written policy that finds the red disc in the image and steps toward its IK solution: it
     must pass the demo's evaluation with real images and fail with shuffled ones."""

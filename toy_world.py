@@ -235,13 +235,17 @@ class ToyWorld:
     def save_gif(self, path, fps=FPS, before=()):
         """`before`, then per look the camera's view 4x larger with the tip's path so far (the last held)."""
         # the tip after each look, in the 256x256 frame's pixels (as render() maps the table)
+        looks = self.looks
+        if not looks:
+            # no action was executed (a run shorter than the first chunk): one frame of the arm where it stands
+            looks = [np.asarray(self.pose(), dtype=np.float64)]
         path_px = []
-        for x, y, _ in map(forward_kinematics, self.looks):
+        for x, y, _ in map(forward_kinematics, looks):
             column = 256 * (x - VIEW_X[0]) / (VIEW_X[1] - VIEW_X[0])
             row = 256 * (VIEW_Y[1] - y) / (VIEW_Y[1] - VIEW_Y[0])
             path_px.append((column, row))
         frames = list(before)
-        for n, joints in enumerate(self.looks, 1):
+        for n, joints in enumerate(looks, 1):
             frame = Image.fromarray(self.scene.render(joints)).resize((256, 256))
             ImageDraw.Draw(frame).line(path_px[:n], fill=(30, 90, 220), width=2)
             reached = self.reached and n >= self.reached["action"]
