@@ -16,7 +16,8 @@ Near the end of an episode fewer than `chunk_size` actions remain; the missing s
 last action and are flagged in `action_is_pad`, so the loss can ignore them.
 
 Reading order: `LeRobotDataset` comes first, its items (`__getitem__`) before how it is built; the
-machinery it uses follows it: the two on-disk layouts and normalization statistics (plumbing.py decodes the videos).
+machinery it uses follows it: the two on-disk layouts and normalization statistics (plumbing.py decodes
+the videos).
 
 Two on-disk layouts exist in the wild, and both are read here, every path coming from the templates in
 `meta/info.json`:
@@ -38,7 +39,8 @@ make a lookup fail.
 The writer of such datasets (`write_lerobot_dataset`, used by the tests and the demo) lives in record.py;
 mp4 decoding in plumbing.py; the reader's benchmark (samples per second through a DataLoader) in bench.py.
 Last here: the command line (`python data.py --help`): an episode's sheet (`--show DIR --episode N`), to
-look at a recording before training on it, and the frame cache listed (`--cache`) or emptied (`--clear-cache`).
+look at a recording before training on it, and the frame cache listed (`--cache`) or emptied
+(`--clear-cache`).
 """
 
 import argparse
@@ -55,13 +57,14 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from plumbing import (HelpFormatter, StreamingDecoder, aggregate_stats, decode_all, frame_times, read_json, resolve_dir,
-                      video_size)
+from plumbing import (HelpFormatter, StreamingDecoder, aggregate_stats, decode_all, frame_times, read_json,
+                      resolve_dir, video_size)
 from smolvla import IMAGE_PREFIX, STATE
 
 SUPPORTED_VERSIONS = ("v2.1", "v3.0")
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "smolvla", "frames")
-CACHE_DIR_VARIABLE = "SMOLVLA_CACHE_DIR"  # set it to put the frame cache elsewhere (a bigger disk, a test's tmp)
+# set it to put the frame cache elsewhere (a bigger disk, a test's tmp)
+CACHE_DIR_VARIABLE = "SMOLVLA_CACHE_DIR"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -99,7 +102,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} is out of range for a dataset of {len(self)} samples.")
         i = int(i) % len(self)
-        start, end = self._start[i], self._end[i]
+        start = self._start[i]  # the rows [start, end) of i's episode
+        end = self._end[i]
         # the next chunk_size actions of this episode; past its end repeat the last one and flag it as padding
         steps = i + np.arange(self.chunk_size)
         item = {
@@ -118,9 +122,13 @@ class LeRobotDataset(torch.utils.data.Dataset):
     def _image(self, key, i):
         """(3, H, W) uint8 frame of camera `key` for row i."""
         if self._frames is None or self._frames[0] != os.getpid():  # first use in this process (worker)
-            frames = [np.load(path, mmap_mode="r") for path in self._cache_files] if self._cached else StreamingDecoder()
+            if self._cached:
+                frames = [np.load(path, mmap_mode="r") for path in self._cache_files]
+            else:
+                frames = StreamingDecoder()
             self._frames = (os.getpid(), frames)
-        file_id, position = self._file_of[key][i], self._position_of[key][i]
+        file_id = self._file_of[key][i]
+        position = self._position_of[key][i]
         if self._cached:
             return self._frames[1][file_id][position]  # a view into the mapped file
         frame = self._frames[1].frame(self._video_files[file_id], self._frame_times[file_id], position)
@@ -136,28 +144,35 @@ class LeRobotDataset(torch.utils.data.Dataset):
     def __init__(self, repo_id_or_path, chunk_size=50, episodes=None, rename=None, revision=None,
                  max_cache_gb=64.0, cache_dir=None):
         root, download = self._locate(str(repo_id_or_path), revision)
-        self.chunk_size, self.root = chunk_size, root
+        self.chunk_size = chunk_size
+        self.root = root
         info = read_json(_require(root, os.path.join("meta", "info.json")), "meta/info.json")
         version = info.get("codebase_version")
         if version not in SUPPORTED_VERSIONS:
-            raise ValueError(f"{root} is a LeRobot {version} dataset; this reader supports {', '.join(SUPPORTED_VERSIONS)}. "
+            raise ValueError(f"{root} is a LeRobot {version} dataset; this reader supports "
+                             f"{', '.join(SUPPORTED_VERSIONS)}. "
                              "Convert it with lerobot's dataset conversion script first.")
         missing = [name for name in ("observation.state", "action") if name not in info["features"]]
         if missing:
-            raise ValueError(f"{root} has no {' or '.join(missing)} feature: SmolVLA trains on state and action.")
-        self.info, self.fps = info, info["fps"]
+            raise ValueError(f"{root} has no {' or '.join(missing)} feature: SmolVLA trains on state and "
+                             "action.")
+        self.info = info
+        self.fps = info["fps"]
         table = _episodes_v3(root, info) if version == "v3.0" else _episodes_v2(root, info)
         self.episodes = self._choose_episodes(table, episodes)
         video_keys = _video_keys(info)
         if download is not None:  # hub: fetch only the parquet and mp4 files of the chosen episodes
-            needed = {_data_path(info, e) for e in self.episodes}
-            needed |= {_video_path(info, e, key) for e in self.episodes for key in video_keys}
+            needed = set()
+            for episode in self.episodes:
+                needed.add(_data_path(info, episode))
+                for key in video_keys:
+                    needed.add(_video_path(info, episode, key))
             download(sorted(needed))
         self.tasks = _read_tasks(root, info)
         self._load_rows()
         self._rename = self._camera_renames(video_keys, rename or {})
         self.camera_keys = [self._rename[key] for key in video_keys]
-        self.stats = {self._rename.get(k, k): v for k, v in _read_stats(root, info).items()}
+        self.stats = {self._rename.get(key, key): stats for key, stats in _read_stats(root, info).items()}
         self._locate_frames(video_keys)
         self._frames = None  # per process: cached frame arrays or a streaming decoder
         cache_dir = cache_dir or os.environ.get(CACHE_DIR_VARIABLE) or DEFAULT_CACHE_DIR
@@ -182,15 +197,18 @@ class LeRobotDataset(torch.utils.data.Dataset):
             return [table[i] for i in sorted(table)]
         unknown = sorted(set(episodes) - set(table))
         if unknown:
-            raise ValueError(f"episodes {unknown} are not in the dataset (it has episodes {min(table)}..{max(table)}).")
+            raise ValueError(f"episodes {unknown} are not in the dataset (it has episodes "
+                             f"{min(table)}..{max(table)}).")
         return [table[i] for i in sorted(set(episodes))]
 
     def _load_rows(self):
-        """Read the chosen episodes' rows into flat numpy arrays (one row per item), episode bounds per row."""
-        wanted = {e["episode_index"] for e in self.episodes}
-        columns = ["observation.state", "action", "timestamp", "frame_index", "episode_index", "index", "task_index"]
+        """Read the chosen episodes' rows into flat numpy arrays (one row per item), episode bounds per
+        row."""
+        wanted = {episode["episode_index"] for episode in self.episodes}
+        columns = ["observation.state", "action", "timestamp", "frame_index", "episode_index", "index",
+                   "task_index"]
         tables = []
-        for path in sorted({_data_path(self.info, e) for e in self.episodes}):
+        for path in sorted({_data_path(self.info, episode) for episode in self.episodes}):
             full = os.path.join(self.root, path)
             if not os.path.exists(full):
                 raise FileNotFoundError(f"{self.root} is missing {path}, named by its episodes metadata.")
@@ -204,24 +222,38 @@ class LeRobotDataset(torch.utils.data.Dataset):
             values = table.column(name).combine_chunks()
             return values.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(table), -1)
 
-        self.state, self.action = matrix("observation.state"), matrix("action")
+        self.state = matrix("observation.state")
+        self.action = matrix("action")
         for name in ("timestamp", "frame_index", "episode_index", "index", "task_index"):
             setattr(self, "_" + name, table.column(name).to_numpy())
-        lengths = {e["episode_index"]: e["length"] for e in self.episodes}
+        lengths = {episode["episode_index"]: episode["length"] for episode in self.episodes}
         found = collections.Counter(self._episode_index.tolist())
-        short = {e: (found.get(e, 0), n) for e, n in lengths.items() if found.get(e, 0) != n}
+        short = {}  # episode index -> (rows found, expected length), where they differ
+        for episode_index, length in lengths.items():
+            if found.get(episode_index, 0) != length:
+                short[episode_index] = (found.get(episode_index, 0), length)
         if short:
-            raise ValueError(f"{self.root}: episodes {sorted(short)} have (rows, expected length) {short} in the data files.")
+            raise ValueError(f"{self.root}: episodes {sorted(short)} have (rows, expected length) {short} "
+                             "in the data files.")
         # rows are grouped by episode (sorted by global index): [start, end) of each row's episode
         change = np.flatnonzero(np.diff(self._episode_index)) + 1
-        starts, ends = np.r_[0, change], np.r_[change, len(table)]
-        self._start, self._end = np.repeat(starts, ends - starts), np.repeat(ends, ends - starts)
-        self._rows_of = {int(self._episode_index[a]): slice(a, b) for a, b in zip(starts, ends)}
+        starts = np.r_[0, change]
+        ends = np.r_[change, len(table)]
+        self._start = np.repeat(starts, ends - starts)
+        self._end = np.repeat(ends, ends - starts)
+        self._rows_of = {}  # episode index -> its rows
+        for start, end in zip(starts, ends):
+            self._rows_of[int(self._episode_index[start])] = slice(start, end)
 
     @staticmethod
     def _camera_renames(video_keys, rename):
         """{dataset key: our key}; rename names may be short ("top") or full ("observation.images.top")."""
-        full = lambda name: name if name.startswith(IMAGE_PREFIX) else IMAGE_PREFIX + name
+
+        def full(name):
+            if name.startswith(IMAGE_PREFIX):
+                return name
+            return IMAGE_PREFIX + name
+
         mapping = {full(old): full(new) for old, new in rename.items()}
         unknown = sorted(set(mapping) - set(video_keys))
         if unknown:
@@ -229,12 +261,18 @@ class LeRobotDataset(torch.utils.data.Dataset):
         return {key: mapping.get(key, key) for key in video_keys}
 
     def _locate_frames(self, video_keys):
-        """For every (camera, row): which mp4 holds its frame and at which position (nearest frame in time)."""
-        self._video_files, self._frame_times = [], []  # per file id
-        self._file_of, self._position_of = {}, {}  # per camera key: (N,) arrays
+        """For every (camera, row): which mp4 holds its frame and at which position (nearest frame in
+        time)."""
+        # per file id: the mp4's path, its frames' times
+        self._video_files = []
+        self._frame_times = []
+        # per camera key: (N,) arrays, the file id and frame position of each row
+        self._file_of = {}
+        self._position_of = {}
         file_ids = {}
         for key in video_keys:
-            files, positions = np.empty(len(self._index), dtype=np.int32), np.empty(len(self._index), dtype=np.int64)
+            files = np.empty(len(self._index), dtype=np.int32)
+            positions = np.empty(len(self._index), dtype=np.int64)
             for episode in self.episodes:
                 episode_index = episode["episode_index"]
                 path = os.path.join(self.root, _video_path(self.info, episode, key))
@@ -244,7 +282,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
                     file_ids[path] = len(self._video_files)
                     self._video_files.append(path)
                     self._frame_times.append(frame_times(path))
-                rows, times = self._rows_of[episode_index], self._frame_times[file_ids[path]]
+                rows = self._rows_of[episode_index]
+                times = self._frame_times[file_ids[path]]
                 wanted = _video_start(self.info, episode, key) + self._timestamp[rows].astype(np.float64)
                 # nearest frame: compare the neighbours on both sides of the insertion point
                 right = np.clip(np.searchsorted(times, wanted), 0, len(times) - 1)
@@ -253,34 +292,42 @@ class LeRobotDataset(torch.utils.data.Dataset):
                 miss = np.abs(times[nearest] - wanted) > 1.0 / self.fps
                 if miss.any():
                     raise ValueError(f"video {path} has no frame near t={wanted[miss][0]:.3f}s "
-                                     f"needed by episode {episode_index}: the file is damaged or shorter than its episode; "
-                                     "delete it and download or write the dataset again.")
-                files[rows], positions[rows] = file_ids[path], nearest
-            self._file_of[key], self._position_of[key] = files, positions
+                                     f"needed by episode {episode_index}: the file is damaged or shorter "
+                                     "than its episode; delete it and download or write the dataset again.")
+                files[rows] = file_ids[path]
+                positions[rows] = nearest
+            self._file_of[key] = files
+            self._position_of[key] = positions
 
     def _build_cache(self, max_cache_gb, cache_dir):
-        """Decode every needed mp4 once into `<cache_dir>/<hash>.npy` (uint8 frames), if they fit the budget."""
+        """Decode every needed mp4 once into `<cache_dir>/<hash>.npy` (uint8 frames), if they fit the
+        budget."""
         if not self._video_files or max_cache_gb <= 0:
             return False
-        shapes = [(len(t), 3) + video_size(path) for path, t in zip(self._video_files, self._frame_times)]
-        total_gb = sum(int(np.prod(s)) for s in shapes) / 1e9
+        # (frames, 3, H, W) of each video's cache
+        shapes = [(len(times), 3) + video_size(path)
+                  for path, times in zip(self._video_files, self._frame_times)]
+        total_gb = sum(int(np.prod(shape)) for shape in shapes) / 1e9
         os.makedirs(cache_dir, exist_ok=True)
         free_gb = shutil.disk_usage(cache_dir).free / 1e9
         if total_gb > max_cache_gb or total_gb > free_gb / 2:
-            print(f"{self.root}: decoding frames on the fly (decoded they take {total_gb:.1f} GB; max_cache_gb is "
-                  f"{max_cache_gb}, {free_gb:.0f} GB free in {cache_dir})")
+            print(f"{self.root}: decoding frames on the fly (decoded they take {total_gb:.1f} GB; "
+                  f"max_cache_gb is {max_cache_gb}, {free_gb:.0f} GB free in {cache_dir})")
             return False
         self._cache_files = [os.path.join(cache_dir, self._cache_name(path)) for path in self._video_files]
         todo = [i for i, path in enumerate(self._cache_files) if not os.path.exists(path)]
-        for path in self._cache_files:  # <hash>.source names the dataset (for --cache); rewritten: last used now
+        # <hash>.source names the dataset (for --cache); rewritten: last used now
+        for path in self._cache_files:
             with open(path[:-4] + ".source", "w") as f:
                 f.write(os.path.realpath(self.root))
-        entries, todo_bytes = cache_entries(cache_dir), sum(int(np.prod(shapes[i])) for i in todo)
+        entries = cache_entries(cache_dir)
+        todo_bytes = sum(int(np.prod(shapes[i])) for i in todo)
         while entries and sum(entry[1] for entry in entries) + todo_bytes > max_cache_gb * 1e9:
             os.remove(entries.pop(0)[0])  # the least recently used (ours, just marked, are the newest)
         if todo:
             total = sum(shapes[i][0] for i in todo)
-            with tqdm(total=total, desc=f"decoding videos into {cache_dir} ({total_gb:.2f} GB)", unit="frame") as bar:
+            description = f"decoding videos into {cache_dir} ({total_gb:.2f} GB)"
+            with tqdm(total=total, desc=description, unit="frame") as bar:
                 for i in todo:
                     partial = f"{self._cache_files[i]}.{os.getpid()}.partial"
                     out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shapes[i])
@@ -297,12 +344,14 @@ class LeRobotDataset(torch.utils.data.Dataset):
     @staticmethod
     def _cache_name(path):
         stat = os.stat(path)
-        key = f"(N, 3, H, W) uint8|{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}"  # layout in the key
+        # the layout is in the key too
+        key = f"(N, 3, H, W) uint8|{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
         return hashlib.sha1(key.encode()).hexdigest() + ".npy"
 
 
 def cache_entries(cache_dir):
-    """The frame cache's files, least recently used first: [(path, bytes, dataset)], from their .source files."""
+    """The frame cache's files, least recently used first: [(path, bytes, dataset)], from their .source
+    files."""
     names = os.listdir(cache_dir) if os.path.isdir(cache_dir) else []
     sources = [os.path.join(cache_dir, name) for name in names if name.endswith(".source")]
     pairs = [(source[:-7] + ".npy", source) for source in sorted(sources, key=os.path.getmtime)]
@@ -331,19 +380,24 @@ def recorded_episodes(root):
     path = os.path.join(root, "meta", "info.json")
     info = read_json(path, "meta/info.json") if os.path.isfile(path) else None
     if info is not None and info.get("codebase_version") != "v3.0":
-        raise ValueError(f"{root} is a {info.get('codebase_version')} dataset: recording appends to v3.0 ones only")
+        raise ValueError(f"{root} is a {info.get('codebase_version')} dataset: recording appends to v3.0 "
+                         "ones only")
     episodes = os.path.join(root, "meta", "episodes", "chunk-000", "file-000.parquet")
-    return info, pq.read_table(episodes).to_pylist() if info and os.path.isfile(episodes) else []
+    if info and os.path.isfile(episodes):
+        return info, pq.read_table(episodes).to_pylist()
+    return info, []
 
 
 def _episodes_v3(root, info):
     """meta/episodes/chunk-*/file-*.parquet -> {episode_index: row dict} (data/video file of each episode)."""
     folder = _require(root, os.path.join("meta", "episodes"))
-    files = sorted(
-        os.path.join(dirpath, name) for dirpath, _, names in os.walk(folder) for name in names if name.endswith(".parquet")
-    )
+    files = []
+    for dirpath, _, names in os.walk(folder):
+        files += [os.path.join(dirpath, name) for name in names if name.endswith(".parquet")]
+    files.sort()
     if not files:
-        raise FileNotFoundError(f"{root} has no meta/episodes/*/*.parquet: not a complete LeRobot v3.0 dataset.")
+        raise FileNotFoundError(f"{root} has no meta/episodes/*/*.parquet: not a complete LeRobot v3.0 "
+                                "dataset.")
     wanted = ["episode_index", "tasks", "length", "data/chunk_index", "data/file_index",
               "dataset_from_index", "dataset_to_index"]
     for key in _video_keys(info):
@@ -357,10 +411,12 @@ def _episodes_v3(root, info):
 def _episodes_v2(root, info):
     """meta/episodes.jsonl -> {episode_index: row dict}; rows by cumulative lengths, one file per episode."""
     rows = _read_jsonl(_require(root, os.path.join("meta", "episodes.jsonl")))
-    episodes, start = {}, 0
+    episodes = {}
+    start = 0  # the episode's first row in the whole dataset
     for row in sorted(rows, key=lambda r: r["episode_index"]):
-        chunk = row["episode_index"] // info["chunks_size"]
-        row.update({"dataset_from_index": start, "dataset_to_index": start + row["length"], "episode_chunk": chunk})
+        row["dataset_from_index"] = start
+        row["dataset_to_index"] = start + row["length"]
+        row["episode_chunk"] = row["episode_index"] // info["chunks_size"]
         episodes[row["episode_index"]] = row
         start += row["length"]
     return episodes
@@ -372,8 +428,10 @@ def _video_keys(info):
 
 def _data_path(info, episode):
     if info["codebase_version"] == "v3.0":
-        return info["data_path"].format(chunk_index=episode["data/chunk_index"], file_index=episode["data/file_index"])
-    return info["data_path"].format(episode_chunk=episode["episode_chunk"], episode_index=episode["episode_index"])
+        return info["data_path"].format(chunk_index=episode["data/chunk_index"],
+                                        file_index=episode["data/file_index"])
+    return info["data_path"].format(episode_chunk=episode["episode_chunk"],
+                                    episode_index=episode["episode_index"])
 
 
 def _video_path(info, episode, key):
@@ -396,10 +454,14 @@ def _read_tasks(root, info):
         return [row["task"] for row in sorted(rows, key=lambda r: r["task_index"])]
     table = pq.read_table(_require(root, os.path.join("meta", "tasks.parquet")))
     # lerobot writes the task strings as the pandas index of this table, whatever that column is called
-    text_columns = [name for name in table.column_names if pa.types.is_string(table.schema.field(name).type)
-                    or pa.types.is_large_string(table.schema.field(name).type)]
+    text_columns = []
+    for name in table.column_names:
+        column_type = table.schema.field(name).type
+        if pa.types.is_string(column_type) or pa.types.is_large_string(column_type):
+            text_columns.append(name)
     if "task_index" not in table.column_names or len(text_columns) != 1:
-        raise ValueError(f"{root}/meta/tasks.parquet should hold task_index and one text column, has {table.column_names}.")
+        raise ValueError(f"{root}/meta/tasks.parquet should hold task_index and one text column, has "
+                         f"{table.column_names}.")
     pairs = sorted(zip(table.column("task_index").to_pylist(), table.column(text_columns[0]).to_pylist()))
     return [task for _, task in pairs]
 
@@ -415,8 +477,11 @@ def _read_stats(root, info):
     else:
         rows = _read_jsonl(_require(root, os.path.join("meta", "episodes_stats.jsonl")))
         raw = aggregate_stats([row["stats"] for row in rows])
-    return {feature: {name: torch.tensor(np.asarray(value, dtype=np.float32)) for name, value in stats.items()}
-            for feature, stats in raw.items()}
+    tensors = {}
+    for feature, stats in raw.items():
+        tensors[feature] = {name: torch.tensor(np.asarray(value, dtype=np.float32))
+                            for name, value in stats.items()}
+    return tensors
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -430,22 +495,30 @@ def draw_episode(root, episode, path=None, frames=8):
     import matplotlib.pyplot as plt
 
     plt.switch_backend("Agg")  # (a file, no window)
-    dataset, path = LeRobotDataset(root, episodes=[episode], max_cache_gb=0), path or f"{root}/episode_{episode}.png"
-    names, cameras, t = dataset.info["features"][STATE]["names"], dataset.camera_keys, np.arange(len(dataset)) / dataset.fps
+    dataset = LeRobotDataset(root, episodes=[episode], max_cache_gb=0)
+    path = path or f"{root}/episode_{episode}.png"
+    names = dataset.info["features"][STATE]["names"]  # the joints
+    cameras = dataset.camera_keys
+    times = np.arange(len(dataset)) / dataset.fps  # (T,) seconds of each tick
     items = [dataset[int(i)] for i in np.linspace(0, len(dataset) - 1, frames).round()]
-    rows = recorded_episodes(dataset.root)[1] if dataset.info["codebase_version"] == "v3.0" else []  # a verdict?
-    judged = {True: "; success", False: "; failure"}.get(rows[episode].get("success") if rows else None, "")
+    # a verdict? record.py's v3.0 episodes may say whether the episode succeeded
+    rows = []
+    if dataset.info["codebase_version"] == "v3.0":
+        rows = recorded_episodes(dataset.root)[1]
+    success = rows[episode].get("success") if rows else None
+    judged = {True: "; success", False: "; failure"}.get(success, "")  # nothing without a verdict
     fig = plt.figure(figsize=(14, 1.8 * len(cameras) + 5), layout="constrained")
     strips, plots = fig.subfigures(2, 1, height_ratios=[1.8 * len(cameras) + 0.01, 5])
-    fig.suptitle(f"{root} episode {episode}: {len(dataset)} ticks at {dataset.fps} fps{judged}; task: {items[0]['task']!r}")
+    fig.suptitle(f"{root} episode {episode}: {len(dataset)} ticks at {dataset.fps} fps{judged}; "
+                 f"task: {items[0]['task']!r}")
     for camera, axes in zip(cameras, strips.subplots(max(len(cameras), 1), frames, squeeze=False)):
         for ax, item in zip(axes, items):
             ax.imshow(item[camera].permute(1, 2, 0).numpy())  # (3, H, W) -> (H, W, 3)
             ax.set_title(f"{camera[len(IMAGE_PREFIX):]}, {item['timestamp']:.1f} s", fontsize=9)
             ax.axis("off")
     for j, ax in enumerate(plots.subplots(2, (len(names) + 1) // 2, squeeze=False).flat[:len(names)]):
-        ax.plot(t, dataset.state[:, j], label="state (follower)")
-        ax.plot(t, dataset.action[:, j], "--", label="action (goal sent)")
+        ax.plot(times, dataset.state[:, j], label="state (follower)")
+        ax.plot(times, dataset.action[:, j], "--", label="action (goal sent)")
         ax.set(title=names[j], xlabel="time (s)")
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=80)
@@ -456,7 +529,8 @@ def draw_episode(root, episode, path=None, frames=8):
 def main(argv=None):
     """The command line: an episode's sheet (--show), or the frame cache listed by dataset (and emptied)."""
     parser = argparse.ArgumentParser(prog="data.py", formatter_class=HelpFormatter, description=(
-        "Look at a dataset's episode before training on it, or at the frame cache (videos decoded once, for every run).\n"
+        "Look at a dataset's episode before training on it, or at the frame cache (videos decoded once, for "
+        "every run).\n"
         "  python data.py --show DIR [--episode N] [--out PNG]   draw an episode's sheet (a PNG)\n"
         "  python data.py [--cache]                              list the frame cache by dataset\n"
         "  python data.py --clear-cache                          list it, then empty it"))
@@ -466,12 +540,14 @@ def main(argv=None):
     sheet.add_argument("--out", metavar="PNG", help="the PNG to write (default: DIR/episode_N.png)")
     cache = parser.add_argument_group(f"the frame cache (set {CACHE_DIR_VARIABLE} to put it elsewhere)")
     cache.add_argument("--cache", action="store_true", help="list it by dataset (also the default)")
-    cache.add_argument("--clear-cache", action="store_true", help="empty it (datasets decode their videos again)")
+    cache.add_argument("--clear-cache", action="store_true",
+                       help="empty it (datasets decode their videos again)")
     args = parser.parse_args(argv)
     if args.show is None and (args.episode is not None or args.out is not None):
         parser.error("--episode and --out choose the sheet that --show DIR draws: give --show")
     if args.show is not None and (args.cache or args.clear_cache):
-        parser.error("--show draws an episode's sheet, --cache and --clear-cache act on the frame cache: one at a time")
+        parser.error("--show draws an episode's sheet, --cache and --clear-cache act on the frame cache: "
+                     "one at a time")
     if args.show is not None:
         try:
             print(f"wrote {draw_episode(args.show, args.episode or 0, args.out)}")
@@ -482,7 +558,10 @@ def main(argv=None):
     sizes = collections.Counter()  # dataset -> bytes, least recently used first
     for _, size, dataset in cache_entries(cache_dir):
         sizes[dataset] += size
-    print(f"{cache_dir}: {sum(sizes.values()) / 1e9:.3f} GB" + "".join(f"\n{n / 1e9:10.3f} GB  {d}" for d, n in sizes.items()))
+    listing = f"{cache_dir}: {sum(sizes.values()) / 1e9:.3f} GB"
+    for dataset, size in sizes.items():
+        listing += f"\n{size / 1e9:10.3f} GB  {dataset}"
+    print(listing)
     if args.clear_cache:
         shutil.rmtree(cache_dir, ignore_errors=True)
         print(f"{cache_dir}: cleared")

@@ -51,10 +51,12 @@ def prepare(model: nn.Module, training: bool = False, pack: bool | None = None, 
     parts that get no gradient are cast to bf16 once. compile: torch.compile the vision tower and the expert
     (inductor packs the weights itself).
     """
-    # training in fp32: the frozen parts packed measured faster (train.py's step, smolvla_base, batch 2, 2 EPYC
-    # cores, quiet machine (load 0.2-1.7), interleaved: 6.50 and 6.23 s packed against 6.98 and 7.58 s plain;
-    # under heavy contention (load 5-6) the order had come out the other way: 40.7 s against 34.1 s median)
-    pack = not (training and autocast) if pack is None else pack
+    # training in fp32: the frozen parts packed measured faster (train.py's step, smolvla_base, batch 2,
+    # 2 EPYC cores, quiet machine (load 0.2-1.7), interleaved: 6.50 and 6.23 s packed against 6.98 and
+    # 7.58 s plain; under heavy contention (load 5-6) the order had come out the other way: 40.7 s against
+    # 34.1 s median)
+    if pack is None:
+        pack = not (training and autocast)
     # bf16 where the CPU has no bf16 kernels runs emulated, slower than float32: say so once
     weight = next(model.parameters())
     if autocast:
@@ -73,9 +75,11 @@ def prepare(model: nn.Module, training: bool = False, pack: bool | None = None, 
             part.to(torch.bfloat16)
     if training:
         text = model.text
-        text.keys_values = types.MethodType(
-            lambda self, x, mask, rope: untracked_prefix_keys_values(model, x, mask, rope), text
-        )
+
+        def keys_values_with_untracked_prefix(self, x, mask, rope):
+            return untracked_prefix_keys_values(model, x, mask, rope)
+
+        text.keys_values = types.MethodType(keys_values_with_untracked_prefix, text)
     if compile:
         reason = compile_unsupported()
         if reason is not None:
@@ -106,11 +110,17 @@ def untracked_prefix_keys_values(model: nn.Module, x: torch.Tensor, mask: torch.
     frozen = not any(p.requires_grad for part in vlm_parts for p in part.parameters())
     if not (torch.is_grad_enabled() and frozen):
         return TextModel.keys_values(model.text, x, mask, rope)
-    u = int(mask[0].diagonal().nonzero().max())  # the state token: the last real token of the prefix
-    assert not mask[:, :u, u:].any(), "the tokens before the state token must not attend to it or later"
+    # the state token: the last real token of the prefix
+    state_token_index = int(mask[0].diagonal().nonzero().max())
+    before = slice(None, state_token_index)  # the tokens before the state token
+    onward = slice(state_token_index, None)  # the state token and any padding after it
+    assert not mask[:, before, onward].any(), (
+        "the tokens before the state token must not attend to it or later")
     with torch.no_grad():
-        past = TextModel.keys_values(model.text, x[:, :u], mask[:, :u, :u], tuple(r[:, :u] for r in rope))
-    return TextModel.keys_values(model.text, x[:, u:], mask[:, u:], tuple(r[:, u:] for r in rope), past)
+        rope_before = tuple(angles[:, before] for angles in rope)
+        past = TextModel.keys_values(model.text, x[:, before], mask[:, before, before], rope_before)
+    rope_onward = tuple(angles[:, onward] for angles in rope)
+    return TextModel.keys_values(model.text, x[:, onward], mask[:, onward], rope_onward, past)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -144,9 +154,9 @@ def packing_unsupported(dtype: torch.dtype) -> str | None:
 
 def packing_trial(dtype: torch.dtype) -> str | None:
     """Pack a (16, 8) weight and run it on a (4, 8) input: None if the result is F.linear's, else why not."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 8, generator=g).to(dtype)
-    weight = torch.randn(16, 8, generator=g).to(dtype)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, generator=generator).to(dtype)
+    weight = torch.randn(16, 8, generator=generator).to(dtype)
     bias = torch.zeros(16, dtype=dtype)
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
@@ -204,8 +214,10 @@ class PackedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, gelu_tanh: bool = False):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
         assert packing_unsupported(linear.weight.dtype) is None, "pack only where the kernel runs"
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
         self.gelu_tanh = gelu_tanh
@@ -275,26 +287,37 @@ def linear_candidates(tokens: int, fan_in: int, fan_out: int, dtype: torch.dtype
     """Seconds of y = x·Wᵀ + b, (tokens, fan_in) -> (tokens, fan_out) in dtype, by each kernel: "plain"
     (F.linear), "packed" (oneDNN, weight packed once), and with gelu the tanh GELU after it "fused" into the
     packed kernel or as a "separate" pass."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(tokens, fan_in, generator=g).to(dtype)
-    w = (torch.randn(fan_out, fan_in, generator=g) / fan_in**0.5).to(dtype)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, fan_in, generator=generator).to(dtype)
+    w = (torch.randn(fan_out, fan_in, generator=generator) / fan_in**0.5).to(dtype)
     b = torch.zeros(fan_out, dtype=dtype)
+
+    def plain():
+        return F.linear(x, w, b)
+
     if packing_unsupported(dtype) is not None:
-        # only the plain kernel runs here (and with gelu there is nothing to choose: the GELU is a pass of its own)
+        # only the plain kernel runs here (and with gelu there is nothing to choose: the GELU is a pass of
+        # its own)
         assert not gelu, "the fused GELU needs the packed kernel"
-        return fastest_seconds({"plain": lambda: F.linear(x, w, b)})
+        return fastest_seconds({"plain": plain})
     packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
 
     def packed_product(post_op):
         algorithm = "tanh" if post_op == "gelu" else ""
         return torch.ops.mkldnn._linear_pointwise(x, packed, b, post_op, [], algorithm)
 
+    def packed_alone():
+        return packed_product("none")
+
+    def fused():
+        return packed_product("gelu")
+
+    def separate():
+        return F.gelu(packed_product("none"), approximate="tanh")
+
     if gelu:
-        fused = lambda: packed_product("gelu")  # noqa: E731
-        separate = lambda: F.gelu(packed_product("none"), approximate="tanh")  # noqa: E731
         return fastest_seconds({"fused": fused, "separate": separate})
-    plain = lambda: F.linear(x, w, b)  # noqa: E731
-    return fastest_seconds({"plain": plain, "packed": lambda: packed_product("none")})
+    return fastest_seconds({"plain": plain, "packed": packed_alone})
 
 
 def matmul_peak(shapes: list, dtype: torch.dtype) -> float:
@@ -324,7 +347,7 @@ def pack_linear_layers(model: nn.Module) -> nn.Module:
     then pack); the vision MLP's GELU is fused into its first product where that measures faster. Costs a
     second copy of those weights in memory. Layers off the CPU, or in a dtype whose packed kernel this CPU
     cannot run (packing_unsupported), stay plain nn.Linear, and PATHS says why."""
-    for mlp in [m for m in model.modules() if isinstance(m, VisionMLP)]:
+    for mlp in [module for module in model.modules() if isinstance(module, VisionMLP)]:
         # the vision MLP's GELU moves into its packed first product (an identity takes its place) where
         # that measures faster on this machine, for one frame's tokens
         fc1 = mlp.fc1
@@ -369,47 +392,62 @@ def chunk_flops(model: nn.Module, height: int, width: int, lang_tokens: int = LA
     """FLOPs of one chunk for one observation, by part: {"vision", "vlm_prefix", "expert_step", "expert",
     "total"}. Counts what the model computes: the vision tower per camera, the connector, the VLM over the
     prefix (the last layer only up to its keys/values), the cross-attention layers' k/v projections of the
-    prefix (once per chunk), and per flow step the suffix embedding, the expert and the velocity projection."""
+    prefix (once per chunk), and per flow step the suffix embedding, the expert and the velocity
+    projection."""
     cfg = model.config
     vision, text, factor, _ = parse_vlm_config(model.vlm_config)
     if cfg.resize_imgs_with_padding is not None:
         width, height = cfg.resize_imgs_with_padding
     patches = (height // vision.patch_size) * (width // vision.patch_size)
-    d, mlp = vision.hidden_size, vision.intermediate_size
-    per_layer = 4 * linear_flops(patches, d, d) + linear_flops(patches, d, mlp) + linear_flops(patches, mlp, d)
-    per_layer += attention_flops(patches, patches, vision.num_heads, d // vision.num_heads)
-    patch_embed = linear_flops(patches, vision.num_channels * vision.patch_size**2, d)
+    vision_width = vision.hidden_size
+    vision_mlp = vision.intermediate_size
+    # per vision layer: q, k, v, o; the MLP's two products; attention
+    per_layer = 4 * linear_flops(patches, vision_width, vision_width)
+    per_layer += linear_flops(patches, vision_width, vision_mlp)
+    per_layer += linear_flops(patches, vision_mlp, vision_width)
+    per_layer += attention_flops(patches, patches, vision.num_heads, vision_width // vision.num_heads)
+    patch_embed = linear_flops(patches, vision.num_channels * vision.patch_size**2, vision_width)
     image_tokens = patches // factor**2
-    connector = linear_flops(image_tokens, d * factor**2, text.hidden_size)
+    connector = linear_flops(image_tokens, vision_width * factor**2, text.hidden_size)
     cameras = len(cfg.camera_keys) + cfg.empty_cameras
     vision_total = cameras * (patch_embed + vision.num_layers * per_layer + connector)
 
     # the prefix: 64 tokens per camera (+3 marker tokens each if configured), the words, the state token
     prefix = cameras * (image_tokens + 3 * cfg.add_image_special_tokens) + lang_tokens + 1
     prefix = max(prefix, cfg.prefix_length)
-    w, heads, kv_heads, hd = text.hidden_size, text.num_heads, text.num_kv_heads, text.head_dim
-    qkv = linear_flops(prefix, w, heads * hd) + 2 * linear_flops(prefix, w, kv_heads * hd)
-    rest = attention_flops(prefix, prefix, heads, hd) + linear_flops(prefix, heads * hd, w)
-    rest += 3 * linear_flops(prefix, w, text.intermediate_size)
+    text_width = text.hidden_size
+    heads = text.num_heads
+    kv_heads = text.num_kv_heads
+    head_dim = text.head_dim
+    # per VLM layer: q, k, v (k and v with fewer, grouped heads); then attention, o and the MLP's three
+    qkv = linear_flops(prefix, text_width, heads * head_dim)
+    qkv += 2 * linear_flops(prefix, text_width, kv_heads * head_dim)
+    rest = attention_flops(prefix, prefix, heads, head_dim)
+    rest += linear_flops(prefix, heads * head_dim, text_width)
+    rest += 3 * linear_flops(prefix, text_width, text.intermediate_size)
     layers = len(model.text.layers)
     vlm_total = layers * qkv + (layers - 1) * rest  # the last layer's output is never used
-    vlm_total += linear_flops(1, cfg.max_state_dim, w)  # the state token
+    vlm_total += linear_flops(1, cfg.max_state_dim, text_width)  # the state token
     # expert: joint layers see prefix + suffix, cross layers the prefix through their own k/v projections
     expert = model.expert.layers[0]
-    we, e_mlp = expert.self_attn.q_proj.in_features, expert.mlp.up_proj.out_features
+    expert_width = expert.self_attn.q_proj.in_features
+    expert_mlp = expert.mlp.up_proj.out_features
     steps = cfg.chunk_size
-    step_total = linear_flops(steps, cfg.max_action_dim, we) + linear_flops(steps, 2 * we, we)
-    step_total += linear_flops(steps, we, we) + linear_flops(steps, we, cfg.max_action_dim)
-    for j, cross in model.expert.plan:
-        if j is None:
+    step_total = linear_flops(steps, cfg.max_action_dim, expert_width)
+    step_total += linear_flops(steps, 2 * expert_width, expert_width)
+    step_total += linear_flops(steps, expert_width, expert_width)
+    step_total += linear_flops(steps, expert_width, cfg.max_action_dim)
+    for expert_layer, cross in model.expert.plan:
+        if expert_layer is None:
             continue
-        step_total += 2 * linear_flops(steps, we, heads * hd) + 3 * linear_flops(steps, we, e_mlp)  # q, o, MLP
+        step_total += 2 * linear_flops(steps, expert_width, heads * head_dim)  # q, o
+        step_total += 3 * linear_flops(steps, expert_width, expert_mlp)  # the MLP
         if cross:
-            vlm_total += 2 * linear_flops(prefix, kv_heads * hd, kv_heads * hd)  # once per chunk
-            step_total += attention_flops(steps, prefix, heads, hd)
+            vlm_total += 2 * linear_flops(prefix, kv_heads * head_dim, kv_heads * head_dim)  # once per chunk
+            step_total += attention_flops(steps, prefix, heads, head_dim)
         else:
-            step_total += 2 * linear_flops(steps, we, kv_heads * hd)
-            step_total += attention_flops(steps, prefix + steps, heads, hd)
+            step_total += 2 * linear_flops(steps, expert_width, kv_heads * head_dim)
+            step_total += attention_flops(steps, prefix + steps, heads, head_dim)
     expert_total = cfg.num_steps * step_total
     return {
         "vision": vision_total,
