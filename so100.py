@@ -2,13 +2,16 @@
 
 SmolVLA (arXiv 2506.01844, §4) was trained on community data recorded on the SO-100, a ~$100 arm of six
 Feetech STS3215 servos. Those datasets do not hold encoder ticks: they hold each joint in lerobot's units
-(degrees, or −100..100 of the joint's range, and 0..100 for the gripper), measured from a per-arm calibration.
+(degrees, or −100..100 of the joint's range, and 0..100 for the gripper), measured from a per-arm
+calibration.
 So a policy's state and actions mean something only on an arm calibrated and read exactly as lerobot does.
 feetech.py speaks the servos' bus; this file turns it into that arm:
 
 - the joints: `MOTOR_NAMES` (ids 1..6) and `STATE_NAMES`, the dataset order of state and action vectors;
-- calibration: homing offsets and ranges, stored in lerobot's JSON format (`load_calibration`, `save_calibration`);
-- units: `ticks_to_units` / `units_to_ticks`, raw encoder ticks <-> the dataset's units, with lerobot's formulas;
+- calibration: homing offsets and ranges, stored in lerobot's JSON format (`load_calibration`,
+  `save_calibration`);
+- units: `ticks_to_units` / `units_to_ticks`, raw encoder ticks <-> the dataset's units, with lerobot's
+  formulas;
 - `SO100Follower`: connect, configure and calibrate the servos, read the state, send actions with a per-step
   safety cap, and switch the torque off whatever happens;
 - `SO100Leader`: the same arm with the torque off, moved by a person; its positions are the follower's goals;
@@ -16,8 +19,8 @@ feetech.py speaks the servos' bus; this file turns it into that arm:
 - `default_calibration`: where an arm's calibration is (open_arm, below, opens a real arm or "sim", a
   `virtual_arm.VirtualArm` on a pseudo-terminal).
 
-`python so100.py --port /dev/ttyACM0 setup-motors|scan|calibrate|read|move …` is the lab entry point (`--leader`
-for the leader arm); `--port sim` runs everything against the virtual arm.
+`python so100.py --port /dev/ttyACM0 setup-motors|scan|calibrate|read|move …` is the lab entry point
+(`--leader` for the leader arm); `--port sim` runs everything against the virtual arm.
 """
 
 import argparse
@@ -51,21 +54,37 @@ FULL_TURN_MOTOR = "wrist_roll"  # turns freely: its range is the whole encoder, 
 
 # Units of the joints (the gripper is always 0..100 = closed..open in the recorded range).
 NORM_MODES = ("degrees", "range_m100_100")
-# Calibration files live where lerobot keeps them, so a calibration made with lerobot loads as it is.
-CALIBRATION_DIR = Path(
-    os.getenv("HF_LEROBOT_CALIBRATION", Path(os.getenv("HF_LEROBOT_HOME", "~/.cache/huggingface/lerobot"))
-              / "calibration")
-).expanduser() / "robots" / "so_follower"
-LEADER_CALIBRATION_DIR = CALIBRATION_DIR.parents[1] / "teleoperators" / "so_leader"  # lerobot's, for leader arms
+# One motor's entry in a calibration file, in lerobot's format.
+CALIBRATION_FIELDS = ("id", "drive_mode", "homing_offset", "range_min", "range_max")
+# Calibration files live where lerobot keeps them, so a calibration made with lerobot loads as it is:
+# $HF_LEROBOT_CALIBRATION, else $HF_LEROBOT_HOME/calibration, else ~/.cache/huggingface/lerobot/calibration.
+_LEROBOT_HOME = Path(os.getenv("HF_LEROBOT_HOME", "~/.cache/huggingface/lerobot"))
+_CALIBRATION_ROOT = Path(os.getenv("HF_LEROBOT_CALIBRATION", _LEROBOT_HOME / "calibration")).expanduser()
+CALIBRATION_DIR = _CALIBRATION_ROOT / "robots" / "so_follower"
+LEADER_CALIBRATION_DIR = _CALIBRATION_ROOT / "teleoperators" / "so_leader"  # lerobot's, for leader arms
 
 
 def calibrate_command(port="PORT", leader=False, path=None):
-    """The command (for hints) that calibrates the arm on `port` (a virtual arm's pty: sim) and saves it as `path`:
-    NAME.json in the followers' or leaders' directory is --id NAME (the leaders': --leader), else --calibration."""
-    port, folder = "sim" if str(port).startswith("/dev/pts/") else str(port), path and Path(path).parent
-    leader, named = leader or folder == LEADER_CALIBRATION_DIR, folder in (CALIBRATION_DIR, LEADER_CALIBRATION_DIR)
-    where = ["--id", Path(path).stem] if named else ["--calibration", str(path)] if path else []
-    return shlex.join(["python", "so100.py", "--port", port, *["--leader"] * leader, *where, "calibrate"])
+    """The command (for hints) that calibrates the arm on `port` (a virtual arm's pty: sim) and saves it as
+    `path`: NAME.json in the followers' or leaders' directory is --id NAME (the leaders': --leader), else
+    --calibration."""
+    port = str(port)
+    if port.startswith("/dev/pts/"):
+        port = "sim"  # a virtual arm's pseudo-terminal: the command that makes one is --port sim
+    folder = None
+    if path:
+        folder = Path(path).parent
+    if folder == LEADER_CALIBRATION_DIR:
+        leader = True
+    command = ["python", "so100.py", "--port", port]
+    if leader:
+        command.append("--leader")
+    if folder in (CALIBRATION_DIR, LEADER_CALIBRATION_DIR):
+        command += ["--id", Path(path).stem]  # NAME.json in a calibration directory is what --id NAME reads
+    elif path:
+        command += ["--calibration", str(path)]
+    command.append("calibrate")
+    return shlex.join(command)
 
 
 def load_calibration(path_or_dict):
@@ -85,18 +104,21 @@ def load_calibration(path_or_dict):
     for name in MOTOR_NAMES:
         entry = source.get(name)
         if not isinstance(entry, dict):
-            raise ValueError(f"calibration has no entry for {name!r} (it has {list(source)}); expected lerobot's "
-                             "format {motor: {id, drive_mode, homing_offset, range_min, range_max}}")
+            raise ValueError(f"calibration has no entry for {name!r} (it has {list(source)}); expected "
+                             "lerobot's format "
+                             "{motor: {id, drive_mode, homing_offset, range_min, range_max}}")
         try:
-            entry = {k: int(entry[k]) for k in ("id", "drive_mode", "homing_offset", "range_min", "range_max")}
+            entry = {field: int(entry[field]) for field in CALIBRATION_FIELDS}
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"calibration of {name!r} is incomplete or not integer: {e}") from None
         if entry["id"] != MOTOR_IDS[name]:
-            raise ValueError(f"calibration says {name} has id {entry['id']}, the SO-100 uses {MOTOR_IDS[name]}")
+            raise ValueError(f"calibration says {name} has id {entry['id']}, "
+                             f"the SO-100 uses {MOTOR_IDS[name]}")
         if entry["drive_mode"] != 0:
             raise ValueError(f"{name}: drive_mode {entry['drive_mode']} (inverted) is not used by the SO-100")
         if not 0 <= entry["range_min"] <= entry["range_max"] <= MAX_TICK:
-            raise ValueError(f"{name}: range {entry['range_min']}..{entry['range_max']} is outside 0..{MAX_TICK}")
+            raise ValueError(f"{name}: range {entry['range_min']}..{entry['range_max']} "
+                             f"is outside 0..{MAX_TICK}")
         if entry["range_min"] == entry["range_max"]:
             raise ValueError(f"{name}: empty range {entry['range_min']}..{entry['range_max']} (was the joint "
                              "moved through its range during calibration?)")
@@ -112,7 +134,9 @@ def save_calibration(calibration, path):
 
 def _limits(calibration):
     """(range_min, range_max): two (6,) float64 arrays in the motors' order."""
-    return [np.array([calibration[n][key] for n in MOTOR_NAMES], dtype=np.float64) for key in ("range_min", "range_max")]
+    range_min = np.array([calibration[name]["range_min"] for name in MOTOR_NAMES], dtype=np.float64)
+    range_max = np.array([calibration[name]["range_max"] for name in MOTOR_NAMES], dtype=np.float64)
+    return [range_min, range_max]
 
 
 def ticks_to_units(raw, calibration, norm_mode="degrees"):
@@ -152,6 +176,11 @@ def _check_norm_mode(norm_mode):
         raise ValueError(f"norm_mode must be one of {NORM_MODES}, got {norm_mode!r}")
 
 
+def _enter_pressed_now():
+    """Was ENTER pressed (looked for during 50 ms)? The default `wait` of `calibrate`."""
+    return _enter_pressed(0.05)
+
+
 def _enter_pressed(seconds):
     """Wait up to `seconds` for the user to press ENTER (without blocking longer)."""
     if sys.platform == "win32":  # select() waits on sockets only there: poll the console instead
@@ -180,8 +209,8 @@ class SO100Follower:
     `calibration` is a path or dict in lerobot's format (None: only `calibrate()` is possible). States and
     actions are (6,) arrays in `norm_mode` units for the five joints and 0..100 for the gripper.
     `max_relative_target` (a number, 6 numbers, or {motor: number}) caps how far one action may move a joint
-    from where it is, in the same units. Torque goes off on `disconnect()`, when leaving a `with` block for any
-    reason (an exception, Ctrl-C), and at interpreter exit.
+    from where it is, in the same units. Torque goes off on `disconnect()`, when leaving a `with` block for
+    any reason (an exception, Ctrl-C), and at interpreter exit.
     """
 
     holds_pose = True  # torque on once connected and calibrated (a leader arm keeps it off)
@@ -192,8 +221,12 @@ class SO100Follower:
         _check_norm_mode(norm_mode)
         self.port = port
         self.calibration = load_calibration(calibration) if calibration is not None else None
-        self.norm_mode, self.max_relative_target = norm_mode, max_relative_target
-        self.timeout, self.retries, self.verbose, self.bus = timeout, retries, verbose, None
+        self.norm_mode = norm_mode
+        self.max_relative_target = max_relative_target
+        self.timeout = timeout  # seconds to wait for a servo's answer
+        self.retries = retries  # tries of a packet before a fault is raised
+        self.verbose = verbose
+        self.bus = None  # the FeetechBus while connected
         self.ids = [MOTOR_IDS[n] for n in MOTOR_NAMES]
 
     # -- connection ------------------------------------------------------------------------------------------
@@ -240,9 +273,10 @@ class SO100Follower:
         self.disconnect()
 
     def __str__(self):
-        return f"{type(self).__name__}({self.port})"  # SO100Follower(/dev/ttyACM0), or SO100Leader(…)
+        # SO100Follower(/dev/ttyACM0), or SO100Leader(…)
+        return f"{type(self).__name__}({self.port})"
 
-    # -- state and actions ------------------------------------------------------------------------------------
+    # -- state and actions -----------------------------------------------------------------------------------
 
     def get_state(self):
         """Present joint positions, (6,) float32 in the dataset order and units."""
@@ -278,9 +312,10 @@ class SO100Follower:
 
     @staticmethod
     def describe(state):
-        return "  ".join(f"{name}={value:+.1f}" for name, value in zip(STATE_NAMES, state))
+        readings = [f"{name}={value:+.1f}" for name, value in zip(STATE_NAMES, state)]
+        return "  ".join(readings)
 
-    # -- calibration ------------------------------------------------------------------------------------------
+    # -- calibration -----------------------------------------------------------------------------------------
 
     def calibrate(self, prompt=input, wait=None, save_to=None):
         """Calibrate interactively, as lerobot does, and write the result to the servos' EEPROM.
@@ -294,12 +329,14 @@ class SO100Follower:
         Returns the calibration dict (lerobot format), also saved to `save_to` if given.
         """
         self._connected()
-        show = wait is None
-        wait = wait or (lambda: _enter_pressed(0.05))
+        show = wait is None  # a person at the keyboard: show the ranges as they grow
+        if wait is None:
+            wait = _enter_pressed_now
         self._disable_torque()  # connect() already put every servo in position mode
 
         prompt(f"Move {self} to the middle of its range of motion and press ENTER...")
-        # Forget the old calibration so Present_Position reads the raw encoder, then centre each joint on 2047.
+        # Forget the old calibration so Present_Position reads the raw encoder, then centre each joint on
+        # 2047.
         self._write_eeprom({"Homing_Offset": [0] * 6, "Min_Position_Limit": [0] * 6,
                             "Max_Position_Limit": [MAX_TICK] * 6})
         middle = self.read_raw()
@@ -311,16 +348,20 @@ class SO100Follower:
         lo = hi = self.read_raw()
         while True:
             positions = self.read_raw()
-            lo, hi = np.minimum(lo, positions), np.maximum(hi, positions)
+            lo = np.minimum(lo, positions)
+            hi = np.maximum(hi, positions)
             if show:
-                print("  ".join(f"{n}:{a}<{p}<{b}" for n, a, p, b in zip(MOTOR_NAMES, lo, positions, hi)),
-                      end="\r", flush=True)
+                ranges = []
+                for name, low, now, high in zip(MOTOR_NAMES, lo, positions, hi):
+                    ranges.append(f"{name}:{low}<{now}<{high}")
+                print("  ".join(ranges), end="\r", flush=True)
             if wait():
                 break
         if show:
             print()
         roll = MOTOR_NAMES.index(FULL_TURN_MOTOR)
-        lo[roll], hi[roll] = 0, MAX_TICK
+        lo[roll] = 0
+        hi[roll] = MAX_TICK
         calibration = {
             name: {"id": MOTOR_IDS[name], "drive_mode": 0, "homing_offset": int(offsets[k]),
                    "range_min": int(lo[k]), "range_max": int(hi[k])}
@@ -359,24 +400,45 @@ class SO100Follower:
             if phase & 0x10:
                 self._write_eeprom({"Phase": {servo_id: phase & ~0x10}})
         gripper = MOTOR_IDS["gripper"]
-        self._write_eeprom({"Max_Torque_Limit": {gripper: 500}, "Protection_Current": {gripper: 250},
-                            "Overload_Torque": {gripper: 25}})  # half torque/current: the gripper stalls a lot
+        # half torque and current for the gripper: it stalls a lot
+        self._write_eeprom({
+            "Max_Torque_Limit": {gripper: 500},
+            "Protection_Current": {gripper: 250},
+            "Overload_Torque": {gripper: 25},
+        })
         self._write_all("Maximum_Acceleration", 254)
         self._write_all("Acceleration", 254)
 
     def _apply_calibration(self, force=False):
         """Write the calibration to the servos unless they already hold it."""
         calibration = self._calibrated()
-        wanted = {reg: [calibration[n][key] for n in MOTOR_NAMES] for reg, key in CALIBRATION_REGISTERS.items()}
+        # {register: its six values}, as the file says and as the servos hold them
+        wanted = {}
+        for register, key in CALIBRATION_REGISTERS.items():
+            wanted[register] = [calibration[name][key] for name in MOTOR_NAMES]
         if not force:
-            present = {reg: [self.bus.read(i, reg) for i in self.ids] for reg in CALIBRATION_REGISTERS}
+            present = {}
+            for register in CALIBRATION_REGISTERS:
+                present[register] = [self.bus.read(servo_id, register) for servo_id in self.ids]
             if present == wanted:
                 return
-            seen = (self.read_raw() + present["Homing_Offset"] - wanted["Homing_Offset"]) % (MAX_TICK + 1)  # encoder
-            if bad := [f"{n} {t}" for n, t, a, b in zip(MOTOR_NAMES, seen, *_limits(calibration)) if not a-200 <= t <= b+200]:
-                this_arm = calibrate_command(self.port, not self.holds_pose, self.calibration_dir / "NAME.json")  # its own
-                raise ValueError(f"{self}: the servos read {', '.join(bad)} through this calibration, outside its ranges: made "
-                                 f"on another arm? Not written. Calibrate this one under its own name: {this_arm}")
+            # What each servo would read through the file's homing offsets (Present = actual − Homing_Offset),
+            # wrapped to the encoder's one turn: a file made on another arm puts joints outside its ranges.
+            through_file = self.read_raw() + present["Homing_Offset"] - wanted["Homing_Offset"]
+            through_file = through_file % (MAX_TICK + 1)
+            range_min, range_max = _limits(calibration)
+            outside = []
+            for name, ticks, low, high in zip(MOTOR_NAMES, through_file, range_min, range_max):
+                # 200 ticks (~18°) of slack around the recorded range
+                if not low - 200 <= ticks <= high + 200:
+                    outside.append(f"{name} {ticks}")
+            if outside:
+                # the command that calibrates this arm under a name of its own
+                its_own_file = self.calibration_dir / "NAME.json"
+                this_arm = calibrate_command(self.port, not self.holds_pose, its_own_file)
+                raise ValueError(f"{self}: the servos read {', '.join(outside)} through this calibration, "
+                                 "outside its ranges: made on another arm? Not written. Calibrate this one "
+                                 f"under its own name: {this_arm}")
             self._say(f"{self}: the servos hold another calibration than the file; writing the file's")
         self._write_eeprom(wanted)
 
@@ -433,8 +495,8 @@ class SO100Follower:
 
 
 class SO100Leader(SO100Follower):
-    """The leader arm: the follower's six servos and calibration, with the torque off. A person moves it; read at
-    the control rate (`get_state`), its positions, in the same units, are the follower's goals."""
+    """The leader arm: the follower's six servos and calibration, with the torque off. A person moves it;
+    read at the control rate (`get_state`), its positions, in the same units, are the follower's goals."""
 
     holds_pose = False
     calibration_dir = LEADER_CALIBRATION_DIR
@@ -473,19 +535,26 @@ class OpenCVCamera:
     def __init__(self, index_or_path, width=640, height=480):
         import cv2
 
-        self._cv2, self.source, self._error, self._running = cv2, index_or_path, None, True
+        self._cv2 = cv2
+        self.source = index_or_path
+        self._error = None  # what stopped the grabbing thread, raised by the next read()
+        self._running = True  # the grabbing thread runs until close()
         self._capture = cv2.VideoCapture(index_or_path)
         if not self._capture.isOpened():
-            raise FileNotFoundError(f"cannot open camera {index_or_path!r}: check `ls /dev/video*` or the path")
+            raise FileNotFoundError(f"cannot open camera {index_or_path!r}: "
+                                    "check `ls /dev/video*` or the path")
         self._capture.set(cv2.CAP_PROP_FRAME_WIDTH, width)
         self._capture.set(cv2.CAP_PROP_FRAME_HEIGHT, height)
-        self.width, self.height, self._latest = width, height, self._grab()
+        self.width = width
+        self.height = height
+        self._latest = self._grab()
         (h, w) = self._latest.shape[:2]
         if (h, w) != (height, width):
             self.close()
             raise ValueError(f"camera {index_or_path!r} delivers {w}x{h} frames, not {width}x{height}: pass "
                              f"width={w}, height={h}")
-        self._thread = threading.Thread(target=self._keep_grabbing, name=f"camera {index_or_path}", daemon=True)
+        self._thread = threading.Thread(target=self._keep_grabbing, name=f"camera {index_or_path}",
+                                        daemon=True)
         self._thread.start()
 
     def _grab(self):
@@ -499,7 +568,10 @@ class OpenCVCamera:
             while self._running:  # a new array each time: frames already handed out never change
                 self._latest = self._grab()
         except RuntimeError as e:
-            self._error = None if os.path.isfile(str(self.source)) else e  # a video's last frame stays
+            if os.path.isfile(str(self.source)):
+                self._error = None  # the end of a video: its last frame stays
+            else:
+                self._error = e
 
     def read(self):
         if self._error:
@@ -508,7 +580,8 @@ class OpenCVCamera:
 
     def close(self):
         self._running = False
-        hasattr(self, "_thread") and self._thread.join()
+        if hasattr(self, "_thread"):  # (not there when the size check in __init__ failed)
+            self._thread.join()
         self._capture.release()
 
 
@@ -518,28 +591,43 @@ def open_cameras(sources, virtual_arm=None, scene=None, image_size=(64, 64)):
     simulated = [key for key, source in sources.items() if source == "sim"]
     if simulated and virtual_arm is None:
         raise ValueError("camera device 'sim' films the virtual arm: it needs --port sim")
-    cameras = toy_world_cameras(simulated, virtual_arm.joint_positions_deg, scene, image_size) if simulated else {}
-    return {key: cameras[key] if source == "sim" else OpenCVCamera(int(source) if source.isdigit() else source)
-            for key, source in sources.items()}
-
-
+    simulated_cameras = {}
+    if simulated:
+        simulated_cameras = toy_world_cameras(simulated, virtual_arm.joint_positions_deg, scene, image_size)
+    cameras = {}
+    for key, source in sources.items():
+        if source == "sim":
+            cameras[key] = simulated_cameras[key]
+        elif source.isdigit():
+            cameras[key] = OpenCVCamera(int(source))  # a device index: /dev/video<N>
+        else:
+            cameras[key] = OpenCVCamera(source)  # a device path or a video file
+    return cameras
 
 
 def open_arm(port, calibration=None, norm_mode="degrees", max_relative_target=None, arm_id="my_so100",
              verbose=True, leader=False, **sim_options):
-    """(connected SO100Follower, or SO100Leader if `leader`; VirtualArm or None) on a real port (calibration:
-    so100.py's <arm_id>.json by default) or on "sim", a fresh virtual arm (close it after the arm)."""
+    """(connected SO100Follower, or SO100Leader if `leader`; VirtualArm or None) on a real port
+    (calibration: so100.py's <arm_id>.json by default) or on "sim", a fresh virtual arm (close it after the
+    arm)."""
     arm_class = SO100Leader if leader else SO100Follower
     if sim_options and port != "sim":
         raise ValueError(f"options {sorted(sim_options)} only apply to --port sim")
-    virtual = VirtualArm(**sim_options) if port == "sim" else None
+    virtual = None
+    if port == "sim":
+        virtual = VirtualArm(**sim_options)
     calibration = default_calibration(calibration, arm_id, virtual, arm_class.calibration_dir)
+    timeout = 0.05  # a real servo answers within microseconds
+    if virtual is not None:
+        port = virtual.port
+        timeout = 0.3  # a thread plays the virtual servos: on a busy machine it may answer later
     try:
-        # (a thread plays the virtual servos: on a busy machine it may answer later than a real servo's 50 ms)
-        return arm_class(virtual.port if virtual else port, calibration, norm_mode=norm_mode, verbose=verbose,
-                         max_relative_target=max_relative_target, timeout=0.3 if virtual else 0.05).connect(), virtual
+        arm = arm_class(port, calibration, norm_mode=norm_mode, verbose=verbose,
+                        max_relative_target=max_relative_target, timeout=timeout)
+        return arm.connect(), virtual
     except BaseException:
-        virtual and virtual.close()
+        if virtual is not None:
+            virtual.close()
         raise
 
 
@@ -548,50 +636,76 @@ def open_arm(port, calibration=None, norm_mode="degrees", max_relative_target=No
 # ------------------------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description="SO-100/SO-101 follower arm over the Feetech bus.")
-    parser.add_argument("--port", required=True, help="serial port (/dev/ttyACM0) or 'sim' for the virtual arm")
-    parser.add_argument("--leader", action="store_true", help=f"the leader arm (torque off; calibration in {LEADER_CALIBRATION_DIR})")
-    parser.add_argument("--id", default="my_so100", help="arm name: the calibration file is <id>.json (%(default)s)")
+    parser.add_argument("--port", required=True,
+                        help="serial port (/dev/ttyACM0) or 'sim' for the virtual arm")
+    parser.add_argument("--leader", action="store_true",
+                        help=f"the leader arm (torque off; calibration in {LEADER_CALIBRATION_DIR})")
+    parser.add_argument("--id", default="my_so100",
+                        help="arm name: the calibration file is <id>.json (%(default)s)")
     parser.add_argument("--calibration", help=f"calibration JSON (default: {CALIBRATION_DIR}/<id>.json)")
     parser.add_argument("--norm-mode", default="degrees", choices=NORM_MODES,
-                        help="joint units; must match the units the policy's dataset was recorded in (%(default)s)")
+                        help="joint units; must match the units the policy's dataset was recorded in "
+                             "(%(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("calibrate", help="record homing offsets and ranges, write them to the servos and the file")
+    sub.add_parser("calibrate",
+                   help="record homing offsets and ranges, write them to the servos and the file")
     read = sub.add_parser("read", help="print the joint state")
-    read.add_argument("--seconds", type=float, default=0, help="keep printing for this long (0: once; %(default)s)")
+    read.add_argument("--seconds", type=float, default=0,
+                      help="keep printing for this long (0: once; %(default)s)")
     read.add_argument("--hz", type=float, default=10, help="readings per second (%(default)s)")
     move = sub.add_parser("move", help="move to a target (6 values, dataset order and units)")
     move.add_argument("target", type=float, nargs=6, metavar="VALUE")
-    move.add_argument("--max-step", type=float, default=5.0, help="largest change per step (units of the mode; %(default)s)")
+    move.add_argument("--max-step", type=float, default=5.0,
+                      help="largest change per step (units of the mode; %(default)s)")
     move.add_argument("--hz", type=float, default=30, help="steps per second (%(default)s)")
     move.add_argument("--seconds", type=float, default=10, help="give up after this long (%(default)s)")
     sub.add_parser("scan", help="list the servos that answer a broadcast PING, with their model numbers")
-    sub.add_parser("setup-motors", help="give new servos their ids and 1 Mbaud, one at a time (gripper first)")
+    sub.add_parser("setup-motors",
+                   help="give new servos their ids and 1 Mbaud, one at a time (gripper first)")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "hz", 1) <= 0 or getattr(args, "seconds", 0) < 0:
         parser.error("--hz must be positive and --seconds not negative")
-    if args.port == "sim" and args.calibration and Path(args.calibration).resolve().parent in {
-            CALIBRATION_DIR.resolve(), LEADER_CALIBRATION_DIR.resolve()}:  # where real arms' files live
-        parser.error("the virtual arm's calibration never goes where real arms' files are: choose another --calibration")
-    virtual = VirtualArm(factory_new=args.command == "setup-motors") if args.port == "sim" else None  # (new servos)
-    arm_class = SO100Leader if args.leader else SO100Follower
+    if args.port == "sim" and args.calibration:
+        real_arms_directories = {CALIBRATION_DIR.resolve(), LEADER_CALIBRATION_DIR.resolve()}
+        if Path(args.calibration).resolve().parent in real_arms_directories:
+            parser.error("the virtual arm's calibration never goes where real arms' files are: "
+                         "choose another --calibration")
+    virtual = None
+    if args.port == "sim":
+        # setup-motors meets new servos (all answering as id 1); the other commands a calibrated arm
+        virtual = VirtualArm(factory_new=args.command == "setup-motors")
+    arm_class = SO100Follower
+    if args.leader:
+        arm_class = SO100Leader
     try:
-        port = virtual.port if virtual is not None else args.port
-        if args.command in ("scan", "setup-motors"):
-            scan(port) if args.command == "scan" else setup_motors(port, virtual.setup_hand() if virtual else input)
+        port = args.port
+        if virtual is not None:
+            port = virtual.port
+        if args.command == "scan":
+            scan(port)
+            return
+        if args.command == "setup-motors":
+            connect_one_servo = input  # a person plugs in one servo at a time and presses ENTER
+            if virtual is not None:
+                connect_one_servo = virtual.setup_hand()
+            setup_motors(port, connect_one_servo)
             return
         # calibrate makes the calibration (and saves it where read and move will look for it)
-        calibrating, directory = args.command == "calibrate", arm_class.calibration_dir
-        calibration = None if calibrating else default_calibration(args.calibration, args.id, virtual, directory)
+        calibrating = args.command == "calibrate"
+        directory = arm_class.calibration_dir
+        calibration = None
+        if not calibrating:
+            calibration = default_calibration(args.calibration, args.id, virtual, directory)
         with arm_class(port, calibration, norm_mode=args.norm_mode) as arm:
             if calibrating:
-                # On the virtual arm a scripted "hand" moves the joints, and the result stays in its servos (or goes
-                # to --calibration), never into a real arm's <id>.json; on a real one, you move them.
-                prompt, wait = virtual.calibration_hand() if virtual is not None else (input, None)
-                save_to = args.calibration if virtual else default_calibration(args.calibration, args.id, None, directory)
-                arm.calibrate(prompt=prompt, wait=wait, save_to=save_to)
-                print(json.dumps(arm.calibration, indent=4))
+                calibrate_and_save(arm, args, virtual, directory)
             elif args.command == "read":
                 print_state(arm, args.seconds, args.hz)
             elif args.command == "move":
@@ -601,6 +715,21 @@ def main(argv=None):
     finally:
         if virtual is not None:
             virtual.close()
+
+
+def calibrate_and_save(arm, args, virtual, directory):
+    """so100.py calibrate: on a real arm you move the joints and the result goes to <id>.json (or
+    --calibration); on the virtual arm a scripted "hand" moves them, and the result stays in its servos (or
+    goes to --calibration), never into a real arm's <id>.json."""
+    if virtual is not None:
+        prompt, wait = virtual.calibration_hand()
+        save_to = args.calibration
+    else:
+        prompt = input
+        wait = None  # ENTER ends the moving through the ranges
+        save_to = default_calibration(args.calibration, args.id, None, directory)
+    arm.calibrate(prompt=prompt, wait=wait, save_to=save_to)
+    print(json.dumps(arm.calibration, indent=4))
 
 
 def scan(port):
@@ -624,11 +753,14 @@ def move_to(arm, target, max_step, hz, seconds):
     moved for half a second (arrived, or held by a joint limit or a load) or `seconds` passed."""
     arm.max_relative_target = max_step
     now = time.monotonic()
-    end, moved_at, previous = now + seconds, now, arm.get_state()
+    end = now + seconds
+    moved_at = now  # when a joint last moved more than 0.05 units
+    previous = arm.get_state()
     while now < end and now - moved_at < 0.5:
         arm.send_action(target)
         time.sleep(1 / hz)
-        state, now = arm.get_state(), time.monotonic()
+        state = arm.get_state()
+        now = time.monotonic()
         if np.abs(state - previous).max() > 0.05:
             moved_at = now
         previous = state
