@@ -237,7 +237,7 @@ class ToyWorld:
         # the tip after each look, in the 256x256 frame's pixels (as render() maps the table)
         looks = self.looks
         if not looks:
-            # no action was executed (a run shorter than the first chunk): one frame of the arm where it stands
+            # no action was executed (a run shorter than the first chunk): one view of the arm where it is
             looks = [np.asarray(self.pose(), dtype=np.float64)]
         path_px = []
         for x, y, _ in map(forward_kinematics, looks):
