@@ -46,25 +46,25 @@ look at a recording before training on it, and the frame cache listed (`--cache`
 import argparse
 import collections
 import hashlib
-import json
 import os
 import shutil
 import sys
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
 from plumbing import (HelpFormatter, StreamingDecoder, aggregate_stats, decode_all, frame_times, read_json,
-                      resolve_dir, video_size)
+                      read_jsonl, read_parquet, require_keys, resolve_dir, video_size)
 from smolvla import IMAGE_PREFIX, STATE
 
 SUPPORTED_VERSIONS = ("v2.1", "v3.0")
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "smolvla", "frames")
 # set it to put the frame cache elsewhere (a bigger disk, a test's tmp)
 CACHE_DIR_VARIABLE = "SMOLVLA_CACHE_DIR"
+# what to do with a dataset file that is damaged or cut short (the error names the file)
+DATASET_ADVICE = "download or write the dataset again"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -146,7 +146,9 @@ class LeRobotDataset(torch.utils.data.Dataset):
         root, download = self._locate(str(repo_id_or_path), revision)
         self.chunk_size = chunk_size
         self.root = root
-        info = read_json(_require(root, os.path.join("meta", "info.json")), "meta/info.json")
+        info_path = _require(root, os.path.join("meta", "info.json"))
+        info = read_json(info_path, "meta/info.json", advice=DATASET_ADVICE)
+        require_keys(info, ["codebase_version", "fps", "features", "data_path"], info_path, DATASET_ADVICE)
         version = info.get("codebase_version")
         if version not in SUPPORTED_VERSIONS:
             raise ValueError(f"{root} is a LeRobot {version} dataset; this reader supports "
@@ -173,7 +175,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         self._rename = self._camera_renames(video_keys, rename or {})
         self.camera_keys = [self._rename[key] for key in video_keys]
         self.stats = {self._rename.get(key, key): stats for key, stats in _read_stats(root, info).items()}
-        self._locate_frames(video_keys)
+        self._locate_frames(video_keys, table)
         self._frames = None  # per process: cached frame arrays or a streaming decoder
         cache_dir = cache_dir or os.environ.get(CACHE_DIR_VARIABLE) or DEFAULT_CACHE_DIR
         self._cached = self._build_cache(max_cache_gb, cache_dir)
@@ -212,7 +214,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
             full = os.path.join(self.root, path)
             if not os.path.exists(full):
                 raise FileNotFoundError(f"{self.root} is missing {path}, named by its episodes metadata.")
-            table = pq.read_table(full, columns=columns)
+            table = read_parquet(full, "data file", DATASET_ADVICE, columns)
             mask = np.isin(table.column("episode_index").to_numpy(), list(wanted))
             tables.append(table.filter(pa.array(mask)))
         table = pa.concat_tables(tables)
@@ -260,9 +262,9 @@ class LeRobotDataset(torch.utils.data.Dataset):
             raise ValueError(f"cannot rename cameras {unknown}: the dataset's cameras are {video_keys}.")
         return {key: mapping.get(key, key) for key in video_keys}
 
-    def _locate_frames(self, video_keys):
+    def _locate_frames(self, video_keys, table):
         """For every (camera, row): which mp4 holds its frame and at which position (nearest frame in
-        time)."""
+        time). table: every episode's row (chosen or not): how many frames each mp4 must hold."""
         # per file id: the mp4's path, its frames' times
         self._video_files = []
         self._frame_times = []
@@ -271,6 +273,10 @@ class LeRobotDataset(torch.utils.data.Dataset):
         self._position_of = {}
         file_ids = {}
         for key in video_keys:
+            # the frames each mp4 of this camera holds, as the episodes metadata says: its episodes' lengths
+            said = collections.Counter()
+            for row in table.values():
+                said[_video_path(self.info, row, key)] += row["length"]
             files = np.empty(len(self._index), dtype=np.int32)
             positions = np.empty(len(self._index), dtype=np.int64)
             for episode in self.episodes:
@@ -281,7 +287,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
                         raise FileNotFoundError(f"{self.root} is missing {os.path.relpath(path, self.root)}.")
                     file_ids[path] = len(self._video_files)
                     self._video_files.append(path)
-                    self._frame_times.append(frame_times(path))
+                    frames_said = said[_video_path(self.info, episode, key)]
+                    self._frame_times.append(frame_times(path, frames_said, "its episodes metadata"))
                 rows = self._rows_of[episode_index]
                 times = self._frame_times[file_ids[path]]
                 wanted = _video_start(self.info, episode, key) + self._timestamp[rows].astype(np.float64)
@@ -363,8 +370,7 @@ def cache_entries(cache_dir):
 # ----------------------------------------------------------------------------------------------------
 
 def _read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(path, os.path.basename(path), DATASET_ADVICE)
 
 
 def _require(root, relative):
@@ -378,14 +384,14 @@ def _require(root, relative):
 def recorded_episodes(root):
     """(info, all rows of meta/episodes) of the v3.0 dataset record.py appends to; (None, []) if none yet."""
     path = os.path.join(root, "meta", "info.json")
-    info = read_json(path, "meta/info.json") if os.path.isfile(path) else None
+    info = read_json(path, "meta/info.json", advice=DATASET_ADVICE) if os.path.isfile(path) else None
     if info is not None and info.get("codebase_version") != "v3.0":
         raise ValueError(f"{root} is a {info.get('codebase_version')} dataset: recording appends to v3.0 "
                          "ones only")
     episodes = os.path.join(root, "meta", "episodes", "chunk-000", "file-000.parquet")
-    if info and os.path.isfile(episodes):
-        return info, pq.read_table(episodes).to_pylist()
-    return info, []
+    if info is None or not os.path.isfile(episodes):
+        return info, []
+    return info, read_parquet(episodes, "episodes metadata", DATASET_ADVICE).to_pylist()
 
 
 def _episodes_v3(root, info):
@@ -404,7 +410,7 @@ def _episodes_v3(root, info):
         wanted += [f"videos/{key}/{field}" for field in ("chunk_index", "file_index", "from_timestamp")]
     rows = []
     for path in files:
-        rows += pq.read_table(path, columns=wanted).to_pylist()
+        rows += read_parquet(path, "episodes metadata", DATASET_ADVICE, wanted).to_pylist()
     return {row["episode_index"]: row for row in rows}
 
 
@@ -452,7 +458,7 @@ def _read_tasks(root, info):
     if info["codebase_version"] == "v2.1":
         rows = _read_jsonl(_require(root, os.path.join("meta", "tasks.jsonl")))
         return [row["task"] for row in sorted(rows, key=lambda r: r["task_index"])]
-    table = pq.read_table(_require(root, os.path.join("meta", "tasks.parquet")))
+    table = read_parquet(_require(root, os.path.join("meta", "tasks.parquet")), "tasks", DATASET_ADVICE)
     # lerobot writes the task strings as the pandas index of this table, whatever that column is called
     text_columns = []
     for name in table.column_names:
@@ -473,7 +479,8 @@ def _read_tasks(root, info):
 def _read_stats(root, info):
     """{feature: {stat: float32 tensor}} from meta/stats.json (v3.0) or merged episodes stats (v2.1)."""
     if info["codebase_version"] == "v3.0":
-        raw = read_json(_require(root, os.path.join("meta", "stats.json")), "meta/stats.json")
+        stats_path = _require(root, os.path.join("meta", "stats.json"))
+        raw = read_json(stats_path, "meta/stats.json", advice=DATASET_ADVICE)
     else:
         rows = _read_jsonl(_require(root, os.path.join("meta", "episodes_stats.jsonl")))
         raw = aggregate_stats([row["stats"] for row in rows])

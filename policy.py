@@ -29,14 +29,16 @@ import shutil
 import sys
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from plumbing import read_json, resolve_dir
+from plumbing import DamagedFile, read_json, read_safetensors, require_keys, resolve_dir
 from smolvla import ACTION, IMAGE_PREFIX, STATE, SmolVLA
 from vlm import VLM_DESCRIPTION_FILES, load_vlm_description, read_safetensors_dir
 
 NORM_EPS = 1e-8  # lerobot's normalizer: (x - mean) / (std + 1e-8)
+# what to do with a checkpoint file that is cut short or damaged (the error names the file)
+CHECKPOINT_ADVICE = "re-download the checkpoint (or copy it again)"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -231,10 +233,17 @@ class SmolVLAPolicy(SmolVLA):
         into a float32 model (bf16 tensors are upcast); the model is returned in eval mode.
         """
         ckpt_dir = resolve_dir(checkpoint, "checkpoint", ["*.json", "*.safetensors", "*.md"])
-        config = cls.config_class.from_json_dict(read_json(os.path.join(ckpt_dir, "config.json"), "checkpoint config"))
+        config_path = os.path.join(ckpt_dir, "config.json")
+        raw_config = read_json(config_path, "checkpoint config", advice=CHECKPOINT_ADVICE)
+        require_keys(raw_config, ["input_features", "output_features"], config_path, CHECKPOINT_ADVICE)
+        try:
+            config = cls.config_class.from_json_dict(raw_config)
+        except (TypeError, ValueError) as error:  # a field of the wrong type, another policy, ...
+            raise DamagedFile(config_path, f"is not a usable SmolVLA config ({error})") from None
         weights_path = os.path.join(ckpt_dir, "model.safetensors")
         if not os.path.isfile(weights_path):
-            raise FileNotFoundError(f"no model.safetensors in checkpoint directory {ckpt_dir}")
+            raise FileNotFoundError(f"no model.safetensors in checkpoint directory {ckpt_dir} "
+                                    f"({weights_path} is missing): {CHECKPOINT_ADVICE}")
         if vlm is None:
             local_vlm = os.path.join(ckpt_dir, "vlm")
             vlm = local_vlm if os.path.isdir(local_vlm) else config.vlm_model_name
@@ -244,18 +253,27 @@ class SmolVLAPolicy(SmolVLA):
         with torch.device("meta"):  # no memory, no random init: every tensor comes from the checkpoint
             model = cls(config, vlm_config, tokenizer)
         model.vlm_dir = vlm_dir
-        tensors = load_file(weights_path)
+        tensors = read_safetensors(weights_path, "checkpoint weights", CHECKPOINT_ADVICE)
         dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
-        buffer_stats = load_policy_tensors(model, tensors)
-        print(f"smolvla: {len(tensors)} tensors ({'/'.join(dtypes)} -> float32) from {weights_path}; VLM from {vlm}")
+        try:
+            buffer_stats = load_policy_tensors(model, tensors)
+        except ValueError as error:  # a tensor missing, left over or of the wrong shape: all named, one line
+            raise DamagedFile(weights_path, f"is not the checkpoint its config.json describes: {error}",
+                              CHECKPOINT_ADVICE) from None
+        print(f"smolvla: {len(tensors)} tensors ({'/'.join(dtypes)} -> float32) from {weights_path}; "
+              f"VLM from {vlm}")
         stats, source = read_processor_stats(ckpt_dir)
         if not stats:
             stats, source = read_buffer_stats(buffer_stats, config)
         stats, ignored = usable_stats(stats, config)
         model.set_normalization(stats)
-        model.report_normalization(source + (f"; ignored: {', '.join(ignored)}" if ignored else ""))
+        if ignored:
+            source += f"; ignored: {', '.join(ignored)}"
+        model.report_normalization(source)
         trained_on = os.path.join(ckpt_dir, TRAINED_ON_FILE)
-        model.trained_on = read_json(trained_on, TRAINED_ON_FILE) if os.path.isfile(trained_on) else {}
+        model.trained_on = {}
+        if os.path.isfile(trained_on):
+            model.trained_on = read_json(trained_on, TRAINED_ON_FILE, advice=CHECKPOINT_ADVICE)
         return model.eval()
 
     @classmethod
@@ -274,7 +292,8 @@ class SmolVLAPolicy(SmolVLA):
             return m is not None and int(m.group(1)) >= kept
 
         load_weights(model, read_safetensors_dir(vlm_dir), HF_VLM, skip=cut_layer)
-        print(f"smolvla: VLM weights from {vlm_dir} ({kept} text layers kept); expert and projections initialized")
+        print(f"smolvla: VLM weights from {vlm_dir} ({kept} text layers kept); "
+              "expert and projections initialized")
         return model
 
     def save_pretrained(self, directory: str):
@@ -288,13 +307,24 @@ class SmolVLAPolicy(SmolVLA):
         if self.trained_on:
             with open(os.path.join(directory, TRAINED_ON_FILE), "w") as f:
                 json.dump(self.trained_on, f, indent=4)
-        weights = {checkpoint_name(k, LEROBOT): v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        # every tensor under lerobot's name for it
+        weights = {}
+        for name, tensor in self.state_dict().items():
+            weights[checkpoint_name(name, LEROBOT)] = tensor.detach().contiguous().cpu()
         save_file(weights, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-        flat_stats = {f"{feat}.{name}": t.contiguous() for feat, s in self.stats.items() for name, t in s.items()}
-        for name, steps, stats_step, features in (
-            ("policy_preprocessor", preprocessor_steps(cfg), 5, {**cfg["input_features"], **cfg["output_features"]}),
+        # the normalization stats as lerobot's normalizer steps store them:
+        # {"<feature>.<mean|std|...>": tensor}
+        flat_stats = {}
+        for feature, feature_stats in self.stats.items():
+            for stat_name, tensor in feature_stats.items():
+                flat_stats[f"{feature}.{stat_name}"] = tensor.contiguous()
+        # (processor, its steps, the step that holds the stats, the features that step normalizes)
+        all_features = cfg["input_features"] | cfg["output_features"]
+        processors = [
+            ("policy_preprocessor", preprocessor_steps(cfg), 5, all_features),
             ("policy_postprocessor", postprocessor_steps(cfg), 0, cfg["output_features"]),
-        ):
+        ]
+        for name, steps, stats_step, features in processors:
             step = steps[stats_step]
             step["config"]["features"] = features
             if flat_stats:
@@ -438,13 +468,13 @@ def read_processor_stats(ckpt_dir: str) -> tuple[dict, str]:
         path = os.path.join(ckpt_dir, name)
         if not os.path.isfile(path):
             continue
-        for step in read_json(path, name).get("steps", []):
+        for step in read_json(path, name, advice=CHECKPOINT_ADVICE).get("steps", []):
             if "normalizer" not in step.get("registry_name", "") or "state_file" not in step:
                 continue
             state_path = os.path.join(ckpt_dir, step["state_file"])
             if not os.path.isfile(state_path):
                 raise FileNotFoundError(f"{name} names the stats file {step['state_file']}, which is missing")
-            for key, value in load_file(state_path).items():
+            for key, value in read_safetensors(state_path, "normalization stats", CHECKPOINT_ADVICE).items():
                 feature, stat = key.rsplit(".", 1)
                 stats.setdefault(feature, {}).setdefault(stat, value)
             sources.append(step["state_file"])

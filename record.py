@@ -630,7 +630,8 @@ def _push_to_hub(dataset, repo_id):
     from huggingface_hub import HfApi
     api = HfApi()
     api.create_repo(repo_id, repo_type="dataset", exist_ok=True)
-    api.upload_folder(folder_path=dataset, repo_id=repo_id, repo_type="dataset")
+    # (without the lock file of the recording that is pushing it)
+    api.upload_folder(folder_path=dataset, repo_id=repo_id, repo_type="dataset", ignore_patterns=[LOCK_FILE])
     # lerobot finds a hub dataset's format by its version tag
     api.create_tag(repo_id, tag="v3.0", repo_type="dataset", exist_ok=True)
 
@@ -646,6 +647,85 @@ def replay(args, follower):
                  f"replaying episode {args.episode}")
     return dataset.action
 
+
+# -- one writer per dataset: a lock file in its root holds the id of the process recording into it ------
+
+LOCK_FILE = ".recording.lock"  # in the dataset's root while a recording writes to it; readers never look
+
+
+@contextlib.contextmanager
+def lock_dataset(root):
+    """Hold the dataset in `root` for this process while the block runs: root/LOCK_FILE is created atomically
+    (of two processes creating it at the same moment, exactly one succeeds) with this process's id in it,
+    and removed on any exit from the block (an error, Ctrl-C, `kill`: all unwind through `finally`). A lock
+    left by a process that no longer runs (killed with -9, a crash, a reboot) is stale: it is said and taken
+    over. A lock held by a running process refuses, naming that process. Readers (data.py, train.py) do not
+    take it, so a dataset can be looked at while it is recorded."""
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, LOCK_FILE)
+    if not _create_lock(path):
+        holder = _lock_holder(path)
+        if holder is not None and _is_running(holder):
+            raise ValueError(_locked_message(root, holder))
+        if holder is None:
+            print(f"{root}: taking over a stale lock ({LOCK_FILE} holds no process id)")
+        else:
+            print(f"{root}: taking over the stale lock of process {holder}, which no longer runs "
+                  "(a recording that was killed or crashed; its whole episodes are kept)")
+        with contextlib.suppress(FileNotFoundError):  # (gone already: another process took it over first)
+            os.remove(path)
+        if not _create_lock(path):  # another process took the stale lock over at the same moment
+            raise ValueError(_locked_message(root, _lock_holder(path)))
+    try:
+        yield path
+    finally:
+        # removed only by the process that holds it (a child forked inside the block exits without it)
+        if _lock_holder(path) == os.getpid():
+            os.remove(path)
+
+
+def _create_lock(path):
+    """Create the lock file holding this process's id, atomically; False if it exists already."""
+    try:
+        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(descriptor, "w") as file:
+        file.write(f"{os.getpid()}\n")
+    return True
+
+
+def _lock_holder(path):
+    """The process id in a lock file; None if it holds none (its writer died between creating and writing it:
+    looked at twice, a moment apart, not to catch a writer in that moment) or is gone."""
+    for _ in range(2):
+        try:
+            text = Path(path).read_text().strip()
+        except FileNotFoundError:
+            return None
+        if text.isdigit() and int(text) > 0:
+            return int(text)
+        time.sleep(0.1)
+    return None
+
+
+def _is_running(pid):
+    """Whether a process with this id runs (signal 0 checks, sends nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
+
+
+def _locked_message(root, holder):
+    return (f"{root} is being recorded by process {holder} (its {LOCK_FILE}): one recording at a time per "
+            "dataset; wait for it to end or stop it, or record into another --dataset")
+
+
+# -- the command line -----------------------------------------------------------------------------------
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -691,7 +771,12 @@ def check_arguments(args):
                          "recording also needs --dataset DIR and --task \"what the robot does\"")
     if args.push and not args.repo_id:
         raise ValueError("--push needs --repo-id user/name")
-    if recording and os.path.isdir(args.dataset) and os.listdir(args.dataset) and not args.resume:
+    # (a lock file alone is no recording: lock_dataset says whose it is)
+    if recording and os.path.isdir(args.dataset):
+        recorded_files = [name for name in os.listdir(args.dataset) if name != LOCK_FILE]
+    else:
+        recorded_files = []
+    if recorded_files and not args.resume:
         raise FileExistsError(f"{args.dataset} is not empty: pass --resume to add episodes to it, or choose "
                               "another --dataset")
     return recording
@@ -702,6 +787,8 @@ def check_dataset(args, frames):
     the episodes to record (AV1: ~25 KB per 480x640 frame, twice that to be safe, and 200 B of parquet per
     tick); returns the number of episodes already in it."""
     info, rows = recorded_episodes(args.dataset)
+    if rows:  # --resume: the episodes there are read as training reads them (each file whole) before adding
+        LeRobotDataset(args.dataset, max_cache_gb=0)
     if info is not None:  # the features a one-tick episode of this recording would have
         probe = {STATE: np.zeros((1, 6)), ACTION: np.zeros((1, 6)), "task": "",
                  "images": {key[len(IMAGE_PREFIX):]: frame[None] for key, frame in frames.items()}}
@@ -766,6 +853,8 @@ def main(argv=None):
             _teleoperate_until_stopped(follower, teleoperate, args.fps)
             return None
         cameras = _open_the_cameras(camera_sources_by_name, virtual, hand, size, cleanup)
+        # one recording at a time per dataset: locked before it is read (made only once the devices open)
+        cleanup.enter_context(lock_dataset(args.dataset))
         done = check_dataset(args, {key: camera.read() for key, camera in cameras.items()})
         if not evaluating:
             return record(args, follower, teleoperate, cameras, hand, done)

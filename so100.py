@@ -40,6 +40,7 @@ import serial
 
 from feetech import CALIBRATION_REGISTERS, MAX_TICK, STS3215_MODEL_NUMBER, set_id_and_baud
 from feetech import FeetechBus, FeetechError  # also re-exported: users of the arm catch so100.FeetechError
+from plumbing import DamagedFile, read_json
 from toy_world import toy_world_cameras
 from virtual_arm import VirtualArm
 
@@ -97,7 +98,12 @@ def load_calibration(path_or_dict):
         path = Path(path_or_dict).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"no calibration file at {path}: run `{calibrate_command(path=path)}`")
-        source = json.loads(path.read_text())
+        advice = f"run `{calibrate_command(path=path)}` to make it again"
+        source = read_json(path, "calibration", advice=advice)
+        try:
+            return load_calibration(source)  # the checks below, each error then naming the file
+        except ValueError as error:
+            raise DamagedFile(path, f"is not a usable calibration ({error})", advice) from None
     if not isinstance(source, dict):
         raise ValueError(f"a calibration is a dict of motors, got {type(source).__name__}")
     calibration = {}

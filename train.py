@@ -44,7 +44,7 @@ from tqdm import tqdm
 import speed
 from data import LeRobotDataset
 from flow import prefix_offsets
-from plumbing import parse_mapping
+from plumbing import parse_mapping, read_torch_dict, require_keys
 from policy import SmolVLAPolicy
 from smolvla import ACTION, IMAGE_PREFIX, STATE, SmolVLAConfig
 
@@ -340,8 +340,26 @@ def find_checkpoint(path):
     for candidate in (os.path.join(path, "checkpoints", "last"), path):
         if os.path.isfile(os.path.join(candidate, "training_state.pt")):
             return os.path.realpath(candidate)
+    for candidate in (os.path.join(path, "checkpoints", "last"), path):
+        if os.path.isdir(os.path.join(candidate, "pretrained_model")):  # a checkpoint without its state
+            checkpoint = os.path.realpath(candidate)
+            state_path = os.path.join(checkpoint, "training_state.pt")
+            raise FileNotFoundError(f"{state_path} is missing: the checkpoint is incomplete; "
+                                    f"{complete_checkpoint_advice(checkpoint)}")
     raise FileNotFoundError(f"--resume {path!r}: no checkpoint there (expected {path}/checkpoints/last/"
                             "training_state.pt or <checkpoint>/training_state.pt).")
+
+
+def complete_checkpoint_advice(checkpoint):
+    """What to do when `checkpoint`'s training state is missing or damaged: --resume from the newest other
+    checkpoint of its run that has one, or train again."""
+    checkpoints = os.path.dirname(checkpoint)
+    for name in sorted(os.listdir(checkpoints), reverse=True):  # (<step>: six digits, newest first)
+        other = os.path.join(checkpoints, name)
+        complete = os.path.isfile(os.path.join(other, "training_state.pt"))
+        if name.isdigit() and other != checkpoint and complete:
+            return f"resume from the last complete checkpoint: --resume {other}"
+    return "resume from the last complete checkpoint (this run has no other: train again without --resume)"
 
 
 def plot_losses(history, path):
@@ -641,7 +659,10 @@ def prepare(args, processes):
     start = None
     if args.resume:
         checkpoint = find_checkpoint(args.resume)
-        start = torch.load(os.path.join(checkpoint, "training_state.pt"), weights_only=True)
+        state_path = os.path.join(checkpoint, "training_state.pt")
+        advice = complete_checkpoint_advice(checkpoint)
+        start = read_torch_dict(state_path, "a training state", advice)
+        require_keys(start, ["step", "options", "optimizer", "scheduler", "history"], state_path, advice)
         run = os.path.dirname(os.path.dirname(checkpoint))
         args.output = args.output or run
         args.policy = os.path.join(checkpoint, "pretrained_model")

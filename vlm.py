@@ -27,11 +27,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from expert import DecoderConfig, DecoderLayer, RMSNorm, attention
-from plumbing import read_json, resolve_dir
+from plumbing import DamagedFile, read_json, read_safetensors, require_file, require_keys, resolve_dir
 
 # The VLM smolvla_base was built from, HuggingFaceTB/SmolVLM2-500M-Video-Instruct, in its config.json
 # format (only the fields this file reads). It lets the full architecture be built without a download.
@@ -283,6 +282,8 @@ def resize_with_pad(images: torch.Tensor, width: int, height: int) -> torch.Tens
 
 # the files that describe a VLM (architecture, tokenizer, processor), without its weights
 VLM_DESCRIPTION_FILES = ["*.json", "*.txt", "*.model", "*.jinja"]
+# what to do with a VLM file that is cut short or damaged (the error names the file)
+VLM_ADVICE = "re-download the VLM directory (or copy it again)"
 
 
 def load_vlm_description(source: str) -> tuple[dict, object]:
@@ -290,12 +291,23 @@ def load_vlm_description(source: str) -> tuple[dict, object]:
     from transformers import AutoTokenizer
 
     vlm_dir = resolve_dir(source, "VLM", VLM_DESCRIPTION_FILES)
-    vlm_config = read_json(os.path.join(vlm_dir, "config.json"), "VLM config.json")
-    parse_vlm_config(vlm_config)  # fail early on a config that is not SmolVLM's
+    config_path = os.path.join(vlm_dir, "config.json")
+    vlm_config = read_json(config_path, "VLM config.json", advice=VLM_ADVICE)
+    try:
+        parse_vlm_config(vlm_config)  # fail early on a config that is not SmolVLM's
+    except (TypeError, ValueError, KeyError, AttributeError) as error:
+        raise DamagedFile(config_path, f"is not a usable SmolVLM config ({error})") from None
+    # the tokenizer's files, read here first: transformers' errors about them do not name the file
+    tokenizer_path = require_file(os.path.join(vlm_dir, "tokenizer.json"), "the VLM's tokenizer", VLM_ADVICE)
+    read_json(tokenizer_path, "the VLM's tokenizer", advice=VLM_ADVICE)
+    tokenizer_config = os.path.join(vlm_dir, "tokenizer_config.json")
+    if os.path.isfile(tokenizer_config):
+        read_json(tokenizer_config, "the tokenizer's config", advice=VLM_ADVICE)
     try:
         tokenizer = AutoTokenizer.from_pretrained(vlm_dir)
-    except Exception as e:
-        raise ValueError(f"could not load the tokenizer from {vlm_dir}: {e}") from e
+    except Exception as error:  # (whatever the tokenizer's library raises: one line of it)
+        reason = " ".join(str(error).split())
+        raise ValueError(f"could not load the tokenizer from {vlm_dir}: {reason}") from None
     return vlm_config, tokenizer
 
 
@@ -304,10 +316,12 @@ def read_safetensors_dir(directory: str) -> dict:
     single = os.path.join(directory, "model.safetensors")
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(single):
-        return load_file(single)
+        return read_safetensors(single, "VLM weights", VLM_ADVICE)
     if os.path.isfile(index):
+        weight_map = require_keys(read_json(index, "weights index", advice=VLM_ADVICE), ["weight_map"], index,
+                                  VLM_ADVICE)["weight_map"]
         tensors = {}
-        for shard in sorted(set(read_json(index, "weights index")["weight_map"].values())):
-            tensors.update(load_file(os.path.join(directory, shard)))
+        for shard in sorted(set(weight_map.values())):
+            tensors.update(read_safetensors(os.path.join(directory, shard), "VLM weights", VLM_ADVICE))
         return tensors
     raise FileNotFoundError(f"no model.safetensors (or model.safetensors.index.json) in {directory}")
