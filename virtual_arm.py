@@ -76,8 +76,8 @@ PROTECTED = {r.address + k for r in CONTROL_TABLE.values() if r.read_only for k 
 # them as a custom rate, shown as BOTHER, whose value only struct termios2 holds (c_ospeed, via TCGETS2).
 TERMIOS_RATES = {getattr(termios, f"B{rate}"): rate for rate in BAUD_RATES if hasattr(termios, f"B{rate}")}
 BOTHER, TCGETS2 = 0o010000, 0x802C542A
-NO_PTY = ("--port sim needs a pseudo-terminal (os.openpty), which this system does not have (Windows): "
-          "run it under WSL, or drive a real arm (--port COM3, or the port your adapter shows)")
+NO_PTY = ("--port sim needs a pseudo-terminal (os.openpty), which this system does not have (Windows): run it "
+          "under WSL, or drive a real arm (--port COM3, or the port your adapter shows)")
 
 
 def pty_unsupported() -> str | None:
@@ -88,11 +88,9 @@ def pty_unsupported() -> str | None:
 
 
 def driver_baudrate(fd):
-    """The baud rate the driver set on its side of the pty `fd` (on macOS a speed setting is the rate
-    itself)."""
+    """The baud rate the driver set on its side of the pty `fd` (on macOS a speed setting is the rate itself)."""
     speed = termios.tcgetattr(fd)[5]
-    # Linux's termios2 holds any rate: 4 flag words, c_line, c_cc[19], c_ispeed, c_ospeed
-    if speed == BOTHER and sys.platform == "linux":
+    if speed == BOTHER and sys.platform == "linux":  # termios2: 4 flag words, c_line, c_cc[19], c_ispeed, c_ospeed
         return struct.unpack_from("I", fcntl.ioctl(fd, TCGETS2, bytes(44)), 40)[0]
     return TERMIOS_RATES.get(speed, speed)
 
@@ -158,11 +156,8 @@ class VirtualServo:
         return bytes(self.regs[address: address + size])
 
     def hears(self, servo_id, baudrate):
-        """Whether an instruction to `servo_id` sent at `baudrate` reaches this servo (the broadcast id
-        does)."""
-        addressed = servo_id in (BROADCAST_ID, self.get("ID"))
-        same_rate = baudrate == BAUD_RATES_BY_VALUE[self.get("Baud_Rate")]
-        return addressed and same_rate
+        """Whether an instruction to `servo_id` sent at `baudrate` reaches this servo (the broadcast id does)."""
+        return servo_id in (BROADCAST_ID, self.get("ID")) and baudrate == BAUD_RATES_BY_VALUE[self.get("Baud_Rate")]
 
     def move_by_hand(self, actual):
         """Put the joint somewhere by hand (it can't go past its mechanical stops)."""
@@ -204,8 +199,7 @@ class VirtualArm:
     factory_new: the servos as they come out of the box (all id 1 at 115200 baud, not calibrated), for setup.
     """
 
-    def __init__(self, calibrated=True, pose=(0, 0, 0, 0, 0, 50), speed=2400.0, tick=0.002,
-                 factory_new=False):
+    def __init__(self, calibrated=True, pose=(0, 0, 0, 0, 0, 50), speed=2400.0, tick=0.002, factory_new=False):
         reason = pty_unsupported()
         if reason is not None:
             raise ValueError(reason)
@@ -214,12 +208,8 @@ class VirtualArm:
         self.tick = tick
         self.servos = {}
         for name, truth in self.calibration.items():
-            # the joint's mechanical stops, in raw encoder ticks (a joint that turns freely has none)
-            stops = None
-            if not _turns_freely(truth):
-                lowest = truth["range_min"] + truth["homing_offset"]
-                highest = truth["range_max"] + truth["homing_offset"]
-                stops = (lowest, highest)
+            stops = None if _turns_freely(truth) else (truth["range_min"] + truth["homing_offset"],
+                                                       truth["range_max"] + truth["homing_offset"])
             servo = VirtualServo(truth["id"], truth["homing_offset"] + MAX_TICK // 2, stops)
             if calibrated and not factory_new:
                 for reg, key in CALIBRATION_REGISTERS.items():
@@ -228,8 +218,7 @@ class VirtualArm:
                 servo.set("ID", 1)
                 servo.set("Baud_Rate", BAUD_RATES[115_200])
             servo.save_eeprom()
-            # keyed by the joint's place in the arm; its ID register may differ
-            self.servos[truth["id"]] = servo
+            self.servos[truth["id"]] = servo  # keyed by the joint's place in the arm; its ID register may differ
         self.plugged_in = set(self.servos)  # the servos wired to the bus (setup connects them one at a time)
         self._faults = []
         self._outbox = []  # (send time, bytes) of replies waiting to go out
@@ -314,9 +303,8 @@ class VirtualArm:
         return prompt, wait
 
     def setup_hand(self):
-        """A `prompt` callback for servo setup (so100.setup_motors) that does what the student is asked:
-        before each prompt, only the next servo is wired to the bus, in the order asked (the gripper
-        first)."""
+        """A `prompt` callback for servo setup (so100.setup_motors) that does what the student is asked: before
+        each prompt, only the next servo is wired to the bus, in the order asked (the gripper first)."""
         order = iter(reversed(list(self.servos)))
 
         def prompt(message):
@@ -437,12 +425,8 @@ class VirtualArm:
                         self._reply(i, servo.read(address, size), now)
         elif instruction == SYNC_WRITE and servo_id == BROADCAST_ID and len(params) >= 2:
             address, size = params[0], params[1]
-            # after address and size: one block per servo, its id then `size` data bytes
-            blocks = []
-            for start in range(2, len(params) - size, size + 1):
-                blocks.append((params[start], params[start + 1: start + 1 + size]))
-            # each servo takes its own block (a new ID takes effect after the packet)
-            for i, servo in targets:
+            blocks = [(params[k], params[k + 1: k + 1 + size]) for k in range(2, len(params) - size, size + 1)]
+            for i, servo in targets:  # each servo takes its own block (a new ID takes effect after the packet)
                 for data in (data for wanted, data in blocks if wanted == i):
                     servo.write(address, data)
 
