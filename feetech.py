@@ -1,4 +1,5 @@
-"""Talking to Feetech servos by hand: the wire format, the STS3215 control table, and a bus that survives faults.
+"""Talking to Feetech servos by hand: the wire format, the STS3215 control table, and a bus that survives
+faults.
 
 SmolVLA (arXiv 2506.01844, §4) was trained on community data recorded on SO-100 arms: ~$100 arms made of six
 Feetech STS3215 servos chained on one half-duplex UART (a USB adapter such as /dev/ttyACM0 at 1,000,000 baud).
@@ -6,15 +7,16 @@ Half-duplex means one wire for both directions: the computer sends a packet, the
 answer one at a time. To run the policy on a real arm we must speak that bus ourselves. This file builds it
 up in layers (the arm on top of it, with joint names, calibration and units, is so100.py):
 
-1. The wire format ("protocol 0"): instruction packets `FF FF id len inst params… checksum` going out, status
-   packets `FF FF id len error data… checksum` coming back, with `checksum = ~(id + len + inst + Σparams)`.
+1. The wire format ("protocol 0"): instruction packets `FF FF id len inst params… checksum` going out,
+   status packets `FF FF id len error data… checksum` coming back, with
+   `checksum = ~(id + len + inst + Σparams)`.
 2. The STS3215 control table: every setting of a servo is a register (address, size in bytes); a few are
    sign-magnitude numbers (the sign is one bit, the rest is the magnitude). Three of them hold a calibration
    (`CALIBRATION_REGISTERS`).
 3. `FeetechBus`: PING / READ / WRITE / SYNC_READ / SYNC_WRITE over pyserial, made robust against what real
-   buses do (lost replies, corrupted bytes, a servo that is unplugged): every reply is read by exact byte count
-   with a deadline, searched for its `FF FF` header, checked (checksum, id, length), and retried; what still
-   fails raises a `FeetechError` that names the servo and what went wrong.
+   buses do (lost replies, corrupted bytes, a servo that is unplugged): every reply is read by exact byte
+   count with a deadline, searched for its `FF FF` header, checked (checksum, id, length), and retried; what
+   still fails raises a `FeetechError` that names the servo and what went wrong.
 
 4. Servo setup: new servos all answer as id 1 at their factory baud rate, so an arm is set up one servo at a
    time (`find_single_servo`, `set_id_and_baud`): find it at any standard rate, write its id and 1 Mbaud
@@ -66,7 +68,8 @@ def instruction_packet(servo_id, instruction, params=b""):
 
 
 def status_packet(servo_id, error, data=b""):
-    """What a servo sends back: `FF FF id len error data… chk` (the servo's side, used by the virtual arm)."""
+    """What a servo sends back: `FF FF id len error data… chk` (the servo's side, used by the virtual
+    arm)."""
     body = bytes([servo_id, len(data) + 2, error]) + bytes(data)
     return HEADER + body + bytes([checksum(body)])
 
@@ -84,7 +87,8 @@ def write_packet(servo_id, address, data):
 
 
 def sync_read_packet(address, size, servo_ids):
-    """Broadcast `address, size, id1, id2, …`; the servos answer one after the other, in the listed order."""
+    """Broadcast `address, size, id1, id2, …`; the servos answer one after the other, in the listed
+    order."""
     return instruction_packet(BROADCAST_ID, SYNC_READ, bytes([address, size, *servo_ids]))
 
 
@@ -206,9 +210,13 @@ BAUD_RATES = {1_000_000: 0, 500_000: 1, 250_000: 2, 128_000: 3, 115_200: 4, 57_6
 RESOLUTION = 4096  # encoder ticks per turn
 MAX_TICK = RESOLUTION - 1  # 4095, the "360°" of lerobot's degree formula
 
-# Where a calibration lives in each servo's EEPROM: register -> the lerobot JSON field it holds (in write order).
-CALIBRATION_REGISTERS = {"Homing_Offset": "homing_offset", "Min_Position_Limit": "range_min",
-                         "Max_Position_Limit": "range_max"}
+# Where a calibration lives in each servo's EEPROM: register -> the lerobot JSON field it holds (in write
+# order).
+CALIBRATION_REGISTERS = {
+    "Homing_Offset": "homing_offset",
+    "Min_Position_Limit": "range_min",
+    "Max_Position_Limit": "range_max",
+}
 
 
 def register(name):
@@ -220,7 +228,8 @@ def register(name):
 
 
 def writable_register(name):
-    """`register(name)` for a WRITE / SYNC_WRITE: the read-only ones (model number, live state) are refused."""
+    """`register(name)` for a WRITE / SYNC_WRITE: the read-only ones (model number, live state) are
+    refused."""
     reg = register(name)
     if reg.read_only:
         raise ValueError(f"{name} is read-only")
@@ -261,8 +270,8 @@ def decode_value(reg, data):
 class FeetechError(RuntimeError):
     """A servo did not answer, answered garbage, or reported an error, even after retries.
 
-    `servo_id` is the (first) servo at fault, `failures` maps every failing id to what went wrong, and `partial`
-    holds the values that a SYNC_READ did get right from the other servos.
+    `servo_id` is the (first) servo at fault, `failures` maps every failing id to what went wrong, and
+    `partial` holds the values that a SYNC_READ did get right from the other servos.
     """
 
     def __init__(self, message, servo_id=None, failures=None, partial=None):
@@ -283,10 +292,10 @@ def serial_ports() -> str:
 class FeetechBus:
     """One serial port with Feetech servos on it (protocol 0, the STS/SMS series).
 
-    Every transaction clears stale input, sends one packet, then reads status packets by exact byte counts until
-    a deadline (`timeout` plus the time the expected bytes take on the wire). Failed transactions are retried
-    `retries` times; a servo that reports error bits is not retried (that is its state, not a transmission
-    fault). `names` ({id: "elbow_flex"}) only makes error messages friendlier.
+    Every transaction clears stale input, sends one packet, then reads status packets by exact byte counts
+    until a deadline (`timeout` plus the time the expected bytes take on the wire). Failed transactions are
+    retried `retries` times; a servo that reports error bits is not retried (that is its state, not a
+    transmission fault). `names` ({id: "elbow_flex"}) only makes error messages friendlier.
     """
 
     def __init__(self, port, baudrate=1_000_000, timeout=0.05, retries=3, names=None):
@@ -297,12 +306,12 @@ class FeetechBus:
         self.names = dict(names or {})
         try:
             self._serial = serial.Serial(port, baudrate=baudrate, timeout=timeout, write_timeout=1.0)
-        except serial.SerialException as e:
+        except serial.SerialException as cause:
             raise FileNotFoundError(
-                f"cannot open serial port {port!r} ({e}); serial ports found: {serial_ports()}; check the USB "
-                "cable, the port name (Linux /dev/ttyACM0, macOS /dev/tty.usbmodem…, Windows COM3) and that you "
-                "may use it (Linux: group dialout)"
-            ) from e
+                f"cannot open serial port {port!r} ({cause}); serial ports found: {serial_ports()}; "
+                "check the USB cable, the port name (Linux /dev/ttyACM0, macOS /dev/tty.usbmodem…, "
+                "Windows COM3) and that you may use it (Linux: group dialout)"
+            ) from cause
         # FTDI adapters buffer replies for 16 ms unless asked for low latency; other drivers don't support it.
         try:
             self._serial.set_low_latency_mode(True)
@@ -335,7 +344,8 @@ class FeetechBus:
     def read(self, servo_id, name):
         """READ one register; returns its value decoded (signed where the register is signed)."""
         reg = register(name)
-        data = self._transact(servo_id, read_packet(servo_id, reg.address, reg.size), reg.size, f"READ {name}")
+        packet = read_packet(servo_id, reg.address, reg.size)
+        data = self._transact(servo_id, packet, reg.size, f"READ {name}")
         return decode_value(reg, data)
 
     def write(self, servo_id, name, value):
@@ -386,10 +396,11 @@ class FeetechBus:
     def __exit__(self, *exc):
         self.close()
 
-    # -- transactions -------------------------------------------------------------------------------------------
+    # -- transactions ----------------------------------------------------------------------------------------
 
     def _transact(self, servo_id, packet, reply_size, what):
-        """Send one instruction packet to one servo and return the data of its status packet, retrying faults."""
+        """Send one instruction packet to one servo and return the data of its status packet, retrying
+        faults."""
         if servo_id == BROADCAST_ID:
             raise ValueError("the broadcast id gets no reply: use sync_read / sync_write / broadcast_ping")
         for _ in range(1 + self.retries):
@@ -476,7 +487,8 @@ class FeetechBus:
             return parse_status(packet), None
 
     def _fill(self, n, deadline):
-        """Read until `n` bytes are buffered or the deadline passes; replies may arrive in any number of pieces."""
+        """Read until `n` bytes are buffered or the deadline passes; replies may arrive in any number of
+        pieces."""
         while len(self._rx) < n:
             if time.monotonic() >= deadline:
                 return False
@@ -484,7 +496,8 @@ class FeetechBus:
         return True
 
     def _send(self, packet):
-        """Start a transaction: clear stale input, then send `packet` (remembered, to spot an adapter's echo)."""
+        """Start a transaction: clear stale input, then send `packet` (remembered, to spot an adapter's
+        echo)."""
         # A late reply to an earlier, timed-out request must not be mistaken for the answer to this one.
         self._serial.reset_input_buffer()
         self._rx.clear()
@@ -515,14 +528,19 @@ def find_single_servo(port, timeout=0.05):
     Returns (baud rate, id, model number). More than one servo answering is an error, so that a servo already
     set up and still connected is never renamed. (Servos that share an id and a rate answer at once: that
     collision cannot be told apart from one servo, so the walk asks for one servo at a time.)"""
-    found = []
+    found = []  # (baud rate, id, model number) of every servo that answers
     for baudrate in BAUD_RATES:
         with FeetechBus(port, baudrate=baudrate, timeout=timeout, retries=1) as bus:
-            found += [(baudrate, i, bus.read(i, "Model_Number")) for i in bus.broadcast_ping()]
+            for servo_id in bus.broadcast_ping():
+                found.append((baudrate, servo_id, bus.read(servo_id, "Model_Number")))
     if len(found) != 1:
-        answers = ", ".join(f"id {i} at {baudrate} baud" for baudrate, i, _ in found)
-        raise FeetechError(f"{len(found)} servos answer on {port}{f' ({answers})' if found else ''}: connect exactly "
-                           "one servo, the one being set up, and check that the board is powered")
+        # which servos answered, e.g. " (id 1 at 115200 baud, id 1 at 1000000 baud)"; nothing when none did
+        answers = [f"id {servo_id} at {baudrate} baud" for baudrate, servo_id, _ in found]
+        answered = ""
+        if found:
+            answered = f" ({', '.join(answers)})"
+        raise FeetechError(f"{len(found)} servos answer on {port}{answered}: connect exactly one servo, "
+                           "the one being set up, and check that the board is powered")
     return found[0]
 
 
@@ -534,10 +552,11 @@ def set_id_and_baud(port, servo_id, baudrate=1_000_000, model=STS3215_MODEL_NUMB
     of another model than `model` is left as it is. Returns what it was: (baud rate, id, model number)."""
     if baudrate not in BAUD_RATES:
         raise ValueError(f"{baudrate} is not a Feetech baud rate ({', '.join(map(str, BAUD_RATES))})")
-    found = found_baud, old_id, found_model = find_single_servo(port, timeout)
+    found = find_single_servo(port, timeout)
+    found_baud, old_id, found_model = found
     if found_model != model:
-        raise FeetechError(f"the servo on {port} (id {old_id}) is model {found_model}, not {model}: is it the "
-                           "right servo?", old_id)
+        raise FeetechError(f"the servo on {port} (id {old_id}) is model {found_model}, not {model}: "
+                           "is it the right servo?", old_id)
     with FeetechBus(port, baudrate=found_baud, timeout=timeout) as bus:
         bus.write(old_id, "Torque_Enable", 0)
         bus.write(old_id, "Lock", 0)
