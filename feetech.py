@@ -152,57 +152,56 @@ class Register:
     read_only: bool = False
 
 
-CONTROL_TABLE = {
-    r.name: r
-    for r in [
-        # EEPROM (addresses below 40): identity, limits, tuning; kept at power-off if written while Lock = 0
-        Register("Firmware_Major_Version", 0, 1, read_only=True),
-        Register("Firmware_Minor_Version", 1, 1, read_only=True),
-        Register("Model_Number", 3, 2, read_only=True),
-        Register("ID", 5, 1),
-        Register("Baud_Rate", 6, 1),  # 0 = 1 Mbps
-        Register("Return_Delay_Time", 7, 1),  # in units of 2 µs
-        Register("Response_Status_Level", 8, 1),  # 0: answer only PING and READ
-        Register("Min_Position_Limit", 9, 2),
-        Register("Max_Position_Limit", 11, 2),
-        Register("Max_Temperature_Limit", 13, 1),
-        Register("Max_Voltage_Limit", 14, 1),
-        Register("Min_Voltage_Limit", 15, 1),
-        Register("Max_Torque_Limit", 16, 2),
-        Register("Phase", 18, 1),  # bit 4 set = multi-turn positions (beyond 0..4095)
-        Register("Unloading_Condition", 19, 1),
-        Register("LED_Alarm_Condition", 20, 1),
-        Register("P_Coefficient", 21, 1),
-        Register("D_Coefficient", 22, 1),
-        Register("I_Coefficient", 23, 1),
-        Register("Minimum_Startup_Force", 24, 2),
-        Register("CW_Dead_Zone", 26, 1),
-        Register("CCW_Dead_Zone", 27, 1),
-        Register("Protection_Current", 28, 2),
-        Register("Angular_Resolution", 30, 1),
-        Register("Homing_Offset", 31, 2, sign_bit=11),
-        Register("Operating_Mode", 33, 1),  # 0 = position servo
-        Register("Protective_Torque", 34, 1),
-        Register("Protection_Time", 35, 1),
-        Register("Overload_Torque", 36, 1),
-        # SRAM: commands and live state (lost at power-off)
-        Register("Torque_Enable", 40, 1),
-        Register("Acceleration", 41, 1),
-        Register("Goal_Position", 42, 2, sign_bit=15),
-        Register("Goal_Time", 44, 2),
-        Register("Goal_Velocity", 46, 2, sign_bit=15),
-        Register("Torque_Limit", 48, 2),
-        Register("Lock", 55, 1),  # 0 = EEPROM writes are saved, 1 = they are lost at power-off
-        Register("Present_Position", 56, 2, sign_bit=15, read_only=True),
-        Register("Present_Velocity", 58, 2, sign_bit=15, read_only=True),
-        Register("Present_Load", 60, 2, sign_bit=10, read_only=True),
-        Register("Present_Voltage", 62, 1, read_only=True),  # 0.1 V
-        Register("Present_Temperature", 63, 1, read_only=True),  # °C
-        Register("Moving", 66, 1, read_only=True),
-        Register("Present_Current", 69, 2, read_only=True),
-        Register("Maximum_Acceleration", 85, 1),
-    ]
-}
+_STS3215_REGISTERS = [
+    # EEPROM (addresses below 40): identity, limits, tuning; kept at power-off if written while Lock = 0
+    Register("Firmware_Major_Version", 0, 1, read_only=True),
+    Register("Firmware_Minor_Version", 1, 1, read_only=True),
+    Register("Model_Number", 3, 2, read_only=True),
+    Register("ID", 5, 1),
+    Register("Baud_Rate", 6, 1),  # 0 = 1 Mbps
+    Register("Return_Delay_Time", 7, 1),  # in units of 2 µs
+    Register("Response_Status_Level", 8, 1),  # 0: answer only PING and READ
+    Register("Min_Position_Limit", 9, 2),
+    Register("Max_Position_Limit", 11, 2),
+    Register("Max_Temperature_Limit", 13, 1),
+    Register("Max_Voltage_Limit", 14, 1),
+    Register("Min_Voltage_Limit", 15, 1),
+    Register("Max_Torque_Limit", 16, 2),
+    Register("Phase", 18, 1),  # bit 4 set = multi-turn positions (beyond 0..4095)
+    Register("Unloading_Condition", 19, 1),
+    Register("LED_Alarm_Condition", 20, 1),
+    Register("P_Coefficient", 21, 1),
+    Register("D_Coefficient", 22, 1),
+    Register("I_Coefficient", 23, 1),
+    Register("Minimum_Startup_Force", 24, 2),
+    Register("CW_Dead_Zone", 26, 1),
+    Register("CCW_Dead_Zone", 27, 1),
+    Register("Protection_Current", 28, 2),
+    Register("Angular_Resolution", 30, 1),
+    Register("Homing_Offset", 31, 2, sign_bit=11),
+    Register("Operating_Mode", 33, 1),  # 0 = position servo
+    Register("Protective_Torque", 34, 1),
+    Register("Protection_Time", 35, 1),
+    Register("Overload_Torque", 36, 1),
+    # SRAM: commands and live state (lost at power-off)
+    Register("Torque_Enable", 40, 1),
+    Register("Acceleration", 41, 1),
+    Register("Goal_Position", 42, 2, sign_bit=15),
+    Register("Goal_Time", 44, 2),
+    Register("Goal_Velocity", 46, 2, sign_bit=15),
+    Register("Torque_Limit", 48, 2),
+    Register("Lock", 55, 1),  # 0 = EEPROM writes are saved, 1 = they are lost at power-off
+    Register("Present_Position", 56, 2, sign_bit=15, read_only=True),
+    Register("Present_Velocity", 58, 2, sign_bit=15, read_only=True),
+    Register("Present_Load", 60, 2, sign_bit=10, read_only=True),
+    Register("Present_Voltage", 62, 1, read_only=True),  # 0.1 V
+    Register("Present_Temperature", 63, 1, read_only=True),  # °C
+    Register("Moving", 66, 1, read_only=True),
+    Register("Present_Current", 69, 2, read_only=True),
+    Register("Maximum_Acceleration", 85, 1),
+]
+# name -> Register, in address order
+CONTROL_TABLE = {reg.name: reg for reg in _STS3215_REGISTERS}
 
 STS3215_MODEL_NUMBER = 777
 # The Baud_Rate register's value for each standard rate (a new servo may arrive set to any of them).
@@ -241,7 +240,10 @@ def encode_sign_magnitude(value, sign_bit):
     magnitude = abs(int(value))
     if magnitude >= 1 << sign_bit:
         raise ValueError(f"{value} does not fit in {sign_bit} magnitude bits (max ±{(1 << sign_bit) - 1})")
-    return ((1 << sign_bit) if value < 0 else 0) | magnitude
+    raw = magnitude
+    if value < 0:
+        raw |= 1 << sign_bit
+    return raw
 
 
 def decode_sign_magnitude(raw, sign_bit):
@@ -251,7 +253,10 @@ def decode_sign_magnitude(raw, sign_bit):
 
 def encode_value(reg, value):
     """A register value (signed where the register is) -> its little-endian bytes."""
-    raw = encode_sign_magnitude(value, reg.sign_bit) if reg.sign_bit is not None else int(value)
+    if reg.sign_bit is not None:
+        raw = encode_sign_magnitude(value, reg.sign_bit)
+    else:
+        raw = int(value)
     if not 0 <= raw < 1 << (8 * reg.size):
         raise ValueError(f"{reg.name}: {value} does not fit in {reg.size} byte(s)")
     return raw.to_bytes(reg.size, "little")
@@ -259,7 +264,9 @@ def encode_value(reg, value):
 
 def decode_value(reg, data):
     raw = int.from_bytes(data, "little")
-    return decode_sign_magnitude(raw, reg.sign_bit) if reg.sign_bit is not None else raw
+    if reg.sign_bit is not None:
+        return decode_sign_magnitude(raw, reg.sign_bit)
+    return raw
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -362,24 +369,28 @@ class FeetechBus:
         """
         reg = register(name)
         servo_ids = list(servo_ids)
-        values, failures = {}, {}
-        pending = servo_ids
+        values = {}  # {id: value} of every servo that answered
+        failures = {}  # {id: what went wrong}
+        pending = servo_ids  # the servos still to be heard from
         for _ in range(1 + self.retries):
             packet = sync_read_packet(reg.address, reg.size, pending)
-            statuses, problems = self._exchange(packet, {i: reg.size for i in pending})
+            statuses, problems = self._exchange(packet, dict.fromkeys(pending, reg.size))
             for servo_id, status in statuses.items():
                 if status.error:
                     failures[servo_id] = servo_error_message(status.error)
                 values[servo_id] = decode_value(reg, status.data)
-            pending = [i for i in pending if i not in statuses]
+            pending = [servo_id for servo_id in pending if servo_id not in statuses]
             if not pending:
                 break
         for servo_id in pending:
             failures[servo_id] = f"{problems[servo_id]} after {1 + self.retries} tries"
         if failures:
-            good = {i: values[i] for i in servo_ids if i in values and i not in failures}
+            good = {}  # what the servos without a fault did answer
+            for servo_id in servo_ids:
+                if servo_id in values and servo_id not in failures:
+                    good[servo_id] = values[servo_id]
             raise self._error(f"SYNC_READ {name}", failures, partial=good)
-        return {i: values[i] for i in servo_ids}
+        return {servo_id: values[servo_id] for servo_id in servo_ids}
 
     def sync_write(self, name, values_by_id):
         """SYNC_WRITE one register on several servos ({id: value}); the servos send no reply."""
@@ -423,7 +434,8 @@ class FeetechBus:
         self._send(packet)
         reply_bytes = sum(6 + size for size in expected.values())
         deadline = time.monotonic() + self.timeout + self._wire_time(len(packet) + reply_bytes)
-        statuses, problems = {}, dict.fromkeys(expected, "no reply")
+        statuses = {}  # {id: Status} of the servos that answered
+        problems = dict.fromkeys(expected, "no reply")  # {id: why its status is missing}
         while len(statuses) < len(expected):
             status, problem = self._next_status(deadline, max_data=max(expected.values()))
             if problem is not None:
@@ -432,16 +444,18 @@ class FeetechBus:
                 if culprit in problems and culprit not in statuses:
                     problems[culprit] = reason
                 elif len(expected) == 1:
-                    problems[next(iter(expected))] = reason
+                    only_servo = next(iter(expected))
+                    problems[only_servo] = reason
                 continue
             if status is None:
                 break  # deadline
             # A valid packet that is not the one we wait for (a late answer to an earlier request): skip it.
             if status.servo_id not in expected or status.servo_id in statuses:
                 continue
-            if len(status.data) != expected[status.servo_id]:
-                problems[status.servo_id] = f"reply with {len(status.data)} data bytes instead of " \
-                                            f"{expected[status.servo_id]}"
+            expected_size = expected[status.servo_id]
+            if len(status.data) != expected_size:
+                problems[status.servo_id] = (f"reply with {len(status.data)} data bytes instead of "
+                                             f"{expected_size}")
                 continue
             statuses[status.servo_id] = status
         return statuses, problems
@@ -456,7 +470,10 @@ class FeetechBus:
             # Find the header; without one, drop everything but a trailing FF (maybe the first half of one).
             start = self._rx.find(HEADER)
             if start < 0:
-                del self._rx[: -1 if self._rx.endswith(b"\xff") else len(self._rx)]
+                if self._rx.endswith(b"\xff"):
+                    del self._rx[:-1]
+                else:
+                    self._rx.clear()
                 if not self._fill(2, deadline):
                     return None, None
                 continue
@@ -467,7 +484,8 @@ class FeetechBus:
             if self._rx[2] == 0xFF:
                 del self._rx[0]
                 continue
-            servo_id, length = self._rx[2], self._rx[3]
+            servo_id = self._rx[2]
+            length = self._rx[3]  # counts the error byte, the data and the checksum
             if not 2 <= length <= max_data + 2:
                 # Not a length we can be waiting for: a false header inside garbage, or a damaged one.
                 del self._rx[:2]
@@ -508,13 +526,15 @@ class FeetechBus:
         return n_bytes * 10 / self.baudrate  # 8 data bits + start + stop bit per byte
 
     def _error(self, what, failures, partial=None):
-        parts = [f"servo {i}{self._name(i)}: {reason}" for i, reason in failures.items()]
+        parts = [f"servo {servo_id}{self._name(servo_id)}: {reason}" for servo_id, reason in failures.items()]
         message = f"{what} on {self.port}: " + "; ".join(parts)
         return FeetechError(message, servo_id=next(iter(failures)), failures=failures, partial=partial)
 
     def _name(self, servo_id):
-        return f" ({self.names[servo_id]})" if servo_id in self.names else ""
-
+        """' (elbow_flex)' for a servo with a name, '' for one without."""
+        if servo_id in self.names:
+            return f" ({self.names[servo_id]})"
+        return ""
 
 
 # ------------------------------------------------------------------------------------------------------------
