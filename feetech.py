@@ -247,8 +247,13 @@ def encode_sign_magnitude(value, sign_bit):
 
 
 def decode_sign_magnitude(raw, sign_bit):
+    """0x805 with sign bit 11 -> -5: the bits below the sign bit are |value|, the sign bit makes it
+    negative."""
     magnitude = raw & ((1 << sign_bit) - 1)
-    return -magnitude if raw >> sign_bit & 1 else magnitude
+    negative = (raw >> sign_bit) & 1
+    if negative:
+        return -magnitude
+    return magnitude
 
 
 def encode_value(reg, value):
