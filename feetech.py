@@ -1,4 +1,5 @@
-"""Talking to Feetech servos by hand: the wire format, the STS3215 control table, and a bus that survives faults.
+"""Talking to Feetech servos by hand: the wire format, the STS3215 control table, and a bus that survives
+faults.
 
 SmolVLA (arXiv 2506.01844, §4) was trained on community data recorded on SO-100 arms: ~$100 arms made of six
 Feetech STS3215 servos chained on one half-duplex UART (a USB adapter such as /dev/ttyACM0 at 1,000,000 baud).
@@ -6,15 +7,16 @@ Half-duplex means one wire for both directions: the computer sends a packet, the
 answer one at a time. To run the policy on a real arm we must speak that bus ourselves. This file builds it
 up in layers (the arm on top of it, with joint names, calibration and units, is so100.py):
 
-1. The wire format ("protocol 0"): instruction packets `FF FF id len inst params… checksum` going out, status
-   packets `FF FF id len error data… checksum` coming back, with `checksum = ~(id + len + inst + Σparams)`.
+1. The wire format ("protocol 0"): instruction packets `FF FF id len inst params… checksum` going out,
+   status packets `FF FF id len error data… checksum` coming back, with
+   `checksum = ~(id + len + inst + Σparams)`.
 2. The STS3215 control table: every setting of a servo is a register (address, size in bytes); a few are
    sign-magnitude numbers (the sign is one bit, the rest is the magnitude). Three of them hold a calibration
    (`CALIBRATION_REGISTERS`).
 3. `FeetechBus`: PING / READ / WRITE / SYNC_READ / SYNC_WRITE over pyserial, made robust against what real
-   buses do (lost replies, corrupted bytes, a servo that is unplugged): every reply is read by exact byte count
-   with a deadline, searched for its `FF FF` header, checked (checksum, id, length), and retried; what still
-   fails raises a `FeetechError` that names the servo and what went wrong.
+   buses do (lost replies, corrupted bytes, a servo that is unplugged): every reply is read by exact byte
+   count with a deadline, searched for its `FF FF` header, checked (checksum, id, length), and retried; what
+   still fails raises a `FeetechError` that names the servo and what went wrong.
 
 4. Servo setup: new servos all answer as id 1 at their factory baud rate, so an arm is set up one servo at a
    time (`find_single_servo`, `set_id_and_baud`): find it at any standard rate, write its id and 1 Mbaud
@@ -66,7 +68,8 @@ def instruction_packet(servo_id, instruction, params=b""):
 
 
 def status_packet(servo_id, error, data=b""):
-    """What a servo sends back: `FF FF id len error data… chk` (the servo's side, used by the virtual arm)."""
+    """What a servo sends back: `FF FF id len error data… chk` (the servo's side, used by the virtual
+    arm)."""
     body = bytes([servo_id, len(data) + 2, error]) + bytes(data)
     return HEADER + body + bytes([checksum(body)])
 
@@ -84,7 +87,8 @@ def write_packet(servo_id, address, data):
 
 
 def sync_read_packet(address, size, servo_ids):
-    """Broadcast `address, size, id1, id2, …`; the servos answer one after the other, in the listed order."""
+    """Broadcast `address, size, id1, id2, …`; the servos answer one after the other, in the listed
+    order."""
     return instruction_packet(BROADCAST_ID, SYNC_READ, bytes([address, size, *servo_ids]))
 
 
@@ -148,57 +152,56 @@ class Register:
     read_only: bool = False
 
 
-CONTROL_TABLE = {
-    r.name: r
-    for r in [
-        # EEPROM (addresses below 40): identity, limits, tuning; kept at power-off if written while Lock = 0
-        Register("Firmware_Major_Version", 0, 1, read_only=True),
-        Register("Firmware_Minor_Version", 1, 1, read_only=True),
-        Register("Model_Number", 3, 2, read_only=True),
-        Register("ID", 5, 1),
-        Register("Baud_Rate", 6, 1),  # 0 = 1 Mbps
-        Register("Return_Delay_Time", 7, 1),  # in units of 2 µs
-        Register("Response_Status_Level", 8, 1),  # 0: answer only PING and READ
-        Register("Min_Position_Limit", 9, 2),
-        Register("Max_Position_Limit", 11, 2),
-        Register("Max_Temperature_Limit", 13, 1),
-        Register("Max_Voltage_Limit", 14, 1),
-        Register("Min_Voltage_Limit", 15, 1),
-        Register("Max_Torque_Limit", 16, 2),
-        Register("Phase", 18, 1),  # bit 4 set = multi-turn positions (beyond 0..4095)
-        Register("Unloading_Condition", 19, 1),
-        Register("LED_Alarm_Condition", 20, 1),
-        Register("P_Coefficient", 21, 1),
-        Register("D_Coefficient", 22, 1),
-        Register("I_Coefficient", 23, 1),
-        Register("Minimum_Startup_Force", 24, 2),
-        Register("CW_Dead_Zone", 26, 1),
-        Register("CCW_Dead_Zone", 27, 1),
-        Register("Protection_Current", 28, 2),
-        Register("Angular_Resolution", 30, 1),
-        Register("Homing_Offset", 31, 2, sign_bit=11),
-        Register("Operating_Mode", 33, 1),  # 0 = position servo
-        Register("Protective_Torque", 34, 1),
-        Register("Protection_Time", 35, 1),
-        Register("Overload_Torque", 36, 1),
-        # SRAM: commands and live state (lost at power-off)
-        Register("Torque_Enable", 40, 1),
-        Register("Acceleration", 41, 1),
-        Register("Goal_Position", 42, 2, sign_bit=15),
-        Register("Goal_Time", 44, 2),
-        Register("Goal_Velocity", 46, 2, sign_bit=15),
-        Register("Torque_Limit", 48, 2),
-        Register("Lock", 55, 1),  # 0 = EEPROM writes are saved, 1 = they are lost at power-off
-        Register("Present_Position", 56, 2, sign_bit=15, read_only=True),
-        Register("Present_Velocity", 58, 2, sign_bit=15, read_only=True),
-        Register("Present_Load", 60, 2, sign_bit=10, read_only=True),
-        Register("Present_Voltage", 62, 1, read_only=True),  # 0.1 V
-        Register("Present_Temperature", 63, 1, read_only=True),  # °C
-        Register("Moving", 66, 1, read_only=True),
-        Register("Present_Current", 69, 2, read_only=True),
-        Register("Maximum_Acceleration", 85, 1),
-    ]
-}
+_STS3215_REGISTERS = [
+    # EEPROM (addresses below 40): identity, limits, tuning; kept at power-off if written while Lock = 0
+    Register("Firmware_Major_Version", 0, 1, read_only=True),
+    Register("Firmware_Minor_Version", 1, 1, read_only=True),
+    Register("Model_Number", 3, 2, read_only=True),
+    Register("ID", 5, 1),
+    Register("Baud_Rate", 6, 1),  # 0 = 1 Mbps
+    Register("Return_Delay_Time", 7, 1),  # in units of 2 µs
+    Register("Response_Status_Level", 8, 1),  # 0: answer only PING and READ
+    Register("Min_Position_Limit", 9, 2),
+    Register("Max_Position_Limit", 11, 2),
+    Register("Max_Temperature_Limit", 13, 1),
+    Register("Max_Voltage_Limit", 14, 1),
+    Register("Min_Voltage_Limit", 15, 1),
+    Register("Max_Torque_Limit", 16, 2),
+    Register("Phase", 18, 1),  # bit 4 set = multi-turn positions (beyond 0..4095)
+    Register("Unloading_Condition", 19, 1),
+    Register("LED_Alarm_Condition", 20, 1),
+    Register("P_Coefficient", 21, 1),
+    Register("D_Coefficient", 22, 1),
+    Register("I_Coefficient", 23, 1),
+    Register("Minimum_Startup_Force", 24, 2),
+    Register("CW_Dead_Zone", 26, 1),
+    Register("CCW_Dead_Zone", 27, 1),
+    Register("Protection_Current", 28, 2),
+    Register("Angular_Resolution", 30, 1),
+    Register("Homing_Offset", 31, 2, sign_bit=11),
+    Register("Operating_Mode", 33, 1),  # 0 = position servo
+    Register("Protective_Torque", 34, 1),
+    Register("Protection_Time", 35, 1),
+    Register("Overload_Torque", 36, 1),
+    # SRAM: commands and live state (lost at power-off)
+    Register("Torque_Enable", 40, 1),
+    Register("Acceleration", 41, 1),
+    Register("Goal_Position", 42, 2, sign_bit=15),
+    Register("Goal_Time", 44, 2),
+    Register("Goal_Velocity", 46, 2, sign_bit=15),
+    Register("Torque_Limit", 48, 2),
+    Register("Lock", 55, 1),  # 0 = EEPROM writes are saved, 1 = they are lost at power-off
+    Register("Present_Position", 56, 2, sign_bit=15, read_only=True),
+    Register("Present_Velocity", 58, 2, sign_bit=15, read_only=True),
+    Register("Present_Load", 60, 2, sign_bit=10, read_only=True),
+    Register("Present_Voltage", 62, 1, read_only=True),  # 0.1 V
+    Register("Present_Temperature", 63, 1, read_only=True),  # °C
+    Register("Moving", 66, 1, read_only=True),
+    Register("Present_Current", 69, 2, read_only=True),
+    Register("Maximum_Acceleration", 85, 1),
+]
+# name -> Register, in address order
+CONTROL_TABLE = {reg.name: reg for reg in _STS3215_REGISTERS}
 
 STS3215_MODEL_NUMBER = 777
 # The Baud_Rate register's value for each standard rate (a new servo may arrive set to any of them).
@@ -206,9 +209,13 @@ BAUD_RATES = {1_000_000: 0, 500_000: 1, 250_000: 2, 128_000: 3, 115_200: 4, 57_6
 RESOLUTION = 4096  # encoder ticks per turn
 MAX_TICK = RESOLUTION - 1  # 4095, the "360°" of lerobot's degree formula
 
-# Where a calibration lives in each servo's EEPROM: register -> the lerobot JSON field it holds (in write order).
-CALIBRATION_REGISTERS = {"Homing_Offset": "homing_offset", "Min_Position_Limit": "range_min",
-                         "Max_Position_Limit": "range_max"}
+# Where a calibration lives in each servo's EEPROM: register -> the lerobot JSON field it holds (in write
+# order).
+CALIBRATION_REGISTERS = {
+    "Homing_Offset": "homing_offset",
+    "Min_Position_Limit": "range_min",
+    "Max_Position_Limit": "range_max",
+}
 
 
 def register(name):
@@ -220,7 +227,8 @@ def register(name):
 
 
 def writable_register(name):
-    """`register(name)` for a WRITE / SYNC_WRITE: the read-only ones (model number, live state) are refused."""
+    """`register(name)` for a WRITE / SYNC_WRITE: the read-only ones (model number, live state) are
+    refused."""
     reg = register(name)
     if reg.read_only:
         raise ValueError(f"{name} is read-only")
@@ -232,17 +240,28 @@ def encode_sign_magnitude(value, sign_bit):
     magnitude = abs(int(value))
     if magnitude >= 1 << sign_bit:
         raise ValueError(f"{value} does not fit in {sign_bit} magnitude bits (max ±{(1 << sign_bit) - 1})")
-    return ((1 << sign_bit) if value < 0 else 0) | magnitude
+    raw = magnitude
+    if value < 0:
+        raw |= 1 << sign_bit
+    return raw
 
 
 def decode_sign_magnitude(raw, sign_bit):
+    """0x805 with sign bit 11 -> -5: the bits below the sign bit are |value|, the sign bit makes it
+    negative."""
     magnitude = raw & ((1 << sign_bit) - 1)
-    return -magnitude if raw >> sign_bit & 1 else magnitude
+    negative = (raw >> sign_bit) & 1
+    if negative:
+        return -magnitude
+    return magnitude
 
 
 def encode_value(reg, value):
     """A register value (signed where the register is) -> its little-endian bytes."""
-    raw = encode_sign_magnitude(value, reg.sign_bit) if reg.sign_bit is not None else int(value)
+    if reg.sign_bit is not None:
+        raw = encode_sign_magnitude(value, reg.sign_bit)
+    else:
+        raw = int(value)
     if not 0 <= raw < 1 << (8 * reg.size):
         raise ValueError(f"{reg.name}: {value} does not fit in {reg.size} byte(s)")
     return raw.to_bytes(reg.size, "little")
@@ -250,7 +269,9 @@ def encode_value(reg, value):
 
 def decode_value(reg, data):
     raw = int.from_bytes(data, "little")
-    return decode_sign_magnitude(raw, reg.sign_bit) if reg.sign_bit is not None else raw
+    if reg.sign_bit is not None:
+        return decode_sign_magnitude(raw, reg.sign_bit)
+    return raw
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -261,8 +282,8 @@ def decode_value(reg, data):
 class FeetechError(RuntimeError):
     """A servo did not answer, answered garbage, or reported an error, even after retries.
 
-    `servo_id` is the (first) servo at fault, `failures` maps every failing id to what went wrong, and `partial`
-    holds the values that a SYNC_READ did get right from the other servos.
+    `servo_id` is the (first) servo at fault, `failures` maps every failing id to what went wrong, and
+    `partial` holds the values that a SYNC_READ did get right from the other servos.
     """
 
     def __init__(self, message, servo_id=None, failures=None, partial=None):
@@ -283,10 +304,10 @@ def serial_ports() -> str:
 class FeetechBus:
     """One serial port with Feetech servos on it (protocol 0, the STS/SMS series).
 
-    Every transaction clears stale input, sends one packet, then reads status packets by exact byte counts until
-    a deadline (`timeout` plus the time the expected bytes take on the wire). Failed transactions are retried
-    `retries` times; a servo that reports error bits is not retried (that is its state, not a transmission
-    fault). `names` ({id: "elbow_flex"}) only makes error messages friendlier.
+    Every transaction clears stale input, sends one packet, then reads status packets by exact byte counts
+    until a deadline (`timeout` plus the time the expected bytes take on the wire). Failed transactions are
+    retried `retries` times; a servo that reports error bits is not retried (that is its state, not a
+    transmission fault). `names` ({id: "elbow_flex"}) only makes error messages friendlier.
     """
 
     def __init__(self, port, baudrate=1_000_000, timeout=0.05, retries=3, names=None):
@@ -297,12 +318,12 @@ class FeetechBus:
         self.names = dict(names or {})
         try:
             self._serial = serial.Serial(port, baudrate=baudrate, timeout=timeout, write_timeout=1.0)
-        except serial.SerialException as e:
+        except serial.SerialException as cause:
             raise FileNotFoundError(
-                f"cannot open serial port {port!r} ({e}); serial ports found: {serial_ports()}; check the USB "
-                "cable, the port name (Linux /dev/ttyACM0, macOS /dev/tty.usbmodem…, Windows COM3) and that you "
-                "may use it (Linux: group dialout)"
-            ) from e
+                f"cannot open serial port {port!r} ({cause}); serial ports found: {serial_ports()}; "
+                "check the USB cable, the port name (Linux /dev/ttyACM0, macOS /dev/tty.usbmodem…, "
+                "Windows COM3) and that you may use it (Linux: group dialout)"
+            ) from cause
         # FTDI adapters buffer replies for 16 ms unless asked for low latency; other drivers don't support it.
         try:
             self._serial.set_low_latency_mode(True)
@@ -335,7 +356,8 @@ class FeetechBus:
     def read(self, servo_id, name):
         """READ one register; returns its value decoded (signed where the register is signed)."""
         reg = register(name)
-        data = self._transact(servo_id, read_packet(servo_id, reg.address, reg.size), reg.size, f"READ {name}")
+        packet = read_packet(servo_id, reg.address, reg.size)
+        data = self._transact(servo_id, packet, reg.size, f"READ {name}")
         return decode_value(reg, data)
 
     def write(self, servo_id, name, value):
@@ -352,24 +374,28 @@ class FeetechBus:
         """
         reg = register(name)
         servo_ids = list(servo_ids)
-        values, failures = {}, {}
-        pending = servo_ids
+        values = {}  # {id: value} of every servo that answered
+        failures = {}  # {id: what went wrong}
+        pending = servo_ids  # the servos still to be heard from
         for _ in range(1 + self.retries):
             packet = sync_read_packet(reg.address, reg.size, pending)
-            statuses, problems = self._exchange(packet, {i: reg.size for i in pending})
+            statuses, problems = self._exchange(packet, dict.fromkeys(pending, reg.size))
             for servo_id, status in statuses.items():
                 if status.error:
                     failures[servo_id] = servo_error_message(status.error)
                 values[servo_id] = decode_value(reg, status.data)
-            pending = [i for i in pending if i not in statuses]
+            pending = [servo_id for servo_id in pending if servo_id not in statuses]
             if not pending:
                 break
         for servo_id in pending:
             failures[servo_id] = f"{problems[servo_id]} after {1 + self.retries} tries"
         if failures:
-            good = {i: values[i] for i in servo_ids if i in values and i not in failures}
+            good = {}  # what the servos without a fault did answer
+            for servo_id in servo_ids:
+                if servo_id in values and servo_id not in failures:
+                    good[servo_id] = values[servo_id]
             raise self._error(f"SYNC_READ {name}", failures, partial=good)
-        return {i: values[i] for i in servo_ids}
+        return {servo_id: values[servo_id] for servo_id in servo_ids}
 
     def sync_write(self, name, values_by_id):
         """SYNC_WRITE one register on several servos ({id: value}); the servos send no reply."""
@@ -386,10 +412,11 @@ class FeetechBus:
     def __exit__(self, *exc):
         self.close()
 
-    # -- transactions -------------------------------------------------------------------------------------------
+    # -- transactions ----------------------------------------------------------------------------------------
 
     def _transact(self, servo_id, packet, reply_size, what):
-        """Send one instruction packet to one servo and return the data of its status packet, retrying faults."""
+        """Send one instruction packet to one servo and return the data of its status packet, retrying
+        faults."""
         if servo_id == BROADCAST_ID:
             raise ValueError("the broadcast id gets no reply: use sync_read / sync_write / broadcast_ping")
         for _ in range(1 + self.retries):
@@ -412,7 +439,8 @@ class FeetechBus:
         self._send(packet)
         reply_bytes = sum(6 + size for size in expected.values())
         deadline = time.monotonic() + self.timeout + self._wire_time(len(packet) + reply_bytes)
-        statuses, problems = {}, dict.fromkeys(expected, "no reply")
+        statuses = {}  # {id: Status} of the servos that answered
+        problems = dict.fromkeys(expected, "no reply")  # {id: why its status is missing}
         while len(statuses) < len(expected):
             status, problem = self._next_status(deadline, max_data=max(expected.values()))
             if problem is not None:
@@ -421,16 +449,18 @@ class FeetechBus:
                 if culprit in problems and culprit not in statuses:
                     problems[culprit] = reason
                 elif len(expected) == 1:
-                    problems[next(iter(expected))] = reason
+                    only_servo = next(iter(expected))
+                    problems[only_servo] = reason
                 continue
             if status is None:
                 break  # deadline
             # A valid packet that is not the one we wait for (a late answer to an earlier request): skip it.
             if status.servo_id not in expected or status.servo_id in statuses:
                 continue
-            if len(status.data) != expected[status.servo_id]:
-                problems[status.servo_id] = f"reply with {len(status.data)} data bytes instead of " \
-                                            f"{expected[status.servo_id]}"
+            expected_size = expected[status.servo_id]
+            if len(status.data) != expected_size:
+                problems[status.servo_id] = (f"reply with {len(status.data)} data bytes instead of "
+                                             f"{expected_size}")
                 continue
             statuses[status.servo_id] = status
         return statuses, problems
@@ -445,7 +475,10 @@ class FeetechBus:
             # Find the header; without one, drop everything but a trailing FF (maybe the first half of one).
             start = self._rx.find(HEADER)
             if start < 0:
-                del self._rx[: -1 if self._rx.endswith(b"\xff") else len(self._rx)]
+                if self._rx.endswith(b"\xff"):
+                    del self._rx[:-1]
+                else:
+                    self._rx.clear()
                 if not self._fill(2, deadline):
                     return None, None
                 continue
@@ -456,7 +489,8 @@ class FeetechBus:
             if self._rx[2] == 0xFF:
                 del self._rx[0]
                 continue
-            servo_id, length = self._rx[2], self._rx[3]
+            servo_id = self._rx[2]
+            length = self._rx[3]  # counts the error byte, the data and the checksum
             if not 2 <= length <= max_data + 2:
                 # Not a length we can be waiting for: a false header inside garbage, or a damaged one.
                 del self._rx[:2]
@@ -476,7 +510,8 @@ class FeetechBus:
             return parse_status(packet), None
 
     def _fill(self, n, deadline):
-        """Read until `n` bytes are buffered or the deadline passes; replies may arrive in any number of pieces."""
+        """Read until `n` bytes are buffered or the deadline passes; replies may arrive in any number of
+        pieces."""
         while len(self._rx) < n:
             if time.monotonic() >= deadline:
                 return False
@@ -484,7 +519,8 @@ class FeetechBus:
         return True
 
     def _send(self, packet):
-        """Start a transaction: clear stale input, then send `packet` (remembered, to spot an adapter's echo)."""
+        """Start a transaction: clear stale input, then send `packet` (remembered, to spot an adapter's
+        echo)."""
         # A late reply to an earlier, timed-out request must not be mistaken for the answer to this one.
         self._serial.reset_input_buffer()
         self._rx.clear()
@@ -495,13 +531,15 @@ class FeetechBus:
         return n_bytes * 10 / self.baudrate  # 8 data bits + start + stop bit per byte
 
     def _error(self, what, failures, partial=None):
-        parts = [f"servo {i}{self._name(i)}: {reason}" for i, reason in failures.items()]
+        parts = [f"servo {servo_id}{self._name(servo_id)}: {reason}" for servo_id, reason in failures.items()]
         message = f"{what} on {self.port}: " + "; ".join(parts)
         return FeetechError(message, servo_id=next(iter(failures)), failures=failures, partial=partial)
 
     def _name(self, servo_id):
-        return f" ({self.names[servo_id]})" if servo_id in self.names else ""
-
+        """' (elbow_flex)' for a servo with a name, '' for one without."""
+        if servo_id in self.names:
+            return f" ({self.names[servo_id]})"
+        return ""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -515,14 +553,19 @@ def find_single_servo(port, timeout=0.05):
     Returns (baud rate, id, model number). More than one servo answering is an error, so that a servo already
     set up and still connected is never renamed. (Servos that share an id and a rate answer at once: that
     collision cannot be told apart from one servo, so the walk asks for one servo at a time.)"""
-    found = []
+    found = []  # (baud rate, id, model number) of every servo that answers
     for baudrate in BAUD_RATES:
         with FeetechBus(port, baudrate=baudrate, timeout=timeout, retries=1) as bus:
-            found += [(baudrate, i, bus.read(i, "Model_Number")) for i in bus.broadcast_ping()]
+            for servo_id in bus.broadcast_ping():
+                found.append((baudrate, servo_id, bus.read(servo_id, "Model_Number")))
     if len(found) != 1:
-        answers = ", ".join(f"id {i} at {baudrate} baud" for baudrate, i, _ in found)
-        raise FeetechError(f"{len(found)} servos answer on {port}{f' ({answers})' if found else ''}: connect exactly "
-                           "one servo, the one being set up, and check that the board is powered")
+        # which servos answered, e.g. " (id 1 at 115200 baud, id 1 at 1000000 baud)"; nothing when none did
+        answers = [f"id {servo_id} at {baudrate} baud" for baudrate, servo_id, _ in found]
+        answered = ""
+        if found:
+            answered = f" ({', '.join(answers)})"
+        raise FeetechError(f"{len(found)} servos answer on {port}{answered}: connect exactly one servo, "
+                           "the one being set up, and check that the board is powered")
     return found[0]
 
 
@@ -534,10 +577,11 @@ def set_id_and_baud(port, servo_id, baudrate=1_000_000, model=STS3215_MODEL_NUMB
     of another model than `model` is left as it is. Returns what it was: (baud rate, id, model number)."""
     if baudrate not in BAUD_RATES:
         raise ValueError(f"{baudrate} is not a Feetech baud rate ({', '.join(map(str, BAUD_RATES))})")
-    found = found_baud, old_id, found_model = find_single_servo(port, timeout)
+    found = find_single_servo(port, timeout)
+    found_baud, old_id, found_model = found
     if found_model != model:
-        raise FeetechError(f"the servo on {port} (id {old_id}) is model {found_model}, not {model}: is it the "
-                           "right servo?", old_id)
+        raise FeetechError(f"the servo on {port} (id {old_id}) is model {found_model}, not {model}: "
+                           "is it the right servo?", old_id)
     with FeetechBus(port, baudrate=found_baud, timeout=timeout) as bus:
         bus.write(old_id, "Torque_Enable", 0)
         bus.write(old_id, "Lock", 0)

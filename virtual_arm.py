@@ -15,11 +15,11 @@ SO-100). `VirtualArm` opens a pty pair (os.openpty): the driver opens the slave 
 - fault injection, for testing the driver's robustness: drop a reply, corrupt its checksum, delay it, send it
   in fragments, precede it with garbage, report error bits, or remove a servo from the bus.
 
-The physical arm has mechanical stops and a "true" calibration (`sim.calibration`, lerobot's JSON format). The
-servos start with it written to their EEPROM, so `--port sim` works without calibrating first. The true pose
-(`joint_positions_deg`, what the synthetic camera draws) is defined here from that calibration alone, so the
-driver's conversion of ticks to units (so100.py) can be checked against it. This file speaks only the protocol
-(feetech.py) and knows nothing of the driver: the joints are the calibration's, in its order.
+The physical arm has mechanical stops and a "true" calibration (`sim.calibration`, lerobot's JSON format).
+The servos start with it written to their EEPROM, so `--port sim` works without calibrating first. The true
+pose (`joint_positions_deg`, what the synthetic camera draws) is defined here from that calibration alone, so
+the driver's conversion of ticks to units (so100.py) can be checked against it. This file speaks only the
+protocol (feetech.py) and knows nothing of the driver: the joints are the calibration's, in its order.
 A pty moves bytes as fast as the two threads pass them, whatever baud rate the driver set.
 For recording without hardware, toy_world.py's `ScriptedHand` moves a virtual leader arm and its cameras film
 the arm; this file imports none of it.
@@ -37,7 +37,9 @@ try:  # a pseudo-terminal's settings: POSIX only (Linux, macOS); Windows has no 
     import termios
     import tty
 except ImportError:
-    fcntl = termios = tty = None
+    fcntl = None
+    termios = None
+    tty = None
 
 import numpy as np
 
@@ -61,23 +63,61 @@ TRUE_CALIBRATION = {
 
 # Factory settings of an STS3215 (what a new servo reads); unlisted registers read 0.
 FACTORY_DEFAULTS = {
-    "Firmware_Major_Version": 3, "Firmware_Minor_Version": 10, "Model_Number": STS3215_MODEL_NUMBER,
-    "Return_Delay_Time": 250, "Response_Status_Level": 1, "Min_Position_Limit": 0,
-    "Max_Position_Limit": MAX_TICK, "Max_Temperature_Limit": 70, "Max_Voltage_Limit": 140,
-    "Min_Voltage_Limit": 40, "Max_Torque_Limit": 1000, "Unloading_Condition": 44, "LED_Alarm_Condition": 47,
-    "P_Coefficient": 32, "D_Coefficient": 32, "Protection_Current": 500, "Angular_Resolution": 1,
-    "Protective_Torque": 20, "Protection_Time": 200, "Overload_Torque": 80, "Torque_Limit": 1000, "Lock": 1,
-    "Present_Voltage": 74, "Present_Temperature": 28,
+    "Firmware_Major_Version": 3,
+    "Firmware_Minor_Version": 10,
+    "Model_Number": STS3215_MODEL_NUMBER,
+    "Return_Delay_Time": 250,
+    "Response_Status_Level": 1,
+    "Min_Position_Limit": 0,
+    "Max_Position_Limit": MAX_TICK,
+    "Max_Temperature_Limit": 70,
+    "Max_Voltage_Limit": 140,
+    "Min_Voltage_Limit": 40,
+    "Max_Torque_Limit": 1000,
+    "Unloading_Condition": 44,
+    "LED_Alarm_Condition": 47,
+    "P_Coefficient": 32,
+    "D_Coefficient": 32,
+    "Protection_Current": 500,
+    "Angular_Resolution": 1,
+    "Protective_Torque": 20,
+    "Protection_Time": 200,
+    "Overload_Torque": 80,
+    "Torque_Limit": 1000,
+    "Lock": 1,
+    "Present_Voltage": 74,
+    "Present_Temperature": 28,
 }
 EEPROM_END = 40  # addresses below this are EEPROM
+
+
+def _read_only_addresses():
+    """Every byte address that belongs to a read-only register."""
+    addresses = set()
+    for reg in CONTROL_TABLE.values():
+        if reg.read_only:
+            addresses.update(range(reg.address, reg.address + reg.size))
+    return addresses
+
+
+def _termios_rates():
+    """{termios speed constant: baud rate} for the standard rates this system has a constant for."""
+    rates = {}
+    for rate in BAUD_RATES:
+        if hasattr(termios, f"B{rate}"):
+            rates[getattr(termios, f"B{rate}")] = rate
+    return rates
+
+
 # Bytes the instruction WRITE may not change: the read-only registers.
-PROTECTED = {r.address + k for r in CONTROL_TABLE.values() if r.read_only for k in range(r.size)}
+PROTECTED = _read_only_addresses()
 # The pty's speed setting (termios) -> baud rate. 250000 and 128000 have no constant on Linux: a driver sets
 # them as a custom rate, shown as BOTHER, whose value only struct termios2 holds (c_ospeed, via TCGETS2).
-TERMIOS_RATES = {getattr(termios, f"B{rate}"): rate for rate in BAUD_RATES if hasattr(termios, f"B{rate}")}
-BOTHER, TCGETS2 = 0o010000, 0x802C542A
-NO_PTY = ("--port sim needs a pseudo-terminal (os.openpty), which this system does not have (Windows): run it "
-          "under WSL, or drive a real arm (--port COM3, or the port your adapter shows)")
+TERMIOS_RATES = _termios_rates()
+BOTHER = 0o010000  # the speed setting of a custom rate (Linux)
+TCGETS2 = 0x802C542A  # the ioctl that reads a struct termios2 (Linux)
+NO_PTY = ("--port sim needs a pseudo-terminal (os.openpty), which this system does not have (Windows): "
+          "run it under WSL, or drive a real arm (--port COM3, or the port your adapter shows)")
 
 
 def pty_unsupported() -> str | None:
@@ -88,24 +128,49 @@ def pty_unsupported() -> str | None:
 
 
 def driver_baudrate(fd):
-    """The baud rate the driver set on its side of the pty `fd` (on macOS a speed setting is the rate itself)."""
+    """The baud rate the driver set on its side of the pty `fd` (on macOS a speed setting is the rate
+    itself)."""
     speed = termios.tcgetattr(fd)[5]
-    if speed == BOTHER and sys.platform == "linux":  # termios2: 4 flag words, c_line, c_cc[19], c_ispeed, c_ospeed
-        return struct.unpack_from("I", fcntl.ioctl(fd, TCGETS2, bytes(44)), 40)[0]
+    if speed == BOTHER and sys.platform == "linux":
+        # struct termios2: 4 flag words, c_line, c_cc[19], c_ispeed, c_ospeed (the unsigned int at byte 40)
+        termios2 = fcntl.ioctl(fd, TCGETS2, bytes(44))
+        return struct.unpack_from("I", termios2, 40)[0]
     return TERMIOS_RATES.get(speed, speed)
 
+
+# The Baud_Rate register's value -> baud rate.
 BAUD_RATES_BY_VALUE = {value: rate for rate, value in BAUD_RATES.items()}
 # Each kind of fault, with its parameters (a default of None means the parameter is required). The default
 # garbage hides a false header (FF FF 07 42: "servo 7, 66 bytes follow") that a driver must not trust.
 FAULT_KINDS = {
-    "drop": {}, "corrupt": {}, "delay": {"seconds": None}, "fragment": {"gap": 0.001},
-    "garbage": {"data": b"\x00\xff\x13\xff\xff\x07\x42"}, "error_bits": {"bits": None}, "missing": {},
+    "drop": {},
+    "corrupt": {},
+    "delay": {"seconds": None},
+    "fragment": {"gap": 0.001},
+    "garbage": {"data": b"\x00\xff\x13\xff\xff\x07\x42"},
+    "error_bits": {"bits": None},
+    "missing": {},
 }
 
 
 def _turns_freely(truth):
     """A joint calibrated over the whole turn (0..MAX_TICK) has no mechanical stops."""
     return (truth["range_min"], truth["range_max"]) == (0, MAX_TICK)
+
+
+def _mechanical_stops(truth):
+    """(lowest, highest) raw tick a joint can reach: its calibrated range shifted by its homing offset; None
+    for a joint that turns freely."""
+    if _turns_freely(truth):
+        return None
+    lowest = truth["range_min"] + truth["homing_offset"]
+    highest = truth["range_max"] + truth["homing_offset"]
+    return (lowest, highest)
+
+
+def _send_time(queued_reply):
+    """The send time of an outbox entry (send time, bytes)."""
+    return queued_reply[0]
 
 
 class VirtualServo:
@@ -136,12 +201,16 @@ class VirtualServo:
     def present(self):
         """Present_Position = actual − Homing_Offset, on one turn unless Phase bit 4 (multi-turn) is set."""
         position = round(self._present_exact())
+        if self.get("Phase") & 0x10:  # multi-turn: any number of ticks
+            return position
         # wrap again: 4095.6 rounds up to 4096, which a one-turn reading shows as 0
-        return position if self.get("Phase") & 0x10 else position % RESOLUTION
+        return position % RESOLUTION
 
     def _present_exact(self):
         position = self.actual - self.get("Homing_Offset")
-        return position if self.get("Phase") & 0x10 else position % RESOLUTION
+        if self.get("Phase") & 0x10:  # multi-turn: any number of ticks
+            return position
+        return position % RESOLUTION
 
     def write(self, address, data):
         """The WRITE instruction: EEPROM bytes reach the flash only while Lock = 0."""
@@ -156,8 +225,10 @@ class VirtualServo:
         return bytes(self.regs[address: address + size])
 
     def hears(self, servo_id, baudrate):
-        """Whether an instruction to `servo_id` sent at `baudrate` reaches this servo (the broadcast id does)."""
-        return servo_id in (BROADCAST_ID, self.get("ID")) and baudrate == BAUD_RATES_BY_VALUE[self.get("Baud_Rate")]
+        """Whether an instruction to `servo_id` sent at `baudrate` reaches this servo (the broadcast id
+        does)."""
+        addressed = servo_id in (BROADCAST_ID, self.get("ID"))
+        return addressed and baudrate == BAUD_RATES_BY_VALUE[self.get("Baud_Rate")]
 
     def move_by_hand(self, actual):
         """Put the joint somewhere by hand (it can't go past its mechanical stops)."""
@@ -172,12 +243,18 @@ class VirtualServo:
             self.set("Present_Velocity", 0)
             self.set("Moving", 0)
             return
-        low, high = self.get("Min_Position_Limit"), self.get("Max_Position_Limit")
-        goal = np.clip(self.get("Goal_Position"), low, high) if high > low else self.get("Goal_Position")
+        low = self.get("Min_Position_Limit")
+        high = self.get("Max_Position_Limit")
+        goal = self.get("Goal_Position")
+        if high > low:  # limits that are not a proper range (e.g. both 0) limit nothing
+            goal = np.clip(goal, low, high)
         error = goal - self._present_exact()
         move = float(np.clip(error, -speed * dt, speed * dt))
         self.move_by_hand(self.actual + move)
-        self.set("Present_Velocity", round(move / dt) if dt > 0 else 0)
+        velocity = 0
+        if dt > 0:
+            velocity = round(move / dt)
+        self.set("Present_Velocity", velocity)
         self.set("Moving", int(abs(error) > 1))
 
     def power_cycle(self):
@@ -199,7 +276,8 @@ class VirtualArm:
     factory_new: the servos as they come out of the box (all id 1 at 115200 baud, not calibrated), for setup.
     """
 
-    def __init__(self, calibrated=True, pose=(0, 0, 0, 0, 0, 50), speed=2400.0, tick=0.002, factory_new=False):
+    def __init__(self, calibrated=True, pose=(0, 0, 0, 0, 0, 50), speed=2400.0, tick=0.002,
+                 factory_new=False):
         reason = pty_unsupported()
         if reason is not None:
             raise ValueError(reason)
@@ -208,9 +286,8 @@ class VirtualArm:
         self.tick = tick
         self.servos = {}
         for name, truth in self.calibration.items():
-            stops = None if _turns_freely(truth) else (truth["range_min"] + truth["homing_offset"],
-                                                       truth["range_max"] + truth["homing_offset"])
-            servo = VirtualServo(truth["id"], truth["homing_offset"] + MAX_TICK // 2, stops)
+            middle = truth["homing_offset"] + MAX_TICK // 2  # raw ticks of the middle pose
+            servo = VirtualServo(truth["id"], middle, _mechanical_stops(truth))
             if calibrated and not factory_new:
                 for reg, key in CALIBRATION_REGISTERS.items():
                     servo.set(reg, truth[key])
@@ -218,7 +295,8 @@ class VirtualArm:
                 servo.set("ID", 1)
                 servo.set("Baud_Rate", BAUD_RATES[115_200])
             servo.save_eeprom()
-            self.servos[truth["id"]] = servo  # keyed by the joint's place in the arm; its ID register may differ
+            # keyed by the joint's place in the arm; its ID register may differ
+            self.servos[truth["id"]] = servo
         self.plugged_in = set(self.servos)  # the servos wired to the bus (setup connects them one at a time)
         self._faults = []
         self._outbox = []  # (send time, bytes) of replies waiting to go out
@@ -238,21 +316,25 @@ class VirtualArm:
     # -- the physical arm ------------------------------------------------------------------------------------
 
     # The simulator's ground truth for the pose, defined here from the true calibration alone: each joint in
-    # degrees from the middle of its calibrated range, (present − (range_min + range_max)/2)·360/MAX_TICK, and
-    # the gripper (the last joint) in 0..100 % of its range (closed..open). A calibrated driver reading in
-    # degrees mode must agree: the tests check so100.ticks_to_units against this independent definition.
+    # degrees from the middle of its calibrated range, (present − (range_min + range_max)/2)·360/MAX_TICK,
+    # and the gripper (the last joint) in 0..100 % of its range (closed..open). A calibrated driver reading
+    # in degrees mode must agree: the tests check so100.ticks_to_units against this independent definition.
 
     def joint_positions_deg(self):
         """The true pose (6,) in the arm's joint order: degrees from the middle of each joint's range, the
         gripper 0..100; for the synthetic camera and the tests."""
         with self._lock:
             ticks = [self._true_present(name) for name in self.calibration]
-        return np.array([self._degrees_or_percent(name, t) for name, t in zip(self.calibration, ticks)])
+        positions = []
+        for name, present in zip(self.calibration, ticks):
+            positions.append(self._degrees_or_percent(name, present))
+        return np.array(positions)
 
     def move_joint(self, name, value):
         """Move a joint by hand to `value` (units of joint_positions_deg); mechanical stops hold it back."""
         truth = self.calibration[name]
-        low, high = truth["range_min"], truth["range_max"]
+        low = truth["range_min"]
+        high = truth["range_max"]
         if self._is_gripper(name):
             present = np.clip(value, 0, 100) / 100 * (high - low) + low
         else:
@@ -261,7 +343,8 @@ class VirtualArm:
 
     def _degrees_or_percent(self, name, present):
         truth = self.calibration[name]
-        low, high = truth["range_min"], truth["range_max"]
+        low = truth["range_min"]
+        high = truth["range_max"]
         if self._is_gripper(name):
             return (np.clip(present, low, high) - low) / (high - low) * 100
         return (present - (low + high) / 2) * 360 / MAX_TICK
@@ -285,8 +368,12 @@ class VirtualArm:
         the prompt puts the arm in its middle pose, then each `wait()` call takes one step of a sweep that
         pushes every joint that has stops against both of them and back (a freely turning joint's range is
         the whole turn, nothing to record); it returns True when done."""
-        sweep = [(name, degrees) for name, truth in self.calibration.items() if not _turns_freely(truth)
-                 for degrees in (-90, -180, 90, 180, 0)]
+        sweep = []  # (joint, degrees) to move to, one per wait() call
+        for name, truth in self.calibration.items():
+            if _turns_freely(truth):
+                continue
+            for degrees in (-90, -180, 90, 180, 0):
+                sweep.append((name, degrees))
         steps = iter(sweep)
 
         def prompt(message):
@@ -303,8 +390,9 @@ class VirtualArm:
         return prompt, wait
 
     def setup_hand(self):
-        """A `prompt` callback for servo setup (so100.setup_motors) that does what the student is asked: before
-        each prompt, only the next servo is wired to the bus, in the order asked (the gripper first)."""
+        """A `prompt` callback for servo setup (so100.setup_motors) that does what the student is asked:
+        before each prompt, only the next servo is wired to the bus, in the order asked (the gripper
+        first)."""
         order = iter(reversed(list(self.servos)))
 
         def prompt(message):
@@ -323,21 +411,28 @@ class VirtualArm:
     def inject(self, kind, servo_id=None, times=1, **params):
         """Make the next `times` replies of `servo_id` (None: any servo) go wrong; times=None: until cleared.
 
-        kinds: "drop" (no reply), "corrupt" (bad checksum), "delay" (seconds=…), "fragment" (sent in 1-byte
-        pieces, gap=… s apart), "garbage" (data=… bytes before the reply), "error_bits" (bits=…, e.g. 0x20
-        overload), "missing" (the servo is off the bus: it neither answers nor executes anything; lasts until
-        `clear_faults()`, whatever `times` says).
+        kinds: "drop" (no reply), "corrupt" (bad checksum), "delay" (seconds=…), "fragment" (sent in
+        1-byte pieces, gap=… s apart), "garbage" (data=… bytes before the reply), "error_bits" (bits=…,
+        e.g. 0x20 overload), "missing" (the servo is off the bus: it neither answers nor executes anything;
+        lasts until `clear_faults()`, whatever `times` says).
         """
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault {kind!r}; choose from {list(FAULT_KINDS)}")
         allowed = FAULT_KINDS[kind]
         unknown = set(params) - set(allowed)
-        missing = [p for p, default in allowed.items() if default is None and p not in params]
+        missing = []  # the required parameters not given
+        for parameter, default in allowed.items():
+            if default is None and parameter not in params:
+                missing.append(parameter)
         if unknown or missing:
             raise ValueError(f"fault {kind!r} takes {list(allowed) or 'no parameters'}; "
                              f"unknown {sorted(unknown)}, missing {missing}")
+        # the fault's record: what, for whom, how often, then its parameters (the defaults, then the given)
+        fault = {"kind": kind, "servo_id": servo_id, "times": times}
+        fault.update(allowed)
+        fault.update(params)
         with self._lock:
-            self._faults.append({"kind": kind, "servo_id": servo_id, "times": times, **allowed, **params})
+            self._faults.append(fault)
 
     def clear_faults(self):
         with self._lock:
@@ -355,7 +450,10 @@ class VirtualArm:
         return None
 
     def _is_missing(self, servo_id):
-        return any(f["kind"] == "missing" and f["servo_id"] in (None, servo_id) for f in self._faults)
+        for fault in self._faults:
+            if fault["kind"] == "missing" and fault["servo_id"] in (None, servo_id):
+                return True
+        return False
 
     # -- the bus ---------------------------------------------------------------------------------------------
 
@@ -385,7 +483,11 @@ class VirtualArm:
         while True:
             start = buffer.find(HEADER)
             if start < 0:
-                del buffer[: -1 if buffer.endswith(b"\xff") else len(buffer)]
+                # keep only a trailing FF: it may be the first half of a header
+                if buffer.endswith(b"\xff"):
+                    del buffer[:-1]
+                else:
+                    buffer.clear()
                 return
             del buffer[:start]
             if len(buffer) >= 3 and buffer[2] == 0xFF:
@@ -404,36 +506,53 @@ class VirtualArm:
     def _execute(self, servo_id, instruction, params, now):
         baudrate = driver_baudrate(self._master)
         # the servos on the bus that hear this instruction: (their id on the bus, servo)
-        targets = [(servo.get("ID"), servo) for slot, servo in self.servos.items() if slot in self.plugged_in
-                   and not self._is_missing(slot) and servo.hears(servo_id, baudrate)]
+        targets = []
+        for slot, servo in self.servos.items():
+            if slot in self.plugged_in and not self._is_missing(slot) and servo.hears(servo_id, baudrate):
+                targets.append((servo.get("ID"), servo))
         if instruction == PING:
-            for i, servo in targets:
-                self._reply(i, b"", now)
+            for bus_id, servo in targets:
+                self._reply(bus_id, b"", now)
         elif instruction == READ and servo_id != BROADCAST_ID and len(params) == 2:
-            for i, servo in targets:
-                self._reply(i, servo.read(params[0], params[1]), now)
+            for bus_id, servo in targets:
+                self._reply(bus_id, servo.read(params[0], params[1]), now)
         elif instruction == WRITE and len(params) >= 2:
-            for i, servo in targets:
+            for bus_id, servo in targets:
                 servo.write(params[0], params[1:])
                 if servo_id != BROADCAST_ID:
-                    self._reply(i, b"", now)
+                    self._reply(bus_id, b"", now)
         elif instruction == SYNC_READ and servo_id == BROADCAST_ID and len(params) >= 2:
-            address, size = params[0], params[1]
+            address = params[0]
+            size = params[1]
             for wanted in params[2:]:  # in the listed order, each servo its own status packet
-                for i, servo in targets:
-                    if i == wanted:
-                        self._reply(i, servo.read(address, size), now)
+                for bus_id, servo in targets:
+                    if bus_id == wanted:
+                        self._reply(bus_id, servo.read(address, size), now)
         elif instruction == SYNC_WRITE and servo_id == BROADCAST_ID and len(params) >= 2:
-            address, size = params[0], params[1]
-            blocks = [(params[k], params[k + 1: k + 1 + size]) for k in range(2, len(params) - size, size + 1)]
-            for i, servo in targets:  # each servo takes its own block (a new ID takes effect after the packet)
-                for data in (data for wanted, data in blocks if wanted == i):
-                    servo.write(address, data)
+            address = params[0]
+            size = params[1]
+            blocks = self._sync_write_blocks(params, size)
+            # each servo takes its own block (a new ID takes effect after the packet)
+            for bus_id, servo in targets:
+                for wanted, data in blocks:
+                    if wanted == bus_id:
+                        servo.write(address, data)
+
+    @staticmethod
+    def _sync_write_blocks(params, size):
+        """SYNC_WRITE's `address, size, (id, data…)…` -> [(id, data)], one block per listed servo."""
+        blocks = []
+        for k in range(2, len(params) - size, size + 1):
+            blocks.append((params[k], params[k + 1: k + 1 + size]))
+        return blocks
 
     def _reply(self, servo_id, data, now):
         """Queue a status packet, bent by whatever faults are active for this servo."""
         error = self._take_fault("error_bits", servo_id)
-        packet = bytearray(status_packet(servo_id, error["bits"] if error else 0, data))
+        error_byte = 0
+        if error:
+            error_byte = error["bits"]
+        packet = bytearray(status_packet(servo_id, error_byte, data))
         if self._take_fault("drop", servo_id):
             return
         if self._take_fault("corrupt", servo_id):
@@ -442,7 +561,9 @@ class VirtualArm:
         if garbage:
             packet[:0] = garbage["data"]
         delay = self._take_fault("delay", servo_id)
-        at = now + (delay["seconds"] if delay else 0.0)
+        at = now  # when the reply goes out
+        if delay:
+            at = now + delay["seconds"]
         fragment = self._take_fault("fragment", servo_id)
         if fragment:
             for k, byte in enumerate(packet):
@@ -451,9 +572,11 @@ class VirtualArm:
             self._outbox.append((at, bytes(packet)))
 
     def _send_due(self, now):
-        self._outbox.sort(key=lambda item: item[0])
-        while self._outbox and self._outbox[0][0] <= now:
-            os.write(self._master, self._outbox.pop(0)[1])
+        """Write out the queued replies whose send time has come, earliest first."""
+        self._outbox.sort(key=_send_time)
+        while self._outbox and _send_time(self._outbox[0]) <= now:
+            _, data = self._outbox.pop(0)
+            os.write(self._master, data)
 
     # -- lifetime --------------------------------------------------------------------------------------------
 
@@ -470,8 +593,3 @@ class VirtualArm:
 
     def __exit__(self, *exc):
         self.close()
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Recording without hardware: a scripted hand on a virtual leader arm, and cameras filming the toy world
-# ------------------------------------------------------------------------------------------------------------
