@@ -1,0 +1,496 @@
+"""Meta-World as a robot: the paper's simulated benchmark, seen as the official SmolVLA fine-tunes see it.
+
+The SmolVLA paper reports success rates on Meta-World's MT50 (50 tabletop tasks for one Sawyer arm), grouped
+into easy / medium / hard / very hard. The official fine-tunes were trained and evaluated through lerobot, so
+a policy only scores what it should if every detail of the observation matches lerobot's Meta-World
+environment. `MetaWorldRobot` reproduces lerobot 0.4.4 (huggingface/lerobot, tag v0.4.4); each convention
+below names the file and the lines it comes from:
+
+- camera `corner2`, moved to (0.75, 0.075, 0.7)          src/lerobot/envs/metaworld.py:82, 156-161
+- the image flipped on both axes (a 180° rotation)        src/lerobot/envs/metaworld.py:147-149, 170-172
+- 480x480 RGB uint8, channels last                        src/lerobot/envs/configs.py:374, 378 (the size is
+                                                          Meta-World's default: sawyer_xyz_env.py:188-189)
+- `observation.state` = the first 4 of Meta-World's 39 floats: hand x, y, z (metres) and how far the two
+  fingers are apart (0 closed .. 1 open)                  src/lerobot/envs/metaworld.py:73, 173;
+                                                          configs.py:363-370, 377 (agent_pos -> state)
+- `observation.image`                                     configs.py:367-368; utils/constants.py:23-24
+- action: 4 floats in [-1, 1] = hand xyz delta (x 1 cm) + gripper effort (+1 closes)
+                                                          src/lerobot/envs/metaworld.py:72, 137, 240
+- instruction = the task's description string            src/lerobot/envs/metaworld.py:102;
+                                                          metaworld_config.json:2-53; envs/utils.py:156-169
+- success = Meta-World's info["success"]; it ends the episode
+                                                          src/lerobot/envs/metaworld.py:243-244
+- at most 500 steps (Meta-World's max_path_length)        src/lerobot/envs/metaworld.py:101;
+                                                          scripts/lerobot_eval.py:154, 162
+- the task set: MT1(task, seed=42), its first train task  src/lerobot/envs/metaworld.py:153-155, 163
+- the difficulty splits                                   src/lerobot/envs/metaworld_config.json:70-90
+
+Meta-World paths below are inside the installed package (metaworld 3.0.0, site-packages/metaworld/).
+
+Two choices here differ from lerobot, on purpose:
+- seeding: lerobot 0.4.4 passes `seed` to Meta-World's reset, which ignores it (sawyer_xyz_env.py:664-680),
+  so object positions come from numpy's global generator. Here `seed` drives Meta-World's own seeded
+  generator (sawyer_xyz_env.py:697-711), as lerobot's later main branch does: same seed, same scene.
+- rendering: by default without multisampling, shadows and reflections (`fast_render=True`), 5-6x faster
+  on a CPU. The picture differs slightly from lerobot's (README_SIM_DRAFT.md has the numbers); pass
+  `fast_render=False` for lerobot's exact pixels, e.g. to evaluate an official fine-tune.
+
+This file imports only numpy, gymnasium, mujoco, metaworld and the standard library. The simulator is
+imported at the first robot (not at import time), after an OpenGL backend is chosen: MuJoCo fixes its
+backend when it is first imported. If MUJOCO_GL is unset, the first backend that can open an offscreen
+context (egl, then osmesa) is tried in a subprocess and written to os.environ["MUJOCO_GL"].
+"""
+
+import difflib
+import importlib.util
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+
+# The one line that installs the simulator (metaworld, and the mujoco / gymnasium versions that work with it).
+INSTALL_LINE = "pip install -r requirements-sim.txt"
+# What to install when no offscreen OpenGL works (Debian / Ubuntu package names).
+GL_INSTALL_LINE = ("apt-get install libegl1 libegl-mesa0 and set MUJOCO_GL=egl, "
+                   "or apt-get install libosmesa6 and set MUJOCO_GL=osmesa")
+# The backends tried, in order, when MUJOCO_GL is unset: EGL (also GPUs), then OSMesa (software, slower).
+GL_BACKENDS = ("egl", "osmesa")
+
+# The observation keys, as lerobot's policies read them (utils/constants.py:23-24; configs.py:363-370).
+IMAGE_KEY = "observation.image"
+STATE_KEY = "observation.state"
+ACTION_KEY = "action"
+# The camera lerobot films with (src/lerobot/envs/metaworld.py:82) ...
+CAMERA_NAME = "corner2"
+# ... after moving it here (metaworld.py:157-161; "similar to arXiv 2206.14244", the comment there says).
+CORNER2_POSITION = (0.75, 0.075, 0.7)
+# The image lerobot gives: 480x480 (configs.py:374, 378), which is Meta-World's default render size.
+IMAGE_SIZE = 480
+# The state: hand xyz + finger opening (metaworld.py:73, 173).
+STATE_SIZE = 4
+# The action: hand xyz delta + gripper effort, each in [-1, 1] (metaworld.py:72, 137).
+ACTION_SIZE = 4
+# One action unit moves the hand target this far, in metres (sawyer_xyz_env.py:182, 327-328).
+ACTION_SCALE = 0.01
+# The episode limit: Meta-World's max_path_length (sawyer_xyz_env.py:153), which lerobot uses as its
+# `_max_episode_steps` (metaworld.py:101; lerobot_eval.py:154). lerobot's config says episode_length=400
+# (configs.py:354), but that field never reaches the Meta-World env (factory.py:190-195 passes only
+# gym_kwargs, configs.py:384-388).
+EPISODE_LIMIT = 500
+# Control rate: 5 physics steps of 2.5 ms per action = 80 Hz (configs.py:353; the robot asserts it).
+FPS = 80
+# The task set lerobot draws from (metaworld.py:153): MT1's tasks for this seed; the first is used.
+LEROBOT_MT1_SEED = 42
+
+# The instruction the policy reads for each task (metaworld_config.json:2-53; metaworld.py:102), in
+# lerobot's task-id order (metaworld_config.json:54-69: the id of a task is its index here).
+TASK_DESCRIPTIONS = {
+    "assembly-v3": "Pick up a nut and place it onto a peg",
+    "basketball-v3": "Dunk the basketball into the basket",
+    "bin-picking-v3": "Grasp the puck from one bin and place it into another bin",
+    "box-close-v3": "Grasp the cover and close the box with it",
+    "button-press-topdown-v3": "Press a button from the top",
+    "button-press-topdown-wall-v3": "Bypass a wall and press a button from the top",
+    "button-press-v3": "Press a button",
+    "button-press-wall-v3": "Bypass a wall and press a button",
+    "coffee-button-v3": "Push a button on the coffee machine",
+    "coffee-pull-v3": "Pull a mug from a coffee machine",
+    "coffee-push-v3": "Push a mug under a coffee machine",
+    "dial-turn-v3": "Rotate a dial 180 degrees",
+    "disassemble-v3": "Pick a nut out of a peg",
+    "door-close-v3": "Close a door with a revolving joint",
+    "door-lock-v3": "Lock the door by rotating the lock clockwise",
+    "door-open-v3": "Open a door with a revolving joint",
+    "door-unlock-v3": "Unlock the door by rotating the lock counter-clockwise",
+    "drawer-close-v3": "Push and close a drawer",
+    "drawer-open-v3": "Open a drawer",
+    "faucet-close-v3": "Rotate the faucet clockwise",
+    "faucet-open-v3": "Rotate the faucet counter-clockwise",
+    "hammer-v3": "Hammer a screw on the wall",
+    "hand-insert-v3": "Insert the gripper into a hole",
+    "handle-press-side-v3": "Press a handle down sideways",
+    "handle-press-v3": "Press a handle down",
+    "handle-pull-side-v3": "Pull a handle up sideways",
+    "handle-pull-v3": "Pull a handle up",
+    "lever-pull-v3": "Pull a lever down 90 degrees",
+    "peg-insert-side-v3": "Insert a peg sideways",
+    "peg-unplug-side-v3": "Unplug a peg sideways",
+    "pick-out-of-hole-v3": "Pick up a puck from a hole",
+    "pick-place-v3": "Pick and place a puck to a goal",
+    "pick-place-wall-v3": "Pick a puck, bypass a wall and place the puck",
+    "plate-slide-back-side-v3": "Get a plate from the cabinet sideways",
+    "plate-slide-back-v3": "Get a plate from the cabinet",
+    "plate-slide-side-v3": "Slide a plate into a cabinet sideways",
+    "plate-slide-v3": "Slide a plate into a cabinet",
+    "push-back-v3": "Push the puck to a goal",
+    "push-v3": "Push the puck to a goal",
+    "push-wall-v3": "Bypass a wall and push a puck to a goal",
+    "reach-v3": "Reach a goal position",
+    "reach-wall-v3": "Bypass a wall and reach a goal",
+    "shelf-place-v3": "Pick and place a puck onto a shelf",
+    "soccer-v3": "Kick a soccer into the goal",
+    "stick-pull-v3": "Grasp a stick and pull a box with the stick",
+    "stick-push-v3": "Grasp a stick and push a box using the stick",
+    "sweep-into-v3": "Sweep a puck into a hole",
+    "sweep-v3": "Sweep a puck off the table",
+    "window-open-v3": "Push and open a window",
+    "window-close-v3": "Push and close a window",
+}
+
+# All 50 tasks, in lerobot's task-id order.
+MT50 = list(TASK_DESCRIPTIONS)
+
+# The difficulty groups the paper's Meta-World table reports, as lerobot defines them
+# (metaworld_config.json:70-90): 28 + 11 + 6 + 5 = 50 tasks.
+DIFFICULTY_TO_TASKS = {
+    "easy": [
+        "button-press-v3", "button-press-topdown-v3", "button-press-topdown-wall-v3", "button-press-wall-v3",
+        "coffee-button-v3", "dial-turn-v3", "door-close-v3", "door-lock-v3", "door-open-v3", "door-unlock-v3",
+        "drawer-close-v3", "drawer-open-v3", "faucet-close-v3", "faucet-open-v3", "handle-press-v3",
+        "handle-press-side-v3", "handle-pull-v3", "handle-pull-side-v3", "lever-pull-v3", "plate-slide-v3",
+        "plate-slide-back-v3", "plate-slide-back-side-v3", "plate-slide-side-v3", "reach-v3", "reach-wall-v3",
+        "window-close-v3", "window-open-v3", "peg-unplug-side-v3",
+    ],
+    "medium": [
+        "basketball-v3", "bin-picking-v3", "box-close-v3", "coffee-pull-v3", "coffee-push-v3", "hammer-v3",
+        "peg-insert-side-v3", "push-wall-v3", "soccer-v3", "sweep-v3", "sweep-into-v3",
+    ],
+    "hard": [
+        "assembly-v3", "hand-insert-v3", "pick-out-of-hole-v3", "pick-place-v3", "push-v3", "push-back-v3",
+    ],
+    "very_hard": ["shelf-place-v3", "disassemble-v3", "stick-pull-v3", "stick-push-v3", "pick-place-wall-v3"],
+}
+# The split names tasks_for accepts: the four groups, and all 50.
+SPLITS = [*DIFFICULTY_TO_TASKS, "mt50"]
+
+# Task pairs for a language lab: each pair loads the same scene file (measured: sawyer_drawer.xml,
+# sawyer_window_horizontal.xml, sawyer_door_pull.xml, sawyer_faucet.xml) and has its own instruction. The
+# first frames are NOT identical, though: the close tasks start with the drawer / window / door open, and
+# the faucet handle starts turned the other way, so the image alone already tells the pair apart
+# (README_SIM_DRAFT.md has the measured differences).
+LANGUAGE_PAIRS = [
+    ("drawer-open-v3", "drawer-close-v3"),
+    ("window-open-v3", "window-close-v3"),
+    ("door-open-v3", "door-close-v3"),
+    ("faucet-open-v3", "faucet-close-v3"),
+]
+
+
+def close_matches(name, choices):
+    """The choices that look like `name` (for an error message that says what was probably meant)."""
+    # difflib ranks by similarity; four suggestions are plenty, 0.5 keeps unrelated names out.
+    matches = difflib.get_close_matches(name, choices, n=4, cutoff=0.5)
+    return matches
+
+
+def check_task(task):
+    """The task's canonical name (lerobot's `metaworld-` prefix removed, metaworld.py:91), or ValueError."""
+    # lerobot accepts "metaworld-reach-v3" as well as "reach-v3".
+    name = task.strip().removeprefix("metaworld-")
+    if name in TASK_DESCRIPTIONS:
+        return name
+    # Suggest the names that look alike, so a typo is a one-line fix.
+    suggestions = close_matches(name, MT50)
+    hint = "; tasks_for('mt50') lists them all"
+    if suggestions:
+        hint = f"; did you mean {', '.join(suggestions)}?"
+    raise ValueError(f"unknown Meta-World task {task!r}{hint}")
+
+
+def tasks_for(name_or_split):
+    """The tasks named by a task, a split (easy|medium|hard|very_hard|mt50), or a comma-separated list.
+
+    The comma-separated form is lerobot's `--env.task` (metaworld.py:294, 304). Order kept, repeats dropped.
+    """
+    tasks = []
+    # Each comma-separated item is a split or a task.
+    for item in name_or_split.split(","):
+        name = item.strip()
+        if name == "":
+            continue
+        if name == "mt50":
+            named = MT50
+        elif name in DIFFICULTY_TO_TASKS:
+            named = DIFFICULTY_TO_TASKS[name]
+        elif name.removeprefix("metaworld-") in TASK_DESCRIPTIONS:
+            named = [name.removeprefix("metaworld-")]
+        else:
+            # Neither: suggest from splits and tasks together.
+            suggestions = close_matches(name, SPLITS + MT50)
+            hint = f"; did you mean {', '.join(suggestions)}?" if suggestions else ""
+            raise ValueError(f"unknown Meta-World task or split {name!r} (splits: {', '.join(SPLITS)}){hint}")
+        # Keep the first occurrence of each task.
+        for task in named:
+            if task not in tasks:
+                tasks.append(task)
+    if not tasks:
+        raise ValueError(f"no Meta-World task in {name_or_split!r}")
+    return tasks
+
+
+def gl_backend_works(backend):
+    """Whether MuJoCo can open an offscreen OpenGL context with this backend (tried in a fresh Python)."""
+    # A subprocess, because MuJoCo and PyOpenGL fix their backend at the first import in a process.
+    probe = "import mujoco; context = mujoco.GLContext(8, 8); context.make_current(); context.free()"
+    # The child chooses its PyOpenGL platform from MUJOCO_GL alone.
+    environment = dict(os.environ, MUJOCO_GL=backend)
+    environment.pop("PYOPENGL_PLATFORM", None)
+    result = subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, timeout=120)
+    return result.returncode == 0
+
+
+def first_working_gl_backend(backends=GL_BACKENDS):
+    """The first backend that renders offscreen here; SystemExit naming the packages when none does."""
+    for backend in backends:
+        if gl_backend_works(backend):
+            return backend
+    tried = ", ".join(backends)
+    raise SystemExit(f"error: MuJoCo found no offscreen OpenGL ({tried} tried): {GL_INSTALL_LINE}")
+
+
+def choose_gl_backend():
+    """MUJOCO_GL if set; otherwise the first working backend, written to os.environ before MuJoCo loads."""
+    chosen = os.environ.get("MUJOCO_GL", "")
+    if chosen != "":
+        return chosen
+    # Once imported, MuJoCo has picked its backend (glfw, when MUJOCO_GL was unset): too late to choose.
+    if "mujoco" in sys.modules:
+        raise SystemExit("error: mujoco was imported before a GL backend was chosen: "
+                         "set MUJOCO_GL=egl (or osmesa) before starting Python")
+    chosen = first_working_gl_backend()
+    os.environ["MUJOCO_GL"] = chosen
+    return chosen
+
+
+def import_simulator():
+    """metaworld (mujoco under it), imported after choosing the GL backend; SystemExit if not installed."""
+    # Already imported (a robot exists): nothing to choose or check again.
+    if "metaworld.policies" in sys.modules:
+        return sys.modules["metaworld"]
+    # Look for the packages before importing them: a missing package must not pass for a missing GL.
+    for package in ("metaworld", "mujoco", "gymnasium"):
+        if importlib.util.find_spec(package) is None:
+            raise SystemExit(f"error: the Meta-World simulator needs the {package} package: {INSTALL_LINE}")
+    choose_gl_backend()
+    import metaworld
+    import metaworld.policies
+    return metaworld
+
+
+class MetaWorldRobot:
+    """One Meta-World task as a robot: reset() and step() give lerobot's observations; success ends episodes.
+
+    robot = MetaWorldRobot("drawer-open-v3", seed=0)
+    observation = robot.reset()        # {"observation.image": (480, 480, 3) uint8, "observation.state": (4,)}
+    observation, success, done = robot.step(np.zeros(4))
+    robot.instruction                  # "Open a drawer"
+    robot.close()
+
+    `policy_inputs(observation, robot.instruction)` turns an observation into what lerobot hands the policy.
+    `robot.simulator` is the Meta-World env itself; `robot.simulator_state` its 39 floats (the scripted
+    experts read them, the policy never does).
+    """
+
+    def __init__(self, task, seed=0, camera_size=IMAGE_SIZE, fast_render=True):
+        # The boundary: a task name and a size come from the user.
+        self.task = check_task(task)
+        if not isinstance(camera_size, int) or camera_size < 8 or camera_size > 2048:
+            raise ValueError(f"camera_size must be an int pixel count in 8..2048, got {camera_size!r}")
+        self.seed = seed
+        self.camera_size = camera_size
+        self.fast_render = fast_render
+        self.instruction = TASK_DESCRIPTIONS[self.task]
+        metaworld = import_simulator()
+        import mujoco
+        # lerobot's task set (metaworld.py:153-155): MT1 for this task with seed 42, its first train task.
+        benchmark = metaworld.MT1(self.task, seed=LEROBOT_MT1_SEED)
+        environment_class = benchmark.train_classes[self.task]
+        self.simulator = environment_class(render_mode="rgb_array", camera_name=CAMERA_NAME,
+                                           width=camera_size, height=camera_size)
+        self.simulator.set_task(benchmark.train_tasks[0])
+        # Move corner2 where lerobot puts it (metaworld.py:156-161).
+        camera_id = mujoco.mj_name2id(self.simulator.model, mujoco.mjtObj.mjOBJ_CAMERA, CAMERA_NAME)
+        self.simulator.model.cam_pos[camera_id] = CORNER2_POSITION
+        assert camera_id == 2, "lerobot writes cam_pos[2]: corner2 must be camera 2"
+        # The control rate lerobot records at (configs.py:353): dt = frame_skip x timestep.
+        assert round(1.0 / self.simulator.dt) == FPS, f"Meta-World steps at {1.0 / self.simulator.dt} Hz"
+        if fast_render:
+            # No multisampling and no shadow map: read when the offscreen buffer is made, i.e. before the
+            # first render.
+            self.simulator.model.vis.quality.offsamples = 0
+            self.simulator.model.vis.quality.shadowsize = 0
+        # A new position at every reset (lerobot: metaworld.py:163), drawn from the env's own generator,
+        # which `seed` sets (sawyer_xyz_env.py:697-711), so that the same seed gives the same scenes.
+        self.simulator._freeze_rand_vec = False
+        self.simulator.seeded_rand_vec = True
+        self.simulator.seed(seed)
+        # Render once now: the GL context opens here, so a broken GL fails at construction, in one line.
+        try:
+            self.simulator.render()
+        except Exception as error:
+            message = f"{type(error).__name__}: {error}".replace("\n", " ")
+            backend = os.environ.get("MUJOCO_GL")
+            raise SystemExit(f"error: MuJoCo cannot render offscreen with MUJOCO_GL={backend} ({message}): "
+                             f"{GL_INSTALL_LINE}") from error
+        if fast_render:
+            # The scene's shadow and reflection passes off (the viewer exists after the first render).
+            scene = self.simulator.mujoco_renderer.viewer.scn
+            scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+            scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+        # No episode yet: step() needs a reset() first.
+        self.steps = 0
+        self.done = True
+        self.last_info = {}
+        self.simulator_state = None
+
+    def render_raw(self):
+        """The camera image as Meta-World renders it, before lerobot's flip (upside down and mirrored)."""
+        image = self.simulator.render()
+        return image
+
+    def render(self):
+        """The camera image as lerobot gives it: flipped on both axes (metaworld.py:147-149, 170-172)."""
+        raw = self.render_raw()
+        # A copy with positive strides, as lerobot's .copy() (metaworld.py:190): torch.from_numpy needs it.
+        image = np.ascontiguousarray(np.flip(raw, (0, 1)))
+        return image
+
+    def observation(self):
+        """The current observation, keyed as lerobot's policies read it (configs.py:363-370).
+
+        observation.image: (H, W, 3) uint8, channels last, as the env gives it (metaworld.py:190).
+        observation.state: (4,) float32: hand x, y, z and finger opening: the env's agent_pos
+        (metaworld.py:173) cast to float32 the way lerobot's preprocess_observation does (utils.py:95).
+        """
+        state = self.simulator_state[:STATE_SIZE].astype(np.float32)
+        observation = {IMAGE_KEY: self.render(), STATE_KEY: state}
+        return observation
+
+    def reset(self, seed=None):
+        """Start an episode (a new object / goal position from the seeded generator); its first observation.
+
+        seed: reseed first, e.g. to replay an episode; None continues the robot's sequence of scenes.
+        """
+        if seed is not None:
+            self.seed = seed
+            self.simulator.seed(seed)
+        # Meta-World's reset ignores a seed argument (sawyer_xyz_env.py:664-680); the generator is seeded.
+        raw_observation, info = self.simulator.reset()
+        self.simulator_state = raw_observation.copy()
+        self.steps = 0
+        self.done = False
+        self.last_info = info
+        return self.observation()
+
+    def step(self, action):
+        """Apply one action; (observation, success, done).
+
+        action: 4 floats: hand x, y, z delta (1 = 1 cm, ACTION_SCALE), gripper effort (+1 closes, -1 opens).
+        Values outside [-1, 1] are clipped, which is what Meta-World and MuJoCo do anyway (xyz:
+        sawyer_xyz_env.py:327; gripper: the actuators' ctrlrange [-1, 1]); lerobot passes actions unchanged
+        (metaworld.py:240). success is Meta-World's info["success"]; done = success or the 500-step limit
+        (metaworld.py:243-244; sawyer_xyz_env.py:634).
+        """
+        # The boundary: the action comes from a policy or a user.
+        action = np.asarray(action, dtype=np.float32)
+        if action.shape != (ACTION_SIZE,):
+            raise ValueError(f"action must have shape ({ACTION_SIZE},) (xyz delta, gripper), "
+                             f"got {action.shape}")
+        if not np.all(np.isfinite(action)):
+            raise ValueError(f"action must be finite, got {action.tolist()}")
+        if self.done:
+            raise RuntimeError("the episode is over (or never started): call reset() first")
+        clipped = np.clip(action, -1.0, 1.0)
+        raw_observation, reward, terminated, truncated, info = self.simulator.step(clipped)
+        self.simulator_state = raw_observation.copy()
+        self.steps += 1
+        self.last_info = info
+        # Success is Meta-World's own judgement of the state (each task's evaluate_state).
+        success = bool(info["success"])
+        # Meta-World flags the limit itself (truncated at max_path_length); the count is asserted against it.
+        assert truncated == (self.steps == EPISODE_LIMIT), (truncated, self.steps)
+        self.done = success or truncated or terminated
+        return self.observation(), success, self.done
+
+    def close(self):
+        """Release the OpenGL context now (a robot holds one; each is a few MB of buffers)."""
+        self.simulator.close()
+        # Drop the closed viewer too, so it is collected now. Measured under EGL: a viewer closed but still
+        # referenced at interpreter exit frees its context a second time there and prints an EGLError
+        # traceback from OffScreenViewer.__del__ (gymnasium 1.2.2 mujoco_rendering.py:233-234).
+        renderer = self.simulator.mujoco_renderer
+        renderer._viewers.clear()
+        renderer.viewer = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def policy_inputs(observation, instruction):
+    """What lerobot_eval hands the policy for this observation, as numpy (torch.from_numpy makes tensors).
+
+    preprocess_observation (src/lerobot/envs/utils.py:59-98): the image becomes float32 in [0, 1], channels
+    first, with a batch dimension, (1, 3, H, W); the state float32 (1, 4). add_envs_task (utils.py:156-169)
+    adds the instruction as a list of one string.
+    """
+    image = observation[IMAGE_KEY]
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3, image.shape
+    # HWC uint8 -> 1CHW float32 / 255 (utils.py:81-83).
+    image_chw = np.ascontiguousarray(image.transpose(2, 0, 1)[None]).astype(np.float32) / 255.0
+    # (4,) -> (1, 4) float32 (utils.py:95-98).
+    state = observation[STATE_KEY].astype(np.float32)[None]
+    inputs = {IMAGE_KEY: image_chw, STATE_KEY: state, "task": [instruction]}
+    return inputs
+
+
+# One scripted expert per task, made on first use (the experts keep no state between calls).
+EXPERTS = {}
+
+
+def scripted_action(task, simulator_state):
+    """Meta-World's hand-written expert for the task (metaworld.policies.ENV_POLICY_MAP): the action for this
+    state, in the policy's convention: (4,) float32 in [-1, 1].
+
+    simulator_state: the env's 39 floats (`robot.simulator_state`): the expert reads object and goal positions
+    that the policy's observation does not have. lerobot maps each task to the same expert class
+    (metaworld_config.json:91-120).
+    """
+    task = check_task(task)
+    metaworld = import_simulator()
+    if task not in EXPERTS:
+        EXPERTS[task] = metaworld.policies.ENV_POLICY_MAP[task]()
+    # The experts warn when their gain asks for more than [-1, 1] ("Environments clip response"): clipped
+    # below.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        action = EXPERTS[task].get_action(np.asarray(simulator_state, dtype=np.float64))
+    # The same clip the robot applies, so a recorded action is the action that moved the arm.
+    clipped = np.clip(action, -1.0, 1.0).astype(np.float32)
+    return clipped
+
+
+def scripted_episode(robot, max_steps=EPISODE_LIMIT, seed=None):
+    """One episode of the scripted expert on `robot`: (frames, success).
+
+    frames: one dict per step, the observation the action was chosen from and the action:
+    {"observation.state": (4,) float32, "observation.image": (H, W, 3) uint8, "action": (4,) float32}.
+    success: whether Meta-World judged the task done (the episode stops there, as lerobot's does).
+    """
+    if not isinstance(max_steps, int) or max_steps < 1 or max_steps > EPISODE_LIMIT:
+        raise ValueError(f"max_steps must be an int in 1..{EPISODE_LIMIT}, got {max_steps!r}")
+    observation = robot.reset(seed)
+    frames = []
+    success = False
+    for _ in range(max_steps):
+        action = scripted_action(robot.task, robot.simulator_state)
+        frame = {STATE_KEY: observation[STATE_KEY], IMAGE_KEY: observation[IMAGE_KEY], ACTION_KEY: action}
+        frames.append(frame)
+        observation, success, done = robot.step(action)
+        if done:
+            break
+    return frames, success
