@@ -347,6 +347,9 @@ class MetaWorldRobot:
 
     def render_raw(self):
         """The camera image as Meta-World renders it, before lerobot's flip (upside down and mirrored)."""
+        # Each robot has its own GL context, and only one is current per thread: another robot made (or
+        # closed) since our last frame leaves ours not current, and the frame would come out black (measured).
+        self.simulator.mujoco_renderer.viewer.make_context_current()
         image = self.simulator.render()
         return image
 
