@@ -251,3 +251,25 @@ def test_language_pairs_share_a_scene(simulator):
                   for task in (open_task, close_task)]
         assert scenes[0] == scenes[1], (open_task, close_task, scenes)
         assert metaworld_env.TASK_DESCRIPTIONS[open_task] != metaworld_env.TASK_DESCRIPTIONS[close_task]
+
+
+def test_pixels_match_lerobots_recipe(simulator):
+    """With fast_render=False the image is pixel for pixel what lerobot's recipe renders for the same scene.
+
+    lerobot's recipe (src/lerobot/envs/metaworld.py:153-162, 170-172): MT1(task, seed=42), the env made with
+    camera corner2, the first train task set, cam_pos[2] moved, reset, render, np.flip(image, (0, 1)).
+    """
+    benchmark = simulator.MT1("drawer-close-v3", seed=42)
+    reference = benchmark.train_classes["drawer-close-v3"](render_mode="rgb_array", camera_name="corner2",
+                                                            width=SIZE, height=SIZE)
+    reference.set_task(benchmark.train_tasks[0])
+    reference.model.cam_pos[2] = [0.75, 0.075, 0.7]
+    reference.reset()
+    expected = np.flip(reference.render(), (0, 1))
+    reference.close()
+    with MetaWorldRobot("drawer-close-v3", seed=0, camera_size=SIZE, fast_render=False) as robot:
+        # lerobot's first scene is the train task's own (frozen) position: set it again to get that scene.
+        robot.simulator.set_task(benchmark.train_tasks[0])
+        observation = robot.reset()
+        np.testing.assert_array_equal(observation[IMAGE_KEY], expected)
+        np.testing.assert_array_equal(observation[STATE_KEY], robot.simulator_state[:4].astype(np.float32))
