@@ -31,7 +31,7 @@ Two choices here differ from lerobot, on purpose:
 - seeding: lerobot 0.4.4 passes `seed` to Meta-World's reset, which ignores it (sawyer_xyz_env.py:664-680),
   so object positions come from numpy's global generator. Here `seed` drives Meta-World's own seeded
   generator (sawyer_xyz_env.py:697-711), as lerobot's later main branch does: same seed, same scene.
-- rendering: by default without multisampling, shadows and reflections (`fast_render=True`), 5-6x faster
+- rendering: by default without multisampling, shadows and reflections (`fast_render=True`), 5x faster
   on a CPU. The picture differs slightly from lerobot's (README_SIM_DRAFT.md has the numbers); pass
   `fast_render=False` for lerobot's exact pixels, e.g. to evaluate an official fine-tune.
 
