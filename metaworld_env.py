@@ -32,7 +32,7 @@ Two choices here differ from lerobot, on purpose:
   so object positions come from numpy's global generator. Here `seed` drives Meta-World's own seeded
   generator (sawyer_xyz_env.py:697-711), as lerobot's later main branch does: same seed, same scene.
 - rendering: by default without multisampling, shadows and reflections (`fast_render=True`), 5x faster
-  on a CPU. The picture differs slightly from lerobot's (README_SIM_DRAFT.md has the numbers); pass
+  on a CPU. The picture differs slightly from lerobot's (README.md has the numbers); pass
   `fast_render=False` for lerobot's exact pixels, e.g. to evaluate an official fine-tune.
 
 This file imports only numpy, gymnasium, mujoco, metaworld and the standard library. The simulator is
@@ -53,7 +53,7 @@ import numpy as np
 # The one line that installs the simulator (metaworld, and the mujoco / gymnasium versions that work with it).
 INSTALL_LINE = "pip install -r requirements-sim.txt"
 # What to install when no offscreen OpenGL works (Debian / Ubuntu package names).
-GL_INSTALL_LINE = ("apt-get install libegl1 libegl-mesa0 and set MUJOCO_GL=egl, "
+GL_INSTALL_LINE = ("apt-get install libegl1 libegl-mesa0 libopengl0 and set MUJOCO_GL=egl, "
                    "or apt-get install libosmesa6 and set MUJOCO_GL=osmesa")
 # The backends tried, in order, when MUJOCO_GL is unset: EGL (also GPUs), then OSMesa (software, slower).
 GL_BACKENDS = ("egl", "osmesa")
@@ -169,7 +169,7 @@ SPLITS = [*DIFFICULTY_TO_TASKS, "mt50"]
 # sawyer_window_horizontal.xml, sawyer_door_pull.xml, sawyer_faucet.xml) and has its own instruction. The
 # first frames are NOT identical, though: the close tasks start with the drawer / window / door open, and
 # the faucet handle starts turned the other way, so the image alone already tells the pair apart
-# (README_SIM_DRAFT.md has the measured differences).
+# (README.md has the measured differences).
 LANGUAGE_PAIRS = [
     ("drawer-open-v3", "drawer-close-v3"),
     ("window-open-v3", "window-close-v3"),

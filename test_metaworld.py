@@ -133,7 +133,7 @@ def test_missing_gl_is_one_line(monkeypatch):
         metaworld_env.first_working_gl_backend()
     message = str(exit_info.value)
     assert message.startswith("error: MuJoCo found no offscreen OpenGL (egl, osmesa tried): ")
-    assert "apt-get install libegl1 libegl-mesa0 and set MUJOCO_GL=egl" in message
+    assert "apt-get install libegl1 libegl-mesa0 libopengl0 and set MUJOCO_GL=egl" in message
     assert "apt-get install libosmesa6 and set MUJOCO_GL=osmesa" in message
     assert "\n" not in message
 
