@@ -35,12 +35,15 @@ Two choices here differ from lerobot, on purpose:
   on a CPU. The picture differs slightly from lerobot's (README.md has the numbers); pass
   `fast_render=False` for lerobot's exact pixels, e.g. to evaluate an official fine-tune.
 
-This file imports only numpy, gymnasium, mujoco, metaworld and the standard library. The simulator is
-imported at the first robot (not at import time), after an OpenGL backend is chosen: MuJoCo fixes its
-backend when it is first imported. If MUJOCO_GL is unset, the first backend that can open an offscreen
-context (egl, then osmesa) is tried in a subprocess and written to os.environ["MUJOCO_GL"].
+Below the robot: recording the scripted experts as a LeRobot v3.0 dataset (record.py's writer), with each
+episode's success. `python metaworld_env.py record --tasks drawer-open-v3 --episodes 10 --dataset DIR`.
+
+The simulator is imported at the first robot (not at import time), after an OpenGL backend is chosen:
+MuJoCo fixes its backend when it is first imported. If MUJOCO_GL is unset, the first backend that can
+open an offscreen context (egl, then osmesa) is tried in a subprocess and written to os.environ["MUJOCO_GL"].
 """
 
+import argparse
 import difflib
 import importlib.util
 import os
@@ -49,6 +52,9 @@ import sys
 import warnings
 
 import numpy as np
+from tqdm import tqdm
+
+from record import append_episode
 
 # The one line that installs the simulator (metaworld, and the mujoco / gymnasium versions that work with it).
 INSTALL_LINE = "pip install -r requirements-sim.txt"
@@ -497,3 +503,116 @@ def scripted_episode(robot, max_steps=EPISODE_LIMIT, seed=None):
         if done:
             break
     return frames, success
+
+
+# ----------------------------------------------------------------------------------------------------
+# Demonstrations: the scripted experts, recorded as a LeRobot v3.0 dataset
+# ----------------------------------------------------------------------------------------------------
+
+# The dataset's camera: record.py's writer names each camera observation.images.<name>, so the image is
+# observation.images.corner2 there (lerobot's own Meta-World dataset says observation.image; a policy
+# reads one camera, whatever its name: the evaluation hands the robot's image to it).
+DATASET_CAMERA = CAMERA_NAME
+# The entries of both vectors: the state's hand position and finger opening, the action's hand delta and
+# gripper effort (the writer names state and action entries alike).
+DATASET_ENTRY_NAMES = ["x", "y", "z", "gripper"]
+# The robot type written into meta/info.json.
+ROBOT_TYPE = "sawyer"
+
+
+def episode_for_dataset(frames, instruction, success):
+    """An episode as record.py's writer takes it: stacked states, actions and images, task, success."""
+    states = np.stack([frame[STATE_KEY] for frame in frames])
+    actions = np.stack([frame[ACTION_KEY] for frame in frames])
+    images = np.stack([frame[IMAGE_KEY] for frame in frames])
+    episode = {
+        STATE_KEY: states,
+        ACTION_KEY: actions,
+        "images": {DATASET_CAMERA: images},
+        "task": instruction,
+        # append_episode keeps it in the episode's row of meta/episodes ("success" column).
+        "success": bool(success),
+    }
+    return episode
+
+
+def record_demonstrations(root, tasks, episodes, seed=0, camera_size=128, max_steps=EPISODE_LIMIT,
+                          keep_failures=False, codec="libsvtav1", fast_render=True):
+    """Record `episodes` scripted-expert episodes of each task into the LeRobot v3.0 dataset at `root`.
+
+    Each episode's row in meta/episodes has a "success" column: Meta-World's info["success"] at the end.
+    Failed episodes are left out unless keep_failures. The task string of each episode is the instruction.
+    Returns {task: (episodes kept, episodes recorded)}.
+    """
+    if not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"episodes must be an int >= 1, got {episodes!r}")
+    if os.path.isdir(root) and os.listdir(root):
+        raise FileExistsError(f"{root} exists and is not empty; choose a new directory for the dataset")
+    counts = {}
+    progress = tqdm(total=len(tasks) * episodes, desc="recording the scripted experts")
+    for task in tasks:
+        kept = 0
+        robot = MetaWorldRobot(task, seed=seed, camera_size=camera_size, fast_render=fast_render)
+        try:
+            for _ in range(episodes):
+                # Each reset draws the next scene of the robot's seeded sequence.
+                frames, success = scripted_episode(robot, max_steps)
+                progress.update(1)
+                if not success and not keep_failures:
+                    continue
+                episode = episode_for_dataset(frames, robot.instruction, success)
+                append_episode(root, episode, fps=FPS, codec=codec, robot_type=ROBOT_TYPE,
+                               joint_names=DATASET_ENTRY_NAMES)
+                kept += 1
+        finally:
+            robot.close()
+        counts[task] = (kept, episodes)
+    progress.close()
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------------------------
+
+def add_record_arguments(subcommands):
+    parser = subcommands.add_parser("record", help="record the scripted experts as a LeRobot v3.0 dataset")
+    parser.add_argument("--tasks", nargs="+", required=True, help="task names or splits (easy|...|mt50)")
+    parser.add_argument("--episodes", type=int, default=10, help="episodes per task (%(default)s)")
+    parser.add_argument("--dataset", required=True, help="a new (or empty) directory for the dataset")
+    parser.add_argument("--camera-size", type=int, default=128, help="image side in pixels (%(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="the scenes' seed (%(default)s)")
+    parser.add_argument("--max-steps", type=int, default=EPISODE_LIMIT, help="steps per episode at most")
+    parser.add_argument("--keep-failures", action="store_true",
+                        help="keep failed episodes too (with success=False)")
+    parser.add_argument("--codec", default="libsvtav1", help="libsvtav1 (as on the hub) or h264")
+
+
+def run_record(args):
+    tasks = tasks_for(",".join(args.tasks))
+    counts = record_demonstrations(args.dataset, tasks, args.episodes, args.seed, args.camera_size,
+                                   args.max_steps, args.keep_failures, args.codec)
+    for task, (kept, recorded) in counts.items():
+        print(f"{task}: {kept} of {recorded} episodes kept")
+    print(f"dataset: {args.dataset}")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    subcommands = parser.add_subparsers(dest="command", required=True)
+    add_record_arguments(subcommands)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    # The boundary: names, sizes and paths from the command line fail here, in one line.
+    try:
+        if args.command == "record":
+            run_record(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
+        sys.exit(f"metaworld_env.py: error: {error}")
+
+
+if __name__ == "__main__":
+    main()

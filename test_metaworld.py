@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 import metaworld_env
+from data import LeRobotDataset, recorded_episodes
 from metaworld_env import (
     ACTION_KEY, ACTION_SCALE, DIFFICULTY_TO_TASKS, EPISODE_LIMIT, IMAGE_KEY, INSTALL_LINE, LANGUAGE_PAIRS,
-    MT50, STATE_KEY, MetaWorldRobot, check_task, policy_inputs, scripted_action, scripted_episode, tasks_for,
+    MT50, STATE_KEY, MetaWorldRobot, check_task, policy_inputs, record_demonstrations, scripted_action,
+    scripted_episode, tasks_for,
 )
 
 # Small images keep the file fast on 2 cores (the conventions do not depend on the size).
@@ -273,3 +275,48 @@ def test_pixels_match_lerobots_recipe(simulator):
         observation = robot.reset()
         np.testing.assert_array_equal(observation[IMAGE_KEY], expected)
         np.testing.assert_array_equal(observation[STATE_KEY], robot.simulator_state[:4].astype(np.float32))
+
+
+def test_recorded_expert_episodes_read_back_through_data_py(simulator, tmp_path):
+    """The scripted expert, recorded with record.py's writer, reads back through data.py as it was played."""
+    root = str(tmp_path / "reach")
+    counts = record_demonstrations(root, ["reach-v3"], 2, seed=0, camera_size=SIZE)
+    assert counts == {"reach-v3": (2, 2)}
+    dataset = LeRobotDataset(root, chunk_size=5, max_cache_gb=0)
+    assert dataset.fps == metaworld_env.FPS
+    assert dataset.camera_keys == ["observation.images.corner2"]
+    assert dataset.tasks == ["Reach a goal position"]
+    item = dataset[0]
+    assert item[STATE_KEY].shape == (4,) and item[ACTION_KEY].shape == (5, 4)
+    assert item["observation.images.corner2"].shape == (3, SIZE, SIZE)
+    assert item["task"] == "Reach a goal position"
+    # The first episode, played again from the same seed: the same states and actions, nearly the same
+    # image (the video is lossy).
+    with MetaWorldRobot("reach-v3", seed=0, camera_size=SIZE) as robot:
+        frames, success = scripted_episode(robot)
+    assert success
+    length = len(frames)
+    states = np.stack([frame[STATE_KEY] for frame in frames])
+    actions = np.stack([frame[ACTION_KEY] for frame in frames])
+    np.testing.assert_array_equal(dataset.state[:length], states)
+    np.testing.assert_array_equal(dataset.action[:length], actions)
+    decoded = item["observation.images.corner2"].permute(1, 2, 0).numpy().astype(float)
+    assert np.abs(decoded - frames[0][IMAGE_KEY]).mean() < 8.0
+    # Each episode's row says it succeeded.
+    _, rows = recorded_episodes(root)
+    assert [row["success"] for row in rows] == [True, True]
+    assert rows[0]["length"] == length
+
+
+def test_failed_episodes_are_left_out_unless_asked_for(simulator, tmp_path):
+    """3 steps are too few to reach: the episode is dropped, or kept with success False."""
+    dropped = str(tmp_path / "dropped")
+    counts = record_demonstrations(dropped, ["reach-v3"], 1, camera_size=SIZE, max_steps=3)
+    assert counts == {"reach-v3": (0, 1)}
+    assert not os.path.exists(os.path.join(dropped, "meta"))
+    kept = str(tmp_path / "kept")
+    counts = record_demonstrations(kept, ["reach-v3"], 1, camera_size=SIZE, max_steps=3, keep_failures=True)
+    assert counts == {"reach-v3": (1, 1)}
+    _, rows = recorded_episodes(kept)
+    assert [row["success"] for row in rows] == [False]
+    assert rows[0]["length"] == 3
