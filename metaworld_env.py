@@ -36,7 +36,10 @@ Two choices here differ from lerobot, on purpose:
   `fast_render=False` for lerobot's exact pixels, e.g. to evaluate an official fine-tune.
 
 Below the robot: recording the scripted experts as a LeRobot v3.0 dataset (record.py's writer), with each
-episode's success. `python metaworld_env.py record --tasks drawer-open-v3 --episodes 10 --dataset DIR`.
+episode's success, and evaluating any checkpoint the way the paper does (success per task, per split):
+
+    python metaworld_env.py record --tasks drawer-open-v3 --episodes 10 --dataset DIR
+    python metaworld_env.py eval --policy DIR --tasks easy --episodes 10 --action-steps 10 [--server H:P]
 
 The simulator is imported at the first robot (not at import time), after an OpenGL backend is chosen:
 MuJoCo fixes its backend when it is first imported. If MUJOCO_GL is unset, the first backend that can
@@ -52,9 +55,15 @@ import sys
 import warnings
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
+import demo
+from plumbing import encode_video, write_json
+from policy import SmolVLAPolicy
+from policy_server import RemoteError, open_policy
 from record import append_episode
+from smolvla import STATE
 
 # The one line that installs the simulator (metaworld, and the mujoco / gymnasium versions that work with it).
 INSTALL_LINE = "pip install -r requirements-sim.txt"
@@ -572,6 +581,185 @@ def record_demonstrations(root, tasks, episodes, seed=0, camera_size=128, max_st
 
 
 # ----------------------------------------------------------------------------------------------------
+# Evaluation: a policy in closed loop, success as Meta-World reports it
+# ----------------------------------------------------------------------------------------------------
+
+def policy_observation(observation, camera, instruction):
+    """What a policy (in-process runner or server client) is handed: the state, its one camera, the task.
+
+    The image stays (H, W, 3) uint8: policy_server's PolicyRunner turns frames into (3, H, W) itself.
+    """
+    request = {STATE: observation[STATE_KEY], camera: observation[IMAGE_KEY], "task": instruction}
+    return request
+
+
+def check_policy_fits(compute, info, camera_size):
+    """The policy's camera; ValueError, before any episode, if the policy cannot drive Meta-World.
+
+    Meta-World films one camera and has a state and an action of 4 floats. The number of cameras is in the
+    policy's info; the sizes are checked with one request (a blank image, a zero state), which works the
+    same in-process and through a server: a state of the wrong size is refused by the policy itself.
+    """
+    cameras = info["cameras"]
+    if len(cameras) != 1:
+        raise ValueError(f"the policy reads {len(cameras)} cameras ({', '.join(cameras)}); "
+                         f"Meta-World films one ({CAMERA_NAME})")
+    camera = cameras[0]
+    blank = {STATE_KEY: np.zeros(STATE_SIZE, np.float32),
+             IMAGE_KEY: np.zeros((camera_size, camera_size, 3), np.uint8)}
+    try:
+        answer = compute(policy_observation(blank, camera, "probe"))
+    except (ValueError, RemoteError) as error:
+        raise ValueError(f"the policy does not take Meta-World's observation (a state of {STATE_SIZE} "
+                         f"floats: hand xyz, finger opening): {error}") from None
+    action_size = answer["actions"].shape[-1]
+    if action_size != ACTION_SIZE:
+        raise ValueError(f"the policy's actions have {action_size} entries; Meta-World's have "
+                         f"{ACTION_SIZE} (hand xyz delta, gripper)")
+    return camera
+
+
+def policy_episode(robot, compute, camera, action_steps, max_steps, instruction=None, keep_frames=False):
+    """One closed-loop episode: (success, steps, frames).
+
+    Every `action_steps` steps the policy sees the current observation and returns a chunk, whose first
+    `action_steps` actions run open loop (the paper's replanning period). success is Meta-World's
+    info["success"] (robot.step), which also ends the episode. instruction: what the policy is told
+    (default the task's own). frames: the images seen, if keep_frames (for a video).
+    """
+    if instruction is None:
+        instruction = robot.instruction
+    observation = robot.reset()
+    frames = []
+    if keep_frames:
+        frames.append(observation[IMAGE_KEY])
+    queue = []
+    success = False
+    steps = 0
+    while steps < max_steps:
+        if not queue:
+            answer = compute(policy_observation(observation, camera, instruction))
+            queue = list(answer["actions"][:action_steps])
+        action = queue.pop(0)
+        observation, success, done = robot.step(action)
+        steps += 1
+        if keep_frames:
+            frames.append(observation[IMAGE_KEY])
+        if done:
+            break
+    return success, steps, frames
+
+
+def evaluate(compute, info, tasks, episodes, action_steps, seed=0, camera_size=IMAGE_SIZE, fast_render=True,
+             max_steps=EPISODE_LIMIT, instructions=None, video_dir=None, progress=True):
+    """Closed-loop success of a policy on `tasks`: {task: [{"success", "steps", "final_state"}, ...]}.
+
+    Each task's robot is seeded with `seed`, so the same seed gives the same scenes whatever runs the policy.
+    instructions: {task: what the policy is told instead of the task's own instruction} (the language lab).
+    video_dir: each episode as <task>_<episode>.mp4 there.
+    """
+    if not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"episodes must be an int >= 1, got {episodes!r}")
+    if not isinstance(max_steps, int) or max_steps < 1 or max_steps > EPISODE_LIMIT:
+        raise ValueError(f"max_steps must be an int in 1..{EPISODE_LIMIT}, got {max_steps!r}")
+    chunk_size = info["chunk_size"]
+    if not isinstance(action_steps, int) or action_steps < 1 or action_steps > chunk_size:
+        raise ValueError(f"action steps must be in 1..{chunk_size} (the policy's chunk size), "
+                         f"got {action_steps!r}")
+    if instructions is None:
+        instructions = {}
+    camera = check_policy_fits(compute, info, camera_size)
+    results = {}
+    bar = tqdm(total=len(tasks) * episodes, desc="evaluating", disable=not progress)
+    for task in tasks:
+        results[task] = []
+        robot = MetaWorldRobot(task, seed=seed, camera_size=camera_size, fast_render=fast_render)
+        instruction = instructions.get(task, robot.instruction)
+        try:
+            for episode in range(episodes):
+                keep_frames = video_dir is not None
+                success, steps, frames = policy_episode(robot, compute, camera, action_steps, max_steps,
+                                                        instruction, keep_frames)
+                final_state = robot.simulator_state[:STATE_SIZE].tolist()
+                results[task].append({"success": bool(success), "steps": steps, "final_state": final_state})
+                if keep_frames:
+                    path = os.path.join(video_dir, f"{task}_{episode}.mp4")
+                    encode_video(path, [np.stack(frames)], FPS, "h264")
+                bar.update(1)
+                bar.set_postfix(task=task, success=f"{success_rate(results[task]):.2f}")
+        finally:
+            robot.close()
+    bar.close()
+    return results
+
+
+def success_rate(episode_results):
+    """The fraction of episodes that succeeded."""
+    successes = [result["success"] for result in episode_results]
+    rate = float(np.mean(successes))
+    return rate
+
+
+def summarize(results):
+    """{"tasks": {task: success rate}, "splits": {split: mean over its evaluated tasks}, "mean": all}.
+
+    A split's average is over the tasks of it that were evaluated (the paper's table averages each split's
+    tasks); a split with none evaluated is left out.
+    """
+    per_task = {task: success_rate(episode_results) for task, episode_results in results.items()}
+    per_split = {}
+    for split, split_tasks in DIFFICULTY_TO_TASKS.items():
+        evaluated = [per_task[task] for task in split_tasks if task in per_task]
+        if evaluated:
+            per_split[split] = float(np.mean(evaluated))
+    summary = {"tasks": per_task, "splits": per_split, "mean": float(np.mean(list(per_task.values())))}
+    return summary
+
+
+def open_evaluated_policy(policy, server=None, seed=None, vlm=None, device="cpu", timeout=10.0):
+    """(compute, info) for a checkpoint dir or hub id in this process, or a policy on a server.
+
+    policy_server.open_policy does it (as for record.py and infer_async.py): in-process a PolicyRunner whose
+    sampling noise `seed` fixes; through a server its client (the server's own --seed fixes the noise).
+    """
+    policies = None
+    if policy:
+        policies = [policy]
+    options = argparse.Namespace(policy=policies, server=server, seed=seed, vlm=vlm, device=device,
+                                 dtype="float32", timeout=timeout, max_message_mb=64.0)
+    compute, info = open_policy(options)
+    return compute, info
+
+
+# ----------------------------------------------------------------------------------------------------
+# A tiny SmolVLA for Meta-World, from scratch (demo.py's architecture at toy widths)
+# ----------------------------------------------------------------------------------------------------
+
+# Instructions are up to 12 words (bin-picking); demo.py's 8 tokens cover its one task only.
+TOKENIZER_MAX_LENGTH = 16
+
+
+def tiny_smolvla(dataset, vlm_dir, image_size, chunk_size, action_steps, vlm_layers=4, seed=0):
+    """A tiny SmolVLA, randomly initialized, for `dataset` (its features, tasks and statistics).
+
+    demo.py's config and tiny VLM (word-level tokenizer over the dataset's instructions, SigLIP and SmolLM2
+    at toy widths), with the images resized to image_size.
+    """
+    settings = argparse.Namespace(chunk_size=chunk_size, action_steps=action_steps, vlm_layers=vlm_layers,
+                                  attention="interleaved")
+    config = demo.demo_policy_config(dataset, settings, image_size)
+    config.tokenizer_max_length = TOKENIZER_MAX_LENGTH
+    # The random initialization of the whole model.
+    torch.manual_seed(seed)
+    vlm_config, tokenizer = demo.write_tiny_vlm(vlm_dir, dataset.tasks, image_size)
+    policy = SmolVLAPolicy(config, vlm_config, tokenizer)
+    # Copied into every checkpoint's vlm/.
+    policy.vlm_dir = vlm_dir
+    policy.set_normalization(dataset.stats)
+    return policy
+
+
+# ----------------------------------------------------------------------------------------------------
 # The command line
 # ----------------------------------------------------------------------------------------------------
 
@@ -597,10 +785,60 @@ def run_record(args):
     print(f"dataset: {args.dataset}")
 
 
+def add_eval_arguments(subcommands):
+    parser = subcommands.add_parser("eval", help="success rates of a policy, per task and per split")
+    parser.add_argument("--policy", help="checkpoint dir or hub id (with --server: the name it is served as)")
+    parser.add_argument("--vlm", help="VLM dir or hub id (default: <checkpoint>/vlm or the config's)")
+    parser.add_argument("--server", help="HOST:PORT of a policy server (infer_async.py --serve)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tasks", nargs="+", required=True, help="task names or splits (easy|...|mt50)")
+    parser.add_argument("--episodes", type=int, default=10, help="episodes per task (%(default)s)")
+    parser.add_argument("--action-steps", type=int, required=True,
+                        help="actions executed open loop per chunk, before the policy looks again")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the scenes' seed, and in-process the sampling noise's (%(default)s)")
+    parser.add_argument("--camera-size", type=int, default=IMAGE_SIZE, help="image side (lerobot: 480)")
+    parser.add_argument("--lerobot-render", action="store_true",
+                        help="lerobot's exact pixels (multisampling, shadows; 5x slower), "
+                             "for the official fine-tunes")
+    parser.add_argument("--max-steps", type=int, default=EPISODE_LIMIT, help="steps per episode at most")
+    parser.add_argument("--video", help="directory for each episode as an mp4")
+    parser.add_argument("--json", help="write the results (per episode, per task, per split) to this file")
+
+
+def run_eval(args):
+    """Open the policy, check it fits, run the episodes, print the table (and write --json)."""
+    tasks = tasks_for(",".join(args.tasks))
+    if not args.policy and not args.server:
+        raise ValueError("give --policy (a checkpoint dir or hub id), or --server HOST:PORT")
+    compute, info = open_evaluated_policy(args.policy, args.server, args.seed, args.vlm, args.device)
+    results = evaluate(compute, info, tasks, args.episodes, args.action_steps, args.seed, args.camera_size,
+                       not args.lerobot_render, args.max_steps, video_dir=args.video)
+    summary = summarize(results)
+    print(summary_table(summary, args.episodes))
+    if args.json:
+        write_json(args.json, {**summary, "episodes": results, "action_steps": args.action_steps,
+                               "seed": args.seed})
+    return summary
+
+
+def summary_table(summary, episodes):
+    """The results as a Markdown table: one row per task, then per split, then the mean."""
+    lines = [f"| task | success ({episodes} episodes) |", "|---|---|"]
+    for task, rate in summary["tasks"].items():
+        lines.append(f"| {task} | {rate:.2f} |")
+    for split, rate in summary["splits"].items():
+        lines.append(f"| **{split}** (mean) | {rate:.2f} |")
+    lines.append(f"| **all** (mean) | {summary['mean']:.2f} |")
+    table = "\n".join(lines)
+    return table
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     subcommands = parser.add_subparsers(dest="command", required=True)
     add_record_arguments(subcommands)
+    add_eval_arguments(subcommands)
     return parser
 
 
@@ -610,7 +848,9 @@ def main(argv=None):
     try:
         if args.command == "record":
             run_record(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
+        if args.command == "eval":
+            run_eval(args)
+    except (ValueError, FileExistsError, FileNotFoundError, ConnectionError) as error:
         sys.exit(f"metaworld_env.py: error: {error}")
 
 

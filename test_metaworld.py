@@ -13,6 +13,7 @@ import pytest
 
 import metaworld_env
 from data import LeRobotDataset, recorded_episodes
+from policy_server import PolicyRunner, PolicyServer, load_policy
 from metaworld_env import (
     ACTION_KEY, ACTION_SCALE, DIFFICULTY_TO_TASKS, EPISODE_LIMIT, IMAGE_KEY, INSTALL_LINE, LANGUAGE_PAIRS,
     MT50, STATE_KEY, MetaWorldRobot, check_task, policy_inputs, record_demonstrations, scripted_action,
@@ -320,3 +321,122 @@ def test_failed_episodes_are_left_out_unless_asked_for(simulator, tmp_path):
     _, rows = recorded_episodes(kept)
     assert [row["success"] for row in rows] == [False]
     assert rows[0]["length"] == 3
+
+
+class CountedRobot(MetaWorldRobot):
+    """A MetaWorldRobot that keeps a list of those made, so a fake policy can read the simulator's state."""
+
+    made = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        CountedRobot.made.append(self)
+
+
+@pytest.fixture
+def counted_robots(simulator, monkeypatch):
+    CountedRobot.made = []
+    monkeypatch.setattr(metaworld_env, "MetaWorldRobot", CountedRobot)
+    return CountedRobot.made
+
+
+def test_evaluation_counts_success_as_metaworld_reports_it(counted_robots):
+    """Driven by the scripted expert, every episode succeeds; holding still, none does; per split too."""
+    info = {"chunk_size": 1, "cameras": ["observation.images.corner2"]}
+
+    def expert(observation):
+        # (The first call, before any robot, checks the sizes.)
+        if not counted_robots or counted_robots[-1].simulator_state is None:
+            return {"actions": np.zeros((1, 4), np.float32)}
+        robot = counted_robots[-1]
+        return {"actions": scripted_action(robot.task, robot.simulator_state)[None]}
+
+    results = metaworld_env.evaluate(expert, info, ["reach-v3"], 2, 1, camera_size=SIZE, progress=False)
+    assert [episode["success"] for episode in results["reach-v3"]] == [True, True]
+    # It stopped where Meta-World said success, as in lerobot (metaworld.py:243-244).
+    assert counted_robots[-1].last_info["success"] == 1.0
+    assert results["reach-v3"][-1]["steps"] < EPISODE_LIMIT
+
+    def still(observation):
+        return {"actions": np.zeros((1, 4), np.float32)}
+
+    results = metaworld_env.evaluate(still, info, ["reach-v3", "drawer-open-v3"], 1, 1, camera_size=SIZE,
+                                     max_steps=10, progress=False)
+    assert counted_robots[-1].last_info["success"] == 0.0
+    assert [results[task][0]["steps"] for task in results] == [10, 10]
+    summary = metaworld_env.summarize({"reach-v3": [{"success": True}, {"success": False}],
+                                       "drawer-open-v3": [{"success": True}, {"success": True}],
+                                       "push-v3": [{"success": False}, {"success": False}]})
+    assert summary["tasks"] == {"reach-v3": 0.5, "drawer-open-v3": 1.0, "push-v3": 0.0}
+    assert summary["splits"] == {"easy": 0.75, "hard": 0.0}
+    assert summary["mean"] == pytest.approx(0.5)
+
+
+def test_a_policy_that_does_not_fit_is_refused_before_an_episode(counted_robots, tiny):
+    """Two cameras, a state of 6, actions of 6, too many action steps: one message, no robot made."""
+    runner = PolicyRunner(tiny)
+    with pytest.raises(ValueError, match="reads 2 cameras"):
+        metaworld_env.evaluate(runner, runner.info, ["reach-v3"], 1, 5, camera_size=SIZE)
+    one_camera = {"chunk_size": 50, "cameras": ["observation.images.top"]}
+
+    def six_entries(observation):
+        return {"actions": np.zeros((50, 6), np.float32)}
+
+    with pytest.raises(ValueError, match="actions have 6 entries; Meta-World's have 4"):
+        metaworld_env.evaluate(six_entries, one_camera, ["reach-v3"], 1, 5, camera_size=SIZE)
+
+    def wrong_state(observation):
+        return tiny.predict_chunk(observation)
+
+    with pytest.raises(ValueError, match="does not take Meta-World's observation"):
+        metaworld_env.evaluate(wrong_state, one_camera, ["reach-v3"], 1, 5, camera_size=SIZE)
+    with pytest.raises(ValueError, match="action steps must be in 1..50"):
+        metaworld_env.evaluate(six_entries, one_camera, ["reach-v3"], 1, 51, camera_size=SIZE)
+    assert counted_robots == []
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(simulator, tmp_path_factory):
+    """A tiny SmolVLA for Meta-World (random weights, statistics of one recorded reach episode), saved."""
+    root = tmp_path_factory.mktemp("tiny_metaworld")
+    record_demonstrations(str(root / "dataset"), ["reach-v3"], 1, camera_size=SIZE)
+    dataset = LeRobotDataset(str(root / "dataset"), chunk_size=10, max_cache_gb=0)
+    policy = metaworld_env.tiny_smolvla(dataset, str(root / "vlm"), SIZE, 10, 5, vlm_layers=2)
+    checkpoint = str(root / "checkpoint")
+    policy.save_pretrained(checkpoint)
+    return checkpoint
+
+
+def test_in_process_and_through_the_server_give_the_same_results(tiny_checkpoint):
+    """The same checkpoint and seed: the same episodes, in this process and through policy_server."""
+    tasks = ["reach-v3", "drawer-open-v3"]
+    compute, info = metaworld_env.open_evaluated_policy(tiny_checkpoint, seed=3)
+    in_process = metaworld_env.evaluate(compute, info, tasks, 2, 5, seed=1, camera_size=SIZE, max_steps=12,
+                                        progress=False)
+    server = PolicyServer(("127.0.0.1", 0), {"tiny": PolicyRunner(load_policy(tiny_checkpoint), 3)}).start()
+    try:
+        address = f"127.0.0.1:{server.server_address[1]}"
+        client, info = metaworld_env.open_evaluated_policy("tiny", server=address)
+        remote = metaworld_env.evaluate(client, info, tasks, 2, 5, seed=1, camera_size=SIZE, max_steps=12,
+                                        progress=False)
+        client.close()
+    finally:
+        server.close_all()
+    assert remote == in_process
+    # The hand moved: the episodes are the policy's, not a standstill that any two runs share.
+    start = MetaWorldRobot("reach-v3", seed=1, camera_size=SIZE)
+    first_state = start.reset()[STATE_KEY]
+    start.close()
+    assert not np.allclose(in_process["reach-v3"][0]["final_state"], first_state, atol=1e-3)
+
+
+def test_eval_command_line_errors_are_one_line(tiny_checkpoint):
+    """An unknown task lists close matches; a policy that does not fit is refused; no traceback."""
+    with pytest.raises(SystemExit, match="did you mean drawer-open-v3"):
+        metaworld_env.main(["eval", "--policy", tiny_checkpoint, "--tasks", "drawr-open-v3",
+                            "--action-steps", "5"])
+    tiny_reference = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "smolvla_tiny")
+    with pytest.raises(SystemExit, match="error: the policy reads 2 cameras"):
+        metaworld_env.main(["eval", "--policy", os.path.join(tiny_reference, "checkpoint"), "--vlm",
+                            os.path.join(tiny_reference, "vlm"), "--tasks", "reach-v3", "--action-steps", "5",
+                            "--camera-size", str(SIZE)])
