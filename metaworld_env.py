@@ -41,6 +41,11 @@ episode's success, and evaluating any checkpoint the way the paper does (success
     python metaworld_env.py record --tasks drawer-open-v3 --episodes 10 --dataset DIR
     python metaworld_env.py eval --policy DIR --tasks easy --episodes 10 --action-steps 10 [--server H:P]
 
+and a language lab, offline on a CPU: a tiny SmolVLA trained from scratch on task pairs that share a scene
+and differ by the instruction, evaluated with each task's own instruction and with the pair's swapped:
+
+    python metaworld_env.py lab
+
 The simulator is imported at the first robot (not at import time), after an OpenGL backend is chosen:
 MuJoCo fixes its backend when it is first imported. If MUJOCO_GL is unset, the first backend that can
 open an offscreen context (egl, then osmesa) is tried in a subprocess and written to os.environ["MUJOCO_GL"].
@@ -49,9 +54,11 @@ open an offscreen context (egl, then osmesa) is tried in a subprocess and writte
 import argparse
 import difflib
 import importlib.util
+import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -59,9 +66,11 @@ import torch
 from tqdm import tqdm
 
 import demo
+import train
+from data import LeRobotDataset
 from plumbing import encode_video, write_json
 from policy import SmolVLAPolicy
-from policy_server import RemoteError, open_policy
+from policy_server import PolicyRunner, RemoteError, load_policy, open_policy
 from record import append_episode
 from smolvla import STATE
 
@@ -760,6 +769,176 @@ def tiny_smolvla(dataset, vlm_dir, image_size, chunk_size, action_steps, vlm_lay
 
 
 # ----------------------------------------------------------------------------------------------------
+# The language lab: does the policy read the instruction?
+# ----------------------------------------------------------------------------------------------------
+
+# The lab's own settings (its flags, without the `--`): few demonstrations, small images, short episodes.
+LAB_SETTINGS = {
+    "demos": 20,           # scripted demonstrations per task (8 tasks)
+    "camera_size": 64,     # image side in pixels (recorded and fed to the policy)
+    "eval_episodes": 5,    # closed-loop episodes per task, per condition
+    "max_steps": 150,      # steps per evaluation episode (the experts need 59-93)
+    "chunk_size": 10,      # actions per chunk
+    "action_steps": 5,     # actions executed per chunk, open loop
+    "vlm_layers": 4,       # VLM layers kept, of the tiny VLM's 8
+}
+# The lab's training recipe: demo.py's (a tiny model from scratch, higher lr, short schedule).
+LAB_RECIPE = {**demo.DEMO_RECIPE, "steps": 3_000, "batch_size": 32}
+# What the lab has in place of train.py's data and starting-point flags (as demo.py's DEMO_RUN).
+LAB_RUN = {**demo.DEMO_RUN}
+
+
+def swapped_instructions(pairs):
+    """{task: the other task of its pair's instruction}: what a policy that reads language gets wrong."""
+    swapped = {}
+    for first, second in pairs:
+        swapped[first] = TASK_DESCRIPTIONS[second]
+        swapped[second] = TASK_DESCRIPTIONS[first]
+    return swapped
+
+
+def lab_table(own, swapped, episodes):
+    """The lab's result as a Markdown table: per task, success with its own and the swapped instruction."""
+    lines = [f"| task | own instruction | swapped instruction | ({episodes} episodes each) |",
+             "|---|---|---|---|"]
+    for task in own["tasks"]:
+        told = TASK_DESCRIPTIONS[task]
+        lines.append(f"| {task} | {own['tasks'][task]:.2f} | {swapped['tasks'][task]:.2f} | \"{told}\" |")
+    lines.append(f"| **mean** | **{own['mean']:.2f}** | **{swapped['mean']:.2f}** | |")
+    table = "\n".join(lines)
+    return table
+
+
+def lab_gif(compute, camera, path, tasks, seed, camera_size, action_steps, max_steps):
+    """One episode per task with its own instruction, then with the swapped one, as a GIF (2x, captioned)."""
+    from PIL import Image, ImageDraw
+
+    swapped = swapped_instructions(LANGUAGE_PAIRS)
+    pictures = []
+    for task in tasks:
+        for instruction in (TASK_DESCRIPTIONS[task], swapped[task]):
+            robot = MetaWorldRobot(task, seed=seed, camera_size=camera_size)
+            try:
+                success, _, frames = policy_episode(robot, compute, camera, action_steps, max_steps,
+                                                    instruction, keep_frames=True)
+            finally:
+                robot.close()
+            verdict = "success" if success else "failure"
+            # Every other frame (40 per second of the 80 Hz episode), twice as large, with a caption.
+            for frame in frames[::2]:
+                picture = Image.new("RGB", (2 * camera_size, 2 * camera_size + 24), "white")
+                picture.paste(Image.fromarray(frame).resize((2 * camera_size, 2 * camera_size)), (0, 24))
+                caption = ImageDraw.Draw(picture)
+                caption.text((2, 1), f"{task}: {verdict}", fill="black")
+                caption.text((2, 12), f"told: {instruction}", fill="black")
+                pictures.append(picture)
+    # 25 ms a frame: the episodes' real speed (2 frames of 12.5 ms each).
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=25, loop=0)
+    return path
+
+
+def add_lab_arguments(subcommands):
+    parser = subcommands.add_parser("lab", help="the language lab: train a tiny SmolVLA on task pairs, "
+                                                "evaluate with own and swapped instructions")
+    setting = LAB_SETTINGS
+    parser.add_argument("--demos", type=int, help=f"demonstrations per task ({setting['demos']})")
+    parser.add_argument("--camera-size", type=int, help=f"image side in pixels ({setting['camera_size']})")
+    parser.add_argument("--eval-episodes", type=int,
+                        help=f"episodes per task and condition ({setting['eval_episodes']})")
+    parser.add_argument("--max-steps", type=int,
+                        help=f"steps per evaluation episode ({setting['max_steps']})")
+    parser.add_argument("--chunk-size", type=int, help=f"actions per chunk ({setting['chunk_size']})")
+    parser.add_argument("--action-steps", type=int,
+                        help=f"actions executed per chunk, open loop ({setting['action_steps']})")
+    parser.add_argument("--vlm-layers", type=int, help=f"VLM layers kept, of 8 ({setting['vlm_layers']})")
+    # train.py's run flags (--steps, --batch-size, --lr, --output, --seed, ...).
+    train.add_run_arguments(parser)
+
+
+def prepare_lab(args):
+    """The lab's settings where the command line left them out, and a new, empty output directory."""
+    if args.resume:
+        raise ValueError("the lab runs from scratch; continue its training with train.py --resume")
+    for name, value in LAB_SETTINGS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name, value in LAB_RUN.items():
+        setattr(args, name, value)
+    at_least = {name: 1 for name in LAB_SETTINGS}
+    at_least["camera_size"] = 16
+    train.fill_options(args, defaults=LAB_RECIPE, at_least=at_least)
+    if args.action_steps > args.chunk_size:
+        raise ValueError(f"--action-steps {args.action_steps} is more than a chunk ({args.chunk_size})")
+    # 8-pixel patches, pixel-shuffled 2x2: the side must hold an even number of patches.
+    if args.camera_size % 16:
+        raise ValueError(f"--camera-size {args.camera_size}: the tiny VLM needs a multiple of 16 pixels")
+    if args.output is None:
+        args.output = os.path.join("outputs", "metaworld_lab", time.strftime("%Y-%m-%d_%H-%M-%S"))
+    if os.path.isdir(args.output) and os.listdir(args.output):
+        raise FileExistsError(f"{args.output!r} is not empty; the lab writes a new run: "
+                              "choose another --output")
+
+
+def run_lab(args):
+    """Record -> train from scratch -> evaluate with own and swapped instructions -> table, GIF, lab.json."""
+    prepare_lab(args)
+    started = time.perf_counter()
+    # Tiny matrices: one thread (demo.py measured 2 shared cores: 0.3 s a step with 1 thread, 2.3 s with 2).
+    torch.set_num_threads(1)
+    tasks = [task for pair in LANGUAGE_PAIRS for task in pair]
+    dataset_root = os.path.join(args.output, "dataset")
+    counts = record_demonstrations(dataset_root, tasks, args.demos, seed=args.seed,
+                                   camera_size=args.camera_size)
+    recorded = time.perf_counter()
+    dataset = LeRobotDataset(dataset_root, chunk_size=args.chunk_size)
+    policy = tiny_smolvla(dataset, os.path.join(args.output, "vlm"), args.camera_size, args.chunk_size,
+                          args.action_steps, args.vlm_layers, args.seed)
+    processes = train.start_processes("cpu")
+    train.check_batch_size(len(dataset), args.batch_size, 1)
+    train.train(policy, dataset, args, processes)
+    trained = time.perf_counter()
+    checkpoint = os.path.join(args.output, "checkpoints", "last", "pretrained_model")
+    # The checkpoint as written, loaded the way `eval --policy` loads it.
+    runner = PolicyRunner(load_policy(checkpoint), args.seed)
+    # New scenes: the evaluation's seed is not the recording's.
+    evaluation_seed = args.seed + 1
+    evaluated = {}
+    for condition, instructions in (("own", None), ("swapped", swapped_instructions(LANGUAGE_PAIRS))):
+        print(f"evaluating with the {condition} instructions")
+        results = evaluate(runner, runner.info, tasks, args.eval_episodes, args.action_steps, evaluation_seed,
+                           args.camera_size, max_steps=args.max_steps, instructions=instructions)
+        evaluated[condition] = {"summary": summarize(results), "episodes": results}
+    evaluation_done = time.perf_counter()
+    camera = runner.info["cameras"][0]
+    animation = lab_gif(runner, camera, os.path.join(args.output, "episodes.gif"), tasks[:4:2],
+                        evaluation_seed, args.camera_size, args.action_steps, args.max_steps)
+    table = lab_table(evaluated["own"]["summary"], evaluated["swapped"]["summary"], args.eval_episodes)
+    result = {
+        "own_instruction_mean": evaluated["own"]["summary"]["mean"],
+        "swapped_instruction_mean": evaluated["swapped"]["summary"]["mean"],
+        "own": evaluated["own"],
+        "swapped": evaluated["swapped"],
+        "demonstrations": {task: kept for task, (kept, _) in counts.items()},
+        "settings": {name: getattr(args, name) for name in LAB_SETTINGS},
+        "train_steps": args.steps,
+        "batch_size": args.batch_size,
+        "seconds": {"record": round(recorded - started, 1), "train": round(trained - recorded, 1),
+                    "evaluate": round(evaluation_done - trained, 1),
+                    "total": round(time.perf_counter() - started, 1)},
+        "checkpoint": checkpoint,
+        "animation": animation,
+    }
+    with open(os.path.join(args.output, "lab.json"), "w") as file:
+        json.dump(result, file, indent=2)
+    print(table)
+    print(json.dumps(result["seconds"]))
+    print(f"checkpoint: {checkpoint}\nGIF: {animation}\nevaluate it again:\n"
+          f"  python metaworld_env.py eval --policy {checkpoint} --tasks {tasks[0]} {tasks[1]} --episodes 3 "
+          f"--action-steps {args.action_steps} --camera-size {args.camera_size}")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
 # The command line
 # ----------------------------------------------------------------------------------------------------
 
@@ -839,6 +1018,7 @@ def build_parser():
     subcommands = parser.add_subparsers(dest="command", required=True)
     add_record_arguments(subcommands)
     add_eval_arguments(subcommands)
+    add_lab_arguments(subcommands)
     return parser
 
 
@@ -850,6 +1030,8 @@ def main(argv=None):
             run_record(args)
         if args.command == "eval":
             run_eval(args)
+        if args.command == "lab":
+            run_lab(args)
     except (ValueError, FileExistsError, FileNotFoundError, ConnectionError) as error:
         sys.exit(f"metaworld_env.py: error: {error}")
 

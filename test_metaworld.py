@@ -440,3 +440,14 @@ def test_eval_command_line_errors_are_one_line(tiny_checkpoint):
         metaworld_env.main(["eval", "--policy", os.path.join(tiny_reference, "checkpoint"), "--vlm",
                             os.path.join(tiny_reference, "vlm"), "--tasks", "reach-v3", "--action-steps", "5",
                             "--camera-size", str(SIZE)])
+
+
+def test_the_lab_swaps_instructions_within_each_pair():
+    """The swapped condition tells each task its partner's instruction, and only that."""
+    swapped = metaworld_env.swapped_instructions(LANGUAGE_PAIRS)
+    assert swapped["drawer-open-v3"] == "Push and close a drawer"
+    assert swapped["drawer-close-v3"] == "Open a drawer"
+    assert swapped["faucet-open-v3"] == metaworld_env.TASK_DESCRIPTIONS["faucet-close-v3"]
+    assert sorted(swapped) == sorted(task for pair in LANGUAGE_PAIRS for task in pair)
+    for task, told in swapped.items():
+        assert told != metaworld_env.TASK_DESCRIPTIONS[task]
