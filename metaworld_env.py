@@ -68,9 +68,10 @@ from tqdm import tqdm
 import demo
 import train
 from data import LeRobotDataset
+from infer_async import rtc_options
 from plumbing import encode_video, write_json
 from policy import SmolVLAPolicy
-from policy_server import PolicyRunner, RemoteError, load_policy, open_policy
+from policy_server import PolicyRunner, RemoteError, add_rtc_arguments, load_policy, open_policy
 from record import append_episode
 from smolvla import STATE
 
@@ -628,13 +629,21 @@ def check_policy_fits(compute, info, camera_size):
     return camera
 
 
-def policy_episode(robot, compute, camera, action_steps, max_steps, instruction=None, keep_frames=False):
+def policy_episode(robot, compute, camera, action_steps, max_steps, instruction=None, keep_frames=False,
+                   rtc=None, rtc_delay=0):
     """One closed-loop episode: (success, steps, frames).
 
     Every `action_steps` steps the policy sees the current observation and returns a chunk, whose first
     `action_steps` actions run open loop (the paper's replanning period). success is Meta-World's
     info["success"] (robot.step), which also ends the episode. instruction: what the policy is told
     (default the task's own). frames: the images seen, if keep_frames (for a video).
+
+    rtc: Real-Time Chunking's options (infer_async.rtc_options: mode, execution_horizon, ...), or None. With
+    them, a request after the first carries the leftover — the last chunk's actions not yet run, in the
+    policy's normalized units — and a simulated inference delay d = `rtc_delay`: the simulator does not run
+    while the policy thinks, so the delay is played out as it would be on a robot. The first d actions after
+    a request are the leftover's (they run while the next chunk is computed, and the new chunk is sampled to
+    continue them), then the new chunk from its action d on: still `action_steps` actions per chunk.
     """
     if instruction is None:
         instruction = robot.instruction
@@ -643,12 +652,29 @@ def policy_episode(robot, compute, camera, action_steps, max_steps, instruction=
     if keep_frames:
         frames.append(observation[IMAGE_KEY])
     queue = []
+    # RTC: the rest of the last chunk, (T, A): in robot units (what runs) and normalized (what is sent)
+    leftover_actions = None
+    leftover_normalized = None
     success = False
     steps = 0
     while steps < max_steps:
         if not queue:
-            answer = compute(policy_observation(observation, camera, instruction))
-            queue = list(answer["actions"][:action_steps])
+            request = policy_observation(observation, camera, instruction)
+            delay = 0
+            if rtc is not None:
+                if leftover_normalized is not None:
+                    delay = rtc_delay
+                    request["rtc_leftover"] = leftover_normalized
+                request["rtc"] = {**rtc, "inference_delay": delay}
+            answer = compute(request)
+            chunk = answer["actions"]  # (chunk_size, A) in robot units
+            queue = []
+            if delay:
+                queue += list(leftover_actions[:delay])  # run while the chunk was computed
+            queue += list(chunk[delay:action_steps])
+            if rtc is not None:
+                leftover_actions = chunk[action_steps:]
+                leftover_normalized = answer["normalized"][action_steps:]
         action = queue.pop(0)
         observation, success, done = robot.step(action)
         steps += 1
@@ -660,12 +686,14 @@ def policy_episode(robot, compute, camera, action_steps, max_steps, instruction=
 
 
 def evaluate(compute, info, tasks, episodes, action_steps, seed=0, camera_size=IMAGE_SIZE, fast_render=True,
-             max_steps=EPISODE_LIMIT, instructions=None, video_dir=None, progress=True):
+             max_steps=EPISODE_LIMIT, instructions=None, video_dir=None, progress=True, rtc=None,
+             rtc_delay=0):
     """Closed-loop success of a policy on `tasks`: {task: [{"success", "steps", "final_state"}, ...]}.
 
     Each task's robot is seeded with `seed`, so the same seed gives the same scenes whatever runs the policy.
     instructions: {task: what the policy is told instead of the task's own instruction} (the language lab).
-    video_dir: each episode as <task>_<episode>.mp4 there.
+    video_dir: each episode as <task>_<episode>.mp4 there. rtc, rtc_delay: Real-Time Chunking
+    (policy_episode).
     """
     if not isinstance(episodes, int) or episodes < 1:
         raise ValueError(f"episodes must be an int >= 1, got {episodes!r}")
@@ -675,6 +703,12 @@ def evaluate(compute, info, tasks, episodes, action_steps, seed=0, camera_size=I
     if not isinstance(action_steps, int) or action_steps < 1 or action_steps > chunk_size:
         raise ValueError(f"action steps must be in 1..{chunk_size} (the policy's chunk size), "
                          f"got {action_steps!r}")
+    if rtc is not None:
+        leftover_size = chunk_size - action_steps
+        if not isinstance(rtc_delay, int) or rtc_delay < 0 or rtc_delay > min(action_steps, leftover_size):
+            raise ValueError(f"the RTC delay must be in 0..{min(action_steps, leftover_size)} (at most the "
+                             f"action steps, {action_steps}, and the chunk's leftover, {leftover_size}), "
+                             f"got {rtc_delay!r}")
     if instructions is None:
         instructions = {}
     camera = check_policy_fits(compute, info, camera_size)
@@ -688,7 +722,7 @@ def evaluate(compute, info, tasks, episodes, action_steps, seed=0, camera_size=I
             for episode in range(episodes):
                 keep_frames = video_dir is not None
                 success, steps, frames = policy_episode(robot, compute, camera, action_steps, max_steps,
-                                                        instruction, keep_frames)
+                                                        instruction, keep_frames, rtc, rtc_delay)
                 final_state = robot.simulator_state[:STATE_SIZE].tolist()
                 results[task].append({"success": bool(success), "steps": steps, "final_state": final_state})
                 if keep_frames:
@@ -983,6 +1017,11 @@ def add_eval_arguments(subcommands):
     parser.add_argument("--max-steps", type=int, default=EPISODE_LIMIT, help="steps per episode at most")
     parser.add_argument("--video", help="directory for each episode as an mp4")
     parser.add_argument("--json", help="write the results (per episode, per task, per split) to this file")
+    # Real-Time Chunking: infer_async's options (--rtc, --execution-horizon, ...), and the delay to simulate
+    add_rtc_arguments(parser)
+    parser.add_argument("--rtc-delay", type=int, default=0,
+                        help="RTC: actions of the last chunk that run while the next is computed "
+                             "(%(default)s)")
 
 
 def run_eval(args):
@@ -992,7 +1031,8 @@ def run_eval(args):
         raise ValueError("give --policy (a checkpoint dir or hub id), or --server HOST:PORT")
     compute, info = open_evaluated_policy(args.policy, args.server, args.seed, args.vlm, args.device)
     results = evaluate(compute, info, tasks, args.episodes, args.action_steps, args.seed, args.camera_size,
-                       not args.lerobot_render, args.max_steps, video_dir=args.video)
+                       not args.lerobot_render, args.max_steps, video_dir=args.video, rtc=rtc_options(args),
+                       rtc_delay=args.rtc_delay)
     summary = summarize(results)
     print(summary_table(summary, args.episodes))
     if args.json:

@@ -448,6 +448,11 @@ def add_policy_arguments(parser):
     policy_group.add_argument("--max-message-mb", type=float, default=64.0, help="largest message accepted")
     policy_group.add_argument("--seed", type=int,
                               help="seed of the sampling noise (with --server: give it to the server)")
+    add_rtc_arguments(parser)
+
+
+def add_rtc_arguments(parser):
+    """The command-line flags of Real-Time Chunking that a request carries (infer_async.rtc_options)."""
     rtc_group = parser.add_argument_group("Real-Time Chunking (flow.py): each chunk continues the one "
                                           "being executed")
     rtc_group.add_argument("--rtc", choices=("off", "guided", "trained"), default="off",

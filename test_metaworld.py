@@ -451,3 +451,89 @@ def test_the_lab_swaps_instructions_within_each_pair():
     assert sorted(swapped) == sorted(task for pair in LANGUAGE_PAIRS for task in pair)
     for task, told in swapped.items():
         assert told != metaworld_env.TASK_DESCRIPTIONS[task]
+
+
+class CountingRobot:
+    """A stand-in robot (no simulator): its observation is the step count, and it keeps every action run."""
+
+    instruction = "count"
+
+    def __init__(self):
+        self.actions_run = []
+
+    def reset(self):
+        self.actions_run = []
+        return self.observation()
+
+    def observation(self):
+        state = np.full(4, len(self.actions_run), np.float32)
+        return {STATE_KEY: state, IMAGE_KEY: np.zeros((8, 8, 3), np.uint8)}
+
+    def step(self, action):
+        self.actions_run.append(np.asarray(action))
+        return self.observation(), False, False
+
+
+class NumberedChunks:
+    """A stand-in policy: chunk k holds actions 100k + i (i = 0..9) and their "normalized" twins −(100k + i);
+    it keeps every request."""
+
+    def __init__(self):
+        self.requests = []
+
+    def __call__(self, request):
+        number = len(self.requests)
+        self.requests.append(request)
+        actions = np.repeat(100.0 * number + np.arange(10.0)[:, None], 4, axis=1)
+        return {"actions": actions, "normalized": -actions}
+
+
+def test_rtc_in_the_evaluation_sends_the_leftover_and_plays_out_the_delay():
+    """10-action chunks, 4 run per chunk, delay d = 2: after a request the leftover's first 2 actions run,
+    then the new chunk from its action 2 on; each request after the first carries the last chunk's
+    actions 4..9 (normalized) and d."""
+    robot = CountingRobot()
+    policy = NumberedChunks()
+    rtc = {"mode": "guided", "execution_horizon": 10}
+    metaworld_env.policy_episode(robot, policy, "observation.images.cam", 4, 12, rtc=rtc, rtc_delay=2)
+    run = [int(action[0]) for action in robot.actions_run]
+    assert run == [0, 1, 2, 3, 4, 5, 102, 103, 104, 105, 202, 203]
+    assert "rtc_leftover" not in policy.requests[0] and policy.requests[0]["rtc"]["inference_delay"] == 0
+    for number in (1, 2):
+        request = policy.requests[number]
+        assert request["rtc"] == {"mode": "guided", "execution_horizon": 10, "inference_delay": 2}
+        expected = -(100.0 * (number - 1) + np.arange(4.0, 10.0))
+        np.testing.assert_array_equal(request["rtc_leftover"][:, 0], expected)
+    # Without RTC: each chunk's first 4 actions, and the requests carry nothing of RTC.
+    plain = NumberedChunks()
+    metaworld_env.policy_episode(robot, plain, "observation.images.cam", 4, 12)
+    run = [int(action[0]) for action in robot.actions_run]
+    assert run == [0, 1, 2, 3, 100, 101, 102, 103, 200, 201, 202, 203]
+    assert all("rtc" not in request for request in plain.requests)
+
+
+def test_rtc_in_process_and_through_the_server_give_the_same_results(tiny_checkpoint):
+    """Guided RTC with a delay: the same episodes in this process and through policy_server, and not the
+    episodes without RTC (the leftover changes the chunks)."""
+    tasks = ["reach-v3"]
+    rtc = {"mode": "guided", "execution_horizon": 5, "schedule": "linear", "max_guidance_weight": 10.0,
+           "jacobian": False}
+    compute, info = metaworld_env.open_evaluated_policy(tiny_checkpoint, seed=3)
+    with_rtc = metaworld_env.evaluate(compute, info, tasks, 1, 4, seed=1, camera_size=SIZE, max_steps=12,
+                                      progress=False, rtc=rtc, rtc_delay=2)
+    compute, info = metaworld_env.open_evaluated_policy(tiny_checkpoint, seed=3)
+    without = metaworld_env.evaluate(compute, info, tasks, 1, 4, seed=1, camera_size=SIZE, max_steps=12,
+                                     progress=False)
+    server = PolicyServer(("127.0.0.1", 0), {"tiny": PolicyRunner(load_policy(tiny_checkpoint), 3)}).start()
+    try:
+        address = f"127.0.0.1:{server.server_address[1]}"
+        client, info = metaworld_env.open_evaluated_policy("tiny", server=address)
+        remote = metaworld_env.evaluate(client, info, tasks, 1, 4, seed=1, camera_size=SIZE, max_steps=12,
+                                        progress=False, rtc=rtc, rtc_delay=2)
+        client.close()
+    finally:
+        server.close_all()
+    assert remote == with_rtc
+    assert with_rtc != without
+    with pytest.raises(ValueError, match="RTC delay must be in 0..4"):
+        metaworld_env.evaluate(compute, info, tasks, 1, 4, camera_size=SIZE, rtc=rtc, rtc_delay=5)
