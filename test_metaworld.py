@@ -407,21 +407,28 @@ def tiny_checkpoint(simulator, tmp_path_factory):
     return checkpoint
 
 
-def test_in_process_and_through_the_server_give_the_same_results(tiny_checkpoint):
-    """The same checkpoint and seed: the same episodes, in this process and through policy_server."""
-    tasks = ["reach-v3", "drawer-open-v3"]
-    compute, info = metaworld_env.open_evaluated_policy(tiny_checkpoint, seed=3)
-    in_process = metaworld_env.evaluate(compute, info, tasks, 2, 5, seed=1, camera_size=SIZE, max_steps=12,
-                                        progress=False)
-    server = PolicyServer(("127.0.0.1", 0), {"tiny": PolicyRunner(load_policy(tiny_checkpoint), 3)}).start()
+def evaluate_in_process_and_through_a_server(checkpoint, tasks, episodes, action_steps, **options):
+    """(in-process results, results through a PolicyServer) of the same checkpoint, noise seed 3 and scene
+    seed 1, 12 steps at most per episode."""
+    compute, info = metaworld_env.open_evaluated_policy(checkpoint, seed=3)
+    in_process = metaworld_env.evaluate(compute, info, tasks, episodes, action_steps, seed=1,
+                                        camera_size=SIZE, max_steps=12, progress=False, **options)
+    server = PolicyServer(("127.0.0.1", 0), {"tiny": PolicyRunner(load_policy(checkpoint), 3)}).start()
     try:
         address = f"127.0.0.1:{server.server_address[1]}"
         client, info = metaworld_env.open_evaluated_policy("tiny", server=address)
-        remote = metaworld_env.evaluate(client, info, tasks, 2, 5, seed=1, camera_size=SIZE, max_steps=12,
-                                        progress=False)
+        remote = metaworld_env.evaluate(client, info, tasks, episodes, action_steps, seed=1,
+                                        camera_size=SIZE, max_steps=12, progress=False, **options)
         client.close()
     finally:
         server.close_all()
+    return in_process, remote
+
+
+def test_in_process_and_through_the_server_give_the_same_results(tiny_checkpoint):
+    """The same checkpoint and seed: the same episodes, in this process and through policy_server."""
+    tasks = ["reach-v3", "drawer-open-v3"]
+    in_process, remote = evaluate_in_process_and_through_a_server(tiny_checkpoint, tasks, 2, 5)
     assert remote == in_process
     # The hand moved: the episodes are the policy's, not a standstill that any two runs share.
     start = MetaWorldRobot("reach-v3", seed=1, camera_size=SIZE)
@@ -518,21 +525,11 @@ def test_rtc_in_process_and_through_the_server_give_the_same_results(tiny_checkp
     tasks = ["reach-v3"]
     rtc = {"mode": "guided", "execution_horizon": 5, "schedule": "linear", "max_guidance_weight": 10.0,
            "jacobian": False}
-    compute, info = metaworld_env.open_evaluated_policy(tiny_checkpoint, seed=3)
-    with_rtc = metaworld_env.evaluate(compute, info, tasks, 1, 4, seed=1, camera_size=SIZE, max_steps=12,
-                                      progress=False, rtc=rtc, rtc_delay=2)
+    with_rtc, remote = evaluate_in_process_and_through_a_server(tiny_checkpoint, tasks, 1, 4, rtc=rtc,
+                                                                rtc_delay=2)
     compute, info = metaworld_env.open_evaluated_policy(tiny_checkpoint, seed=3)
     without = metaworld_env.evaluate(compute, info, tasks, 1, 4, seed=1, camera_size=SIZE, max_steps=12,
                                      progress=False)
-    server = PolicyServer(("127.0.0.1", 0), {"tiny": PolicyRunner(load_policy(tiny_checkpoint), 3)}).start()
-    try:
-        address = f"127.0.0.1:{server.server_address[1]}"
-        client, info = metaworld_env.open_evaluated_policy("tiny", server=address)
-        remote = metaworld_env.evaluate(client, info, tasks, 1, 4, seed=1, camera_size=SIZE, max_steps=12,
-                                        progress=False, rtc=rtc, rtc_delay=2)
-        client.close()
-    finally:
-        server.close_all()
     assert remote == with_rtc
     assert with_rtc != without
     with pytest.raises(ValueError, match="RTC delay must be in 0..4"):
