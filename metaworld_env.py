@@ -906,11 +906,16 @@ def prepare_lab(args):
     # 8-pixel patches, pixel-shuffled 2x2: the side must hold an even number of patches.
     if args.camera_size % 16:
         raise ValueError(f"--camera-size {args.camera_size}: the tiny VLM needs a multiple of 16 pixels")
-    if args.output is None:
+    default_output = args.output is None
+    if default_output:
         args.output = os.path.join("outputs", "metaworld_lab", time.strftime("%Y-%m-%d_%H-%M-%S"))
     if os.path.isdir(args.output) and os.listdir(args.output):
         raise FileExistsError(f"{args.output!r} is not empty; the lab writes a new run: "
                               "choose another --output")
+    if default_output:
+        # outputs/metaworld_lab/latest: the newest run, as for demo.py and train.py
+        os.makedirs(args.output, exist_ok=True)
+        train.replace_link(os.path.dirname(args.output), "latest", os.path.basename(args.output))
 
 
 def run_lab(args):
