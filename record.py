@@ -710,7 +710,10 @@ def _lock_holder(path):
 
 
 def _is_running(pid):
-    """Whether a process with this id runs (signal 0 checks, sends nothing)."""
+    """Whether a process with this id runs (signal 0 checks, sends nothing). On Windows os.kill(pid, 0) would
+    end the process (TerminateProcess): there a lock is taken as held, and its message says to delete it."""
+    if sys.platform == "win32":
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -721,8 +724,11 @@ def _is_running(pid):
 
 
 def _locked_message(root, holder):
-    return (f"{root} is being recorded by process {holder} (its {LOCK_FILE}): one recording at a time per "
-            "dataset; wait for it to end or stop it, or record into another --dataset")
+    message = (f"{root} is being recorded by process {holder} (its {LOCK_FILE}): one recording at a time per "
+               "dataset; wait for it to end or stop it, or record into another --dataset")
+    if sys.platform == "win32":  # (a dead holder cannot be told from a live one there: _is_running)
+        message += f"; if process {holder} no longer runs, delete {os.path.join(root, LOCK_FILE)}"
+    return message
 
 
 # -- the command line -----------------------------------------------------------------------------------

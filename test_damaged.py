@@ -428,6 +428,26 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_message(recorded, t
     assert not (root / LOCK_FILE).exists()
 
 
+def test_on_windows_a_lock_is_never_probed_with_os_kill_and_says_how_to_clear_it(tmp_path, monkeypatch):
+    """os.kill(pid, 0) ends the process on Windows: there a lock counts as held, and the line says what to
+    delete if its holder is gone."""
+    import record
+
+    def no_kill(pid, signal_number):
+        raise AssertionError(f"os.kill({pid}, {signal_number}) called")
+
+    monkeypatch.setattr(record.sys, "platform", "win32")
+    monkeypatch.setattr(record.os, "kill", no_kill)
+    root = tmp_path / "dataset"
+    root.mkdir()
+    holder = dead_pid()
+    (root / LOCK_FILE).write_text(str(holder))
+    with pytest.raises(ValueError, match=f"being recorded by process {holder}.*delete .*{LOCK_FILE}"):
+        with record.lock_dataset(str(root)):
+            pass
+    assert (root / LOCK_FILE).read_text() == str(holder)
+
+
 def test_the_lock_is_released_on_a_normal_exit_and_on_an_exception(recorded, tmp_path):
     import record
 
